@@ -1,0 +1,439 @@
+/*
+ * unwrap.c: a pkiMessage in; its verified signed attributes, the requester's
+ * algorithms and the decrypted pkcsPKIEnvelope out (RFC 8894 section 3).
+ *
+ * The outer SignedData is verified with the certificate the requester
+ * embedded, without chain validation: a PKCSReq is signed by a self-signed,
+ * sometimes odd, device certificate. Renewal checks belong to the caller,
+ * which receives the signer certificate.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/cms.h>
+#include <openssl/core_names.h>
+#include <openssl/err.h>
+#include <openssl/objects.h>
+#include <openssl/rsa.h>
+#include <openssl/x509v3.h>
+
+#include "internal.h"
+
+static void fail(scep_unwrap_result *r, int status, const char *what)
+{
+    r->status = status;
+    scep_set_error(r->error, sizeof(r->error), what);
+}
+
+static int string_type_ok(int type)
+{
+    return type == V_ASN1_PRINTABLESTRING || type == V_ASN1_UTF8STRING
+           || type == V_ASN1_IA5STRING || type == V_ASN1_T61STRING;
+}
+
+/* The value of a signed attribute present exactly once with exactly one value
+   of an acceptable type, or NULL. */
+static const ASN1_STRING *signed_attr(CMS_SignerInfo *si, const ASN1_OBJECT *obj, int want_octets)
+{
+    int idx = CMS_signed_get_attr_by_OBJ(si, obj, -1);
+    X509_ATTRIBUTE *attr;
+    ASN1_TYPE *value;
+    int type;
+
+    if (idx < 0 || CMS_signed_get_attr_by_OBJ(si, obj, idx) >= 0)
+        return NULL;
+    attr = CMS_signed_get_attr(si, idx);
+    if (attr == NULL || X509_ATTRIBUTE_count(attr) != 1)
+        return NULL;
+    value = X509_ATTRIBUTE_get0_type(attr, 0);
+    if (value == NULL)
+        return NULL;
+    type = ASN1_TYPE_get(value);
+    if (want_octets ? type != V_ASN1_OCTET_STRING : !string_type_ok(type))
+        return NULL;
+    return value->value.asn1_string;
+}
+
+static int copy_string(scep_bytes *dst, const ASN1_STRING *s)
+{
+    return scep_bytes_set(dst, ASN1_STRING_get0_data(s), (size_t)ASN1_STRING_length(s));
+}
+
+/* messageType is a PrintableString of decimal digits (RFC 8894 section 3.2.1.2). */
+static int parse_message_type(const ASN1_STRING *s)
+{
+    const unsigned char *d = ASN1_STRING_get0_data(s);
+    int len = ASN1_STRING_length(s), i, v = 0;
+
+    if (len < 1 || len > 3)
+        return -1;
+    for (i = 0; i < len; i++) {
+        if (d[i] < '0' || d[i] > '9')
+            return -1;
+        v = v * 10 + (d[i] - '0');
+    }
+    return v;
+}
+
+static int read_attributes(const scep_ctx *ctx, CMS_SignerInfo *si, scep_unwrap_result *r)
+{
+    const ASN1_STRING *mt = signed_attr(si, ctx->oids.message_type, 0);
+    const ASN1_STRING *tid = signed_attr(si, ctx->oids.transaction_id, 0);
+    const ASN1_STRING *nonce = signed_attr(si, ctx->oids.sender_nonce, 1);
+
+    if (mt == NULL || tid == NULL || nonce == NULL) {
+        fail(r, SCEP_ERR_MALFORMED,
+             mt == NULL    ? "missing or invalid messageType attribute"
+             : tid == NULL ? "missing or invalid transactionID attribute"
+                           : "missing or invalid senderNonce attribute");
+        return 0;
+    }
+    r->message_type = parse_message_type(mt);
+    if (!copy_string(&r->transaction_id, tid) || !copy_string(&r->sender_nonce, nonce)) {
+        fail(r, SCEP_ERR_INTERNAL, "out of memory");
+        return 0;
+    }
+    return 1;
+}
+
+/* The default and only label we accept: pSpecified with an empty OCTET STRING. */
+static int oaep_label_empty(const X509_ALGOR *psource)
+{
+    const ASN1_OBJECT *obj;
+    int ptype;
+    const void *pval;
+
+    if (psource == NULL)
+        return 1;
+    X509_ALGOR_get0(&obj, &ptype, &pval, psource);
+    return OBJ_obj2nid(obj) == NID_pSpecified && ptype == V_ASN1_OCTET_STRING
+           && ASN1_STRING_length((const ASN1_STRING *)pval) == 0;
+}
+
+static int algor_md_nid(const X509_ALGOR *alg, int dflt)
+{
+    const ASN1_OBJECT *obj;
+
+    if (alg == NULL)
+        return dflt;
+    X509_ALGOR_get0(&obj, NULL, NULL, alg);
+    return OBJ_obj2nid(obj);
+}
+
+/* Records how the content-encryption key was transported (RFC 8017 A.2.1). */
+static int read_key_transport(const scep_ctx *ctx, X509_ALGOR *kalg, scep_unwrap_result *r)
+{
+    const ASN1_OBJECT *obj;
+    RSA_OAEP_PARAMS *oaep = NULL;
+    X509_ALGOR *mgf1_md = NULL;
+    int ok = 0;
+
+    X509_ALGOR_get0(&obj, NULL, NULL, kalg);
+    switch (OBJ_obj2nid(obj)) {
+    case NID_rsaEncryption:
+        r->key_transport = SCEP_KT_RSA_PKCS1;
+        return 1;
+    case NID_rsaesOaep:
+        break;
+    default:
+        fail(r, SCEP_ERR_BAD_ALG, "unsupported key transport algorithm");
+        return 0;
+    }
+    r->key_transport = SCEP_KT_RSA_OAEP;
+    r->oaep_md_nid = NID_sha1; /* RFC 8017 defaults */
+    r->oaep_mgf1_md_nid = NID_sha1;
+    if (kalg->parameter != NULL && ASN1_TYPE_get(kalg->parameter) != V_ASN1_NULL) {
+        oaep = ASN1_TYPE_unpack_sequence(ASN1_ITEM_rptr(RSA_OAEP_PARAMS), kalg->parameter);
+        if (oaep == NULL)
+            goto bad;
+        r->oaep_md_nid = algor_md_nid(oaep->hashFunc, NID_sha1);
+        if (oaep->maskGenFunc != NULL) {
+            X509_ALGOR_get0(&obj, NULL, NULL, oaep->maskGenFunc);
+            if (OBJ_obj2nid(obj) != NID_mgf1 || oaep->maskGenFunc->parameter == NULL)
+                goto bad;
+            mgf1_md = ASN1_TYPE_unpack_sequence(ASN1_ITEM_rptr(X509_ALGOR),
+                                                oaep->maskGenFunc->parameter);
+            if (mgf1_md == NULL)
+                goto bad;
+            r->oaep_mgf1_md_nid = algor_md_nid(mgf1_md, NID_sha1);
+        }
+        if (!oaep_label_empty(oaep->pSourceFunc))
+            goto bad;
+    }
+    if (!scep_digest_allowed(ctx, r->oaep_md_nid) || !scep_digest_allowed(ctx, r->oaep_mgf1_md_nid)
+        || r->oaep_md_nid == NID_md5 || r->oaep_mgf1_md_nid == NID_md5)
+        goto bad;
+    ok = 1;
+bad:
+    if (!ok)
+        fail(r, SCEP_ERR_BAD_ALG, "unsupported RSAES-OAEP parameters");
+    X509_ALGOR_free(mgf1_md);
+    RSA_OAEP_PARAMS_free(oaep);
+    return ok;
+}
+
+/* Finds the RecipientInfo addressed to one of our keys. */
+static const scep_keypair *find_recipient(const scep_ctx *ctx, CMS_ContentInfo *env,
+                                          X509_ALGOR **kalg)
+{
+    STACK_OF(CMS_RecipientInfo) *ris = CMS_get0_RecipientInfos(env);
+    int i;
+    size_t k;
+
+    for (i = 0; i < sk_CMS_RecipientInfo_num(ris); i++) {
+        CMS_RecipientInfo *ri = sk_CMS_RecipientInfo_value(ris, i);
+
+        if (CMS_RecipientInfo_type(ri) != CMS_RECIPINFO_TRANS)
+            continue;
+        for (k = 0; k < ctx->n_recipients; k++) {
+            /* Matches issuerAndSerialNumber or subjectKeyIdentifier. */
+            if (CMS_RecipientInfo_ktri_cert_cmp(ri, ctx->recipients[k].cert) == 0) {
+                if (!CMS_RecipientInfo_ktri_get0_algs(ri, NULL, NULL, kalg))
+                    return NULL;
+                return &ctx->recipients[k];
+            }
+        }
+    }
+    return NULL;
+}
+
+static int decrypt_envelope(const scep_ctx *ctx, const ASN1_OCTET_STRING *content,
+                            scep_unwrap_result *r)
+{
+    const unsigned char *p = ASN1_STRING_get0_data(content);
+    long len = ASN1_STRING_length(content);
+    CMS_ContentInfo *env = NULL;
+    unsigned char *der = NULL;
+    int der_len;
+    const scep_keypair *recipient;
+    X509_ALGOR *kalg = NULL;
+    BIO *plain = NULL;
+    BUF_MEM *mem = NULL;
+    char what[128];
+    int ok = 0;
+
+    env = d2i_CMS_ContentInfo(NULL, &p, len);
+    if (env == NULL || p != ASN1_STRING_get0_data(content) + len
+        || OBJ_obj2nid(CMS_get0_type(env)) != NID_pkcs7_enveloped) {
+        fail(r, SCEP_ERR_MALFORMED, "pkcsPKIEnvelope is not a CMS EnvelopedData");
+        goto done;
+    }
+    /* The envelope may be BER; OpenSSL's own re-encoding is DER, which der.c reads. */
+    der_len = i2d_CMS_ContentInfo(env, &der);
+    r->cipher_nid = der_len > 0 ? scep_envelope_cipher_nid(der, (size_t)der_len) : NID_undef;
+    if (!scep_cipher_allowed(ctx, r->cipher_nid)) {
+        snprintf(what, sizeof(what), "content cipher %s is not allowed",
+                 r->cipher_nid != NID_undef ? OBJ_nid2sn(r->cipher_nid) : "(unknown)");
+        fail(r, SCEP_ERR_BAD_ALG, what);
+        goto done;
+    }
+    recipient = find_recipient(ctx, env, &kalg);
+    if (recipient == NULL) {
+        fail(r, SCEP_ERR_DECRYPT, "the envelope is not addressed to any of our certificates");
+        goto done;
+    }
+    if (!read_key_transport(ctx, kalg, r))
+        goto done;
+    plain = BIO_new(BIO_s_mem());
+    if (plain == NULL || !CMS_decrypt_set1_pkey_and_peer(env, recipient->key, recipient->cert, NULL)
+        || !CMS_decrypt(env, NULL, NULL, NULL, plain, CMS_BINARY)) {
+        fail(r, SCEP_ERR_DECRYPT, "cannot decrypt the pkcsPKIEnvelope");
+        goto done;
+    }
+    BIO_get_mem_ptr(plain, &mem);
+    if (mem == NULL || mem->length == 0) {
+        fail(r, SCEP_ERR_MALFORMED, "the pkcsPKIEnvelope is empty");
+        goto done;
+    }
+    if (!scep_bytes_set(&r->content, (const unsigned char *)mem->data, mem->length)) {
+        fail(r, SCEP_ERR_INTERNAL, "out of memory");
+        goto done;
+    }
+    ok = 1;
+done:
+    BIO_free(plain);
+    OPENSSL_free(der);
+    CMS_ContentInfo_free(env);
+    return ok;
+}
+
+static int copy_i2d_name(scep_bytes *dst, const X509_NAME *name)
+{
+    unsigned char *der = NULL;
+    int len = i2d_X509_NAME(name, &der);
+    int ok = len > 0 && scep_bytes_set(dst, der, (size_t)len);
+
+    OPENSSL_free(der);
+    return ok;
+}
+
+/* Reads what policy needs from a PKCS#10 content; anything else is left alone. */
+static void read_csr(scep_unwrap_result *r)
+{
+    const unsigned char *p = r->content.data;
+    X509_REQ *req = d2i_X509_REQ(NULL, &p, (long)r->content.len);
+    STACK_OF(X509_EXTENSION) *exts = NULL;
+    EVP_PKEY *pub;
+    int idx;
+
+    if (req == NULL || p != r->content.data + r->content.len)
+        goto done;
+    pub = X509_REQ_get0_pubkey(req);
+    if (pub == NULL || !copy_i2d_name(&r->csr_subject, X509_REQ_get_subject_name(req)))
+        goto done;
+    r->csr_key_nid = EVP_PKEY_get_base_id(pub);
+    r->csr_key_bits = EVP_PKEY_get_bits(pub);
+    if (r->csr_key_nid == EVP_PKEY_EC) {
+        char group[64];
+
+        if (EVP_PKEY_get_utf8_string_param(pub, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof(group),
+                                           NULL))
+            r->csr_curve_nid = OBJ_txt2nid(group);
+    }
+    /* challengePassword (RFC 2985 section 5.4.1), one value. */
+    idx = X509_REQ_get_attr_by_NID(req, NID_pkcs9_challengePassword, -1);
+    if (idx >= 0) {
+        X509_ATTRIBUTE *attr = X509_REQ_get_attr(req, idx);
+        ASN1_TYPE *value = attr != NULL && X509_ATTRIBUTE_count(attr) == 1
+                               ? X509_ATTRIBUTE_get0_type(attr, 0)
+                               : NULL;
+
+        if (value != NULL && string_type_ok(ASN1_TYPE_get(value))
+            && !copy_string(&r->csr_challenge, value->value.asn1_string))
+            goto done;
+    }
+    exts = X509_REQ_get_extensions(req);
+    idx = exts != NULL ? X509v3_get_ext_by_NID(exts, NID_subject_alt_name, -1) : -1;
+    if (idx >= 0) {
+        const ASN1_OCTET_STRING *san = X509_EXTENSION_get_data(X509v3_get_ext(exts, idx));
+
+        if (!copy_string(&r->csr_san, san))
+            goto done;
+    }
+    r->csr_parsed = 1;
+done:
+    sk_X509_EXTENSION_pop_free(exts, X509_EXTENSION_free);
+    X509_REQ_free(req);
+}
+
+static void unwrap_one(const scep_ctx *ctx, const scep_buf *msg, scep_unwrap_result *r)
+{
+    const unsigned char *p = msg->data;
+    CMS_ContentInfo *cms = NULL;
+    STACK_OF(CMS_SignerInfo) *sis;
+    CMS_SignerInfo *si;
+    STACK_OF(X509) *signers = NULL;
+    X509 *signer;
+    X509_ALGOR *dig_alg = NULL;
+    const ASN1_OBJECT *dig_obj;
+    ASN1_OCTET_STRING **content;
+    unsigned char *der = NULL;
+    unsigned int md_len = 0;
+    int der_len;
+    char what[128];
+
+    r->status = SCEP_ERR_INTERNAL;
+    r->message_type = -1;
+    if (!scep_input_ok(msg->data, msg->len)) {
+        fail(r, SCEP_ERR_MALFORMED, "empty or oversized message");
+        goto done;
+    }
+    cms = d2i_CMS_ContentInfo(NULL, &p, (long)msg->len);
+    if (cms == NULL) {
+        fail(r, SCEP_ERR_MALFORMED, "not a CMS ContentInfo");
+        goto done;
+    }
+    if (p != msg->data + msg->len) {
+        fail(r, SCEP_ERR_MALFORMED, "trailing data after the message");
+        goto done;
+    }
+    if (OBJ_obj2nid(CMS_get0_type(cms)) != NID_pkcs7_signed
+        || OBJ_obj2nid(CMS_get0_eContentType(cms)) != NID_pkcs7_data) {
+        fail(r, SCEP_ERR_MALFORMED, "not a SignedData over id-data");
+        goto done;
+    }
+    sis = CMS_get0_SignerInfos(cms);
+    if (sk_CMS_SignerInfo_num(sis) != 1) {
+        fail(r, SCEP_ERR_MALFORMED, "a pkiMessage has exactly one SignerInfo");
+        goto done;
+    }
+    si = sk_CMS_SignerInfo_value(sis, 0);
+    if (CMS_signed_get_attr_count(si) <= 0) {
+        fail(r, SCEP_ERR_MALFORMED, "the SignerInfo has no signed attributes");
+        goto done;
+    }
+    CMS_SignerInfo_get0_algs(si, NULL, NULL, &dig_alg, NULL);
+    X509_ALGOR_get0(&dig_obj, NULL, NULL, dig_alg);
+    r->digest_nid = OBJ_obj2nid(dig_obj);
+    /* Checks the signature over the signed attributes, the messageDigest and
+       contentType attributes, with the embedded signer certificate. */
+    if (!CMS_verify(cms, NULL, NULL, NULL, NULL, CMS_NO_SIGNER_CERT_VERIFY | CMS_BINARY)) {
+        fail(r, SCEP_ERR_SIGNATURE, "signature verification failed");
+        goto done;
+    }
+    signers = CMS_get0_signers(cms);
+    signer = signers != NULL && sk_X509_num(signers) == 1 ? sk_X509_value(signers, 0) : NULL;
+    if (signer == NULL || !X509_up_ref(signer)) {
+        fail(r, SCEP_ERR_MALFORMED, "no signer certificate");
+        goto done;
+    }
+    r->priv = signer;
+    der_len = i2d_X509(signer, &der);
+    if (der_len <= 0 || !scep_bytes_set(&r->signer_cert, der, (size_t)der_len)
+        || !X509_pubkey_digest(signer, EVP_sha256(), r->signer_key_sha256, &md_len)) {
+        fail(r, SCEP_ERR_INTERNAL, "cannot encode the signer certificate");
+        goto done;
+    }
+    if (!read_attributes(ctx, si, r))
+        goto done;
+    if (!scep_digest_allowed(ctx, r->digest_nid)) {
+        snprintf(what, sizeof(what), "message digest %s is not allowed",
+                 r->digest_nid != NID_undef ? OBJ_nid2sn(r->digest_nid) : "(unknown)");
+        fail(r, SCEP_ERR_BAD_ALG, what);
+        goto done;
+    }
+    content = CMS_get0_content(cms);
+    if (content == NULL || *content == NULL || ASN1_STRING_length(*content) <= 0) {
+        fail(r, SCEP_ERR_MALFORMED, "no pkcsPKIEnvelope");
+        goto done;
+    }
+    if (!decrypt_envelope(ctx, *content, r))
+        goto done;
+    read_csr(r);
+    r->status = SCEP_OK;
+done:
+    OPENSSL_free(der);
+    sk_X509_free(signers);
+    CMS_ContentInfo_free(cms);
+    ERR_clear_error();
+}
+
+size_t scep_unwrap_batch(const scep_ctx *ctx, const scep_buf *messages, size_t n,
+                         scep_unwrap_result **out)
+{
+    size_t i;
+
+    for (i = 0; i < n; i++) {
+        out[i] = calloc(1, sizeof(*out[i]));
+        if (out[i] == NULL)
+            break;
+        unwrap_one(ctx, &messages[i], out[i]);
+    }
+    return i;
+}
+
+void scep_unwrap_result_free(scep_unwrap_result *r)
+{
+    if (r == NULL)
+        return;
+    scep_bytes_clear(&r->transaction_id);
+    scep_bytes_clear(&r->sender_nonce);
+    scep_bytes_clear(&r->signer_cert);
+    scep_bytes_clear(&r->content);
+    scep_bytes_clear(&r->csr_challenge);
+    scep_bytes_clear(&r->csr_subject);
+    scep_bytes_clear(&r->csr_san);
+    X509_free(r->priv);
+    free(r);
+}
