@@ -104,7 +104,7 @@ typedef struct {
     int csr_key_nid;               /* NID_rsaEncryption, NID_X9_62_id_ecPublicKey, ... */
     int csr_key_bits;
     int csr_curve_nid;
-    void *priv;                    /* internal: the signer certificate for wrap */
+    void *priv;                    /* internal: the parsed signer certificate and request */
 } scep_unwrap_result;
 
 /* Unwraps n messages; out[i] receives a new result (never NULL unless out of memory).
@@ -116,7 +116,11 @@ void scep_unwrap_result_free(scep_unwrap_result *r);
 /* ---- issue: CSR and profile in, signed certificate out --------------- */
 
 typedef struct {
-    scep_buf csr;         /* DER PKCS#10; its signature is checked */
+    /* The request: an unwrapped PKCSReq (its parsed CSR is reused, which spares
+       OpenSSL 3.0's costly key decoding) or, when that is NULL, DER PKCS#10.
+       Either way the CSR's signature is checked. */
+    const scep_unwrap_result *request;
+    scep_buf csr;
     scep_buf serial;      /* big-endian unsigned serial number */
     int64_t not_before;   /* seconds since the epoch */
     int64_t not_after;

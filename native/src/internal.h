@@ -20,6 +20,12 @@ typedef struct {
     EVP_PKEY *key;
 } scep_keypair;
 
+/* What an unwrap result keeps for wrap and issue (scep_unwrap_result.priv). */
+typedef struct {
+    X509 *signer;
+    X509_REQ *csr;
+} scep_request_state;
+
 /* SCEP signed attribute types (RFC 8894 section 3.2.1) and failInfoText (section 3.2.1.4). */
 typedef struct {
     ASN1_OBJECT *message_type;

@@ -48,6 +48,48 @@ static int add_subject_key_id(X509 *x)
     return ok;
 }
 
+/* Copies the request's SubjectPublicKeyInfo into the certificate as it is.
+   X509_set_pubkey would re-encode the key through OpenSSL 3.0's encoder and
+   decoder framework, which costs more than the CA's signature itself. */
+static int copy_public_key(X509 *x, X509_REQ *req)
+{
+    X509_PUBKEY *from = X509_REQ_get_X509_PUBKEY(req);
+    X509_PUBKEY *to = X509_get_X509_PUBKEY(x);
+    ASN1_OBJECT *alg_oid = NULL;
+    const ASN1_OBJECT *oid;
+    const unsigned char *bits;
+    unsigned char *bits_copy = NULL;
+    int bits_len, ptype;
+    const void *pval;
+    void *pval_copy = NULL;
+    X509_ALGOR *alg;
+
+    if (from == NULL || to == NULL
+        || !X509_PUBKEY_get0_param(NULL, &bits, &bits_len, &alg, from))
+        return 0;
+    X509_ALGOR_get0(&oid, &ptype, &pval, alg);
+    alg_oid = OBJ_dup(oid);
+    bits_copy = OPENSSL_memdup(bits, (size_t)bits_len);
+    if (ptype == V_ASN1_OBJECT)
+        pval_copy = OBJ_dup(pval);
+    else if (ptype == V_ASN1_SEQUENCE)
+        pval_copy = ASN1_STRING_dup(pval);
+    else if (ptype != V_ASN1_NULL && ptype != V_ASN1_UNDEF)
+        goto err;
+    if (alg_oid == NULL || bits_copy == NULL || (pval_copy == NULL && pval != NULL)
+        || !X509_PUBKEY_set0_param(to, alg_oid, ptype, pval_copy, bits_copy, bits_len))
+        goto err;
+    return 1;
+err:
+    if (ptype == V_ASN1_OBJECT)
+        ASN1_OBJECT_free(pval_copy);
+    else
+        ASN1_STRING_free(pval_copy);
+    OPENSSL_free(bits_copy);
+    ASN1_OBJECT_free(alg_oid);
+    return 0;
+}
+
 static int add_extensions(X509 *x, const scep_buf *exts_der)
 {
     const unsigned char *p = exts_der->data;
@@ -68,7 +110,8 @@ static int add_extensions(X509 *x, const scep_buf *exts_der)
 static void issue_one(const scep_ctx *ctx, const scep_issue_item *item, scep_issue_result *r)
 {
     const unsigned char *p;
-    X509_REQ *req = NULL;
+    const scep_request_state *state = item->request != NULL ? item->request->priv : NULL;
+    X509_REQ *parsed = NULL, *req;
     X509_NAME *subject = NULL;
     X509 *x = NULL;
     EVP_PKEY *pub;
@@ -80,15 +123,23 @@ static void issue_one(const scep_ctx *ctx, const scep_issue_item *item, scep_iss
         fail(r, SCEP_ERR_ARGUMENT, "no issuing CA configured");
         goto done;
     }
-    if (!scep_input_ok(item->csr.data, item->csr.len)) {
-        fail(r, SCEP_ERR_CSR, "empty or oversized certification request");
-        goto done;
-    }
-    p = item->csr.data;
-    req = d2i_X509_REQ(NULL, &p, (long)item->csr.len);
-    if (req == NULL || p != item->csr.data + item->csr.len) {
-        fail(r, SCEP_ERR_CSR, "cannot parse the certification request");
-        goto done;
+    if (item->request != NULL) {
+        req = state != NULL ? state->csr : NULL;
+        if (req == NULL) {
+            fail(r, SCEP_ERR_CSR, "the request carries no certification request");
+            goto done;
+        }
+    } else {
+        if (!scep_input_ok(item->csr.data, item->csr.len)) {
+            fail(r, SCEP_ERR_CSR, "empty or oversized certification request");
+            goto done;
+        }
+        p = item->csr.data;
+        req = parsed = d2i_X509_REQ(NULL, &p, (long)item->csr.len);
+        if (req == NULL || p != item->csr.data + item->csr.len) {
+            fail(r, SCEP_ERR_CSR, "cannot parse the certification request");
+            goto done;
+        }
     }
     pub = X509_REQ_get0_pubkey(req);
     if (pub == NULL || X509_REQ_verify(req, pub) != 1) {
@@ -120,7 +171,7 @@ static void issue_one(const scep_ctx *ctx, const scep_issue_item *item, scep_iss
         || !X509_set_subject_name(x, subject != NULL ? subject : X509_REQ_get_subject_name(req))
         || ASN1_TIME_set(X509_getm_notBefore(x), (time_t)item->not_before) == NULL
         || ASN1_TIME_set(X509_getm_notAfter(x), (time_t)item->not_after) == NULL
-        || !X509_set_pubkey(x, pub)) {
+        || !copy_public_key(x, req)) {
         fail(r, SCEP_ERR_ARGUMENT, "cannot set the certificate fields");
         goto done;
     }
@@ -146,7 +197,7 @@ done:
     OPENSSL_free(der);
     X509_free(x);
     X509_NAME_free(subject);
-    X509_REQ_free(req);
+    X509_REQ_free(parsed);
     ERR_clear_error();
 }
 

@@ -268,8 +268,9 @@ static int copy_i2d_name(scep_bytes *dst, const X509_NAME *name)
     return ok;
 }
 
-/* Reads what policy needs from a PKCS#10 content; anything else is left alone. */
-static void read_csr(scep_unwrap_result *r)
+/* Reads what policy needs from a PKCS#10 content and keeps the parsed request
+   for issue; any other content is left alone. */
+static void read_csr(scep_unwrap_result *r, scep_request_state *state)
 {
     const unsigned char *p = r->content.data;
     X509_REQ *req = d2i_X509_REQ(NULL, &p, (long)r->content.len);
@@ -312,6 +313,8 @@ static void read_csr(scep_unwrap_result *r)
             goto done;
     }
     r->csr_parsed = 1;
+    state->csr = req;
+    req = NULL;
 done:
     sk_X509_EXTENSION_pop_free(exts, X509_EXTENSION_free);
     X509_REQ_free(req);
@@ -332,9 +335,16 @@ static void unwrap_one(const scep_ctx *ctx, const scep_buf *msg, scep_unwrap_res
     unsigned int md_len = 0;
     int der_len;
     char what[128];
+    scep_request_state *state;
 
     r->status = SCEP_ERR_INTERNAL;
     r->message_type = -1;
+    state = calloc(1, sizeof(*state));
+    if (state == NULL) {
+        fail(r, SCEP_ERR_INTERNAL, "out of memory");
+        goto done;
+    }
+    r->priv = state;
     if (!scep_input_ok(msg->data, msg->len)) {
         fail(r, SCEP_ERR_MALFORMED, "empty or oversized message");
         goto done;
@@ -378,7 +388,7 @@ static void unwrap_one(const scep_ctx *ctx, const scep_buf *msg, scep_unwrap_res
         fail(r, SCEP_ERR_MALFORMED, "no signer certificate");
         goto done;
     }
-    r->priv = signer;
+    state->signer = signer;
     der_len = i2d_X509(signer, &der);
     if (der_len <= 0 || !scep_bytes_set(&r->signer_cert, der, (size_t)der_len)
         || !X509_pubkey_digest(signer, EVP_sha256(), r->signer_key_sha256, &md_len)) {
@@ -400,7 +410,7 @@ static void unwrap_one(const scep_ctx *ctx, const scep_buf *msg, scep_unwrap_res
     }
     if (!decrypt_envelope(ctx, *content, r))
         goto done;
-    read_csr(r);
+    read_csr(r, state);
     r->status = SCEP_OK;
 done:
     OPENSSL_free(der);
@@ -434,6 +444,12 @@ void scep_unwrap_result_free(scep_unwrap_result *r)
     scep_bytes_clear(&r->csr_challenge);
     scep_bytes_clear(&r->csr_subject);
     scep_bytes_clear(&r->csr_san);
-    X509_free(r->priv);
+    if (r->priv != NULL) {
+        scep_request_state *state = r->priv;
+
+        X509_free(state->signer);
+        X509_REQ_free(state->csr);
+        free(state);
+    }
     free(r);
 }

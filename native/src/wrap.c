@@ -30,7 +30,7 @@ static void fail(scep_wrap_result *r, int status, const char *what)
 static int envelope(const scep_unwrap_result *req, const scep_bytes *inner, scep_bytes *out,
                     scep_wrap_result *r)
 {
-    X509 *recipient = req->priv;
+    X509 *recipient = ((const scep_request_state *)req->priv)->signer;
     const EVP_CIPHER *cipher = EVP_get_cipherbynid(req->cipher_nid);
     int oaep = req->key_transport == SCEP_KT_RSA_OAEP;
     CMS_ContentInfo *env = NULL;
@@ -127,7 +127,8 @@ static int item_ok(const scep_wrap_item *item, scep_wrap_result *r)
 {
     const scep_unwrap_result *req = item->request;
 
-    if (req == NULL || req->priv == NULL || req->transaction_id.len == 0
+    if (req == NULL || req->priv == NULL || ((const scep_request_state *)req->priv)->signer == NULL
+        || req->transaction_id.len == 0
         || req->sender_nonce.len == 0 || req->sender_nonce.len > SCEP_MAX_NONCE) {
         fail(r, SCEP_ERR_ARGUMENT, "the request was not authenticated; no CertRep is possible");
         return 0;

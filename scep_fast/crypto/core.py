@@ -150,12 +150,17 @@ class Unwrapped:
 
 @dataclass(frozen=True, slots=True)
 class IssueRequest:
-    """One certificate to issue: a CSR and what the profile decided."""
+    """One certificate to issue: a CSR and what the profile decided.
 
-    csr_der: bytes
+    The CSR comes from an unwrapped PKCSReq (``request``, whose parsed CSR the
+    core reuses) or as DER (``csr_der``), for example a stored pending request.
+    """
+
     serial: int
     not_before: int  # seconds since the epoch
     not_after: int
+    request: Unwrapped | None = None
+    csr_der: bytes = b""
     subject_der: bytes = b""  # empty: the CSR's subject
     extensions_der: bytes = b""  # DER Extensions, added as given
 
@@ -243,7 +248,10 @@ class ScepContext:
         for i, req in enumerate(requests):
             if req.serial <= 0 or req.serial.bit_length() > 159:
                 raise InvalidArgument("a serial number is positive and at most 20 octets")
+            if (req.request is None) == (not req.csr_der):
+                raise InvalidArgument("give either an unwrapped request or a DER CSR")
             item = items[i]
+            item.request = req.request._ptr if req.request is not None else ffi.NULL
             keep.fill(item.csr, req.csr_der)
             keep.fill(item.serial, req.serial.to_bytes((req.serial.bit_length() + 7) // 8, "big"))
             item.not_before = req.not_before
