@@ -59,6 +59,13 @@ scep_ctx *scep_ctx_new(int flags, char *err, size_t err_len)
         scep_set_error(err, err_len, "cannot create SCEP attribute OIDs");
         goto err;
     }
+    ctx->parse_libctx = OSSL_LIB_CTX_new();
+    ctx->parse_null = ctx->parse_libctx != NULL ? OSSL_PROVIDER_load(ctx->parse_libctx, "null")
+                                                : NULL;
+    if (ctx->parse_null == NULL) {
+        scep_set_error(err, err_len, "cannot create the parsing library context");
+        goto err;
+    }
     if (flags & SCEP_ALLOW_LEGACY) {
         /* Single DES lives in the legacy provider. Loading a provider turns off
            the implicit default one, so load that explicitly as well. */
@@ -107,6 +114,9 @@ void scep_ctx_free(scep_ctx *ctx)
         OSSL_PROVIDER_unload(ctx->legacy);
     if (ctx->deflt != NULL)
         OSSL_PROVIDER_unload(ctx->deflt);
+    if (ctx->parse_null != NULL)
+        OSSL_PROVIDER_unload(ctx->parse_null);
+    OSSL_LIB_CTX_free(ctx->parse_libctx);
     free(ctx);
 }
 

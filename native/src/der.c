@@ -99,7 +99,7 @@ static size_t tlv_size(size_t content)
     return 1 + len_octets(content) + content;
 }
 
-static unsigned char *put_header(unsigned char *p, unsigned char tag, size_t n)
+unsigned char *scep_der_put_header(unsigned char *p, unsigned char tag, size_t n)
 {
     size_t k = len_octets(n), i;
 
@@ -145,19 +145,19 @@ int scep_encode_certs_only(const scep_buf *certs, const scep_buf *crls, scep_byt
     buf = malloc(total);
     if (buf == NULL)
         return 0;
-    p = put_header(buf, 0x30, ci);
+    p = scep_der_put_header(buf, 0x30, ci);
     p = put(p, oid_signed, sizeof(oid_signed));
-    p = put_header(p, 0xA0, explicit0);
-    p = put_header(p, 0x30, sd);
+    p = scep_der_put_header(p, 0xA0, explicit0);
+    p = scep_der_put_header(p, 0x30, sd);
     p = put(p, version_and_digests, sizeof(version_and_digests));
-    p = put_header(p, 0x30, sizeof(oid_data));
+    p = scep_der_put_header(p, 0x30, sizeof(oid_data));
     p = put(p, oid_data, sizeof(oid_data));
     if (ncert) {
-        p = put_header(p, 0xA0, ncert); /* certificates [0] IMPLICIT SET OF */
+        p = scep_der_put_header(p, 0xA0, ncert); /* certificates [0] IMPLICIT SET OF */
         p = put(p, certs->data, ncert);
     }
     if (ncrl) {
-        p = put_header(p, 0xA1, ncrl); /* crls [1] IMPLICIT SET OF */
+        p = scep_der_put_header(p, 0xA1, ncrl); /* crls [1] IMPLICIT SET OF */
         p = put(p, crls->data, ncrl);
     }
     p = put(p, empty_set, sizeof(empty_set));
@@ -165,6 +165,33 @@ int scep_encode_certs_only(const scep_buf *certs, const scep_buf *crls, scep_byt
     out->data = buf;
     out->len = (size_t)(p - buf);
     return out->len == total;
+}
+
+size_t scep_der_tlv_size(size_t content_len)
+{
+    return tlv_size(content_len);
+}
+
+int scep_der_tlv(unsigned char tag, const scep_buf *parts, size_t nparts, scep_bytes *out)
+{
+    size_t content = 0, i;
+    unsigned char *buf, *p;
+
+    for (i = 0; i < nparts; i++) {
+        if (parts[i].len > (size_t)SCEP_MAX_INPUT)
+            return 0;
+        content += parts[i].len;
+    }
+    buf = malloc(tlv_size(content));
+    if (buf == NULL)
+        return 0;
+    p = scep_der_put_header(buf, tag, content);
+    for (i = 0; i < nparts; i++)
+        p = put(p, parts[i].data, parts[i].len);
+    free(out->data);
+    out->data = buf;
+    out->len = (size_t)(p - buf);
+    return 1;
 }
 
 int scep_certs_only(scep_buf certs, scep_buf crls, scep_bytes *out, char *err, size_t err_len)

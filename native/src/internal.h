@@ -23,7 +23,9 @@ typedef struct {
 /* What an unwrap result keeps for wrap and issue (scep_unwrap_result.priv). */
 typedef struct {
     X509 *signer;
+    EVP_PKEY *signer_key;
     X509_REQ *csr;
+    EVP_PKEY *csr_key;    /* NULL for key types the core cannot build */
 } scep_request_state;
 
 /* SCEP signed attribute types (RFC 8894 section 3.2.1) and failInfoText (section 3.2.1.4). */
@@ -46,6 +48,8 @@ struct scep_ctx {
     EVP_MD *issuer_md;                /* fetched once: SHA-256, or SHA-384 for P-384 and up */
     X509_EXTENSION *issuer_akid;      /* authorityKeyIdentifier added to every certificate */
     scep_oids oids;
+    OSSL_LIB_CTX *parse_libctx;       /* no providers: parses without decoding keys (pubkey.c) */
+    OSSL_PROVIDER *parse_null;
     OSSL_PROVIDER *legacy;            /* loaded only with SCEP_ALLOW_LEGACY */
     OSSL_PROVIDER *deflt;
 };
@@ -67,7 +71,19 @@ int scep_reply_digest(const scep_ctx *ctx, int request_nid);
 /* der.c: the degenerate SignedData, in the caller's certificate order. */
 int scep_encode_certs_only(const scep_buf *certs, const scep_buf *crls, scep_bytes *out);
 
+/* der.c: DER writing. scep_der_tlv wraps the concatenated parts in one tag. */
+unsigned char *scep_der_put_header(unsigned char *p, unsigned char tag, size_t content_len);
+size_t scep_der_tlv_size(size_t content_len);
+int scep_der_tlv(unsigned char tag, const scep_buf *parts, size_t nparts, scep_bytes *out);
+
 /* der.c: finds the content-encryption algorithm of a DER EnvelopedData ContentInfo. */
 int scep_envelope_cipher_nid(const unsigned char *der, size_t len);
+
+/* pubkey.c: keys and requests without OpenSSL 3.0's costly decoder framework. */
+EVP_PKEY *scep_pubkey_from_spki(const X509_PUBKEY *spki);
+int scep_spki_key_nid(const X509_PUBKEY *spki);
+int scep_spki_curve_nid(const X509_PUBKEY *spki);
+/* Parses a DER PKCS#10 request; *key receives its public key, or NULL if unsupported. */
+X509_REQ *scep_parse_csr(const scep_ctx *ctx, const unsigned char *der, size_t len, EVP_PKEY **key);
 
 #endif

@@ -112,9 +112,9 @@ static void issue_one(const scep_ctx *ctx, const scep_issue_item *item, scep_iss
     const unsigned char *p;
     const scep_request_state *state = item->request != NULL ? item->request->priv : NULL;
     X509_REQ *parsed = NULL, *req;
+    EVP_PKEY *parsed_key = NULL, *pub;
     X509_NAME *subject = NULL;
     X509 *x = NULL;
-    EVP_PKEY *pub;
     unsigned char *der = NULL;
     int der_len;
 
@@ -125,24 +125,20 @@ static void issue_one(const scep_ctx *ctx, const scep_issue_item *item, scep_iss
     }
     if (item->request != NULL) {
         req = state != NULL ? state->csr : NULL;
-        if (req == NULL) {
-            fail(r, SCEP_ERR_CSR, "the request carries no certification request");
-            goto done;
-        }
+        pub = state != NULL ? state->csr_key : NULL;
     } else {
-        if (!scep_input_ok(item->csr.data, item->csr.len)) {
-            fail(r, SCEP_ERR_CSR, "empty or oversized certification request");
-            goto done;
-        }
-        p = item->csr.data;
-        req = parsed = d2i_X509_REQ(NULL, &p, (long)item->csr.len);
-        if (req == NULL || p != item->csr.data + item->csr.len) {
-            fail(r, SCEP_ERR_CSR, "cannot parse the certification request");
-            goto done;
-        }
+        req = parsed = scep_parse_csr(ctx, item->csr.data, item->csr.len, &parsed_key);
+        pub = parsed_key;
     }
-    pub = X509_REQ_get0_pubkey(req);
-    if (pub == NULL || X509_REQ_verify(req, pub) != 1) {
+    if (req == NULL) {
+        fail(r, SCEP_ERR_CSR, "cannot parse the certification request");
+        goto done;
+    }
+    if (pub == NULL) {
+        fail(r, SCEP_ERR_CSR, "unsupported public key in the certification request");
+        goto done;
+    }
+    if (X509_REQ_verify_ex(req, pub, NULL, NULL) != 1) {
         fail(r, SCEP_ERR_CSR, "the certification request signature does not verify");
         goto done;
     }
@@ -197,6 +193,7 @@ done:
     OPENSSL_free(der);
     X509_free(x);
     X509_NAME_free(subject);
+    EVP_PKEY_free(parsed_key);
     X509_REQ_free(parsed);
     ERR_clear_error();
 }

@@ -269,29 +269,21 @@ static int copy_i2d_name(scep_bytes *dst, const X509_NAME *name)
 }
 
 /* Reads what policy needs from a PKCS#10 content and keeps the parsed request
-   for issue; any other content is left alone. */
-static void read_csr(scep_unwrap_result *r, scep_request_state *state)
+   and its key for issue; any other content is left alone. */
+static void read_csr(const scep_ctx *ctx, scep_unwrap_result *r, scep_request_state *state)
 {
-    const unsigned char *p = r->content.data;
-    X509_REQ *req = d2i_X509_REQ(NULL, &p, (long)r->content.len);
+    EVP_PKEY *key = NULL;
+    X509_REQ *req = scep_parse_csr(ctx, r->content.data, r->content.len, &key);
     STACK_OF(X509_EXTENSION) *exts = NULL;
-    EVP_PKEY *pub;
+    X509_PUBKEY *spki;
     int idx;
 
-    if (req == NULL || p != r->content.data + r->content.len)
+    if (req == NULL || !copy_i2d_name(&r->csr_subject, X509_REQ_get_subject_name(req)))
         goto done;
-    pub = X509_REQ_get0_pubkey(req);
-    if (pub == NULL || !copy_i2d_name(&r->csr_subject, X509_REQ_get_subject_name(req)))
-        goto done;
-    r->csr_key_nid = EVP_PKEY_get_base_id(pub);
-    r->csr_key_bits = EVP_PKEY_get_bits(pub);
-    if (r->csr_key_nid == EVP_PKEY_EC) {
-        char group[64];
-
-        if (EVP_PKEY_get_utf8_string_param(pub, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof(group),
-                                           NULL))
-            r->csr_curve_nid = OBJ_txt2nid(group);
-    }
+    spki = X509_REQ_get_X509_PUBKEY(req);
+    r->csr_key_nid = scep_spki_key_nid(spki);
+    r->csr_curve_nid = scep_spki_curve_nid(spki);
+    r->csr_key_bits = key != NULL ? EVP_PKEY_get_bits(key) : 0;
     /* challengePassword (RFC 2985 section 5.4.1), one value. */
     idx = X509_REQ_get_attr_by_NID(req, NID_pkcs9_challengePassword, -1);
     if (idx >= 0) {
@@ -314,10 +306,151 @@ static void read_csr(scep_unwrap_result *r, scep_request_state *state)
     }
     r->csr_parsed = 1;
     state->csr = req;
+    state->csr_key = key;
     req = NULL;
+    key = NULL;
 done:
     sk_X509_EXTENSION_pop_free(exts, X509_EXTENSION_free);
+    EVP_PKEY_free(key);
     X509_REQ_free(req);
+}
+
+typedef struct {
+    unsigned char *der;
+    int len;
+} der_item;
+
+/* DER order for SET OF (X.690 section 11.6), as OpenSSL sorts it. */
+static int der_item_cmp(const void *a, const void *b)
+{
+    const der_item *x = a, *y = b;
+    int c = memcmp(x->der, y->der, (size_t)(x->len < y->len ? x->len : y->len));
+
+    return c != 0 ? c : x->len - y->len;
+}
+
+#define SCEP_MAX_SIGNED_ATTRS 64
+
+/* The DER SET OF signed attributes: what the signature covers (RFC 5652 5.4). */
+static int encode_signed_attrs(CMS_SignerInfo *si, scep_bytes *out)
+{
+    der_item items[SCEP_MAX_SIGNED_ATTRS];
+    scep_buf parts[SCEP_MAX_SIGNED_ATTRS];
+    int n = CMS_signed_get_attr_count(si), i, ok = 0;
+
+    if (n <= 0 || n > SCEP_MAX_SIGNED_ATTRS)
+        return 0;
+    memset(items, 0, sizeof(items));
+    for (i = 0; i < n; i++) {
+        items[i].len = i2d_X509_ATTRIBUTE(CMS_signed_get_attr(si, i), &items[i].der);
+        if (items[i].len <= 0)
+            goto done;
+    }
+    qsort(items, (size_t)n, sizeof(items[0]), der_item_cmp);
+    for (i = 0; i < n; i++) {
+        parts[i].data = items[i].der;
+        parts[i].len = (size_t)items[i].len;
+    }
+    ok = scep_der_tlv(V_ASN1_SET | V_ASN1_CONSTRUCTED, parts, (size_t)n, out);
+done:
+    for (i = 0; i < n; i++)
+        OPENSSL_free(items[i].der);
+    return ok;
+}
+
+/* Whether the SignerInfo's signatureAlgorithm fits the signer key. */
+static int signature_alg_ok(const X509_ALGOR *sig_alg, const EVP_PKEY *key)
+{
+    const ASN1_OBJECT *obj;
+    int sig_nid, md_nid = NID_undef, pk_nid = NID_undef;
+    int key_nid = EVP_PKEY_get_base_id(key);
+
+    X509_ALGOR_get0(&obj, NULL, NULL, sig_alg);
+    sig_nid = OBJ_obj2nid(obj);
+    if (sig_nid == NID_rsaEncryption || sig_nid == NID_X9_62_id_ecPublicKey)
+        return sig_nid == key_nid;
+    /* sha256WithRSAEncryption, ecdsa-with-SHA256, ...; RSASSA-PSS is not used by SCEP. */
+    return OBJ_find_sigid_algs(sig_nid, &md_nid, &pk_nid) && pk_nid == key_nid
+           && md_nid != NID_undef;
+}
+
+/*
+ * Verifies the SignerInfo as CMS_verify does without chain validation (RFC
+ * 5652 section 5.6): the contentType and messageDigest signed attributes and
+ * the signature over the DER signed attributes, with the key of the embedded
+ * certificate the SignerInfo names. The key is built without the decoder
+ * framework (pubkey.c), which is why this is not a CMS_verify call.
+ */
+static int verify_signer_info(CMS_ContentInfo *cms, CMS_SignerInfo *si, scep_unwrap_result *r,
+                              scep_request_state *state)
+{
+    STACK_OF(X509) *certs = CMS_get1_certs(cms);
+    X509 *signer = NULL;
+    X509_ALGOR *sig_alg = NULL;
+    const EVP_MD *md = EVP_get_digestbynid(r->digest_nid);
+    ASN1_OCTET_STRING **content = CMS_get0_content(cms);
+    const ASN1_OCTET_STRING *want, *sig;
+    const ASN1_OBJECT *ctype;
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int digest_len = 0;
+    scep_bytes attrs = {NULL, 0};
+    EVP_MD_CTX *mctx = NULL;
+    int i, ok = 0;
+
+    for (i = 0; i < sk_X509_num(certs) && signer == NULL; i++) {
+        if (CMS_SignerInfo_cert_cmp(si, sk_X509_value(certs, i)) == 0)
+            signer = sk_X509_value(certs, i);
+    }
+    if (signer == NULL) {
+        fail(r, SCEP_ERR_SIGNATURE, "the signer certificate is not in the message");
+        goto done;
+    }
+    if (!X509_up_ref(signer)) {
+        fail(r, SCEP_ERR_INTERNAL, "cannot keep the signer certificate");
+        goto done;
+    }
+    state->signer = signer;
+    state->signer_key = scep_pubkey_from_spki(X509_get_X509_PUBKEY(signer));
+    CMS_SignerInfo_get0_algs(si, NULL, NULL, NULL, &sig_alg);
+    if (state->signer_key == NULL || md == NULL || !signature_alg_ok(sig_alg, state->signer_key)) {
+        fail(r, SCEP_ERR_SIGNATURE, "unsupported signer key or signature algorithm");
+        goto done;
+    }
+    if (content == NULL || *content == NULL || ASN1_STRING_length(*content) <= 0) {
+        fail(r, SCEP_ERR_MALFORMED, "no pkcsPKIEnvelope");
+        goto done;
+    }
+    want = CMS_signed_get0_data_by_OBJ(si, OBJ_nid2obj(NID_pkcs9_messageDigest), -3,
+                                       V_ASN1_OCTET_STRING);
+    if (!EVP_Digest(ASN1_STRING_get0_data(*content), (size_t)ASN1_STRING_length(*content), digest,
+                    &digest_len, md, NULL)
+        || want == NULL || ASN1_STRING_length(want) != (int)digest_len
+        || memcmp(ASN1_STRING_get0_data(want), digest, digest_len) != 0) {
+        fail(r, SCEP_ERR_SIGNATURE, "the messageDigest attribute does not match the content");
+        goto done;
+    }
+    ctype = CMS_signed_get0_data_by_OBJ(si, OBJ_nid2obj(NID_pkcs9_contentType), -3,
+                                        V_ASN1_OBJECT);
+    if (ctype == NULL || OBJ_obj2nid(ctype) != NID_pkcs7_data) {
+        fail(r, SCEP_ERR_SIGNATURE, "the contentType attribute is missing or not id-data");
+        goto done;
+    }
+    sig = CMS_SignerInfo_get0_signature(si);
+    mctx = EVP_MD_CTX_new();
+    if (!encode_signed_attrs(si, &attrs) || sig == NULL || mctx == NULL
+        || EVP_DigestVerifyInit(mctx, NULL, md, NULL, state->signer_key) != 1
+        || EVP_DigestVerify(mctx, ASN1_STRING_get0_data(sig), (size_t)ASN1_STRING_length(sig),
+                            attrs.data, attrs.len)
+               != 1) {
+        fail(r, SCEP_ERR_SIGNATURE, "signature verification failed");
+        goto done;
+    }
+    ok = 1;
+done:
+    EVP_MD_CTX_free(mctx);
+    scep_bytes_clear(&attrs);
+    sk_X509_pop_free(certs, X509_free);
+    return ok;
 }
 
 static void unwrap_one(const scep_ctx *ctx, const scep_buf *msg, scep_unwrap_result *r)
@@ -326,8 +459,6 @@ static void unwrap_one(const scep_ctx *ctx, const scep_buf *msg, scep_unwrap_res
     CMS_ContentInfo *cms = NULL;
     STACK_OF(CMS_SignerInfo) *sis;
     CMS_SignerInfo *si;
-    STACK_OF(X509) *signers = NULL;
-    X509 *signer;
     X509_ALGOR *dig_alg = NULL;
     const ASN1_OBJECT *dig_obj;
     ASN1_OCTET_STRING **content;
@@ -349,8 +480,9 @@ static void unwrap_one(const scep_ctx *ctx, const scep_buf *msg, scep_unwrap_res
         fail(r, SCEP_ERR_MALFORMED, "empty or oversized message");
         goto done;
     }
-    cms = d2i_CMS_ContentInfo(NULL, &p, (long)msg->len);
-    if (cms == NULL) {
+    /* Parsed in the provider-less context: certificate keys stay undecoded. */
+    cms = CMS_ContentInfo_new_ex(ctx->parse_libctx, NULL);
+    if (cms == NULL || d2i_CMS_ContentInfo(&cms, &p, (long)msg->len) == NULL) {
         fail(r, SCEP_ERR_MALFORMED, "not a CMS ContentInfo");
         goto done;
     }
@@ -376,22 +508,11 @@ static void unwrap_one(const scep_ctx *ctx, const scep_buf *msg, scep_unwrap_res
     CMS_SignerInfo_get0_algs(si, NULL, NULL, &dig_alg, NULL);
     X509_ALGOR_get0(&dig_obj, NULL, NULL, dig_alg);
     r->digest_nid = OBJ_obj2nid(dig_obj);
-    /* Checks the signature over the signed attributes, the messageDigest and
-       contentType attributes, with the embedded signer certificate. */
-    if (!CMS_verify(cms, NULL, NULL, NULL, NULL, CMS_NO_SIGNER_CERT_VERIFY | CMS_BINARY)) {
-        fail(r, SCEP_ERR_SIGNATURE, "signature verification failed");
+    if (!verify_signer_info(cms, si, r, state))
         goto done;
-    }
-    signers = CMS_get0_signers(cms);
-    signer = signers != NULL && sk_X509_num(signers) == 1 ? sk_X509_value(signers, 0) : NULL;
-    if (signer == NULL || !X509_up_ref(signer)) {
-        fail(r, SCEP_ERR_MALFORMED, "no signer certificate");
-        goto done;
-    }
-    state->signer = signer;
-    der_len = i2d_X509(signer, &der);
+    der_len = i2d_X509(state->signer, &der);
     if (der_len <= 0 || !scep_bytes_set(&r->signer_cert, der, (size_t)der_len)
-        || !X509_pubkey_digest(signer, EVP_sha256(), r->signer_key_sha256, &md_len)) {
+        || !X509_pubkey_digest(state->signer, EVP_sha256(), r->signer_key_sha256, &md_len)) {
         fail(r, SCEP_ERR_INTERNAL, "cannot encode the signer certificate");
         goto done;
     }
@@ -404,17 +525,12 @@ static void unwrap_one(const scep_ctx *ctx, const scep_buf *msg, scep_unwrap_res
         goto done;
     }
     content = CMS_get0_content(cms);
-    if (content == NULL || *content == NULL || ASN1_STRING_length(*content) <= 0) {
-        fail(r, SCEP_ERR_MALFORMED, "no pkcsPKIEnvelope");
-        goto done;
-    }
     if (!decrypt_envelope(ctx, *content, r))
         goto done;
-    read_csr(r, state);
+    read_csr(ctx, r, state);
     r->status = SCEP_OK;
 done:
     OPENSSL_free(der);
-    sk_X509_free(signers);
     CMS_ContentInfo_free(cms);
     ERR_clear_error();
 }
@@ -448,7 +564,9 @@ void scep_unwrap_result_free(scep_unwrap_result *r)
         scep_request_state *state = r->priv;
 
         X509_free(state->signer);
+        EVP_PKEY_free(state->signer_key);
         X509_REQ_free(state->csr);
+        EVP_PKEY_free(state->csr_key);
         free(state);
     }
     free(r);

@@ -26,59 +26,251 @@ static void fail(scep_wrap_result *r, int status, const char *what)
     scep_set_error(r->error, sizeof(r->error), what);
 }
 
-/* EnvelopedData holding `inner`, to the requester's certificate, with its algorithms. */
+/* DER of an OBJECT IDENTIFIER for a NID. */
+static int oid_der(int nid, scep_bytes *out)
+{
+    const ASN1_OBJECT *obj = OBJ_nid2obj(nid);
+    unsigned char *der = NULL;
+    int len = obj != NULL ? i2d_ASN1_OBJECT(obj, &der) : 0;
+    int ok = len > 0 && scep_bytes_set(out, der, (size_t)len);
+
+    OPENSSL_free(der);
+    return ok;
+}
+
+/* The keyEncryptionAlgorithm the requester used: rsaEncryption, or RSAES-OAEP
+   with its hash and MGF1 hash (RFC 8017 A.2.1, defaults left out as DER wants). */
+static int key_transport_alg(const scep_unwrap_result *req, scep_bytes *out)
+{
+    static const unsigned char rsa_encryption[] = {0x30, 0x0D, 0x06, 0x09, 0x2A, 0x86, 0x48, 0x86,
+                                                   0xF7, 0x0D, 0x01, 0x01, 0x01, 0x05, 0x00};
+    RSA_OAEP_PARAMS *oaep = NULL;
+    X509_ALGOR *mgf1_md = NULL, *alg = NULL;
+    ASN1_STRING *packed = NULL;
+    unsigned char *der = NULL;
+    int len, ok = 0;
+
+    if (req->key_transport != SCEP_KT_RSA_OAEP)
+        return scep_bytes_set(out, rsa_encryption, sizeof(rsa_encryption));
+    oaep = RSA_OAEP_PARAMS_new();
+    if (oaep == NULL)
+        goto done;
+    if (req->oaep_md_nid != NID_sha1) {
+        oaep->hashFunc = X509_ALGOR_new();
+        if (oaep->hashFunc == NULL)
+            goto done;
+        X509_ALGOR_set_md(oaep->hashFunc, EVP_get_digestbynid(req->oaep_md_nid));
+    }
+    if (req->oaep_mgf1_md_nid != NID_sha1) {
+        mgf1_md = X509_ALGOR_new();
+        oaep->maskGenFunc = X509_ALGOR_new();
+        if (mgf1_md == NULL || oaep->maskGenFunc == NULL)
+            goto done;
+        X509_ALGOR_set_md(mgf1_md, EVP_get_digestbynid(req->oaep_mgf1_md_nid));
+        packed = ASN1_item_pack(mgf1_md, ASN1_ITEM_rptr(X509_ALGOR), NULL);
+        if (packed == NULL
+            || !X509_ALGOR_set0(oaep->maskGenFunc, OBJ_nid2obj(NID_mgf1), V_ASN1_SEQUENCE, packed))
+            goto done;
+        packed = NULL;
+    }
+    alg = X509_ALGOR_new();
+    packed = ASN1_item_pack(oaep, ASN1_ITEM_rptr(RSA_OAEP_PARAMS), NULL);
+    if (alg == NULL || packed == NULL
+        || !X509_ALGOR_set0(alg, OBJ_nid2obj(NID_rsaesOaep), V_ASN1_SEQUENCE, packed))
+        goto done;
+    packed = NULL;
+    len = i2d_X509_ALGOR(alg, &der);
+    ok = len > 0 && scep_bytes_set(out, der, (size_t)len);
+done:
+    OPENSSL_free(der);
+    ASN1_STRING_free(packed);
+    X509_ALGOR_free(alg);
+    X509_ALGOR_free(mgf1_md);
+    RSA_OAEP_PARAMS_free(oaep);
+    return ok;
+}
+
+/* Encrypts the content-encryption key to the requester's key. */
+static int encrypt_key(const scep_unwrap_result *req, EVP_PKEY *recipient,
+                       const unsigned char *key, size_t key_len, scep_bytes *out)
+{
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(NULL, recipient, NULL);
+    size_t len = 0;
+    int ok = 0;
+
+    if (pctx == NULL || EVP_PKEY_encrypt_init(pctx) <= 0)
+        goto done;
+    if (req->key_transport == SCEP_KT_RSA_OAEP
+        && (EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_OAEP_PADDING) <= 0
+            || EVP_PKEY_CTX_set_rsa_oaep_md(pctx, EVP_get_digestbynid(req->oaep_md_nid)) <= 0
+            || EVP_PKEY_CTX_set_rsa_mgf1_md(pctx, EVP_get_digestbynid(req->oaep_mgf1_md_nid))
+                   <= 0))
+        goto done;
+    if (EVP_PKEY_encrypt(pctx, NULL, &len, key, key_len) <= 0)
+        goto done;
+    scep_bytes_clear(out);
+    out->data = malloc(len);
+    if (out->data == NULL || EVP_PKEY_encrypt(pctx, out->data, &len, key, key_len) <= 0)
+        goto done;
+    out->len = len;
+    ok = 1;
+done:
+    EVP_PKEY_CTX_free(pctx);
+    return ok;
+}
+
+/* CBC-encrypts `inner` under a fresh key; returns the ciphertext, key and IV. */
+static int encrypt_content(int cipher_nid, const scep_bytes *inner, unsigned char *key,
+                           int *key_len, unsigned char *iv, int *iv_len, scep_bytes *out)
+{
+    EVP_CIPHER *cipher = EVP_CIPHER_fetch(NULL, OBJ_nid2sn(cipher_nid), NULL);
+    EVP_CIPHER_CTX *cctx = EVP_CIPHER_CTX_new();
+    int n1 = 0, n2 = 0, ok = 0;
+
+    if (cipher == NULL || cctx == NULL || !EVP_EncryptInit_ex2(cctx, cipher, NULL, NULL, NULL))
+        goto done;
+    *key_len = EVP_CIPHER_CTX_get_key_length(cctx);
+    *iv_len = EVP_CIPHER_CTX_get_iv_length(cctx);
+    /* rand_key sets DES parity bits where the cipher has them. */
+    if (*key_len <= 0 || *key_len > EVP_MAX_KEY_LENGTH || *iv_len <= 0
+        || *iv_len > EVP_MAX_IV_LENGTH || EVP_CIPHER_CTX_rand_key(cctx, key) <= 0
+        || RAND_bytes(iv, *iv_len) != 1 || !EVP_EncryptInit_ex2(cctx, NULL, key, iv, NULL))
+        goto done;
+    scep_bytes_clear(out);
+    out->data = malloc(inner->len + (size_t)EVP_CIPHER_CTX_get_block_size(cctx));
+    if (out->data == NULL
+        || !EVP_EncryptUpdate(cctx, out->data, &n1, inner->data, (int)inner->len)
+        || !EVP_EncryptFinal_ex(cctx, out->data + n1, &n2))
+        goto done;
+    out->len = (size_t)(n1 + n2);
+    ok = 1;
+done:
+    EVP_CIPHER_CTX_free(cctx);
+    EVP_CIPHER_free(cipher);
+    return ok;
+}
+
+/*
+ * EnvelopedData holding `inner`, to the requester's certificate (RFC 5652
+ * section 6), with the requester's own content cipher and key transport.
+ * Encoded here rather than with CMS_encrypt, which would need the requester's
+ * key decoded inside its certificate (see pubkey.c).
+ */
 static int envelope(const scep_unwrap_result *req, const scep_bytes *inner, scep_bytes *out,
                     scep_wrap_result *r)
 {
-    X509 *recipient = ((const scep_request_state *)req->priv)->signer;
-    const EVP_CIPHER *cipher = EVP_get_cipherbynid(req->cipher_nid);
-    int oaep = req->key_transport == SCEP_KT_RSA_OAEP;
-    CMS_ContentInfo *env = NULL;
-    CMS_RecipientInfo *ri;
-    BIO *in = NULL;
+    const scep_request_state *state = req->priv;
+    unsigned char key[EVP_MAX_KEY_LENGTH], iv[EVP_MAX_IV_LENGTH];
+    int key_len = 0, iv_len = 0, len, ok = 0;
+    scep_bytes ciphertext = {NULL, 0}, wrapped_key = {NULL, 0}, kalg = {NULL, 0};
+    scep_bytes cipher_oid = {NULL, 0}, data_oid = {NULL, 0}, env_oid = {NULL, 0};
+    scep_bytes issuer = {NULL, 0}, serial = {NULL, 0}, t1 = {NULL, 0}, t2 = {NULL, 0};
+    scep_bytes ias = {NULL, 0}, ktri = {NULL, 0}, recipients = {NULL, 0}, calg = {NULL, 0};
+    scep_bytes eci = {NULL, 0}, env = {NULL, 0};
     unsigned char *der = NULL;
-    int der_len, ok = 0;
+    static const unsigned char version0[] = {0x02, 0x01, 0x00};
 
-    if (EVP_PKEY_get_base_id(X509_get0_pubkey(recipient)) != EVP_PKEY_RSA) {
+    if (state->signer_key == NULL || EVP_PKEY_get_base_id(state->signer_key) != EVP_PKEY_RSA) {
         fail(r, SCEP_ERR_ARGUMENT, "the requester's key cannot receive RSA key transport");
         goto done;
     }
-    if (cipher == NULL) {
-        fail(r, SCEP_ERR_ARGUMENT, "unknown content cipher");
-        goto done;
-    }
-    env = CMS_encrypt(NULL, NULL, cipher, CMS_BINARY | CMS_PARTIAL);
-    ri = env != NULL ? CMS_add1_recipient_cert(env, recipient, oaep ? CMS_KEY_PARAM : 0) : NULL;
-    if (ri == NULL) {
-        fail(r, SCEP_ERR_INTERNAL, "cannot create the envelope");
-        goto done;
-    }
-    if (oaep) {
-        EVP_PKEY_CTX *pctx = CMS_RecipientInfo_get0_pkey_ctx(ri);
-
-        if (pctx == NULL || EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_OAEP_PADDING) <= 0
-            || EVP_PKEY_CTX_set_rsa_oaep_md(pctx, EVP_get_digestbynid(req->oaep_md_nid)) <= 0
-            || EVP_PKEY_CTX_set_rsa_mgf1_md(pctx, EVP_get_digestbynid(req->oaep_mgf1_md_nid))
-                   <= 0) {
-            fail(r, SCEP_ERR_INTERNAL, "cannot set the RSAES-OAEP parameters");
-            goto done;
-        }
-    }
-    in = BIO_new_mem_buf(inner->data, (int)inner->len);
-    if (in == NULL || !CMS_final(env, in, NULL, CMS_BINARY)) {
+    if (!encrypt_content(req->cipher_nid, inner, key, &key_len, iv, &iv_len, &ciphertext)) {
         fail(r, SCEP_ERR_INTERNAL, "cannot encrypt the reply");
         goto done;
     }
-    der_len = i2d_CMS_ContentInfo(env, &der);
-    if (der_len <= 0 || !scep_bytes_set(out, der, (size_t)der_len)) {
-        fail(r, SCEP_ERR_INTERNAL, "cannot encode the envelope");
+    if (!encrypt_key(req, state->signer_key, key, (size_t)key_len, &wrapped_key)
+        || !key_transport_alg(req, &kalg)) {
+        fail(r, SCEP_ERR_INTERNAL, "cannot encrypt the content-encryption key");
         goto done;
     }
-    ok = 1;
-done:
+    len = i2d_X509_NAME(X509_get_issuer_name(state->signer), &der);
+    if (len <= 0 || !scep_bytes_set(&issuer, der, (size_t)len))
+        goto encode_error;
     OPENSSL_free(der);
-    BIO_free(in);
-    CMS_ContentInfo_free(env);
+    der = NULL;
+    len = i2d_ASN1_INTEGER(X509_get0_serialNumber(state->signer), &der);
+    if (len <= 0 || !scep_bytes_set(&serial, der, (size_t)len))
+        goto encode_error;
+    if (!oid_der(req->cipher_nid, &cipher_oid) || !oid_der(NID_pkcs7_data, &data_oid)
+        || !oid_der(NID_pkcs7_enveloped, &env_oid))
+        goto encode_error;
+    {
+        /* KeyTransRecipientInfo ::= SEQUENCE { version 0, rid issuerAndSerialNumber,
+           keyEncryptionAlgorithm, encryptedKey OCTET STRING } */
+        scep_buf ias_parts[] = {{issuer.data, issuer.len}, {serial.data, serial.len}};
+        scep_buf ek[] = {{wrapped_key.data, wrapped_key.len}};
+        scep_buf iv_part[] = {{iv, (size_t)iv_len}};
+
+        if (!scep_der_tlv(0x30, ias_parts, 2, &ias) || !scep_der_tlv(0x04, ek, 1, &t1)
+            || !scep_der_tlv(0x04, iv_part, 1, &t2))
+            goto encode_error;
+    }
+    {
+        scep_buf ktri_parts[] = {{version0, sizeof(version0)}, {ias.data, ias.len},
+                                 {kalg.data, kalg.len}, {t1.data, t1.len}};
+        scep_buf calg_parts[] = {{cipher_oid.data, cipher_oid.len}, {t2.data, t2.len}};
+
+        if (!scep_der_tlv(0x30, ktri_parts, 4, &ktri) || !scep_der_tlv(0x30, calg_parts, 2, &calg))
+            goto encode_error;
+    }
+    {
+        scep_buf recip_parts[] = {{ktri.data, ktri.len}};
+        scep_buf ct[] = {{ciphertext.data, ciphertext.len}};
+
+        /* encryptedContent [0] IMPLICIT OCTET STRING */
+        if (!scep_der_tlv(0x31, recip_parts, 1, &recipients) || !scep_der_tlv(0x80, ct, 1, &t1))
+            goto encode_error;
+    }
+    {
+        scep_buf eci_parts[] = {{data_oid.data, data_oid.len}, {calg.data, calg.len},
+                                {t1.data, t1.len}};
+
+        if (!scep_der_tlv(0x30, eci_parts, 3, &eci))
+            goto encode_error;
+    }
+    {
+        /* EnvelopedData version 0: only issuerAndSerialNumber recipients (RFC 5652 6.1). */
+        scep_buf env_parts[] = {{version0, sizeof(version0)}, {recipients.data, recipients.len},
+                                {eci.data, eci.len}};
+
+        if (!scep_der_tlv(0x30, env_parts, 3, &env))
+            goto encode_error;
+    }
+    {
+        scep_buf explicit0[] = {{env.data, env.len}};
+
+        if (!scep_der_tlv(0xA0, explicit0, 1, &t2))
+            goto encode_error;
+    }
+    {
+        scep_buf ci_parts[] = {{env_oid.data, env_oid.len}, {t2.data, t2.len}};
+
+        if (!scep_der_tlv(0x30, ci_parts, 2, out))
+            goto encode_error;
+    }
+    ok = 1;
+    goto done;
+encode_error:
+    fail(r, SCEP_ERR_INTERNAL, "cannot encode the envelope");
+done:
+    OPENSSL_cleanse(key, sizeof(key));
+    OPENSSL_free(der);
+    scep_bytes_clear(&ciphertext);
+    scep_bytes_clear(&wrapped_key);
+    scep_bytes_clear(&kalg);
+    scep_bytes_clear(&cipher_oid);
+    scep_bytes_clear(&data_oid);
+    scep_bytes_clear(&env_oid);
+    scep_bytes_clear(&issuer);
+    scep_bytes_clear(&serial);
+    scep_bytes_clear(&t1);
+    scep_bytes_clear(&t2);
+    scep_bytes_clear(&ias);
+    scep_bytes_clear(&ktri);
+    scep_bytes_clear(&recipients);
+    scep_bytes_clear(&calg);
+    scep_bytes_clear(&eci);
+    scep_bytes_clear(&env);
     return ok;
 }
 
