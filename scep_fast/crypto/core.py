@@ -18,7 +18,8 @@ from scep_fast.crypto.errors import InvalidArgument, NativeError, error_for
 
 NATIVE_ABI = 1
 
-KEY_TRANSPORT_NAMES = {1: "rsaes-pkcs1-v1_5", 2: "rsaes-oaep"}
+# Named as scep_fast.protocol.KeyTransport values.
+KEY_TRANSPORT_NAMES = {1: "rsa-pkcs1-v1_5", 2: "rsa-oaep"}
 _KEY_TYPES = {"rsaEncryption": "RSA", "id-ecPublicKey": "EC"}
 
 

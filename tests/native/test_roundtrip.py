@@ -61,7 +61,7 @@ def test_success_round_trip(ctx, build_request, device_key, vectors, ca, cipher,
     assert unwrapped.message_type == 19
     assert unwrapped.algorithms.cipher == CIPHER_NAMES[cipher]
     assert unwrapped.algorithms.digest == digest.upper()
-    expected_kt = "rsaes-oaep" if key_transport.startswith("oaep") else "rsaes-pkcs1-v1_5"
+    expected_kt = "rsa-oaep" if key_transport.startswith("oaep") else "rsa-pkcs1-v1_5"
     assert unwrapped.algorithms.key_transport == expected_kt
     assert unwrapped.csr is not None and unwrapped.csr.challenge == b"secret-challenge"
 

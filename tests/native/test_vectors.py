@@ -21,19 +21,19 @@ from conftest import keypair
 VECTORS = [
     ("ber-indefinite-pkcsreq.der",
      "14848c12ca7f787a1f6fe413b7e5244a5b4e53dc266eed05e3ae4df9ac25c42b",
-     "d16b05ff0624f39b6a0dd20f200967a0", "SHA256", "AES-128-CBC", "rsaes-pkcs1-v1_5"),
+     "d16b05ff0624f39b6a0dd20f200967a0", "SHA256", "AES-128-CBC", "rsa-pkcs1-v1_5"),
     ("ber-indefinite-envelope-pkcsreq.der",
      "48d7dc5541c6bda7810e4c2539f8fc7148248f9fcbfbc46baf39dc281599a137",
-     "0b6333dda7cd5e25ca4d94903bec4e5e", "SHA256", "AES-256-CBC", "rsaes-pkcs1-v1_5"),
+     "0b6333dda7cd5e25ca4d94903bec4e5e", "SHA256", "AES-256-CBC", "rsa-pkcs1-v1_5"),
     ("oaep-aes256-sha512-pkcsreq.der",
      "f4402b7faaa7ff6a0ded9d5e4aa356da77888a2f0795a1253cfc9cb12020fda3",
-     "13932edbdaa6dab303b5093a97683f88", "SHA512", "AES-256-CBC", "rsaes-oaep"),
+     "13932edbdaa6dab303b5093a97683f88", "SHA512", "AES-256-CBC", "rsa-oaep"),
     ("ski-recipient-pkcsreq.der",
      "1a8b9bc80318818d594cb571d7b6d237636a3638ce50eb5681377af7cd7185e5",
-     "6b94cd09d6fd7bb2d0afd868b527221c", "SHA256", "AES-128-CBC", "rsaes-pkcs1-v1_5"),
+     "6b94cd09d6fd7bb2d0afd868b527221c", "SHA256", "AES-128-CBC", "rsa-pkcs1-v1_5"),
     ("des3-sha1-nonce8-pkcsreq.der",
      "10839f70f187a332233bdcd97ea6aa9e24ee0a4b8ae40aa1e9974d6c85985539",
-     "f3f4db228711f1d9", "SHA1", "DES-EDE3-CBC", "rsaes-pkcs1-v1_5"),
+     "f3f4db228711f1d9", "SHA1", "DES-EDE3-CBC", "rsa-pkcs1-v1_5"),
 ]
 
 SCEPCLIENT = [
