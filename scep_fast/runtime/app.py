@@ -1,0 +1,181 @@
+"""The ASGI application: HTTP in, SCEP operations out.
+
+Routing, body limits, content types and the mapping of errors to HTTP live
+here and only here; the protocol layer parses, the enrollment service
+decides. Every response has a Content-Length (no chunking: several SCEP
+clients cannot read it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from scep_fast.protocol import (
+    BodyTooLarge,
+    Capabilities,
+    GetCACaps,
+    GetCACert,
+    GetNextCACert,
+    InternalError,
+    MethodNotAllowed,
+    Overloaded,
+    PKIOperation,
+    ScepError,
+    parse_request,
+)
+from scep_fast.runtime.batcher import Batcher
+from scep_fast.service.enrollment import Answer
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# Any path under these prefixes is SCEP: clients append their own suffixes
+# (/scep/pkiclient.exe, /cgi-bin/pkiclient.exe, /scep/<profile>...).
+SCEP_PREFIXES = ("/scep", "/cgi-bin/pkiclient.exe")
+
+CT_CAPS = b"text/plain"
+CT_CA_CERT = b"application/x-x509-ca-cert"
+CT_CA_RA_CERT = b"application/x-x509-ca-ra-cert"
+CT_PKI_MESSAGE = b"application/x-pki-message"
+CT_TEXT = b"text/plain; charset=utf-8"
+
+log = logging.getLogger("scep_fast.request")
+
+
+@dataclass(frozen=True, slots=True)
+class CaCertificates:
+    """The GetCACert answer, encoded once at start."""
+
+    body: bytes
+    content_type: bytes
+
+
+class ScepApp:
+    """One worker's ASGI application."""
+
+    def __init__(
+        self,
+        *,
+        capabilities: Capabilities,
+        ca_certificates: CaCertificates,
+        batcher: Batcher[Answer],
+        max_body_bytes: int,
+    ) -> None:
+        self._caps = capabilities.render()
+        self._ca = ca_certificates
+        self._batcher = batcher
+        self._max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        path = scope["path"]
+        if not path.startswith(SCEP_PREFIXES):
+            await _respond(send, 404, CT_TEXT, b"not a SCEP endpoint\n")
+            return
+        method = scope["method"]
+        fields: dict[str, object] = {"method": method, "operation": "-"}
+        try:
+            body = await _read_body(receive, self._max_body)
+            request = parse_request(method, scope["query_string"], body,
+                                    max_message_bytes=self._max_body)
+            fields["operation"] = request.operation.value
+            if isinstance(request, GetCACaps):
+                await _respond(send, 200, CT_CAPS, self._caps, head=method == "HEAD")
+            elif isinstance(request, GetCACert):
+                await _respond(send, 200, self._ca.content_type, self._ca.body,
+                               head=method == "HEAD")
+            elif isinstance(request, GetNextCACert):
+                # RFC 8894 section 4.7: only while a rollover certificate
+                # exists, and GetCACaps does not offer GetNextCACert.
+                await _respond(send, 404, CT_TEXT, b"no next CA certificate\n")
+            elif isinstance(request, PKIOperation):
+                fields["transport"] = "GET" if request.via_get else "POST"
+                await self._pki_operation(send, request, fields)
+        except ScepError as e:
+            await _respond_error(send, e, fields)
+        except Exception as e:  # noqa: BLE001 - our fault: a generic 500, details in the log
+            log.exception("unexpected error handling %s %s", method, path)
+            await _respond_error(send, InternalError(repr(e)), fields)
+        finally:
+            fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            log.info("request", extra={"fields": fields})
+
+    async def _pki_operation(self, send: Send, request: PKIOperation,
+                             fields: dict[str, object]) -> None:
+        answer = await self._batcher.submit(request.message)
+        fields.update(message_type=answer.message_type, transaction_id=answer.transaction_id,
+                      outcome=answer.status, fail_info=answer.fail_info)
+        if answer.serial is not None:
+            fields["serial"] = format(answer.serial, "x")
+        if answer.reason:
+            fields["reason"] = answer.reason
+        if answer.error is not None:
+            raise answer.error
+        await _respond(send, 200, CT_PKI_MESSAGE, answer.body)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body over {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+async def _respond(send: Send, status: int, content_type: bytes, body: bytes, *,
+                   head: bool = False, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", content_type),
+               (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers += extra
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+async def _respond_error(send: Send, error: ScepError, fields: dict[str, object]) -> None:
+    status = error.http_status or 500
+    fields.setdefault("outcome", f"HTTP {status}")
+    fields["status"] = status
+    if isinstance(error, InternalError):
+        fields["reason"] = error.detail or fields.get("reason", "")
+    else:
+        fields["reason"] = error.reason
+    extra: list[tuple[bytes, bytes]] = []
+    if isinstance(error, MethodNotAllowed):
+        extra.append((b"allow", ", ".join(error.allowed).encode()))
+    if isinstance(error, Overloaded):
+        extra.append((b"retry-after", str(error.retry_after_seconds).encode()))
+    if isinstance(error, BodyTooLarge):
+        # The rest of the body is not read; make the client open a new connection.
+        extra.append((b"connection", b"close"))
+    await _respond(send, status, CT_TEXT, f"{error.reason}\n".encode(), extra=extra)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,237 @@
+"""The `scep-fast` command: init, serve, enroll, certs.
+
+Every option has an environment twin: ``--ca-key`` is also
+``SCEP_FAST_CA_KEY``; the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from scep_fast import __version__
+from scep_fast.runtime import config as configuration
+from scep_fast.runtime.config import CONFIG_NAME, Config, ConfigError
+
+DEFAULT_DIR = "scep-data"
+
+
+def _env(option: str) -> str:
+    return "SCEP_FAST_" + option.lstrip("-").replace("-", "_").upper()
+
+
+class _Parser:
+    """argparse with environment defaults for every option."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+
+    def option(self, name: str, **kwargs: Any) -> None:
+        env = os.environ.get(_env(name))
+        if env is not None:
+            if kwargs.get("action") == "store_true":
+                kwargs["default"] = env.lower() in ("1", "true", "yes", "on")
+            else:
+                kwargs["default"] = kwargs.get("type", str)(env)
+        kwargs["help"] = f"{kwargs.get('help', '')} [env {_env(name)}]".strip()
+        self.parser.add_argument(name, **kwargs)
+
+
+def _with_dir(parser: argparse.ArgumentParser) -> _Parser:
+    p = _Parser(parser)
+    p.option("--dir", type=Path, default=Path(DEFAULT_DIR),
+             help=f"the scep-fast directory (default ./{DEFAULT_DIR})")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scep-fast", description="A fast SCEP server.")
+    parser.add_argument("--version", action="version", version=f"scep-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = _with_dir(sub.add_parser("init", help="create a CA, an RA and the configuration"))
+    from scep_fast.runtime.pki import CA_KEY_TYPES
+
+    init.option("--ca-key", choices=CA_KEY_TYPES, default="rsa2048", help="CA key type")
+    init.option("--ca-cn", default="scep-fast CA", help="CA common name")
+    init.option("--ra-cn", default="scep-fast RA", help="RA common name")
+    init.option("--ca-mode", action="store_true",
+                help="no RA: the (RSA) CA certificate signs replies and decrypts requests")
+    init.option("--challenge", default=None,
+                help="the static challenge password (default: generated and printed once)")
+    init.option("--bind", default=None, help="HOST:PORT written to the config")
+
+    serve = _with_dir(sub.add_parser("serve", help="run the SCEP server"))
+    serve.option("--bind", default=None, help="HOST:PORT (default from the config)")
+    serve.option("--workers", type=int, default=None, help="worker processes (0: CPU count)")
+    serve.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+
+    enroll = _Parser(sub.add_parser("enroll", help="enroll against a SCEP server"))
+    enroll.parser.add_argument("url", help="the SCEP URL, e.g. http://127.0.0.1:8080/scep")
+    enroll.option("--challenge", required="SCEP_FAST_CHALLENGE" not in os.environ,
+                  help="the challenge password")
+    enroll.option("--cn", required="SCEP_FAST_CN" not in os.environ, help="the common name")
+    enroll.option("--dns", action="append", default=[], help="a DNS subjectAltName (repeat)")
+    enroll.option("--get", action="store_true", help="send the PKIOperation by GET")
+    enroll.option("--key-type", choices=("rsa2048", "rsa3072", "rsa4096", "p256", "p384"),
+                  default="rsa2048", help="the device key")
+    enroll.option("--key-out", type=Path, required="SCEP_FAST_KEY_OUT" not in os.environ,
+                  help="where the device key goes (PEM, 0600)")
+    enroll.option("--cert-out", type=Path, required="SCEP_FAST_CERT_OUT" not in os.environ,
+                  help="where the certificate goes (PEM)")
+    enroll.option("--timeout", type=float, default=30.0, help="seconds per HTTP request")
+
+    certs = sub.add_parser("certs", help="the issuance ledger")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    certs_list = _with_dir(certs_sub.add_parser("list", help="every issued certificate"))
+    certs_list.option("--json", action="store_true", help="one JSON object per line")
+    certs_show = _with_dir(certs_sub.add_parser("show", help="one certificate, as PEM"))
+    certs_show.parser.add_argument("serial", help="the serial number in hex")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            return cmd_init(args)
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "enroll":
+            return cmd_enroll(args)
+        if args.command == "certs":
+            return cmd_certs(args)
+    except ConfigError as e:
+        print(f"scep-fast: configuration error: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+# ---- init -----------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from scep_fast.runtime import pki
+
+    directory: Path = args.dir
+    if (directory / CONFIG_NAME).exists():
+        print(f"scep-fast: {directory / CONFIG_NAME} exists; not overwriting", file=sys.stderr)
+        return 1
+    if args.ca_mode and not args.ca_key.startswith("rsa"):
+        print("scep-fast: CA mode needs an RSA CA key (it decrypts requests)", file=sys.stderr)
+        return 2
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    values = configuration.defaults()
+    if args.bind:
+        values["server"]["bind"] = args.bind
+    values["pki"]["mode"] = "ca" if args.ca_mode else "ra"
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = pki.new_key(args.ca_key)
+    ca = pki.make_ca(ca_key, args.ca_cn, now)
+    pki.write_secret(directory / values["pki"]["ca_key"], pki.key_pem(ca_key))
+    pki.write_public(directory / values["pki"]["ca_cert"], pki.cert_pem(ca))
+    if not args.ca_mode:
+        ra_key = pki.new_rsa_key(2048)
+        ra = pki.make_ra(ra_key, args.ra_cn, ca, ca_key, now)
+        pki.write_secret(directory / values["pki"]["ra_key"], pki.key_pem(ra_key))
+        pki.write_public(directory / values["pki"]["ra_cert"], pki.cert_pem(ra))
+    challenge = args.challenge or secrets.token_urlsafe(18)
+    pki.write_secret(directory / values["enrollment"]["challenge_file"],
+                     challenge.encode() + b"\n")
+    # Checked like any config before it is written.
+    text = configuration.render(values)
+    configuration.parse(text, directory)
+    (directory / CONFIG_NAME).write_text(text, encoding="utf-8")
+    print(f"initialised {directory} ({args.ca_key} CA, {'CA' if args.ca_mode else 'RA'} mode)")
+    if args.challenge is None:
+        print("challenge password (shown once; also in "
+              f"{directory / values['enrollment']['challenge_file']}):")
+        print(challenge)
+    return 0
+
+
+# ---- serve ------------------------------------------------------------------------
+
+
+def load_config(directory: Path, overrides: dict[tuple[str, str], Any]) -> Config:
+    return configuration.with_overrides(configuration.load(directory), overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from scep_fast.runtime import logs, server
+
+    config = load_config(args.dir, {("server", "bind"): args.bind,
+                                    ("server", "workers"): args.workers})
+    logs.configure(args.log_level.upper())
+    print(f"scep-fast {__version__} serving http://{config.get('server', 'bind')}/scep",
+          file=sys.stderr, flush=True)
+    server.run(config)
+    return 0
+
+
+# ---- enroll -------------------------------------------------------------------------
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from scep_fast.client import ScepClientError, enroll_to_files
+
+    try:
+        result = enroll_to_files(
+            args.url, args.challenge, args.cn, key_type=args.key_type, sans=tuple(args.dns),
+            use_get=args.get, key_out=args.key_out, cert_out=args.cert_out,
+            timeout=args.timeout)
+    except ScepClientError as e:
+        print(f"scep-fast enroll: {e}", file=sys.stderr)
+        return 1
+    print(result)
+    return 0
+
+
+# ---- certs --------------------------------------------------------------------------
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from scep_fast.runtime.ledger_lmdb import LmdbLedger
+    from scep_fast.runtime.server import LEDGER_DIR
+    from scep_fast.service.ledger import record_to_json
+
+    config = configuration.load(args.dir)
+    with LmdbLedger(config.dir / LEDGER_DIR,
+                    map_size_bytes=int(config.get("ledger", "map_size_bytes"))) as ledger:
+        if args.certs_command == "list":
+            for record in ledger.iter_records():
+                if args.json:
+                    print(json.dumps(record_to_json(record)))
+                else:
+                    item = record_to_json(record)
+                    print(f"{item['serial']}  {item['status']:8}  {item['not_after']}  "
+                          f"{item['subject']}")
+            return 0
+        try:
+            serial = int(args.serial.replace(":", ""), 16)
+        except ValueError:
+            print(f"scep-fast: {args.serial!r} is not a hex serial number", file=sys.stderr)
+            return 2
+        found = ledger.get(serial)
+        if found is None:
+            print(f"scep-fast: no certificate with serial {serial:x}", file=sys.stderr)
+            return 1
+        print(json.dumps(record_to_json(found), indent=2))
+        cert = x509.load_der_x509_certificate(found.der)
+        sys.stdout.write(cert.public_bytes(serialization.Encoding.PEM).decode())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""`DIR/scep-fast.toml`: read and checked strictly at every start.
+
+An unknown section or key, a value of the wrong type or out of range is a
+ConfigError that names the key: a typo must never silently fall back to a
+default on a server that issues certificates.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "scep-fast.toml"
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the text names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    kind: type
+    default: Any
+    check: Callable[[Any], bool] = lambda _v: True
+    rule: str = ""
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], bool]:
+    return lambda v: lo <= v <= hi
+
+
+# section -> key -> how it is checked. The defaults are what `init` writes.
+SCHEMA: dict[str, dict[str, _Key]] = {
+    "server": {
+        "bind": _Key(str, "127.0.0.1:8080", lambda v: ":" in v, "HOST:PORT"),
+        # 0: one worker process per CPU.
+        "workers": _Key(int, 1, _between(0, 256), "0 to 256"),
+        "max_body_bytes": _Key(int, 256 * KIB, _between(4 * KIB, 16 * MIB), "4 KiB to 16 MiB"),
+        # Request lines carry the whole base64 message on GET.
+        "max_request_line_bytes": _Key(int, 128 * KIB, _between(64 * KIB, 16 * MIB),
+                                       "64 KiB to 16 MiB"),
+        "read_timeout_seconds": _Key(float, 10.0, _between(0.5, 600), "0.5 to 600"),
+        "keep_alive_seconds": _Key(float, 30.0, _between(1, 3600), "1 to 3600"),
+    },
+    "pki": {
+        # "ra": an RA certificate signs replies and decrypts requests;
+        # "ca": the CA certificate does both (an RSA CA only).
+        "mode": _Key(str, "ra", lambda v: v in ("ra", "ca"), '"ra" or "ca"'),
+        "ca_cert": _Key(str, "ca.pem"),
+        "ca_key": _Key(str, "ca.key"),
+        "ra_cert": _Key(str, "ra.pem"),
+        "ra_key": _Key(str, "ra.key"),
+    },
+    "enrollment": {
+        # The static challenge password lives in its own 0600 file, so the
+        # config can be read, copied and diffed without revealing it.
+        "challenge_file": _Key(str, "challenge"),
+        # Single DES and MD5 are forbidden by RFC 8894; some old clients
+        # (micromdm's scepclient, sscep without caps) still send them.
+        "allow_legacy_algorithms": _Key(bool, False),
+        "refuse_sha1": _Key(bool, False),
+        "refuse_3des": _Key(bool, False),
+        "validity_days": _Key(int, 365, _between(1, 3650), "1 to 3650"),
+        "backdate_seconds": _Key(int, 600, _between(0, 86400), "0 to 86400"),
+        "include_chain": _Key(bool, False),
+        "min_rsa_bits": _Key(int, 2048, _between(2048, 16384), "2048 to 16384"),
+    },
+    "ledger": {
+        # LMDB reserves this much address space; about 3 KiB per certificate,
+        # so the default holds well over a million records.
+        "map_size_bytes": _Key(int, 8 * GIB, _between(16 * MIB, 1024 * GIB), "16 MiB to 1 TiB"),
+    },
+    "batch": {
+        "max_size": _Key(int, 32, _between(1, 1024), "1 to 1024"),
+        "window_seconds": _Key(float, 0.002, _between(0, 1), "0 to 1"),
+        "queue_size": _Key(int, 1024, _between(1, 1_000_000), "1 to 1000000"),
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The checked configuration of one scep-fast directory."""
+
+    dir: Path
+    values: dict[str, dict[str, Any]]
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values[section][key]
+
+    def path(self, section: str, key: str) -> Path:
+        """A file named in the config, relative to the directory."""
+        return self.dir / str(self.values[section][key])
+
+    @property
+    def workers(self) -> int:
+        configured = int(self.values["server"]["workers"])
+        return configured or (os.cpu_count() or 1)
+
+
+def _check(section: str, key: str, value: Any) -> Any:
+    spec = SCHEMA[section][key]
+    if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{section}.{key}: expected {spec.kind.__name__}, got {value!r}")
+    if not spec.check(value):
+        raise ConfigError(f"{section}.{key}: {value!r} is out of range ({spec.rule})")
+    return value
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    return {s: {k: spec.default for k, spec in keys.items()} for s, keys in SCHEMA.items()}
+
+
+def parse(text: str, directory: Path) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{CONFIG_NAME}: {e}") from None
+    values = defaults()
+    for section, table in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(SCHEMA)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table")
+        for key, value in table.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{section}.{key}: unknown key")
+            values[section][key] = _check(section, key, value)
+    return Config(dir=directory, values=values)
+
+
+def load(directory: Path) -> Config:
+    path = directory / CONFIG_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: run `scep-fast init --dir {directory}`") from None
+    return parse(text, directory)
+
+
+def with_overrides(config: Config, overrides: dict[tuple[str, str], Any]) -> Config:
+    """The config with command-line or environment values laid over it, checked the same way."""
+    values = {s: dict(t) for s, t in config.values.items()}
+    for (section, key), value in overrides.items():
+        if value is not None:
+            values[section][key] = _check(section, key, value)
+    return Config(dir=config.dir, values=values)
+
+
+def render(values: dict[str, dict[str, Any]]) -> str:
+    """TOML text for a complete set of values, one section per table."""
+    lines = ["# scep-fast configuration; every key is checked at start."]
+    for section, table in values.items():
+        lines.append("")
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

@@ -1,0 +1,151 @@
+"""`scep-fast serve`: one worker's wiring, run by hypercorn on trio.
+
+The worker loads its keys into a native context once, opens its own ledger
+handle, starts the batcher, and serves the ASGI app until SIGINT or SIGTERM;
+then it stops accepting, lets the batcher finish what is queued and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from scep_fast.crypto import ScepContext, certs_only
+from scep_fast.protocol import Capabilities
+from scep_fast.runtime.app import CT_CA_CERT, CT_CA_RA_CERT, CaCertificates, ScepApp
+from scep_fast.runtime.batcher import Batcher
+from scep_fast.runtime.config import Config
+from scep_fast.runtime.ledger_lmdb import LmdbLedger
+from scep_fast.runtime.pki import Material, load_material
+from scep_fast.service.enrollment import Answer, EnrollmentService, Policy
+from scep_fast.service.profile import Profile
+
+LEDGER_DIR = "ledger"
+
+log = logging.getLogger("scep_fast.server")
+
+
+def capabilities(config: Config) -> Capabilities:
+    """What GetCACaps advertises: exactly what this configuration accepts."""
+    return Capabilities(
+        aes=True,
+        des3=not config.get("enrollment", "refuse_3des"),
+        post_pki_operation=True,
+        sha1=not config.get("enrollment", "refuse_sha1"),
+        sha256=True,
+        sha512=True,
+        scep_standard=True,
+    )
+
+
+def ca_certificates(material: Material) -> CaCertificates:
+    if material.mode == "ca":
+        return CaCertificates(material.ca_cert, CT_CA_CERT)
+    # RFC 8894 section 4.2.1.2: the RA certificate(s) and the CA certificate
+    # as a degenerate certs-only SignedData.
+    return CaCertificates(certs_only([material.ra_cert, material.ca_cert]), CT_CA_RA_CERT)
+
+
+@dataclass
+class Worker:
+    """Everything one worker process holds."""
+
+    config: Config
+    material: Material
+    ledger: LmdbLedger
+    service: EnrollmentService
+    batcher: Batcher[Answer]
+    app: ScepApp
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def build_worker(config: Config) -> Worker:
+    material = load_material(config)
+    if not material.challenge:
+        raise SystemExit(f"no challenge password in {config.path('enrollment', 'challenge_file')}")
+    ctx = ScepContext(
+        recipients=[material.signer],
+        signer=material.signer,
+        issuer=(material.ca_cert, material.ca_key),
+        allow_legacy=bool(config.get("enrollment", "allow_legacy_algorithms")),
+        refuse_sha1=bool(config.get("enrollment", "refuse_sha1")),
+        refuse_3des=bool(config.get("enrollment", "refuse_3des")),
+    )
+    ledger = LmdbLedger(config.dir / LEDGER_DIR,
+                        map_size_bytes=int(config.get("ledger", "map_size_bytes")))
+    profile = Profile(
+        validity_days=int(config.get("enrollment", "validity_days")),
+        backdate_seconds=int(config.get("enrollment", "backdate_seconds")),
+    )
+    policy = Policy(
+        challenge=material.challenge,
+        min_rsa_bits=int(config.get("enrollment", "min_rsa_bits")),
+        include_chain=bool(config.get("enrollment", "include_chain")),
+    )
+    service = EnrollmentService(ctx, ledger, policy, profile, material.ca_cert)
+    batcher: Batcher[Answer] = Batcher(
+        service.handle_batch,
+        max_size=int(config.get("batch", "max_size")),
+        window_seconds=float(config.get("batch", "window_seconds")),
+        queue_size=int(config.get("batch", "queue_size")),
+    )
+    app = ScepApp(
+        capabilities=capabilities(config),
+        ca_certificates=ca_certificates(material),
+        batcher=batcher,
+        max_body_bytes=int(config.get("server", "max_body_bytes")),
+    )
+    return Worker(config, material, ledger, service, batcher, app)
+
+
+def hypercorn_config(config: Config) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = [str(config.get("server", "bind"))]
+    # A GET PKIOperation carries the whole message in the request line.
+    hc.h11_max_incomplete_size = int(config.get("server", "max_request_line_bytes"))
+    hc.read_timeout = int(max(1, config.get("server", "read_timeout_seconds")))
+    hc.keep_alive_timeout = float(config.get("server", "keep_alive_seconds"))
+    hc.graceful_timeout = 30.0
+    hc.include_server_header = False
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    return hc
+
+
+async def serve_worker(worker: Worker, hc: HypercornConfig) -> None:
+    shutdown = trio.Event()
+
+    async def wait_for_shutdown() -> None:
+        await shutdown.wait()
+
+    async def watch_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+                shutdown.set()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.batcher.run)
+        nursery.start_soon(watch_signals)
+        await hypercorn_serve(worker.app, hc,  # type: ignore[arg-type]
+                              shutdown_trigger=wait_for_shutdown)
+        # hypercorn has finished every request it accepted; nothing new can queue.
+        worker.batcher.close()
+        nursery.cancel_scope.deadline = trio.current_time() + 30
+
+
+def run(config: Config) -> None:
+    worker = build_worker(config)
+    hc = hypercorn_config(config)
+    try:
+        trio.run(serve_worker, worker, hc)
+    finally:
+        worker.close()
