@@ -25,7 +25,9 @@ $(VENV)/.installed: pyproject.toml setup.py $(NATIVE_SOURCES) scep_fast/__init__
 	touch $@
 
 run: deps $(VENV)/.installed
-	@test -f $(DIR)/scep-fast.toml || $(VENV)/bin/scep-fast init --dir $(DIR)
+	@test -f $(DIR)/scep-fast.toml || $(VENV)/bin/scep-fast init --dir $(DIR) --bind $(BIND)
+	@echo "SCEP URL:  http://$(BIND)/scep"
+	@echo "challenge: $$(cat $(DIR)/challenge)"
 	$(VENV)/bin/scep-fast serve --dir $(DIR) --bind $(BIND)
 
 test: test-deps $(VENV)/.installed
