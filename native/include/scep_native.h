@@ -125,7 +125,8 @@ typedef struct {
     int64_t not_before;   /* seconds since the epoch */
     int64_t not_after;
     scep_buf subject;     /* DER Name; empty: the CSR's subject */
-    scep_buf extensions;  /* DER Extensions (SEQUENCE OF Extension), added as given */
+    scep_buf extensions;  /* DER Extensions (SEQUENCE OF Extension), added as given;
+                             no repeats, no key identifiers (the core adds those) */
 } scep_issue_item;
 
 typedef struct {

@@ -230,6 +230,10 @@ int scep_ctx_set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_le
     ctx->issuer_akid = make_akid(ctx->issuer.cert);
     if (ctx->issuer_md == NULL || ctx->issuer_akid == NULL) {
         scep_set_error(err, err_len, "cannot prepare the issuing CA");
+        X509_EXTENSION_free(ctx->issuer_akid);
+        EVP_MD_free(ctx->issuer_md);
+        ctx->issuer_akid = NULL;
+        ctx->issuer_md = NULL;
         keypair_clear(&ctx->issuer);
         return 0;
     }

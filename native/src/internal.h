@@ -83,6 +83,8 @@ int scep_envelope_cipher_nid(const unsigned char *der, size_t len);
 EVP_PKEY *scep_pubkey_from_spki(const X509_PUBKEY *spki);
 int scep_spki_key_nid(const X509_PUBKEY *spki);
 int scep_spki_curve_nid(const X509_PUBKEY *spki);
+/* Whether an RSAPublicKey (the subjectPublicKey bits) is encoded in DER. */
+int scep_rsa_public_key_is_der(const unsigned char *der, int len);
 /* Parses a DER PKCS#10 request; *key receives its public key, or NULL if unsupported. */
 X509_REQ *scep_parse_csr(const scep_ctx *ctx, const unsigned char *der, size_t len, EVP_PKEY **key);
 

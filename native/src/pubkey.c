@@ -52,13 +52,45 @@ static int rsa_params(OSSL_PARAM_BLD *bld, const unsigned char *der, int len, BI
            && OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, *e);
 }
 
+/*
+ * Whether der is an RSAPublicKey in DER, which is what a certificate must carry.
+ * rsa_params reads BER lengths too; here the length is compared with the DER
+ * encoding of the integers read. OpenSSL already refuses padded integer
+ * contents, so any extra length octet makes the encoding longer than DER.
+ */
+int scep_rsa_public_key_is_der(const unsigned char *der, int len)
+{
+    const unsigned char *p = der, *end;
+    ASN1_INTEGER *n = NULL, *e = NULL;
+    long seq_len = 0;
+    int tag = 0, xclass = 0, ret, n_len, e_len, ok = 0;
+
+    ret = ASN1_get_object(&p, &seq_len, &tag, &xclass, len);
+    if ((ret & 0x80) || ret != V_ASN1_CONSTRUCTED || tag != V_ASN1_SEQUENCE
+        || xclass != V_ASN1_UNIVERSAL || p + seq_len != der + len)
+        goto done;
+    end = p + seq_len;
+    n = d2i_ASN1_INTEGER(NULL, &p, (long)(end - p));
+    e = n != NULL ? d2i_ASN1_INTEGER(NULL, &p, (long)(end - p)) : NULL;
+    if (e == NULL || p != end)
+        goto done;
+    n_len = i2d_ASN1_INTEGER(n, NULL);
+    e_len = i2d_ASN1_INTEGER(e, NULL);
+    ok = n_len > 0 && e_len > 0 && n_len <= len && e_len <= len
+         && ASN1_object_size(1, n_len + e_len, V_ASN1_SEQUENCE) == len;
+done:
+    ASN1_INTEGER_free(e);
+    ASN1_INTEGER_free(n);
+    return ok;
+}
+
 EVP_PKEY *scep_pubkey_from_spki(const X509_PUBKEY *spki)
 {
     const unsigned char *bits = NULL;
     int bits_len = 0, ptype = 0;
     X509_ALGOR *alg = NULL;
-    const ASN1_OBJECT *alg_oid;
-    const void *pval;
+    const ASN1_OBJECT *alg_oid = NULL;
+    const void *pval = NULL;
     OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
     OSSL_PARAM *params = NULL;
     EVP_PKEY_CTX *pctx = NULL;
@@ -110,8 +142,8 @@ done:
 int scep_spki_curve_nid(const X509_PUBKEY *spki)
 {
     X509_ALGOR *alg = NULL;
-    const ASN1_OBJECT *oid;
-    const void *pval;
+    const ASN1_OBJECT *oid = NULL;
+    const void *pval = NULL;
     int ptype = 0;
 
     if (!X509_PUBKEY_get0_param(NULL, NULL, NULL, &alg, spki) || alg == NULL)

@@ -100,9 +100,9 @@ static int read_attributes(const scep_ctx *ctx, CMS_SignerInfo *si, scep_unwrap_
 /* The default and only label we accept: pSpecified with an empty OCTET STRING. */
 static int oaep_label_empty(const X509_ALGOR *psource)
 {
-    const ASN1_OBJECT *obj;
-    int ptype;
-    const void *pval;
+    const ASN1_OBJECT *obj = NULL;
+    int ptype = V_ASN1_UNDEF;
+    const void *pval = NULL; /* X509_ALGOR_get0 leaves it alone for absent parameters */
 
     if (psource == NULL)
         return 1;

@@ -19,6 +19,8 @@
 #include "internal.h"
 
 #define SCEP_MAX_NONCE 64
+/* Longest transactionID or failInfoText we sign; item_ok refuses longer ones. */
+#define SCEP_MAX_ATTR 4096
 
 static void fail(scep_wrap_result *r, int status, const char *what)
 {
@@ -277,7 +279,7 @@ done:
 static int add_attr(CMS_SignerInfo *si, const ASN1_OBJECT *obj, int type, const void *data,
                     size_t len)
 {
-    return len <= 4096 && CMS_signed_add1_attr_by_OBJ(si, obj, type, data, (int)len);
+    return len <= SCEP_MAX_ATTR && CMS_signed_add1_attr_by_OBJ(si, obj, type, data, (int)len);
 }
 
 static int add_number_attr(CMS_SignerInfo *si, const ASN1_OBJECT *obj, int value)
@@ -325,10 +327,18 @@ static int item_ok(const scep_wrap_item *item, scep_wrap_result *r)
         fail(r, SCEP_ERR_ARGUMENT, "the request was not authenticated; no CertRep is possible");
         return 0;
     }
+    if (req->transaction_id.len > SCEP_MAX_ATTR || item->fail_info_text.len > SCEP_MAX_ATTR) {
+        fail(r, SCEP_ERR_ARGUMENT, "the transactionID or failInfoText is over 4096 bytes");
+        return 0;
+    }
     switch (item->pki_status) {
     case SCEP_STATUS_SUCCESS:
         if (req->status != SCEP_OK || item->certs.data == NULL || item->certs.len == 0) {
             fail(r, SCEP_ERR_ARGUMENT, "SUCCESS needs a fully unwrapped request and certificates");
+            return 0;
+        }
+        if (item->fail_info != -1) {
+            fail(r, SCEP_ERR_ARGUMENT, "failInfo belongs to FAILURE only");
             return 0;
         }
         return 1;

@@ -169,6 +169,9 @@ def test_failing_issues(ctx: ScepContext, message: bytes, device: Device) -> Non
     csr = request.content
     no_csr = ctx.unwrap_batch([b"garbage"])[0]
     bad_sig = flip(csr, len(csr) - 2)
+    spki = device.spki()
+    spki_bits = spki[spki.index(b"\x03\x82"):]  # the subjectPublicKey BIT STRING
+    twice = B.seq(B.oid("2.5.29.19"), B.octets(b"\x30\x00"))
     items = [
         IssueRequest(csr_der=b"\x30\x03garbage", serial=1, not_before=NOW, not_after=NOW + 60),
         IssueRequest(csr_der=bad_sig, serial=1, not_before=NOW, not_after=NOW + 60),
@@ -182,6 +185,14 @@ def test_failing_issues(ctx: ScepContext, message: bytes, device: Device) -> Non
         IssueRequest(csr_der=device.csr_with_spki(B.seq(B.seq(
             B.oid("1.2.840.113549.1.1.1"), B.integer(5)), b"\x03\x01\x00")),
             serial=1, not_before=NOW, not_after=NOW + 60),
+        # Refused after the certificate is under construction: a key that is not in
+        # canonical form, a five-digit year, an extension given twice.
+        IssueRequest(csr_der=device.csr_with_spki(B.seq(
+            B.alg_id("1.2.840.113549.1.1.1", B.oid("1.2.3")), spki_bits)),
+            serial=1, not_before=NOW, not_after=NOW + 60),
+        IssueRequest(request=request, serial=1, not_before=NOW, not_after=253402300800),
+        IssueRequest(request=request, serial=1, not_before=NOW, not_after=NOW + 60,
+                     extensions_der=B.seq(twice, twice)),
     ]
 
     def step() -> int:
@@ -205,6 +216,7 @@ def test_failing_wraps_and_certs_only(ctx: ScepContext, message: bytes) -> None:
         CertRepSpec(request=request, status=7),
         CertRepSpec(request=unauthenticated, status=2, fail_info=2),
         CertRepSpec(request=request, status=2, fail_info=2, fail_info_text="x" * 5000),
+        CertRepSpec(request=request, status=0, fail_info=2, certs=[request.signer_cert]),
     ]
 
     def step() -> int:
