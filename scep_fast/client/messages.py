@@ -23,7 +23,8 @@ import datetime
 import hashlib
 import hmac
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
@@ -135,6 +136,19 @@ def _x509_digest(digest: DigestName) -> DigestName:
     may still use SHA-1 for CAs that know nothing better, the CSR does not.
     """
     return "sha256" if digest == "sha1" else digest
+
+
+@contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """Turns a parser's complaint about hostile input into a ResponseError.
+
+    asn1crypto parses lazily, so malformed bytes can raise from any field
+    access, not only from ``load``; everything that reads a reply runs in here.
+    """
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ResponseError(f"{what} is malformed: {exc}") from exc
 
 
 def _check_choice(value: str, allowed: Any, what: str) -> None:
@@ -458,6 +472,13 @@ def decrypt_envelope(
     the way the client would. The cipher name is one of aes128, aes192,
     aes256, des3 or des.
     """
+    with _reading("the reply envelope"):
+        return _decrypt_envelope(der, key, cert)
+
+
+def _decrypt_envelope(
+    der: bytes, key: rsa.RSAPrivateKey, cert: x509.Certificate | None
+) -> tuple[bytes, str]:
     try:
         info = cms.ContentInfo.load(der, strict=True)
         if info["content_type"].native != "enveloped_data":
@@ -483,24 +504,25 @@ def decrypt_envelope(
         raise ResponseError("the reply envelope has no key transport RecipientInfo")
     if cert is not None:
         ktris.sort(key=lambda ktri: not _matches_identifier(ktri["rid"], cert))
-    cek: bytes | None = None
+    # RSA PKCS#1 v1.5 decryption with the wrong key does not always fail:
+    # OpenSSL's implicit rejection returns random bytes instead. A key of the
+    # wrong length or a plaintext with bad padding therefore counts as "not
+    # ours", and the next RecipientInfo is tried.
     for ktri in ktris:
         try:
             cek = _unwrap_key(ktri, key)
-            break
         except ValueError:
             continue
-    if cek is None:
-        raise ResponseError("no RecipientInfo of the reply envelope opens with the device key")
-    if len(cek) != key_len:
-        raise ResponseError(f"the {cipher} content key is {len(cek)} bytes, not {key_len}")
-    decryptor = Cipher(_symmetric(cipher, cek), modes.CBC(iv)).decryptor()
-    padded = decryptor.update(ciphertext) + decryptor.finalize()
-    unpadder = padding.PKCS7(block * 8).unpadder()
-    try:
-        return unpadder.update(padded) + unpadder.finalize(), cipher
-    except ValueError as exc:
-        raise ResponseError("the reply envelope decrypts to invalid padding") from exc
+        if len(cek) != key_len:
+            continue
+        decryptor = Cipher(_symmetric(cipher, cek), modes.CBC(iv)).decryptor()
+        padded = decryptor.update(ciphertext) + decryptor.finalize()
+        unpadder = padding.PKCS7(block * 8).unpadder()
+        try:
+            return unpadder.update(padded) + unpadder.finalize(), cipher
+        except ValueError:
+            continue
+    raise ResponseError("no RecipientInfo of the reply envelope opens with the device key")
 
 
 # -------------------------------------------------------------- requests
@@ -906,6 +928,13 @@ def parse_cert_rep(
     opened with the request's signer key and its certificates are returned,
     the issued one first. Raises ResponseError or SignatureError otherwise.
     """
+    with _reading("the CertRep"):
+        return _parse_cert_rep(der, request, ra_certs)
+
+
+def _parse_cert_rep(
+    der: bytes, request: PkiRequest, ra_certs: Sequence[x509.Certificate] | None
+) -> CertRep:
     expected = list(ra_certs) if ra_certs is not None else [request.recipient]
     try:
         info = cms.ContentInfo.load(der, strict=True)
@@ -1085,6 +1114,11 @@ def parse_ca_certs(body: bytes, content_type: str | None = None) -> CACertificat
     is the certificate that is not a CA and may encipher keys; failing that,
     the CA acts as its own RA.
     """
+    with _reading("the GetCACert answer"):
+        return _parse_ca_certs(body, content_type)
+
+
+def _parse_ca_certs(body: bytes, content_type: str | None) -> CACertificates:
     media = (content_type or "").split(";")[0].strip().lower()
     certs: list[x509.Certificate]
     if media == "application/x-x509-ca-cert" or (not media and body[:1] == b"\x30"):
