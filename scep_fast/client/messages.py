@@ -25,7 +25,7 @@ import hmac
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
 from asn1crypto import algos, cms, core, parser
@@ -545,8 +545,7 @@ class PkiRequest:
     # The key being certified (PKCSReq, RenewalReq, CertPoll): the issued
     # certificate must carry its public half.
     device_key: DeviceKey | None = None
-    csr: bytes = b""
-    ca_name: x509.Name | None = field(default=None)
+    csr: bytes = b""  # the DER CSR, when the request carries one
 
 
 def build_pki_message(

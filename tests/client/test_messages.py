@@ -26,7 +26,10 @@ from scep_fast.client import (
     SignatureError,
     build_cert_poll,
     build_envelope,
+    build_get_cert,
+    build_get_crl,
     build_pkcs_req,
+    build_renewal_req,
     decrypt_envelope,
     generate_key,
     parse_cert_rep,
@@ -340,3 +343,37 @@ def test_builders_refuse_unknown_algorithms(ra_cert, device_key):
         build_pkcs_req(ra_cert, cn="x", key=device_key, cipher="des")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="digest"):
         build_pkcs_req(ra_cert, cn="x", key=device_key, digest="md5")  # type: ignore[arg-type]
+
+
+def test_renewal_req_is_signed_by_the_old_certificate(ctx, ca, ra_cert, device_key):
+    first = build_pkcs_req(ra_cert, cn="renew-me", challenge="c", key=device_key)
+    reply, _ = success_reply(ctx, ca, first)
+    old_cert = parse_cert_rep(reply, first).certificates[0]
+    new_key = generate_key("ec-p256")
+    renewal = build_renewal_req(ra_cert, old_cert=old_cert, old_key=device_key, cn="renew-me",
+                                key=new_key)
+    assert renewal.message_type is MessageType.RENEWAL_REQ
+    assert renewal.transaction_id == transaction_id_for(new_key.public_key())
+    unwrapped = ctx.unwrap(renewal.message)
+    assert unwrapped.message_type == MessageType.RENEWAL_REQ
+    assert unwrapped.signer_cert == old_cert.public_bytes(serialization.Encoding.DER)
+    assert unwrapped.csr is not None and unwrapped.csr.key_type == "EC"
+    reply, _ = success_reply(ctx, ca, renewal)
+    renewed = parse_cert_rep(reply, renewal).certificates[0]
+    assert spki(renewed.public_key()) == spki(new_key.public_key())
+
+
+@pytest.mark.parametrize("builder,message_type", [(build_get_cert, MessageType.GET_CERT),
+                                                  (build_get_crl, MessageType.GET_CRL)])
+def test_get_cert_and_get_crl_carry_issuer_and_serial(ctx, ra_cert, ca_cert, device_key,
+                                                      builder, message_type):
+    signer = build_pkcs_req(ra_cert, cn="asker", key=device_key).signer_cert
+    request = builder(ra_cert, issuer=ca_cert.subject, serial=0x1234, signer_key=device_key,
+                      signer_cert=signer)
+    assert request.message_type is message_type
+    unwrapped = ctx.unwrap_batch([request.message])[0]
+    assert unwrapped.message_type == message_type
+    assert unwrapped.transaction_id == request.transaction_id.encode()
+    ias = cms.IssuerAndSerialNumber.load(unwrapped.content)
+    assert ias["issuer"].dump() == ca_cert.subject.public_bytes()
+    assert ias["serial_number"].native == 0x1234
