@@ -39,12 +39,16 @@ transaction to disk. LMDB admits one writer at a time across all processes;
 before taking it, so the lock is held only for the B-tree work and the sync.
 
 Sizing: ``map_size`` is the largest the ledger may grow to; it costs address
-space, not disk (the file grows as records arrive). The default of 8 GiB
-holds well over 1,000,000 records of typical size (about 1.5 KiB each with
-indexes, see ``benchmarks/``). ``max_readers`` bounds the threads of all
+space, not disk (the file grows as records arrive). A record with an
+RSA-2048 certificate takes about 2.7 KiB of file with its index entry
+(random serials leave B-tree pages about half full; measured by
+``benchmarks/ledger_bench.py``), so the default of 8 GiB holds about
+3,000,000 records, and 1,000,000 with a wide margin. ``max_readers`` bounds the threads of all
 processes holding a read transaction at once; the default of 1024 covers
-dozens of worker processes with their thread pools. Both are fixed when the
-first process opens the environment.
+dozens of worker processes with their thread pools; the process that
+creates the lock file fixes it for all. Every process should open the ledger
+with the same ``map_size``: one with a smaller map than the data has grown to
+fails to begin a transaction.
 
 Use: open one :class:`LmdbLedger` per process, after the process has started
 (spawn, never inherited across ``fork()``), and close it on shutdown.
