@@ -30,7 +30,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from scep_fast.crypto import CertRepSpec, IssueRequest, ScepContext, der_certificate, der_private_key
+from scep_fast.crypto import (
+    CertRepSpec,
+    IssueRequest,
+    ScepContext,
+    der_certificate,
+    der_private_key,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTORS = ROOT / "tests" / "vectors"
@@ -44,7 +50,7 @@ def load_keypair(name: str) -> tuple[bytes, bytes]:
 def p256_ca() -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "micro-benchmark P-256 CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
@@ -136,7 +142,8 @@ def main() -> int:
         print(f"{step[:-3]:28} {rsa[step]:12.1f} {ecdsa[step]:12.1f}")
     ec_total = ecdsa["unwrap_us"] + ecdsa["issue_us"] + ecdsa["wrap_us"]
     print(f"{'total':28} {total:12.1f} {ec_total:12.1f}")
-    print(f"openssl speed rsa2048: {sign_us:.1f} us per sign; floor 3 x sign = {3 * sign_us:.1f} us")
+    print(f"openssl speed rsa2048: {sign_us:.1f} us per sign; "
+          f"floor 3 x sign = {3 * sign_us:.1f} us")
     print(f"ratio (RSA-2048 CA total / floor): {ratio:.3f}")
     print(json.dumps({
         "unwrap_us": round(rsa["unwrap_us"], 1),

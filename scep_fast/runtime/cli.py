@@ -21,6 +21,9 @@ from scep_fast.runtime import config as configuration
 from scep_fast.runtime.config import CONFIG_NAME, Config, ConfigError
 
 DEFAULT_DIR = "scep-data"
+# `enroll --key-type` names keys as `init --ca-key` does.
+_CLIENT_KEY_KINDS: dict[str, Any] = {"rsa2048": "rsa2048", "rsa3072": "rsa3072",
+                                     "rsa4096": "rsa4096", "p256": "ec-p256", "p384": "ec-p384"}
 
 
 def _env(option: str) -> str:
@@ -181,17 +184,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from scep_fast.client import ScepClientError, enroll_to_files
+    from cryptography.hazmat.primitives import serialization
 
+    from scep_fast.client import ScepClientError, enroll, generate_key
+    from scep_fast.runtime.pki import write_secret
+
+    for path in (args.key_out, args.cert_out):
+        if path.exists():
+            print(f"scep-fast enroll: {path} exists; not overwriting", file=sys.stderr)
+            return 2
     try:
-        result = enroll_to_files(
-            args.url, args.challenge, args.cn, key_type=args.key_type, sans=tuple(args.dns),
-            use_get=args.get, key_out=args.key_out, cert_out=args.cert_out,
-            timeout=args.timeout)
+        result = enroll(args.url, args.challenge, args.cn, use_get=args.get,
+                        key=generate_key(_CLIENT_KEY_KINDS[args.key_type]), sans=tuple(args.dns),
+                        timeout=args.timeout)
     except ScepClientError as e:
         print(f"scep-fast enroll: {e}", file=sys.stderr)
         return 1
-    print(result)
+    if result.cert is None:
+        detail = f" ({result.fail_info.name})" if result.fail_info is not None else ""
+        text = f": {result.fail_info_text}" if result.fail_info_text else ""
+        print(f"scep-fast enroll: {result.status.name}{detail}{text}", file=sys.stderr)
+        return 3 if result.status.name == "PENDING" else 1
+    write_secret(args.key_out, result.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    pem = result.cert.public_bytes(serialization.Encoding.PEM)
+    pem += b"".join(c.public_bytes(serialization.Encoding.PEM) for c in result.chain)
+    args.cert_out.write_bytes(pem)
+    print(f"issued serial {result.cert.serial_number:x} to {result.cert.subject.rfc4514_string()}")
     return 0
 
 

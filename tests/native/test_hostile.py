@@ -27,6 +27,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
+
+import scep_fast._native
+from scep_fast.crypto import (
+    AlgorithmRefused,
+    CertRepSpec,
+    CsrInvalid,
+    DecryptFailed,
+    InvalidArgument,
+    IssueRequest,
+    MalformedMessage,
+    NativeError,
+    ScepContext,
+    SignatureInvalid,
+    Unwrapped,
+    certs_only,
+)
+
 from hostile_helpers import (
     OID_DATA,
     OID_ENVELOPED_DATA,
@@ -43,22 +60,6 @@ from hostile_helpers import (
     raw_unwrap_pointer,
     raw_wrap_without_request,
     signature_span,
-)
-
-import scep_fast._native
-from scep_fast.crypto import (
-    AlgorithmRefused,
-    CertRepSpec,
-    CsrInvalid,
-    DecryptFailed,
-    InvalidArgument,
-    IssueRequest,
-    MalformedMessage,
-    NativeError,
-    ScepContext,
-    SignatureInvalid,
-    Unwrapped,
-    certs_only,
 )
 
 SCEP_MAX_INPUT = 16 * 1024 * 1024

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from asn1crypto import x509 as asn1_x509
-from certrep import degenerate_certs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -17,6 +16,8 @@ from cryptography.x509.oid import NameOID
 from test_roundtrip import openssl
 
 from scep_fast.crypto import IssueRequest, ScepContext, certs_only
+
+from certrep import degenerate_certs
 
 
 def make_ca(kind: str) -> tuple[bytes, bytes]:

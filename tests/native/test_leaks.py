@@ -27,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hostile_helpers import B, Device, flip, raw_issue, signature_span
 
 from scep_fast.crypto import (
     CertRepSpec,
@@ -37,6 +36,8 @@ from scep_fast.crypto import (
     ScepContext,
     certs_only,
 )
+
+from hostile_helpers import B, Device, flip, raw_issue, signature_span
 
 pytestmark = [
     pytest.mark.skipif(os.environ.get("SCEP_FAST_SANITIZED") == "1",

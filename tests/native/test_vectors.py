@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from certrep import envelope_algorithms, read_certrep
 from test_roundtrip import decrypt_envelope, verify_certrep
 
 from scep_fast.crypto import (
@@ -15,6 +14,8 @@ from scep_fast.crypto import (
     IssueRequest,
     ScepContext,
 )
+
+from certrep import envelope_algorithms, read_certrep
 from conftest import keypair
 
 # file, transactionID, senderNonce, digest, cipher, key transport (from the vectors' README)
