@@ -27,6 +27,7 @@ from scep_fast.protocol import (
     ScepError,
     parse_request,
 )
+from scep_fast.runtime import metrics
 from scep_fast.runtime.batcher import Batcher
 from scep_fast.service.enrollment import Answer
 
@@ -85,6 +86,7 @@ class ScepApp:
             return
         method = scope["method"]
         fields: dict[str, object] = {"method": method, "operation": "-"}
+        metrics.INFLIGHT.inc()
         try:
             body = await _read_body(receive, self._max_body)
             request = parse_request(method, scope["query_string"], body,
@@ -108,7 +110,10 @@ class ScepApp:
             log.exception("unexpected error handling %s %s", method, path)
             await _respond_error(send, InternalError(repr(e)), fields)
         finally:
-            fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            metrics.INFLIGHT.dec()
+            elapsed = time.perf_counter() - started
+            fields["duration_ms"] = round(elapsed * 1000, 3)
+            _observe(fields, elapsed)
             log.info("request", extra={"fields": fields})
 
     async def _pki_operation(self, send: Send, request: PKIOperation,
@@ -123,6 +128,19 @@ class ScepApp:
         if answer.error is not None:
             raise answer.error
         await _respond(send, 200, CT_PKI_MESSAGE, answer.body)
+
+
+def _observe(fields: dict[str, object], elapsed: float) -> None:
+    operation = str(fields["operation"])
+    status = fields.get("status")
+    outcome = metrics.outcome_label(str(fields.get("outcome", "")),
+                                    status if isinstance(status, int) else None)
+    fields.setdefault("outcome", outcome)
+    metrics.REQUESTS.labels(operation, str(fields.get("message_type", "-")), outcome).inc()
+    metrics.REQUEST_DURATION.labels(operation).observe(elapsed)
+    fail_info = fields.get("fail_info", "-")
+    if fail_info != "-":
+        metrics.FAIL_INFO.labels(str(fail_info)).inc()
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
@@ -154,7 +172,6 @@ async def _respond(send: Send, status: int, content_type: bytes, body: bytes, *,
 
 async def _respond_error(send: Send, error: ScepError, fields: dict[str, object]) -> None:
     status = error.http_status or 500
-    fields.setdefault("outcome", f"HTTP {status}")
     fields["status"] = status
     if isinstance(error, InternalError):
         fields["reason"] = error.detail or fields.get("reason", "")

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = _with_dir(sub.add_parser("serve", help="run the SCEP server"))
     serve.option("--bind", default=None, help="HOST:PORT (default from the config)")
     serve.option("--workers", type=int, default=None, help="worker processes (0: CPU count)")
+    serve.option("--metrics-bind", default="127.0.0.1:9813",
+                 help='HOST:PORT of the Prometheus endpoint ("" for none)')
     serve.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
 
     enroll = _Parser(sub.add_parser("enroll", help="enroll against a SCEP server"))
@@ -169,15 +171,14 @@ def load_config(directory: Path, overrides: dict[tuple[str, str], Any]) -> Confi
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from scep_fast.runtime import logs, server
+    from scep_fast.runtime import logs, supervisor
 
     config = load_config(args.dir, {("server", "bind"): args.bind,
                                     ("server", "workers"): args.workers})
     logs.configure(args.log_level.upper())
-    print(f"scep-fast {__version__} serving http://{config.get('server', 'bind')}/scep",
-          file=sys.stderr, flush=True)
-    server.run(config)
-    return 0
+    print(f"scep-fast {__version__} serving http://{config.get('server', 'bind')}/scep "
+          f"with {config.workers} worker(s)", file=sys.stderr, flush=True)
+    return supervisor.run(config, metrics_bind=args.metrics_bind, log_level=args.log_level)
 
 
 # ---- enroll -------------------------------------------------------------------------

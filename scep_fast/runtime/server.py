@@ -17,8 +17,9 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from scep_fast.crypto import ScepContext, certs_only
 from scep_fast.protocol import Capabilities
+from scep_fast.runtime import metrics
 from scep_fast.runtime.app import CT_CA_CERT, CT_CA_RA_CERT, CaCertificates, ScepApp
-from scep_fast.runtime.batcher import Batcher
+from scep_fast.runtime.batcher import Batcher, BatchStats
 from scep_fast.runtime.config import Config
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
@@ -26,6 +27,8 @@ from scep_fast.service.enrollment import Answer, EnrollmentService, Policy
 from scep_fast.service.profile import Profile
 
 LEDGER_DIR = "ledger"
+# How long a stopping worker may take to finish the requests it accepted.
+GRACEFUL_SECONDS = 30.0
 
 log = logging.getLogger("scep_fast.server")
 
@@ -66,6 +69,16 @@ class Worker:
         self.ledger.close()
 
 
+def _observe_commit(seconds: float, issued: int) -> None:
+    metrics.LEDGER_COMMIT.observe(seconds)
+    metrics.CERTIFICATES_ISSUED.inc(issued)
+
+
+def _observe_batch(stats: BatchStats) -> None:
+    metrics.BATCH_SIZE.observe(stats.size)
+    metrics.BATCH_WAIT.observe(stats.wait_seconds)
+
+
 def build_worker(config: Config) -> Worker:
     material = load_material(config)
     if not material.challenge:
@@ -89,12 +102,14 @@ def build_worker(config: Config) -> Worker:
         min_rsa_bits=int(config.get("enrollment", "min_rsa_bits")),
         include_chain=bool(config.get("enrollment", "include_chain")),
     )
-    service = EnrollmentService(ctx, ledger, policy, profile, material.ca_cert)
+    service = EnrollmentService(ctx, ledger, policy, profile, material.ca_cert,
+                                on_commit=_observe_commit)
     batcher: Batcher[Answer] = Batcher(
         service.handle_batch,
         max_size=int(config.get("batch", "max_size")),
         window_seconds=float(config.get("batch", "window_seconds")),
         queue_size=int(config.get("batch", "queue_size")),
+        on_batch=_observe_batch,
     )
     app = ScepApp(
         capabilities=capabilities(config),
@@ -105,14 +120,14 @@ def build_worker(config: Config) -> Worker:
     return Worker(config, material, ledger, service, batcher, app)
 
 
-def hypercorn_config(config: Config) -> HypercornConfig:
+def hypercorn_config(config: Config, bind: str) -> HypercornConfig:
     hc = HypercornConfig()
-    hc.bind = [str(config.get("server", "bind"))]
+    hc.bind = [bind]
     # A GET PKIOperation carries the whole message in the request line.
     hc.h11_max_incomplete_size = int(config.get("server", "max_request_line_bytes"))
     hc.read_timeout = int(max(1, config.get("server", "read_timeout_seconds")))
     hc.keep_alive_timeout = float(config.get("server", "keep_alive_seconds"))
-    hc.graceful_timeout = 30.0
+    hc.graceful_timeout = GRACEFUL_SECONDS
     hc.include_server_header = False
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -128,7 +143,7 @@ async def serve_worker(worker: Worker, hc: HypercornConfig) -> None:
     async def watch_signals() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+                log.info("draining", extra={"fields": {"signal": signal.Signals(signum).name}})
                 shutdown.set()
                 return
 
@@ -137,15 +152,15 @@ async def serve_worker(worker: Worker, hc: HypercornConfig) -> None:
         nursery.start_soon(watch_signals)
         await hypercorn_serve(worker.app, hc,  # type: ignore[arg-type]
                               shutdown_trigger=wait_for_shutdown)
-        # hypercorn has finished every request it accepted; nothing new can queue.
+        # hypercorn has answered every request it accepted; nothing new can queue.
         worker.batcher.close()
-        nursery.cancel_scope.deadline = trio.current_time() + 30
+        nursery.cancel_scope.deadline = trio.current_time() + GRACEFUL_SECONDS
 
 
-def run(config: Config) -> None:
+def run_worker(config: Config, bind: str) -> None:
+    """One worker process: serves ``bind`` (``fd://N`` from the supervisor) until signalled."""
     worker = build_worker(config)
-    hc = hypercorn_config(config)
     try:
-        trio.run(serve_worker, worker, hc)
+        trio.run(serve_worker, worker, hypercorn_config(config, bind))
     finally:
         worker.close()

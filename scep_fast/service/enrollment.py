@@ -121,6 +121,7 @@ class EnrollmentService:
         ca_cert: bytes,
         *,
         clock: Callable[[], float] = time.time,
+        on_commit: Callable[[float, int], None] = lambda _seconds, _issued: None,
     ) -> None:
         self._ctx = ctx
         self._ledger = ledger
@@ -129,6 +130,9 @@ class EnrollmentService:
         self._chain = (ca_cert,) if policy.include_chain else ()
         self._challenge_sha256 = hashlib.sha256(policy.challenge).digest()
         self._clock = clock
+        # Told how long each ledger commit took and how many certificates it
+        # recorded (the runtime turns that into metrics).
+        self._on_commit = on_commit
 
     # ---- the batch ------------------------------------------------------
 
@@ -277,12 +281,15 @@ class EnrollmentService:
             recorded_items.append(item)
         if not records:
             return
+        started = time.perf_counter()
         try:
             outcomes = self._ledger.commit(records)
         except Exception as e:  # noqa: BLE001 - nothing of this batch may leave
             for item in recorded_items:
                 self._internal(item, f"ledger commit: {e}")
             return
+        self._on_commit(time.perf_counter() - started,
+                        sum(isinstance(o, Recorded) for o in outcomes))
         for item, outcome in zip(recorded_items, outcomes, strict=True):
             if isinstance(outcome, Recorded | AlreadyIssued):
                 self._succeed(item, outcome.record.der, outcome.record.serial)
