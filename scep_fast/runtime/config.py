@@ -41,7 +41,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
     "server": {
         "bind": _Key(str, "127.0.0.1:8080", lambda v: ":" in v, "HOST:PORT"),
         # 0: one worker process per CPU.
-        "workers": _Key(int, 1, _between(0, 256), "0 to 256"),
+        "workers": _Key(int, 0, _between(0, 256), "0 to 256"),
         "max_body_bytes": _Key(int, 256 * KIB, _between(4 * KIB, 16 * MIB), "4 KiB to 16 MiB"),
         # Request lines carry the whole base64 message on GET.
         "max_request_line_bytes": _Key(int, 128 * KIB, _between(64 * KIB, 16 * MIB),

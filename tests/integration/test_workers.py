@@ -1,0 +1,122 @@
+"""Worker processes under load: a killed worker, SIGTERM drain, serial uniqueness."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from cryptography import x509
+from load import Result, fire, make_requests
+
+from scep_fast.client import parse_ca_certs
+
+from conftest import CHALLENGE, Server, init_dir, scep_fast, set_config, start_server
+
+
+def worker_pids(server: Server) -> set[int]:
+    done = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True,
+                          text=True, timeout=10)
+    return {int(p) for p in done.stdout.split()}
+
+
+def wait_for_workers(server: Server, count: int, timeout: float = 30) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = worker_pids(server)
+        if len(pids) == count:
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"expected {count} workers, saw {worker_pids(server)}")
+
+
+def ledger(directory: Path) -> list[dict[str, object]]:
+    done = scep_fast("certs", "list", "--json", "--dir", str(directory))
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def two_worker_server(tmp_path: Path, name: str) -> Server:
+    directory = init_dir(tmp_path / name)
+    set_config(directory, "server", "workers", "2")
+    return start_server(directory)
+
+
+def ra_of(server: Server) -> x509.Certificate:
+    response = server.request("GET", "/scep?operation=GetCACert")
+    return parse_ca_certs(response.read_body, response.getheader("Content-Type")).ra  # type: ignore[attr-defined]
+
+
+def check_ledger_matches_clients(server: Server, ra: x509.Certificate,
+                                 results: list[Result]) -> tuple[int, list[Result]]:
+    """Every certificate a client received is on record; serials are unique."""
+    records = ledger(server.directory)
+    serials = [r["serial"] for r in records]
+    assert len(serials) == len(set(serials)), "duplicate serial in the ledger"
+    on_record = {r["transaction_id"]: r["serial"] for r in records}
+    received = 0
+    unanswered = []
+    for result in results:
+        cert = result.certificate(ra)
+        if cert is not None:
+            received += 1
+            assert on_record.get(result.request.transaction_id) == format(cert.serial_number, "x")
+        else:
+            unanswered.append(result)
+    return received, unanswered
+
+
+def test_killed_worker_is_restarted_and_loses_no_issued_certificate(tmp_path: Path) -> None:
+    server = two_worker_server(tmp_path, "kill")
+    try:
+        ra = ra_of(server)
+        before = wait_for_workers(server, 2)
+        requests = make_requests(ra, 240, CHALLENGE, prefix="kill")
+        results: list[Result] = []
+        firing = threading.Thread(
+            target=lambda: results.extend(fire(server.port, requests, concurrency=16)))
+        firing.start()
+        time.sleep(0.4)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        firing.join(timeout=120)
+        assert not firing.is_alive()
+        after = wait_for_workers(server, 2)
+        assert victim not in after and len(after - before) == 1
+        received, unanswered = check_ledger_matches_clients(server, ra, results)
+        assert received > 0
+        # Whatever was cut off by the kill succeeds when the client sends it again:
+        # the same certificate if it had been recorded, a new one otherwise.
+        retried = fire(server.port, [r.request for r in unanswered], concurrency=4)
+        assert all(r.certificate(ra) is not None for r in retried)
+        received_again, _ = check_ledger_matches_clients(server, ra, results + retried)
+        assert received_again == len(results) + len(retried) - len(unanswered)
+        assert "worker died; restarting" in server.log()
+    finally:
+        server.stop()
+
+
+def test_sigterm_under_load_drops_no_accepted_request(tmp_path: Path) -> None:
+    server = two_worker_server(tmp_path, "drain")
+    ra = ra_of(server)
+    requests = make_requests(ra, 200, CHALLENGE, prefix="drain")
+    results: list[Result] = []
+    firing = threading.Thread(
+        target=lambda: results.extend(fire(server.port, requests, concurrency=16,
+                                           max_seconds=30)))
+    firing.start()
+    time.sleep(0.5)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0
+    firing.join(timeout=90)
+    received, unanswered = check_ledger_matches_clients(server, ra, results)
+    assert received > 0
+    # A request the server accepted was answered: nothing on record went unanswered.
+    on_record = {r["transaction_id"] for r in ledger(server.directory)}
+    assert not {r.request.transaction_id for r in unanswered} & on_record
+    assert all(r.status in (None, 200) for r in results), {r.status for r in results}
+    assert "did not drain" not in server.log()

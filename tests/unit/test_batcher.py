@@ -1,0 +1,97 @@
+"""The batcher: batches form, a full queue answers Overloaded at once, errors reach callers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import pytest
+import trio
+
+from scep_fast.protocol import Overloaded
+from scep_fast.runtime.batcher import Batcher, BatchStats
+
+
+def test_messages_are_batched_and_answered_in_order() -> None:
+    seen: list[list[bytes]] = []
+    stats: list[BatchStats] = []
+
+    def handle(batch: Sequence[bytes]) -> list[bytes]:
+        seen.append(list(batch))
+        return [m.upper() for m in batch]
+
+    async def main() -> list[bytes]:
+        batcher = Batcher(handle, max_size=8, window_seconds=0.05, queue_size=64,
+                          on_batch=stats.append)
+        answers: list[bytes] = [b""] * 20
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(batcher.run)
+
+            async def one(i: int) -> None:
+                answers[i] = await batcher.submit(b"m%d" % i)
+
+            async with trio.open_nursery() as clients:
+                for i in range(20):
+                    clients.start_soon(one, i)
+            batcher.close()
+        return answers
+
+    answers = trio.run(main)
+    assert answers == [b"M%d" % i for i in range(20)]
+    assert max(len(b) for b in seen) == 8
+    assert len(seen) < 20
+    assert sum(s.size for s in stats) == 20
+
+
+def test_full_queue_is_refused_at_once_with_retry_after() -> None:
+    release = threading.Event()
+
+    def handle(batch: Sequence[bytes]) -> list[bytes]:
+        release.wait(timeout=30)
+        return list(batch)
+
+    async def main() -> tuple[int, int]:
+        batcher = Batcher(handle, max_size=1, window_seconds=0, queue_size=2)
+        outcomes = {"ok": 0, "busy": 0}
+        seven_refused = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(batcher.run)
+
+            async def one(i: int) -> None:
+                try:
+                    await batcher.submit(b"x")
+                    outcomes["ok"] += 1
+                except Overloaded as e:
+                    assert e.http_status == 503 and e.retry_after_seconds >= 1
+                    outcomes["busy"] += 1
+                    if outcomes["busy"] == 7:
+                        seven_refused.set()
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as clients:
+                    for i in range(10):
+                        clients.start_soon(one, i)
+                    # The refusals come back while the handler is still blocked.
+                    await seven_refused.wait()
+                    release.set()
+            batcher.close()
+        return outcomes["ok"], outcomes["busy"]
+
+    ok, busy = trio.run(main)
+    # One message in the handler, two in the queue; the other seven are refused.
+    assert (ok, busy) == (3, 7)
+
+
+def test_a_failing_batch_fails_each_of_its_callers() -> None:
+    def handle(batch: Sequence[bytes]) -> list[bytes]:
+        raise RuntimeError("native core exploded")
+
+    async def main() -> None:
+        batcher = Batcher(handle, max_size=4, window_seconds=0.01, queue_size=8)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(batcher.run)
+            with pytest.raises(RuntimeError, match="exploded"):
+                await batcher.submit(b"x")
+            batcher.close()
+
+    trio.run(main)
