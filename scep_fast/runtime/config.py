@@ -46,8 +46,11 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         # Request lines carry the whole base64 message on GET.
         "max_request_line_bytes": _Key(int, 128 * KIB, _between(64 * KIB, 16 * MIB),
                                        "64 KiB to 16 MiB"),
+        # The longest silence while a request is being read.
         "read_timeout_seconds": _Key(float, 10.0, _between(0.5, 600), "0.5 to 600"),
-        "keep_alive_seconds": _Key(float, 30.0, _between(1, 3600), "1 to 3600"),
+        # How long an idle keep-alive connection stays open; also the deadline
+        # for a request's headers, so a trickling client cannot hold a connection.
+        "keep_alive_seconds": _Key(float, 15.0, _between(1, 3600), "1 to 3600"),
     },
     "pki": {
         # "ra": an RA certificate signs replies and decrypts requests;

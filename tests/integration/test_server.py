@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -306,3 +307,20 @@ def test_environment_twins_set_options(tmp_path: Path) -> None:
     ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
     assert ca.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
     assert (directory / "challenge").read_text().strip() == "from-env"
+
+
+def test_a_slow_client_is_dropped_after_the_read_timeout(server_factory) -> None:  # type: ignore[no-untyped-def]
+    def short_timeouts(directory: Path) -> None:
+        set_config(directory, "server", "read_timeout_seconds", "1.0")
+        # Also the deadline for a request's headers (hypercorn's idle timer).
+        set_config(directory, "server", "keep_alive_seconds", "2.0")
+
+    server = server_factory(name="slow", configure=short_timeouts)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        # Half a request line, then nothing: the server must not wait forever.
+        s.sendall(b"GET /scep?operation=GetCA")
+        started = time.monotonic()
+        assert s.recv(65536) == b""
+        assert time.monotonic() - started < 5
+    # The worker is free for others.
+    assert server.request("GET", "/scep?operation=GetCACaps").status == 200
