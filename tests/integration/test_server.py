@@ -324,3 +324,25 @@ def test_a_slow_client_is_dropped_after_the_read_timeout(server_factory) -> None
         assert time.monotonic() - started < 5
     # The worker is free for others.
     assert server.request("GET", "/scep?operation=GetCACaps").status == 200
+
+
+@pytest.mark.parametrize("transport", [[], ["--get"]], ids=["POST", "GET"])
+def test_enroll_command_writes_a_0600_key_and_its_certificate(server: Server, tmp_path: Path,
+                                                              transport: list[str]) -> None:
+    key_out, cert_out = tmp_path / "device.key", tmp_path / "device.pem"
+    cn = f"cli-{'get' if transport else 'post'}"
+    done = scep_fast("enroll", server.url, "--challenge", CHALLENGE, "--cn", cn,
+                     "--key-out", str(key_out), "--cert-out", str(cert_out), *transport)
+    assert done.returncode == 0, done.stderr
+    assert key_out.stat().st_mode & 0o777 == 0o600
+    cert = x509.load_pem_x509_certificate(cert_out.read_bytes())
+    key = serialization.load_pem_private_key(key_out.read_bytes(), password=None)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    assert cert.public_key().public_bytes(serialization.Encoding.DER, spki) == \
+        key.public_key().public_bytes(serialization.Encoding.DER, spki)
+    assert format(cert.serial_number, "x") in {r["serial"] for r in ledger_lines(server.directory)}
+    wrong = scep_fast("enroll", server.url, "--challenge", "nope", "--cn", "x",
+                      "--key-out", str(tmp_path / "x.key"), "--cert-out", str(tmp_path / "x.pem"))
+    assert wrong.returncode == 1
+    assert "BAD_REQUEST" in wrong.stderr
+    assert not (tmp_path / "x.key").exists()
