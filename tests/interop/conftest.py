@@ -1,0 +1,101 @@
+"""Fixtures for the interop tests: a real `scep-fast serve` and third-party SCEP peers.
+
+The server helpers are the integration tests' own (``tests/integration/conftest.py``),
+loaded under a module name of their own: both directories' conftests would
+otherwise be the same ``conftest`` module. The peers are Debian's `scep`
+(micromdm scepclient/scepserver) and `certmonger` (scep-submit); a test whose
+peer is missing is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+_HELPERS = Path(__file__).resolve().parents[1] / "integration" / "conftest.py"
+_MODULE = "scep_fast_tests_integration_server"
+
+
+def _load_helpers() -> ModuleType:
+    loaded = sys.modules.get(_MODULE)
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.spec_from_file_location(_MODULE, _HELPERS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_helpers = _load_helpers()
+
+CHALLENGE: str = _helpers.CHALLENGE
+Server = _helpers.Server
+free_port = _helpers.free_port
+init_dir = _helpers.init_dir
+scep_fast = _helpers.scep_fast
+set_config = _helpers.set_config
+start_server = _helpers.start_server
+# A fixture: starts servers on fresh directories, stops them at the end of the test.
+server_factory = _helpers.server_factory
+
+SCEPCLIENT = shutil.which("scepclient")
+SCEPSERVER = shutil.which("scepserver")
+SCEP_SUBMIT = next((p for p in ("/usr/lib/certmonger/scep-submit",
+                                "/usr/libexec/certmonger/scep-submit")
+                    if Path(p).is_file()), None)
+
+# Every run of a peer is bounded by this many seconds.
+PEER_TIMEOUT_SECONDS = 60
+
+
+def require(binary: str | None, what: str) -> str:
+    """The peer's path, or a skip naming the missing Debian package."""
+    if binary is None:
+        pytest.skip(f"{what} is not installed")
+    return binary
+
+
+def ledger(directory: Path) -> list[dict[str, Any]]:
+    """Every record of the server's ledger, through `scep-fast certs list --json`."""
+    done = scep_fast("certs", "list", "--json", "--dir", str(directory))
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def request_log(server: Any) -> list[dict[str, Any]]:
+    """The server's structured PKIOperation log entries, oldest first."""
+    entries = []
+    for line in server.log().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("operation") == "PKIOperation":
+                entries.append(entry)
+    return entries
+
+
+__all__ = [
+    "CHALLENGE",
+    "PEER_TIMEOUT_SECONDS",
+    "SCEPCLIENT",
+    "SCEPSERVER",
+    "SCEP_SUBMIT",
+    "Server",
+    "free_port",
+    "init_dir",
+    "ledger",
+    "request_log",
+    "require",
+    "scep_fast",
+    "server_factory",
+    "set_config",
+    "start_server",
+]
