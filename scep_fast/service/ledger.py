@@ -22,11 +22,33 @@ write transaction for the whole batch:
 
 A batch is all or nothing: when anything raises in the middle, nothing of
 the batch is written. When ``commit`` returns, the batch is on disk.
+``commit`` knows nothing of pending requests: when a request that waited
+for approval is issued, the service commits its certificate like any other.
+
+The certificate lifecycle beyond issuance, every write durable on return:
+
+- :meth:`Ledger.revoke` marks a certificate revoked (once: revoking again
+  returns the record as it is); :meth:`Ledger.iter_revoked` lists the
+  revoked ones, for the CRL, without reading every certificate.
+- Pending requests (:class:`PendingRequest`) wait for an operator. One
+  ``(transaction_id, requester_key_sha256)`` names at most one request for
+  good: :meth:`Ledger.add_pending` returns the request already on record
+  for it, whatever its status, and the caller compares ``csr_sha256``.
+  :meth:`Ledger.decide_pending` moves a request from ``pending`` to
+  ``approved`` or ``rejected``, once.
+- Challenges (:class:`Challenge`) are kept by the SHA-256 of the secret.
+  :meth:`Ledger.consume_challenges` checks and uses them in one write
+  transaction, so a single-use challenge is used once across every worker
+  process.
+- :meth:`Ledger.next_crl_number` hands out CRL numbers 1, 2, 3, ...
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import re
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -36,20 +58,29 @@ __all__ = [
     "MAX_SERIAL",
     "MAX_TEXT_BYTES",
     "MAX_TRANSACTION_ID_BYTES",
+    "MAX_USES",
+    "PENDING_STATUSES",
+    "REVOCATION_REASONS",
     "STATUSES",
     "AlreadyIssued",
     "CertRecord",
+    "Challenge",
     "CommitOutcome",
     "Ledger",
     "LedgerCorrupt",
     "LedgerError",
     "LedgerFull",
     "MemoryLedger",
+    "NotFound",
+    "PendingRequest",
     "Recorded",
     "SerialCollision",
     "TransactionConflict",
     "UnsupportedSchema",
+    "check_revocation_reason",
+    "decide",
     "record_to_json",
+    "usable",
 ]
 
 # RFC 5280 section 4.1.2.2: the serial number is a positive INTEGER of at
@@ -58,6 +89,24 @@ __all__ = [
 MAX_SERIAL: Final = (1 << 159) - 1
 
 STATUSES: Final = frozenset({"issued", "revoked"})
+PENDING_STATUSES: Final = frozenset({"pending", "approved", "rejected"})
+
+# RFC 5280 section 5.3.1, CRLReason: code -> name. Code 7 is not used.
+REVOCATION_REASONS: Final[dict[int, str]] = {
+    0: "unspecified",
+    1: "keyCompromise",
+    2: "cACompromise",
+    3: "affiliationChanged",
+    4: "superseded",
+    5: "cessationOfOperation",
+    6: "certificateHold",
+    8: "removeFromCRL",
+    9: "privilegeWithdrawn",
+    10: "aACompromise",
+}
+
+# The most uses a challenge may have (stored in 32 bits).
+MAX_USES: Final = 0xFFFF_FFFF
 
 # Size limits of the text fields, in UTF-8 bytes. The ledger keys on the
 # transaction id (LMDB keys are at most 511 bytes, and the key also holds
@@ -69,6 +118,7 @@ MAX_TEXT_BYTES: Final = 0xFFFF
 MAX_SANS: Final = 0xFFFF
 
 _SHA256_LEN: Final = 32
+_REQUEST_ID = re.compile(r"[0-9a-f]{16}")
 
 
 class LedgerError(Exception):
@@ -93,6 +143,50 @@ class LedgerFull(LedgerError):
     """The storage has no room left for the batch; nothing was written."""
 
 
+class NotFound(LedgerError):
+    """The certificate or request named is not on record."""
+
+
+def check_revocation_reason(reason: object) -> int:
+    """``reason`` if it is an RFC 5280 CRLReason code, else ``ValueError``."""
+    if type(reason) is not int or reason not in REVOCATION_REASONS:
+        raise ValueError(f"revocation reason must be one of {sorted(REVOCATION_REASONS)}")
+    return reason
+
+
+def _is_time(value: object) -> bool:
+    return type(value) in (int, float)
+
+
+def _check_text(*texts: str) -> None:
+    # Encoding also refuses strings that are not valid Unicode (lone
+    # surrogates), which the ledger could not store.
+    for text in texts:
+        if len(text.encode()) > MAX_TEXT_BYTES:
+            raise ValueError(f"a text field is longer than {MAX_TEXT_BYTES} bytes")
+
+
+def _check_transaction_id(transaction_id: object) -> None:
+    if not isinstance(transaction_id, str) or not transaction_id:
+        raise ValueError("transaction_id must be a non-empty str")
+    if len(transaction_id.encode()) > MAX_TRANSACTION_ID_BYTES:
+        raise ValueError(f"transaction_id longer than {MAX_TRANSACTION_ID_BYTES} bytes")
+
+
+def _check_digests(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not isinstance(value, bytes) or len(value) != _SHA256_LEN:
+            raise ValueError(f"{name} must be {_SHA256_LEN} bytes")
+
+
+def _check_sans(sans: object) -> None:
+    if not isinstance(sans, tuple) or not all(isinstance(s, str) for s in sans):
+        raise ValueError("sans must be a tuple of str")
+    if len(sans) > MAX_SANS:
+        raise ValueError(f"more than {MAX_SANS} SANs")
+
+
 @dataclass(frozen=True, slots=True)
 class CertRecord:
     """One issued certificate, as the ledger keeps it.
@@ -113,6 +207,10 @@ class CertRecord:
     csr_sha256: bytes
     profile: str = "default"
     status: str = "issued"
+    # Set together with status "revoked", and only then.
+    revoked_at: float | None = None
+    # RFC 5280 CRLReason code; 0 (unspecified) unless revoked.
+    revocation_reason: int = 0
 
     def __post_init__(self) -> None:
         # bool is an int subclass; a serial of True is a bug, not a number.
@@ -149,6 +247,97 @@ class CertRecord:
             raise ValueError("issued_at must be epoch seconds")
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {sorted(STATUSES)}")
+        check_revocation_reason(self.revocation_reason)
+        if self.revoked_at is not None and not _is_time(self.revoked_at):
+            raise ValueError("revoked_at must be epoch seconds or None")
+        if (self.status == "revoked") != (self.revoked_at is not None):
+            raise ValueError("status is revoked exactly when revoked_at is set")
+        if self.revoked_at is None and self.revocation_reason != 0:
+            raise ValueError("a revocation reason needs a revocation")
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRequest:
+    """An enrollment request waiting for an operator (PENDING, then CertPoll).
+
+    ``request_id`` is the operator's handle for it: 16 lower-case hex
+    characters. ``decided_at`` is set exactly when the status is no longer
+    ``pending``; ``reason`` is the operator's note.
+    """
+
+    request_id: str
+    transaction_id: str
+    requester_key_sha256: bytes
+    csr_sha256: bytes
+    csr_der: bytes
+    subject: str
+    sans: tuple[str, ...]
+    profile: str
+    received_at: float
+    status: str = "pending"
+    decided_at: float | None = None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request_id, str) or not _REQUEST_ID.fullmatch(self.request_id):
+            raise ValueError("request_id must be 16 lower-case hex characters")
+        _check_transaction_id(self.transaction_id)
+        _check_digests(self, "requester_key_sha256", "csr_sha256")
+        if not isinstance(self.csr_der, bytes) or not self.csr_der:
+            raise ValueError("csr_der must be non-empty bytes")
+        if len(self.csr_der) > 0xFFFF_FFFF:
+            raise ValueError("csr_der is too long")
+        if not isinstance(self.subject, str):
+            raise ValueError("subject must be str")
+        _check_sans(self.sans)
+        if not isinstance(self.profile, str) or not self.profile:
+            raise ValueError("profile must be a non-empty str")
+        if not _is_time(self.received_at):
+            raise ValueError("received_at must be epoch seconds")
+        if self.status not in PENDING_STATUSES:
+            raise ValueError(f"status must be one of {sorted(PENDING_STATUSES)}")
+        if self.decided_at is not None and not _is_time(self.decided_at):
+            raise ValueError("decided_at must be epoch seconds or None")
+        if (self.status == "pending") != (self.decided_at is None):
+            raise ValueError("decided_at is set exactly when the request is decided")
+        if not isinstance(self.reason, str):
+            raise ValueError("reason must be str")
+        _check_text(self.subject, self.profile, self.reason, *self.sans)
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """A challenge password, known by the SHA-256 of the secret only.
+
+    Usable while ``expires_at`` is later than now and ``uses_left`` is
+    above zero. ``subject_pattern`` is a regular expression the service
+    matches the requested subject against (empty: any subject); ``profile``
+    is the profile a request with this challenge gets.
+    """
+
+    digest: bytes
+    created_at: float
+    expires_at: float
+    uses_left: int
+    profile: str = "default"
+    subject_pattern: str = ""
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        _check_digests(self, "digest")
+        if not _is_time(self.created_at) or not _is_time(self.expires_at):
+            raise ValueError("created_at and expires_at must be epoch seconds")
+        if type(self.uses_left) is not int or not 0 <= self.uses_left <= MAX_USES:
+            raise ValueError(f"uses_left must be an integer from 0 to {MAX_USES}")
+        if not isinstance(self.profile, str) or not self.profile:
+            raise ValueError("profile must be a non-empty str")
+        if not isinstance(self.subject_pattern, str) or not isinstance(self.label, str):
+            raise ValueError("subject_pattern and label must be str")
+        _check_text(self.profile, self.subject_pattern, self.label)
+        try:
+            re.compile(self.subject_pattern)
+        except re.error as error:
+            raise ValueError(f"subject_pattern is not a regular expression: {error}") from error
 
 
 # --- What commit says about each record -------------------------------------
@@ -210,6 +399,77 @@ class Ledger(Protocol):
         """How many certificates are recorded."""
         ...
 
+    def revoke(self, serial: int, reason: int, when: float) -> CertRecord:
+        """Mark a certificate revoked, durably; the record as stored.
+
+        :class:`NotFound` for an unknown serial. A certificate revoked
+        already is returned unchanged (its first time and reason stay).
+        ``ValueError`` for a reason that is not an RFC 5280 CRLReason code.
+        """
+        ...
+
+    def iter_revoked(self) -> Iterator[CertRecord]:
+        """The revoked certificates in ascending serial order, from an index."""
+        ...
+
+    def add_pending(self, p: PendingRequest) -> PendingRequest:
+        """Record a request waiting for approval, durably.
+
+        When a request of the same ``(transaction_id, requester_key_sha256)``
+        is on record already, whatever its status, that one is returned and
+        nothing is written: the caller compares ``csr_sha256``. A request id
+        in use by another transaction is a :class:`LedgerError`; a request
+        whose status is not ``pending`` is a ``ValueError``.
+        """
+        ...
+
+    def find_pending(
+        self, transaction_id: str, requester_key_sha256: bytes
+    ) -> PendingRequest | None:
+        """The request of this transaction of this requester, any status."""
+        ...
+
+    def get_pending(self, request_id: str) -> PendingRequest | None:
+        """The request with this id, any status."""
+        ...
+
+    def iter_pending(self) -> Iterator[PendingRequest]:
+        """Every request, any status, in ascending ``request_id`` order."""
+        ...
+
+    def decide_pending(
+        self, request_id: str, status: str, when: float, reason: str = ""
+    ) -> PendingRequest:
+        """Approve or reject a pending request, durably; the request as stored.
+
+        ``status`` is ``"approved"`` or ``"rejected"`` (else ``ValueError``).
+        :class:`NotFound` for an unknown id, :class:`LedgerError` for a
+        request decided already.
+        """
+        ...
+
+    def add_challenge(self, challenge: Challenge) -> None:
+        """Record a challenge, durably; :class:`LedgerError` if its digest is taken."""
+        ...
+
+    def get_challenge(self, digest: bytes) -> Challenge | None:
+        """The challenge with this digest, usable or not."""
+        ...
+
+    def consume_challenges(self, digests: Sequence[bytes], now: float) -> list[Challenge | None]:
+        """Use challenges, all in one durable write transaction.
+
+        Per digest, in order: a challenge on record with ``expires_at > now``
+        and ``uses_left > 0`` loses one use and is returned as it was before
+        (its profile and pattern are the caller's to apply); anything else
+        gives ``None``. A digest twice in one call is used twice.
+        """
+        ...
+
+    def next_crl_number(self) -> int:
+        """The next CRL number (1 first), durably taken: never handed out twice."""
+        ...
+
     def close(self) -> None:
         """Release the storage; the ledger is unusable afterwards."""
         ...
@@ -219,12 +479,17 @@ class MemoryLedger:
     """A :class:`Ledger` in a dict: the same rules, no durability.
 
     For tests of the service layer, and the reference the LMDB adapter is
-    tested against.
+    tested against. Safe to share between threads.
     """
 
     def __init__(self) -> None:
         self._certs: dict[int, CertRecord] = {}
         self._txids: dict[tuple[str, bytes], int] = {}
+        self._pending: dict[str, PendingRequest] = {}
+        self._pending_txids: dict[tuple[str, bytes], str] = {}
+        self._challenges: dict[bytes, Challenge] = {}
+        self._crl_number = 0
+        self._lock = threading.RLock()
         self._closed = False
 
     def _check_open(self) -> None:
@@ -234,48 +499,165 @@ class MemoryLedger:
     def find_transaction(
         self, transaction_id: str, requester_key_sha256: bytes
     ) -> CertRecord | None:
-        self._check_open()
-        serial = self._txids.get((transaction_id, requester_key_sha256))
-        return None if serial is None else self._certs[serial]
+        with self._lock:
+            self._check_open()
+            serial = self._txids.get((transaction_id, requester_key_sha256))
+            return None if serial is None else self._certs[serial]
 
     def commit(self, records: Sequence[CertRecord]) -> list[CommitOutcome]:
-        self._check_open()
-        # Work on copies so that a failure in the middle leaves nothing behind.
-        certs = dict(self._certs)
-        txids = dict(self._txids)
-        outcomes: list[CommitOutcome] = []
-        for record in records:
-            if not isinstance(record, CertRecord):
-                raise TypeError("commit takes CertRecord values")
-            key = (record.transaction_id, record.requester_key_sha256)
-            serial = txids.get(key)
-            if serial is not None:
-                existing = certs[serial]
-                if existing.csr_sha256 == record.csr_sha256:
-                    outcomes.append(AlreadyIssued(existing))
+        with self._lock:
+            self._check_open()
+            # Work on copies so that a failure in the middle leaves nothing behind.
+            certs = dict(self._certs)
+            txids = dict(self._txids)
+            outcomes: list[CommitOutcome] = []
+            for record in records:
+                if not isinstance(record, CertRecord):
+                    raise TypeError("commit takes CertRecord values")
+                key = (record.transaction_id, record.requester_key_sha256)
+                serial = txids.get(key)
+                if serial is not None:
+                    existing = certs[serial]
+                    if existing.csr_sha256 == record.csr_sha256:
+                        outcomes.append(AlreadyIssued(existing))
+                    else:
+                        outcomes.append(TransactionConflict(existing))
+                elif record.serial in certs:
+                    outcomes.append(SerialCollision(record.serial))
                 else:
-                    outcomes.append(TransactionConflict(existing))
-            elif record.serial in certs:
-                outcomes.append(SerialCollision(record.serial))
-            else:
-                certs[record.serial] = record
-                txids[key] = record.serial
-                outcomes.append(Recorded(record))
-        self._certs, self._txids = certs, txids
-        return outcomes
+                    certs[record.serial] = record
+                    txids[key] = record.serial
+                    outcomes.append(Recorded(record))
+            self._certs, self._txids = certs, txids
+            return outcomes
 
     def get(self, serial: int) -> CertRecord | None:
-        self._check_open()
-        return self._certs.get(serial)
+        with self._lock:
+            self._check_open()
+            return self._certs.get(serial)
 
     def iter_records(self) -> Iterator[CertRecord]:
-        self._check_open()
-        for serial in sorted(self._certs):
-            yield self._certs[serial]
+        with self._lock:
+            self._check_open()
+            records = [self._certs[serial] for serial in sorted(self._certs)]
+        yield from records
 
     def count(self) -> int:
-        self._check_open()
-        return len(self._certs)
+        with self._lock:
+            self._check_open()
+            return len(self._certs)
+
+    def revoke(self, serial: int, reason: int, when: float) -> CertRecord:
+        check_revocation_reason(reason)
+        if not _is_time(when):
+            raise ValueError("when must be epoch seconds")
+        with self._lock:
+            self._check_open()
+            record = self._certs.get(serial)
+            if record is None:
+                raise NotFound(f"no certificate with serial {serial:x}")
+            if record.status == "revoked":
+                return record
+            revoked = dataclasses.replace(
+                record, status="revoked", revoked_at=when, revocation_reason=reason
+            )
+            self._certs[serial] = revoked
+            return revoked
+
+    def iter_revoked(self) -> Iterator[CertRecord]:
+        with self._lock:
+            self._check_open()
+            records = [
+                self._certs[serial]
+                for serial in sorted(self._certs)
+                if self._certs[serial].status == "revoked"
+            ]
+        yield from records
+
+    def add_pending(self, p: PendingRequest) -> PendingRequest:
+        if not isinstance(p, PendingRequest):
+            raise TypeError("add_pending takes a PendingRequest")
+        if p.status != "pending":
+            raise ValueError("add_pending takes a request with status pending")
+        with self._lock:
+            self._check_open()
+            key = (p.transaction_id, p.requester_key_sha256)
+            existing = self._pending_txids.get(key)
+            if existing is not None:
+                return self._pending[existing]
+            if p.request_id in self._pending:
+                raise LedgerError(f"request id {p.request_id} is in use")
+            self._pending[p.request_id] = p
+            self._pending_txids[key] = p.request_id
+            return p
+
+    def find_pending(
+        self, transaction_id: str, requester_key_sha256: bytes
+    ) -> PendingRequest | None:
+        with self._lock:
+            self._check_open()
+            request_id = self._pending_txids.get((transaction_id, requester_key_sha256))
+            return None if request_id is None else self._pending[request_id]
+
+    def get_pending(self, request_id: str) -> PendingRequest | None:
+        with self._lock:
+            self._check_open()
+            return self._pending.get(request_id)
+
+    def iter_pending(self) -> Iterator[PendingRequest]:
+        with self._lock:
+            self._check_open()
+            requests = [self._pending[rid] for rid in sorted(self._pending)]
+        yield from requests
+
+    def decide_pending(
+        self, request_id: str, status: str, when: float, reason: str = ""
+    ) -> PendingRequest:
+        _check_decision(status, when)
+        with self._lock:
+            self._check_open()
+            request = self._pending.get(request_id)
+            if request is None:
+                raise NotFound(f"no pending request {request_id}")
+            decided = decide(request, status, when, reason)
+            self._pending[request_id] = decided
+            return decided
+
+    def add_challenge(self, challenge: Challenge) -> None:
+        if not isinstance(challenge, Challenge):
+            raise TypeError("add_challenge takes a Challenge")
+        with self._lock:
+            self._check_open()
+            if challenge.digest in self._challenges:
+                raise LedgerError("a challenge with this digest is on record already")
+            self._challenges[challenge.digest] = challenge
+
+    def get_challenge(self, digest: bytes) -> Challenge | None:
+        with self._lock:
+            self._check_open()
+            return self._challenges.get(digest)
+
+    def consume_challenges(self, digests: Sequence[bytes], now: float) -> list[Challenge | None]:
+        _check_consume(digests, now)
+        with self._lock:
+            self._check_open()
+            results: list[Challenge | None] = []
+            for digest in digests:
+                challenge = self._challenges.get(digest)
+                if challenge is None or not usable(challenge, now):
+                    results.append(None)
+                    continue
+                self._challenges[digest] = dataclasses.replace(
+                    challenge, uses_left=challenge.uses_left - 1
+                )
+                results.append(challenge)
+            return results
+
+    def next_crl_number(self) -> int:
+        with self._lock:
+            self._check_open()
+            self._crl_number += 1
+            return self._crl_number
 
     def bulk_load(self, records: Iterable[CertRecord]) -> int:
         outcomes = self.commit(list(records))
@@ -283,6 +665,39 @@ class MemoryLedger:
 
     def close(self) -> None:
         self._closed = True
+
+
+# --- Rules the adapters share ------------------------------------------------
+
+
+def usable(challenge: Challenge, now: float) -> bool:
+    """Whether ``consume_challenges`` at ``now`` takes a use of ``challenge``."""
+    return challenge.expires_at > now and challenge.uses_left > 0
+
+
+def _check_decision(status: str, when: float) -> None:
+    if status not in ("approved", "rejected"):
+        raise ValueError('status must be "approved" or "rejected"')
+    if not _is_time(when):
+        raise ValueError("when must be epoch seconds")
+
+
+def _check_consume(digests: Sequence[bytes], now: float) -> None:
+    if isinstance(digests, bytes | str):
+        raise TypeError("consume_challenges takes a sequence of digests")
+    for digest in digests:
+        if not isinstance(digest, bytes) or len(digest) != _SHA256_LEN:
+            raise ValueError(f"a challenge digest is {_SHA256_LEN} bytes")
+    if not _is_time(now):
+        raise ValueError("now must be epoch seconds")
+
+
+def decide(request: PendingRequest, status: str, when: float, reason: str) -> PendingRequest:
+    """``request`` approved or rejected; :class:`LedgerError` if decided already."""
+    _check_decision(status, when)
+    if request.status != "pending":
+        raise LedgerError(f"request {request.request_id} is {request.status} already")
+    return dataclasses.replace(request, status=status, decided_at=when, reason=reason)
 
 
 # --- What the command line prints --------------------------------------------
@@ -299,9 +714,12 @@ def record_to_json(record: CertRecord) -> dict[str, object]:
     """The JSON object ``scep-fast certs list --json`` prints for a record.
 
     The serial is lower-case hex without a prefix; times are ISO 8601 in UTC
-    with a ``Z`` suffix (``issued_at`` to the millisecond). The DER is left
-    out: ``certs show`` prints the certificate itself.
+    with a ``Z`` suffix (``issued_at`` and ``revoked_at`` to the
+    millisecond). ``revoked_at`` and ``revocation_reason`` (the RFC 5280
+    name, such as ``"keyCompromise"``) are null unless revoked. The DER is
+    left out: ``certs show`` prints the certificate itself.
     """
+    revoked = record.revoked_at is not None
     return {
         "serial": format(record.serial, "x"),
         "subject": record.subject,
@@ -310,6 +728,13 @@ def record_to_json(record: CertRecord) -> dict[str, object]:
         "not_after": _iso8601_utc(record.not_after, fraction=False),
         "issued_at": _iso8601_utc(record.issued_at, fraction=True),
         "status": record.status,
+        "revoked_at": (
+            None if record.revoked_at is None
+            else _iso8601_utc(record.revoked_at, fraction=True)
+        ),
+        "revocation_reason": (
+            REVOCATION_REASONS[record.revocation_reason] if revoked else None
+        ),
         "transaction_id": record.transaction_id,
         "profile": record.profile,
         "requester_key_sha256": record.requester_key_sha256.hex(),

@@ -91,7 +91,7 @@ def test_largest_serial_is_accepted() -> None:
 
 
 def test_codec_round_trip() -> None:
-    record = make_record(0x1234_5678_9ABC, "tx-ü", sans=(), profile="wifi", status="revoked")
+    record = make_record(0x1234_5678_9ABC, "tx-ü", sans=(), profile="wifi")
     value = encode_record(record)
     assert value[0] == RECORD_FORMAT
     assert decode_record(serial_key(record.serial), value) == record
@@ -182,6 +182,8 @@ def test_record_to_json() -> None:
         "not_after": "2024-11-13T22:13:20Z",
         "issued_at": "2023-11-14T22:13:32.250Z",
         "status": "issued",
+        "revoked_at": None,
+        "revocation_reason": None,
         "transaction_id": "tx-9",
         "profile": "default",
         "requester_key_sha256": KEY_A.hex(),
