@@ -1,20 +1,33 @@
 """The issuance ledger on LMDB: the adapter behind ``service.ledger.Ledger``.
 
-Layout (schema version 1), three named databases in one environment:
+Layout (schema version 2), seven named databases in one environment:
 
 ``meta``
-    ``b"schema_version"`` -> big-endian uint32. A ledger with another
-    version is refused when opened (:class:`UnsupportedSchema`).
+    ``b"schema_version"`` -> big-endian uint32. A ledger of version 1 is
+    upgraded in place when opened (version 2 only adds databases, which
+    start empty); a later version is refused (:class:`UnsupportedSchema`).
+    ``b"crl_number"`` -> big-endian uint64, the last CRL number handed out
+    (absent until the first).
 ``certs``
     serial -> record. The key is the serial as 20 big-endian octets, so
     LMDB's byte order is numeric order and iteration is by serial.
 ``txids``
     requester key SHA-256 (32 octets) + transaction id (UTF-8) -> serial key.
     The key hash has a fixed length, so the concatenation is unambiguous.
+``revoked``
+    serial key -> empty value, for every revoked certificate: the CRL is
+    built from this index without reading the other certificates.
+``pending``
+    request id (16 lower-case hex characters, ASCII) -> pending request.
+``pending_txids``
+    requester key SHA-256 + transaction id (UTF-8) -> request id.
+``challenges``
+    SHA-256 of the challenge secret (32 octets) -> challenge. The secret
+    itself is never stored.
 
-Record format 1 (the value in ``certs``), all integers big-endian::
+Record format 2 (the value in ``certs``), all integers big-endian::
 
-    u8   format version (1)
+    u8   format version (2)
     u8   status (1 issued, 2 revoked)
     i64  not_before, epoch seconds
     i64  not_after, epoch seconds
@@ -24,19 +37,47 @@ Record format 1 (the value in ``certs``), all integers big-endian::
     u16  subject length     u16 transaction id length
     u16  profile length     u16 number of SANs
     u32  DER length
+    f64  revoked_at, epoch seconds (0 unless revoked)
+    u8   RFC 5280 CRLReason code (0 unless revoked)
     subject, transaction id, profile (UTF-8)
     per SAN: u16 length + UTF-8
     DER
 
-The leading version byte lets a later format (revocation fields) live
-beside this one; decoding refuses unknown versions, truncation and trailing
-bytes with :class:`LedgerCorrupt`.
+Record format 1, written by schema version 1, is format 2 without the
+``revoked_at`` and reason fields (and never revoked); it still decodes, with
+``revoked_at`` None. Decoding refuses unknown versions, truncation and
+trailing bytes with :class:`LedgerCorrupt`.
+
+Pending request format 1 (the value in ``pending``)::
+
+    u8   format version (1)
+    u8   status (1 pending, 2 approved, 3 rejected)
+    f64  received_at       f64 decided_at (0 while pending)
+    32   requester key SHA-256
+    32   CSR SHA-256
+    u16  transaction id length   u16 subject length   u16 profile length
+    u16  number of SANs          u16 reason length    u32 CSR length
+    transaction id, subject, profile, reason (UTF-8)
+    per SAN: u16 length + UTF-8
+    CSR (DER)
+
+Challenge format 1 (the value in ``challenges``)::
+
+    u8   format version (1)
+    f64  created_at        f64 expires_at
+    u32  uses left
+    u16  profile length    u16 subject pattern length    u16 label length
+    profile, subject pattern, label (UTF-8)
 
 Durability and concurrency: the environment is opened with ``sync=True``
-and ``metasync=True``, so ``commit`` returns only after LMDB has flushed the
+and ``metasync=True``, so every write (``commit``, ``revoke``, the pending,
+challenge and CRL number writes) returns only after LMDB has flushed the
 transaction to disk. LMDB admits one writer at a time across all processes;
 ``commit`` takes the write lock once per batch and encodes the records
 before taking it, so the lock is held only for the B-tree work and the sync.
+Every check-then-write (a challenge's remaining uses, a request's status,
+the CRL counter) happens inside one write transaction, so it is atomic
+across worker processes.
 
 Sizing: ``map_size`` is the largest the ledger may grow to; it costs address
 space, not disk (the file grows as records arrive). A record with an
@@ -56,10 +97,12 @@ Use: open one :class:`LmdbLedger` per process, after the process has started
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -68,14 +111,20 @@ import lmdb
 from scep_fast.service.ledger import (
     AlreadyIssued,
     CertRecord,
+    Challenge,
     CommitOutcome,
     LedgerCorrupt,
     LedgerError,
     LedgerFull,
+    NotFound,
+    PendingRequest,
     Recorded,
     SerialCollision,
     TransactionConflict,
     UnsupportedSchema,
+    check_revocation_reason,
+    decide,
+    usable,
 )
 
 __all__ = [
@@ -84,7 +133,11 @@ __all__ = [
     "RECORD_FORMAT",
     "SCHEMA_VERSION",
     "LmdbLedger",
+    "decode_challenge",
+    "decode_pending",
     "decode_record",
+    "encode_challenge",
+    "encode_pending",
     "encode_record",
     "serial_key",
     "transaction_key",
@@ -94,22 +147,35 @@ GIB: Final = 1024 * 1024 * 1024
 
 DEFAULT_MAP_SIZE_BYTES: Final = 8 * GIB
 DEFAULT_MAX_READERS: Final = 1024
-# certs, txids, meta, and room for the indexes still to come (subjects,
-# challenges, pending) without a change of environment flags.
+# Seven databases now, and room for the indexes still to come (subjects)
+# without a change of environment flags.
 MAX_DBS: Final = 16
 
-SCHEMA_VERSION: Final = 1
-RECORD_FORMAT: Final = 1
+SCHEMA_VERSION: Final = 2
+# The schema versions this code opens; older ones are upgraded in place.
+_READABLE_SCHEMAS: Final = frozenset({1, 2})
+RECORD_FORMAT: Final = 2
+PENDING_FORMAT: Final = 1
+CHALLENGE_FORMAT: Final = 1
 
 SERIAL_KEY_BYTES: Final = 20
+_REQUEST_KEY_LEN: Final = 16
+_DIGEST_LEN: Final = 32
 
 _SCHEMA_KEY: Final = b"schema_version"
+_CRL_NUMBER_KEY: Final = b"crl_number"
+_U64: Final = struct.Struct(">Q")
 _U32: Final = struct.Struct(">I")
 _U16: Final = struct.Struct(">H")
-_HEADER: Final = struct.Struct(">BBqqd32s32sHHHHI")
+_HEADER_V1: Final = struct.Struct(">BBqqd32s32sHHHHI")
+_HEADER: Final = struct.Struct(">BBqqd32s32sHHHHIdB")
+_PENDING_HEADER: Final = struct.Struct(">BBdd32s32sHHHHHI")
+_CHALLENGE_HEADER: Final = struct.Struct(">BddIHHH")
 
 _STATUS_CODES: Final = {"issued": 1, "revoked": 2}
 _STATUS_NAMES: Final = {code: name for name, code in _STATUS_CODES.items()}
+_PENDING_CODES: Final = {"pending": 1, "approved": 2, "rejected": 3}
+_PENDING_NAMES: Final = {code: name for name, code in _PENDING_CODES.items()}
 
 # Records are read and yielded in chunks, each chunk in its own short read
 # transaction: a slow consumer of iter_records() never pins an old snapshot
@@ -129,54 +195,96 @@ def serial_key(serial: int) -> bytes:
 
 
 def transaction_key(transaction_id: str, requester_key_sha256: bytes) -> bytes:
-    """The ``txids`` key of a transaction of one requester."""
+    """The ``txids`` (and ``pending_txids``) key of a transaction of one requester."""
     return requester_key_sha256 + transaction_id.encode()
 
 
-def encode_record(record: CertRecord) -> bytes:
-    """Record format 1 (see the module docstring)."""
-    subject = record.subject.encode()
-    transaction_id = record.transaction_id.encode()
-    profile = record.profile.encode()
-    parts = [
-        _HEADER.pack(
-            RECORD_FORMAT,
-            _STATUS_CODES[record.status],
-            record.not_before,
-            record.not_after,
-            float(record.issued_at),
-            record.requester_key_sha256,
-            record.csr_sha256,
-            len(subject),
-            len(transaction_id),
-            len(profile),
-            len(record.sans),
-            len(record.der),
-        ),
-        subject,
-        transaction_id,
-        profile,
-    ]
-    for san in record.sans:
+def _texts(*texts: str) -> list[bytes]:
+    return [text.encode() for text in texts]
+
+
+def _sans(sans: tuple[str, ...]) -> list[bytes]:
+    parts = []
+    for san in sans:
         encoded = san.encode()
         parts.append(_U16.pack(len(encoded)))
         parts.append(encoded)
-    parts.append(record.der)
-    return b"".join(parts)
+    return parts
+
+
+class _Reader:
+    """Reads the variable part of a value, refusing truncation and leftovers."""
+
+    def __init__(self, value: bytes, offset: int, where: str) -> None:
+        self._value = value
+        self._view = memoryview(value)
+        self._offset = offset
+        self._where = where
+
+    def take(self, length: int) -> bytes:
+        end = self._offset + length
+        if end > len(self._value):
+            raise LedgerCorrupt(f"{self._where}: truncated")
+        chunk = bytes(self._view[self._offset:end])
+        self._offset = end
+        return chunk
+
+    def text(self, length: int) -> str:
+        try:
+            return self.take(length).decode()
+        except UnicodeDecodeError as error:
+            raise LedgerCorrupt(f"{self._where}: text is not UTF-8") from error
+
+    def sans(self, count: int) -> tuple[str, ...]:
+        sans = []
+        for _ in range(count):
+            (san_len,) = _U16.unpack(self.take(_U16.size))
+            sans.append(self.text(san_len))
+        return tuple(sans)
+
+    def finish(self) -> None:
+        if self._offset != len(self._value):
+            raise LedgerCorrupt(f"{self._where}: {len(self._value) - self._offset} trailing bytes")
+
+
+def encode_record(record: CertRecord) -> bytes:
+    """Record format 2 (see the module docstring)."""
+    subject, transaction_id, profile = _texts(
+        record.subject, record.transaction_id, record.profile
+    )
+    header = _HEADER.pack(
+        RECORD_FORMAT,
+        _STATUS_CODES[record.status],
+        record.not_before,
+        record.not_after,
+        float(record.issued_at),
+        record.requester_key_sha256,
+        record.csr_sha256,
+        len(subject),
+        len(transaction_id),
+        len(profile),
+        len(record.sans),
+        len(record.der),
+        0.0 if record.revoked_at is None else float(record.revoked_at),
+        record.revocation_reason,
+    )
+    return b"".join([header, subject, transaction_id, profile, *_sans(record.sans), record.der])
 
 
 def decode_record(key: bytes, value: bytes) -> CertRecord:
-    """Decode a ``certs`` entry, or raise :class:`LedgerCorrupt`."""
+    """Decode a ``certs`` entry of format 1 or 2, or raise :class:`LedgerCorrupt`."""
     if len(key) != SERIAL_KEY_BYTES:
         raise LedgerCorrupt(f"certs key of {len(key)} bytes, expected {SERIAL_KEY_BYTES}")
     serial = int.from_bytes(key, "big")
     where = f"record of serial {serial:x}"
     if not value:
         raise LedgerCorrupt(f"{where}: empty")
-    if value[0] != RECORD_FORMAT:
+    if value[0] not in (1, RECORD_FORMAT):
         raise LedgerCorrupt(f"{where}: unknown record format {value[0]}")
-    if len(value) < _HEADER.size:
+    header = _HEADER_V1 if value[0] == 1 else _HEADER
+    if len(value) < header.size:
         raise LedgerCorrupt(f"{where}: truncated header ({len(value)} bytes)")
+    fields = header.unpack_from(value)
     (
         _version,
         status_code,
@@ -190,41 +298,31 @@ def decode_record(key: bytes, value: bytes) -> CertRecord:
         profile_len,
         san_count,
         der_len,
-    ) = _HEADER.unpack_from(value)
+    ) = fields[:12]
     status = _STATUS_NAMES.get(status_code)
     if status is None:
         raise LedgerCorrupt(f"{where}: unknown status code {status_code}")
-    view = memoryview(value)
-    offset = _HEADER.size
-
-    def take(length: int) -> bytes:
-        nonlocal offset
-        end = offset + length
-        if end > len(value):
-            raise LedgerCorrupt(f"{where}: truncated")
-        chunk = bytes(view[offset:end])
-        offset = end
-        return chunk
-
-    try:
-        subject = take(subject_len).decode()
-        transaction_id = take(transaction_id_len).decode()
-        profile = take(profile_len).decode()
-        sans = []
-        for _ in range(san_count):
-            (san_len,) = _U16.unpack(take(_U16.size))
-            sans.append(take(san_len).decode())
-        der = take(der_len)
-    except UnicodeDecodeError as error:
-        raise LedgerCorrupt(f"{where}: text is not UTF-8") from error
-    if offset != len(value):
-        raise LedgerCorrupt(f"{where}: {len(value) - offset} trailing bytes")
+    revoked_at: float | None = None
+    reason = 0
+    if value[0] == RECORD_FORMAT:
+        stored_at, reason = fields[12:]
+        if status == "revoked":
+            revoked_at = stored_at
+        elif stored_at != 0.0 or reason != 0:
+            raise LedgerCorrupt(f"{where}: revocation fields on a certificate not revoked")
+    reader = _Reader(value, header.size, where)
+    subject = reader.text(subject_len)
+    transaction_id = reader.text(transaction_id_len)
+    profile = reader.text(profile_len)
+    sans = reader.sans(san_count)
+    der = reader.take(der_len)
+    reader.finish()
     try:
         return CertRecord(
             serial=serial,
             der=der,
             subject=subject,
-            sans=tuple(sans),
+            sans=sans,
             not_before=not_before,
             not_after=not_after,
             issued_at=issued_at,
@@ -233,6 +331,132 @@ def decode_record(key: bytes, value: bytes) -> CertRecord:
             csr_sha256=csr_sha256,
             profile=profile,
             status=status,
+            revoked_at=revoked_at,
+            revocation_reason=reason,
+        )
+    except ValueError as error:
+        raise LedgerCorrupt(f"{where}: {error}") from error
+
+
+def encode_pending(request: PendingRequest) -> bytes:
+    """Pending request format 1 (see the module docstring); the key holds the id."""
+    transaction_id, subject, profile, reason = _texts(
+        request.transaction_id, request.subject, request.profile, request.reason
+    )
+    header = _PENDING_HEADER.pack(
+        PENDING_FORMAT,
+        _PENDING_CODES[request.status],
+        float(request.received_at),
+        0.0 if request.decided_at is None else float(request.decided_at),
+        request.requester_key_sha256,
+        request.csr_sha256,
+        len(transaction_id),
+        len(subject),
+        len(profile),
+        len(request.sans),
+        len(reason),
+        len(request.csr_der),
+    )
+    return b"".join(
+        [header, transaction_id, subject, profile, reason, *_sans(request.sans), request.csr_der]
+    )
+
+
+def decode_pending(key: bytes, value: bytes) -> PendingRequest:
+    """Decode a ``pending`` entry, or raise :class:`LedgerCorrupt`."""
+    where = f"pending request {key.hex()}"
+    try:
+        request_id = key.decode("ascii")
+    except UnicodeDecodeError as error:
+        raise LedgerCorrupt(f"{where}: the key is not a request id") from error
+    where = f"pending request {request_id}"
+    if not value or value[0] != PENDING_FORMAT:
+        raise LedgerCorrupt(f"{where}: unknown format {value[:1].hex() or 'empty'}")
+    if len(value) < _PENDING_HEADER.size:
+        raise LedgerCorrupt(f"{where}: truncated header ({len(value)} bytes)")
+    (
+        _version,
+        status_code,
+        received_at,
+        decided_at,
+        requester_key_sha256,
+        csr_sha256,
+        transaction_id_len,
+        subject_len,
+        profile_len,
+        san_count,
+        reason_len,
+        csr_len,
+    ) = _PENDING_HEADER.unpack_from(value)
+    status = _PENDING_NAMES.get(status_code)
+    if status is None:
+        raise LedgerCorrupt(f"{where}: unknown status code {status_code}")
+    reader = _Reader(value, _PENDING_HEADER.size, where)
+    transaction_id = reader.text(transaction_id_len)
+    subject = reader.text(subject_len)
+    profile = reader.text(profile_len)
+    reason = reader.text(reason_len)
+    sans = reader.sans(san_count)
+    csr_der = reader.take(csr_len)
+    reader.finish()
+    try:
+        return PendingRequest(
+            request_id=request_id,
+            transaction_id=transaction_id,
+            requester_key_sha256=requester_key_sha256,
+            csr_sha256=csr_sha256,
+            csr_der=csr_der,
+            subject=subject,
+            sans=sans,
+            profile=profile,
+            received_at=received_at,
+            status=status,
+            decided_at=None if status == "pending" else decided_at,
+            reason=reason,
+        )
+    except ValueError as error:
+        raise LedgerCorrupt(f"{where}: {error}") from error
+
+
+def encode_challenge(challenge: Challenge) -> bytes:
+    """Challenge format 1 (see the module docstring); the key is the digest."""
+    profile, pattern, label = _texts(challenge.profile, challenge.subject_pattern, challenge.label)
+    header = _CHALLENGE_HEADER.pack(
+        CHALLENGE_FORMAT,
+        float(challenge.created_at),
+        float(challenge.expires_at),
+        challenge.uses_left,
+        len(profile),
+        len(pattern),
+        len(label),
+    )
+    return b"".join([header, profile, pattern, label])
+
+
+def decode_challenge(key: bytes, value: bytes) -> Challenge:
+    """Decode a ``challenges`` entry, or raise :class:`LedgerCorrupt`."""
+    where = f"challenge {key.hex()}"
+    if not value or value[0] != CHALLENGE_FORMAT:
+        raise LedgerCorrupt(f"{where}: unknown format {value[:1].hex() or 'empty'}")
+    if len(value) < _CHALLENGE_HEADER.size:
+        raise LedgerCorrupt(f"{where}: truncated header ({len(value)} bytes)")
+    (
+        _version, created_at, expires_at, uses_left, profile_len, pattern_len, label_len
+    ) = _CHALLENGE_HEADER.unpack_from(value)
+    reader = _Reader(value, _CHALLENGE_HEADER.size, where)
+    profile = reader.text(profile_len)
+    pattern = reader.text(pattern_len)
+    label = reader.text(label_len)
+    reader.finish()
+    try:
+        return Challenge(
+            digest=key,
+            created_at=created_at,
+            expires_at=expires_at,
+            uses_left=uses_left,
+            profile=profile,
+            subject_pattern=pattern,
+            label=label,
         )
     except ValueError as error:
         raise LedgerCorrupt(f"{where}: {error}") from error
@@ -323,18 +547,29 @@ class LmdbLedger:
                 if len(stored) != _U32.size:
                     raise LedgerCorrupt(f"ledger {self._path}: unreadable schema version")
                 (version,) = _U32.unpack(stored)
-                if version != SCHEMA_VERSION:
+                if version not in _READABLE_SCHEMAS:
                     raise UnsupportedSchema(
                         f"ledger {self._path} has schema version {version}; this version "
-                        f"of scep-fast reads schema version {SCHEMA_VERSION} only"
+                        f"of scep-fast reads schema versions {min(_READABLE_SCHEMAS)} to "
+                        f"{SCHEMA_VERSION}"
                     )
+                if version != SCHEMA_VERSION:
+                    # Version 1 to 2: the new databases, made below, start
+                    # empty (version 1 could not revoke, defer or keep
+                    # challenges), and format 1 records stay readable.
+                    txn.put(_SCHEMA_KEY, _U32.pack(SCHEMA_VERSION), db=meta)
             elif len(env.dbs(txn)) > 1:
                 # A fresh ledger holds nothing but the meta database just made.
                 raise LedgerCorrupt(f"ledger {self._path} has databases but no schema version")
             else:
                 txn.put(_SCHEMA_KEY, _U32.pack(SCHEMA_VERSION), db=meta)
+            self._meta = meta
             self._certs = env.open_db(b"certs", txn=txn)
             self._txids = env.open_db(b"txids", txn=txn)
+            self._revoked = env.open_db(b"revoked", txn=txn)
+            self._pending = env.open_db(b"pending", txn=txn)
+            self._pending_txids = env.open_db(b"pending_txids", txn=txn)
+            self._challenges = env.open_db(b"challenges", txn=txn)
 
     # -- internals --
 
@@ -344,6 +579,55 @@ class LmdbLedger:
         if os.getpid() != self._pid:
             raise LedgerError("ledger was opened in another process; open one per process")
         return self._env
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[lmdb.Transaction[bytes]]:
+        """One durable write transaction; LMDB failures become ledger errors."""
+        env = self._env_checked()
+        try:
+            with env.begin(write=True) as txn:
+                yield txn
+        except lmdb.MapFullError as error:
+            raise LedgerFull(
+                f"ledger {self._path} is full (map size {env.info()['map_size']} bytes); "
+                "raise the configured map size"
+            ) from error
+        except lmdb.Error as error:
+            raise LedgerError(f"ledger {self._path}: {what} failed: {error}") from error
+
+    def _chunks(
+        self,
+        db: lmdb._Database,
+        resolve: Callable[[lmdb.Transaction[bytes], bytes, bytes], bytes] | None = None,
+    ) -> Iterator[list[tuple[bytes, bytes]]]:
+        """The entries of ``db`` in key order, a short read transaction per chunk.
+
+        ``resolve(txn, key, value)`` replaces each value inside the chunk's
+        transaction (an index entry by the record it points at).
+        """
+        env = self._env_checked()
+        after: bytes | None = None
+        while True:
+            chunk: list[tuple[bytes, bytes]] = []
+            with env.begin() as txn:
+                cursor = txn.cursor(db=db)
+                if after is None:
+                    found = cursor.first()
+                else:
+                    found = cursor.set_range(after)
+                    if found and cursor.key() == after:
+                        found = cursor.next()
+                while found and len(chunk) < _ITER_CHUNK:
+                    key, value = cursor.key(), cursor.value()
+                    if resolve is not None:
+                        value = resolve(txn, key, value)
+                    chunk.append((key, value))
+                    found = cursor.next()
+            if chunk:
+                yield chunk
+            if not found:
+                return
+            after = chunk[-1][0]
 
     def _record_at(self, txn: lmdb.Transaction[bytes], key: bytes) -> CertRecord:
         value = txn.get(key, db=self._certs)
@@ -394,6 +678,8 @@ class LmdbLedger:
                         outcomes.append(SerialCollision(record.serial))
                     else:
                         txn.put(tkey, skey, db=txids)
+                        if record.status == "revoked":
+                            txn.put(skey, b"", db=self._revoked)
                         outcomes.append(Recorded(record))
         except lmdb.MapFullError as error:
             raise LedgerFull(
@@ -414,31 +700,158 @@ class LmdbLedger:
         return None if value is None else decode_record(key, value)
 
     def iter_records(self) -> Iterator[CertRecord]:
-        env = self._env_checked()
-        after: bytes | None = None
-        while True:
-            chunk: list[tuple[bytes, bytes]] = []
-            with env.begin() as txn:
-                cursor = txn.cursor(db=self._certs)
-                if after is None:
-                    found = cursor.first()
-                else:
-                    found = cursor.set_range(after)
-                    if found and cursor.key() == after:
-                        found = cursor.next()
-                while found and len(chunk) < _ITER_CHUNK:
-                    chunk.append((cursor.key(), cursor.value()))
-                    found = cursor.next()
+        for chunk in self._chunks(self._certs):
             for key, value in chunk:
                 yield decode_record(key, value)
-            if not found:
-                return
-            after = chunk[-1][0]
 
     def count(self) -> int:
         env = self._env_checked()
         with env.begin() as txn:
             return txn.stat(self._certs)["entries"]
+
+    def revoke(self, serial: int, reason: int, when: float) -> CertRecord:
+        check_revocation_reason(reason)
+        if type(when) not in (int, float):
+            raise ValueError("when must be epoch seconds")
+        if type(serial) is not int or not 0 < serial < 1 << (8 * SERIAL_KEY_BYTES):
+            raise NotFound(f"no certificate with serial {serial!r}")
+        key = serial_key(serial)
+        with self._write("revoke") as txn:
+            value = txn.get(key, db=self._certs)
+            if value is None:
+                raise NotFound(f"no certificate with serial {serial:x}")
+            record = decode_record(key, value)
+            if record.status == "revoked":
+                return record
+            revoked = dataclasses.replace(
+                record, status="revoked", revoked_at=when, revocation_reason=reason
+            )
+            txn.put(key, encode_record(revoked), db=self._certs)
+            txn.put(key, b"", db=self._revoked)
+        return revoked
+
+    def iter_revoked(self) -> Iterator[CertRecord]:
+        def record_of(txn: lmdb.Transaction[bytes], key: bytes, _value: bytes) -> bytes:
+            value = txn.get(key, db=self._certs)
+            if value is None:
+                raise LedgerCorrupt(f"revoked names serial {key.hex()}, which is not recorded")
+            return value
+
+        for chunk in self._chunks(self._revoked, record_of):
+            for key, value in chunk:
+                yield decode_record(key, value)
+
+    def add_pending(self, p: PendingRequest) -> PendingRequest:
+        if not isinstance(p, PendingRequest):
+            raise TypeError("add_pending takes a PendingRequest")
+        if p.status != "pending":
+            raise ValueError("add_pending takes a request with status pending")
+        rkey = p.request_id.encode()
+        tkey = transaction_key(p.transaction_id, p.requester_key_sha256)
+        value = encode_pending(p)
+        with self._write("add_pending") as txn:
+            existing = txn.get(tkey, db=self._pending_txids)
+            if existing is not None:
+                return self._pending_at(txn, existing)
+            if not txn.put(rkey, value, overwrite=False, db=self._pending):
+                raise LedgerError(f"request id {p.request_id} is in use")
+            txn.put(tkey, rkey, db=self._pending_txids)
+        return p
+
+    def _pending_at(self, txn: lmdb.Transaction[bytes], key: bytes) -> PendingRequest:
+        value = txn.get(key, db=self._pending)
+        if value is None:
+            raise LedgerCorrupt(f"pending_txids names request {key!r}, which is not recorded")
+        return decode_pending(key, value)
+
+    def find_pending(
+        self, transaction_id: str, requester_key_sha256: bytes
+    ) -> PendingRequest | None:
+        env = self._env_checked()
+        tkey = transaction_key(transaction_id, requester_key_sha256)
+        with env.begin() as txn:
+            key = txn.get(tkey, db=self._pending_txids)
+            return None if key is None else self._pending_at(txn, key)
+
+    def get_pending(self, request_id: str) -> PendingRequest | None:
+        env = self._env_checked()
+        key = request_id.encode()
+        if len(key) != _REQUEST_KEY_LEN:
+            return None
+        with env.begin() as txn:
+            value = txn.get(key, db=self._pending)
+        return None if value is None else decode_pending(key, value)
+
+    def iter_pending(self) -> Iterator[PendingRequest]:
+        for chunk in self._chunks(self._pending):
+            for key, value in chunk:
+                yield decode_pending(key, value)
+
+    def decide_pending(
+        self, request_id: str, status: str, when: float, reason: str = ""
+    ) -> PendingRequest:
+        if status not in ("approved", "rejected"):
+            raise ValueError('status must be "approved" or "rejected"')
+        key = request_id.encode()
+        with self._write("decide_pending") as txn:
+            value = txn.get(key, db=self._pending) if len(key) == _REQUEST_KEY_LEN else None
+            if value is None:
+                raise NotFound(f"no pending request {request_id}")
+            decided = decide(decode_pending(key, value), status, when, reason)
+            txn.put(key, encode_pending(decided), db=self._pending)
+        return decided
+
+    def add_challenge(self, challenge: Challenge) -> None:
+        if not isinstance(challenge, Challenge):
+            raise TypeError("add_challenge takes a Challenge")
+        value = encode_challenge(challenge)
+        with self._write("add_challenge") as txn:
+            if not txn.put(challenge.digest, value, overwrite=False, db=self._challenges):
+                raise LedgerError("a challenge with this digest is on record already")
+
+    def get_challenge(self, digest: bytes) -> Challenge | None:
+        env = self._env_checked()
+        if not isinstance(digest, bytes) or len(digest) != _DIGEST_LEN:
+            return None
+        with env.begin() as txn:
+            value = txn.get(digest, db=self._challenges)
+        return None if value is None else decode_challenge(digest, value)
+
+    def consume_challenges(self, digests: Sequence[bytes], now: float) -> list[Challenge | None]:
+        if isinstance(digests, bytes | str):
+            raise TypeError("consume_challenges takes a sequence of digests")
+        for digest in digests:
+            if not isinstance(digest, bytes) or len(digest) != _DIGEST_LEN:
+                raise ValueError("a challenge digest is 32 bytes")
+        if type(now) not in (int, float):
+            raise ValueError("now must be epoch seconds")
+        self._env_checked()
+        if not digests:
+            return []
+        results: list[Challenge | None] = []
+        with self._write("consume_challenges") as txn:
+            for digest in digests:
+                value = txn.get(digest, db=self._challenges)
+                challenge = None if value is None else decode_challenge(digest, value)
+                if challenge is None or not usable(challenge, now):
+                    results.append(None)
+                    continue
+                used = dataclasses.replace(challenge, uses_left=challenge.uses_left - 1)
+                txn.put(digest, encode_challenge(used), db=self._challenges)
+                results.append(challenge)
+        return results
+
+    def next_crl_number(self) -> int:
+        with self._write("next_crl_number") as txn:
+            stored = txn.get(_CRL_NUMBER_KEY, db=self._meta)
+            if stored is None:
+                number = 1
+            elif len(stored) != _U64.size:
+                raise LedgerCorrupt(f"ledger {self._path}: unreadable CRL number")
+            else:
+                number = _U64.unpack(stored)[0] + 1
+            txn.put(_CRL_NUMBER_KEY, _U64.pack(number), db=self._meta)
+        return number
 
     def close(self) -> None:
         if self._closed:
@@ -495,9 +908,18 @@ class LmdbLedger:
              serial_key(record.serial))
             for record in chunk
         )
+        revoked_items = sorted(
+            (serial_key(record.serial), b"") for record in chunk if record.status == "revoked"
+        )
         try:
             with env.begin(write=True) as txn:
-                for db, items in ((self._certs, certs_items), (self._txids, txid_items)):
+                for db, items in (
+                    (self._certs, certs_items),
+                    (self._txids, txid_items),
+                    (self._revoked, revoked_items),
+                ):
+                    if not items:
+                        continue
                     cursor = txn.cursor(db=db)
                     # MDB_APPEND skips the search for the insertion point;
                     # it is valid only above the last key already stored.

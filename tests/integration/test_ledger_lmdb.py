@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import multiprocessing
 import os
 import secrets
 import stat
 import struct
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lmdb
 import pytest
 
-from scep_fast.runtime.ledger_lmdb import SCHEMA_VERSION, LmdbLedger, serial_key
+from scep_fast.runtime.ledger_lmdb import (
+    SCHEMA_VERSION,
+    LmdbLedger,
+    encode_record,
+    serial_key,
+    transaction_key,
+)
 from scep_fast.service.ledger import (
     AlreadyIssued,
     CertRecord,
+    Challenge,
+    Ledger,
     LedgerCorrupt,
     LedgerError,
     LedgerFull,
+    MemoryLedger,
+    NotFound,
+    PendingRequest,
     Recorded,
     SerialCollision,
     TransactionConflict,
@@ -176,7 +189,8 @@ def test_unknown_schema_is_refused(ledger_dir: Path) -> None:
     with env.begin(write=True) as txn:
         txn.put(b"schema_version", struct.pack(">I", SCHEMA_VERSION + 98), db=meta)
     env.close()
-    with pytest.raises(UnsupportedSchema, match=r"schema version 99\b.*reads schema version 1"):
+    with pytest.raises(UnsupportedSchema,
+                       match=r"schema version 100\b.*reads schema versions 1 to 2"):
         LmdbLedger(ledger_dir)
     # The refusal released the environment: a fixed ledger opens again.
     env = lmdb.open(str(ledger_dir), max_dbs=4)
@@ -309,3 +323,420 @@ def test_processes_commit_concurrently(ledger_dir: Path) -> None:
             assert winners[record.transaction_id] == {record.serial}
             found = ledger.find_transaction(record.transaction_id, record.requester_key_sha256)
             assert found == record
+
+
+# --- The certificate lifecycle, on both ledgers -------------------------------
+
+NOW = 1_750_000_000.0
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+def any_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    opened: Ledger
+    if request.param == "memory":
+        opened = MemoryLedger()
+    else:
+        opened = LmdbLedger(tmp_path / "ledger", map_size_bytes=64 * 1024 * 1024)
+    yield opened
+    opened.close()
+
+
+def make_pending(request_id: str, txid: str, *, key: bytes = KEY_A, csr: str = "csr",
+                 received_at: float = NOW) -> PendingRequest:
+    return PendingRequest(
+        request_id=request_id,
+        transaction_id=txid,
+        requester_key_sha256=key,
+        csr_sha256=csr_hash(csr),
+        csr_der=b"\x30\x82\x02\x00" + csr.encode() * 20,
+        subject=f"CN={txid}.example",
+        sans=(f"DNS:{txid}.example",),
+        profile="default",
+        received_at=received_at,
+    )
+
+
+def make_challenge(secret: str, *, uses: int = 1, expires_at: float = NOW + 3600,
+                   **changes: object) -> Challenge:
+    return Challenge(
+        digest=hashlib.sha256(secret.encode()).digest(),
+        created_at=NOW - 60,
+        expires_at=expires_at,
+        uses_left=uses,
+        **changes,  # type: ignore[arg-type]
+    )
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def test_revoke_round_trip_and_idempotence(any_ledger: Ledger) -> None:
+    records = [make_record(serial, f"tx-{serial}") for serial in (30, 10, 20, 40)]
+    any_ledger.commit(records)
+    revoked = any_ledger.revoke(20, 1, NOW)
+    assert revoked.serial == 20
+    assert revoked.status == "revoked"
+    assert revoked.revoked_at == NOW
+    assert revoked.revocation_reason == 1
+    assert any_ledger.get(20) == revoked
+    assert any_ledger.find_transaction("tx-20", KEY_A) == revoked
+    # Everything but the revocation is as issued.
+    assert revoked.der == records[2].der
+    assert revoked.issued_at == records[2].issued_at
+    # Revoking again changes nothing: the first time and reason stay.
+    assert any_ledger.revoke(20, 4, NOW + 100) == revoked
+    assert any_ledger.get(20) == revoked
+    assert any_ledger.count() == 4
+    assert [r.status for r in any_ledger.iter_records()] == [
+        "issued", "revoked", "issued", "issued"
+    ]
+
+
+def test_revoke_refuses_unknown_serials_and_reasons(any_ledger: Ledger) -> None:
+    record = make_record(5, "tx-5")
+    any_ledger.commit([record])
+    with pytest.raises(NotFound):
+        any_ledger.revoke(6, 0, NOW)
+    with pytest.raises(LedgerError):  # NotFound is a LedgerError
+        any_ledger.revoke(6, 0, NOW)
+    for reason in (7, 11, -1):
+        with pytest.raises(ValueError):
+            any_ledger.revoke(5, reason, NOW)
+    assert any_ledger.get(5) == record
+    assert list(any_ledger.iter_revoked()) == []
+
+
+def test_iter_revoked_yields_only_revoked_in_serial_order(any_ledger: Ledger) -> None:
+    serials = [random_serial() for _ in range(40)]
+    any_ledger.commit([make_record(s, f"tx-{i}") for i, s in enumerate(serials)])
+    chosen = sorted(serials[::3])
+    for offset, serial in enumerate(reversed(chosen)):
+        any_ledger.revoke(serial, offset % 6, NOW + offset)
+    listed = list(any_ledger.iter_revoked())
+    assert [r.serial for r in listed] == chosen
+    assert all(r.status == "revoked" and r.revoked_at is not None for r in listed)
+    # A record committed as revoked is in the index too.
+    extra = dataclasses.replace(make_record(1, "tx-extra"), status="revoked", revoked_at=NOW,
+                                revocation_reason=3)
+    assert any_ledger.commit([extra]) == [Recorded(extra)]
+    assert [r.serial for r in any_ledger.iter_revoked()] == [1, *chosen]
+
+
+def test_pending_requests(any_ledger: Ledger) -> None:
+    first = make_pending("00000000000000b2", "tx-wait", csr="one")
+    assert any_ledger.add_pending(first) == first
+    assert any_ledger.find_pending("tx-wait", KEY_A) == first
+    assert any_ledger.find_pending("tx-wait", KEY_B) is None
+    assert any_ledger.find_pending("tx-other", KEY_A) is None
+    assert any_ledger.get_pending("00000000000000b2") == first
+    assert any_ledger.get_pending("00000000000000b3") is None
+    assert any_ledger.get_pending("not an id") is None
+    # The same transaction again, even with another CSR or id: the one on record.
+    again = make_pending("00000000000000c3", "tx-wait", csr="two")
+    assert any_ledger.add_pending(again) == first
+    assert any_ledger.get_pending("00000000000000c3") is None
+    # Another requester may use the same transaction id.
+    other = make_pending("00000000000000a1", "tx-wait", key=KEY_B, received_at=NOW + 5)
+    assert any_ledger.add_pending(other) == other
+    # A request id belongs to one transaction.
+    with pytest.raises(LedgerError, match="in use"):
+        any_ledger.add_pending(make_pending("00000000000000a1", "tx-clash"))
+    assert any_ledger.find_pending("tx-clash", KEY_A) is None
+    with pytest.raises(ValueError):
+        any_ledger.add_pending(dataclasses.replace(
+            make_pending("00000000000000d4", "tx-d"), status="approved", decided_at=NOW
+        ))
+    assert list(any_ledger.iter_pending()) == [other, first]
+
+
+def test_deciding_pending_requests(any_ledger: Ledger) -> None:
+    waiting = [make_pending(f"{i:016x}", f"tx-{i}") for i in range(1, 4)]
+    for request in waiting:
+        any_ledger.add_pending(request)
+    approved = any_ledger.decide_pending(waiting[0].request_id, "approved", NOW + 60)
+    assert approved.status == "approved"
+    assert approved.decided_at == NOW + 60
+    assert approved.reason == ""
+    assert approved.csr_der == waiting[0].csr_der
+    rejected = any_ledger.decide_pending(waiting[1].request_id, "rejected", NOW + 70,
+                                         reason="unknown device")
+    assert (rejected.status, rejected.reason) == ("rejected", "unknown device")
+    assert any_ledger.get_pending(waiting[0].request_id) == approved
+    assert any_ledger.find_pending("tx-2", KEY_A) == rejected
+    # Only once, only from pending, only to approved or rejected.
+    for request_id in (waiting[0].request_id, waiting[1].request_id):
+        for status in ("approved", "rejected"):
+            with pytest.raises(LedgerError, match="already"):
+                any_ledger.decide_pending(request_id, status, NOW + 80)
+    for status in ("pending", "issued", ""):
+        with pytest.raises(ValueError):
+            any_ledger.decide_pending(waiting[2].request_id, status, NOW + 80)
+    with pytest.raises(NotFound):
+        any_ledger.decide_pending("00000000000000ff", "approved", NOW)
+    # A decided request still names its transaction: adding it again returns it.
+    assert any_ledger.add_pending(make_pending("0000000000000077", "tx-1")) == approved
+    assert [r.status for r in any_ledger.iter_pending()] == ["approved", "rejected", "pending"]
+
+
+def test_commit_ignores_pending_requests(any_ledger: Ledger) -> None:
+    waiting = make_pending("0000000000000abc", "tx-approve")
+    any_ledger.add_pending(waiting)
+    any_ledger.decide_pending(waiting.request_id, "approved", NOW)
+    record = make_record(77, "tx-approve")
+    assert any_ledger.commit([record]) == [Recorded(record)]
+    assert any_ledger.find_pending("tx-approve", KEY_A) is not None
+    assert any_ledger.find_transaction("tx-approve", KEY_A) == record
+
+
+def test_challenges(any_ledger: Ledger) -> None:
+    single = make_challenge("one", profile="wifi", subject_pattern=r"^CN=.*\.example$",
+                            label="batch 7")
+    any_ledger.add_challenge(single)
+    assert any_ledger.get_challenge(single.digest) == single
+    assert any_ledger.get_challenge(digest("unknown")) is None
+    with pytest.raises(LedgerError, match="on record"):
+        any_ledger.add_challenge(make_challenge("one", uses=5))
+    assert any_ledger.get_challenge(single.digest) == single
+    # The caller sees the challenge as it was before the use.
+    assert any_ledger.consume_challenges([single.digest], NOW) == [single]
+    stored = any_ledger.get_challenge(single.digest)
+    assert stored is not None and stored.uses_left == 0
+    assert any_ledger.consume_challenges([single.digest], NOW) == [None]
+    assert any_ledger.consume_challenges([digest("unknown")], NOW) == [None]
+    assert any_ledger.consume_challenges([], NOW) == []
+    with pytest.raises(ValueError):
+        any_ledger.consume_challenges([b"short"], NOW)
+
+
+def test_challenge_expiry_and_uses(any_ledger: Ledger) -> None:
+    three = make_challenge("three", uses=3)
+    expiring = make_challenge("expiring", uses=10, expires_at=NOW)
+    spent = make_challenge("spent", uses=0)
+    for challenge in (three, expiring, spent):
+        any_ledger.add_challenge(challenge)
+    # Usable until, not at, expires_at.
+    assert any_ledger.consume_challenges([expiring.digest], NOW - 0.001) == [expiring]
+    assert any_ledger.consume_challenges([expiring.digest], NOW) == [None]
+    assert any_ledger.consume_challenges([expiring.digest], NOW + 1) == [None]
+    assert any_ledger.consume_challenges([spent.digest], NOW) == [None]
+    results = [any_ledger.consume_challenges([three.digest], NOW)[0] for _ in range(4)]
+    assert [None if r is None else r.uses_left for r in results] == [3, 2, 1, None]
+    after = any_ledger.get_challenge(three.digest)
+    assert after is not None and after.uses_left == 0
+
+
+def test_two_uses_in_one_call(any_ledger: Ledger) -> None:
+    single, double = make_challenge("single"), make_challenge("double", uses=2)
+    any_ledger.add_challenge(single)
+    any_ledger.add_challenge(double)
+    results = any_ledger.consume_challenges(
+        [single.digest, double.digest, digest("nobody"), single.digest, double.digest,
+         double.digest],
+        NOW,
+    )
+    assert [None if r is None else (r.digest, r.uses_left) for r in results] == [
+        (single.digest, 1), (double.digest, 2), None, None, (double.digest, 1), None,
+    ]
+
+
+def test_crl_numbers(any_ledger: Ledger) -> None:
+    assert [any_ledger.next_crl_number() for _ in range(5)] == [1, 2, 3, 4, 5]
+
+
+# --- The lifecycle on disk -----------------------------------------------------
+
+
+def test_lifecycle_survives_reopening(ledger_dir: Path) -> None:
+    with LmdbLedger(ledger_dir) as ledger:
+        ledger.commit([make_record(9, "tx-9"), make_record(8, "tx-8")])
+        revoked = ledger.revoke(9, 5, NOW)
+        waiting = ledger.add_pending(make_pending("0123456789abcdef", "tx-p"))
+        ledger.add_challenge(make_challenge("kept", uses=2))
+        ledger.consume_challenges([digest("kept")], NOW)
+        assert ledger.next_crl_number() == 1
+    with LmdbLedger(ledger_dir) as ledger:
+        assert list(ledger.iter_revoked()) == [revoked]
+        assert ledger.get_pending("0123456789abcdef") == waiting
+        assert ledger.find_pending("tx-p", KEY_A) == waiting
+        kept = ledger.get_challenge(digest("kept"))
+        assert kept is not None and kept.uses_left == 1
+        assert ledger.next_crl_number() == 2
+
+
+def test_bulk_load_indexes_revoked_records(ledger: LmdbLedger) -> None:
+    plain = make_record(1, "tx-a")
+    gone = dataclasses.replace(make_record(2, "tx-b"), status="revoked", revoked_at=NOW,
+                               revocation_reason=9)
+    assert ledger.bulk_load([plain, gone]) == 2
+    assert list(ledger.iter_revoked()) == [gone]
+
+
+def test_iteration_crosses_chunks(ledger: LmdbLedger) -> None:
+    # More entries than one read transaction takes (512).
+    serials = sorted({random_serial() for _ in range(1300)})
+    records = [make_record(s, f"tx-{i}", der_size=10) for i, s in enumerate(serials)]
+    records[::2] = [
+        dataclasses.replace(r, status="revoked", revoked_at=NOW) for r in records[::2]
+    ]
+    ledger.bulk_load(records, records_per_transaction=400)
+    assert list(ledger.iter_revoked()) == records[::2]
+    for i in range(1100):
+        ledger.add_pending(make_pending(f"{i:016x}", f"tx-p-{i}"))
+    assert [r.request_id for r in ledger.iter_pending()] == [f"{i:016x}" for i in range(1100)]
+
+
+def _as_version_1(ledger_dir: Path, records: list[CertRecord]) -> None:
+    """Turn a fresh ledger into one as schema version 1 left it."""
+    env = lmdb.open(str(ledger_dir), max_dbs=16)
+    with env.begin(write=True) as txn:
+        for name in (b"revoked", b"pending", b"pending_txids", b"challenges"):
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+        meta = env.open_db(b"meta", txn=txn)
+        txn.put(b"schema_version", struct.pack(">I", 1), db=meta)
+        certs = env.open_db(b"certs", txn=txn)
+        txids = env.open_db(b"txids", txn=txn)
+        for record in records:
+            value = encode_record(record)
+            # Format 1: the format 2 header without revoked_at and reason.
+            old = b"\x01" + value[1:102] + value[111:]
+            txn.put(serial_key(record.serial), old, db=certs)
+            txn.put(transaction_key(record.transaction_id, record.requester_key_sha256),
+                    serial_key(record.serial), db=txids)
+    env.close()
+
+
+def _stored_schema(ledger_dir: Path) -> tuple[int, list[bytes]]:
+    env = lmdb.open(str(ledger_dir), max_dbs=16, readonly=True)
+    with env.begin() as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        stored = txn.get(b"schema_version", db=meta)
+        assert stored is not None
+        (version,) = struct.unpack(">I", stored)
+        names = sorted(key for key, _ in txn.cursor())
+    env.close()
+    return version, names
+
+
+def test_version_1_ledger_is_upgraded_in_place(ledger_dir: Path) -> None:
+    LmdbLedger(ledger_dir).close()
+    old_records = [make_record(100 + i, f"tx-old-{i}") for i in range(3)]
+    _as_version_1(ledger_dir, old_records)
+    assert _stored_schema(ledger_dir) == (1, [b"certs", b"meta", b"txids"])
+
+    with LmdbLedger(ledger_dir) as ledger:
+        # Format 1 records read as issued and never revoked.
+        assert list(ledger.iter_records()) == old_records
+        assert ledger.get(101) == old_records[1]
+        assert ledger.find_transaction("tx-old-2", KEY_A) == old_records[2]
+        assert list(ledger.iter_revoked()) == []
+        assert list(ledger.iter_pending()) == []
+        assert ledger.next_crl_number() == 1
+        # An old record is revoked in the new format.
+        revoked = ledger.revoke(101, 1, NOW)
+        assert list(ledger.iter_revoked()) == [revoked]
+        new = make_record(200, "tx-new")
+        assert ledger.commit([new, make_record(201, "tx-old-0")]) == [
+            Recorded(new), AlreadyIssued(old_records[0])
+        ]
+    assert _stored_schema(ledger_dir) == (
+        SCHEMA_VERSION,
+        [b"certs", b"challenges", b"meta", b"pending", b"pending_txids", b"revoked", b"txids"],
+    )
+    assert SCHEMA_VERSION == 2
+    with LmdbLedger(ledger_dir) as ledger:
+        assert ledger.get(101) == revoked
+        assert ledger.next_crl_number() == 2
+
+
+def test_version_0_is_refused(ledger_dir: Path) -> None:
+    LmdbLedger(ledger_dir).close()
+    env = lmdb.open(str(ledger_dir), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"schema_version", struct.pack(">I", 0), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with pytest.raises(UnsupportedSchema, match="schema version 0"):
+        LmdbLedger(ledger_dir)
+
+
+# --- Challenges and CRL numbers across processes -------------------------------
+
+RACE_PROCESSES = 2
+RACE_THREADS = 25
+CRL_NUMBERS_PER_PROCESS = 30
+
+
+def _racer(path: str, barrier: object, results: object) -> None:
+    """One worker process: 25 threads at once use each challenge once."""
+    single, triple = digest("single use"), digest("three uses")
+    won: dict[str, int] = {"single": 0, "triple": 0}
+    lock = threading.Lock()
+    with LmdbLedger(path) as ledger:
+        start = threading.Barrier(RACE_THREADS)
+
+        def attempt() -> None:
+            start.wait()
+            for name, challenge_digest in (("single", single), ("triple", triple)):
+                (result,) = ledger.consume_challenges([challenge_digest], time.time())
+                if result is not None:
+                    with lock:
+                        won[name] += 1
+
+        barrier.wait()  # type: ignore[attr-defined]
+        threads = [threading.Thread(target=attempt) for _ in range(RACE_THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        barrier.wait()  # type: ignore[attr-defined]
+        numbers = [ledger.next_crl_number() for _ in range(CRL_NUMBERS_PER_PROCESS)]
+    results.put((won, numbers))  # type: ignore[attr-defined]
+
+
+def _run_processes(
+    target: Callable[..., None], path: Path, count: int
+) -> list[tuple[dict[str, int], list[int]]]:
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(count)
+    results = context.Queue()
+    workers = [
+        context.Process(target=target, args=(str(path), barrier, results))
+        for _ in range(count)
+    ]
+    for worker in workers:
+        worker.start()
+    collected: list[tuple[dict[str, int], list[int]]] = [
+        results.get(timeout=120) for _ in workers
+    ]
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0
+    return collected
+
+
+def test_processes_race_for_challenges_and_crl_numbers(ledger_dir: Path) -> None:
+    now = time.time()
+    with LmdbLedger(ledger_dir) as ledger:
+        ledger.add_challenge(Challenge(digest=digest("single use"), created_at=now,
+                                       expires_at=now + 600, uses_left=1))
+        ledger.add_challenge(Challenge(digest=digest("three uses"), created_at=now,
+                                       expires_at=now + 600, uses_left=3))
+    collected = _run_processes(_racer, ledger_dir, RACE_PROCESSES)
+
+    won = Counter[str]()
+    numbers: list[int] = []
+    for process_won, process_numbers in collected:
+        won.update(process_won)
+        # Strictly increasing within a process...
+        assert process_numbers == sorted(set(process_numbers))
+        numbers.extend(process_numbers)
+    # ...and never handed out twice across processes.
+    total = RACE_PROCESSES * CRL_NUMBERS_PER_PROCESS
+    assert sorted(numbers) == list(range(1, total + 1))
+    # 50 attempts on each: a single-use challenge is used once, a 3-use one three times.
+    assert won == {"single": 1, "triple": 3}
+    with LmdbLedger(ledger_dir) as ledger:
+        for secret in ("single use", "three uses"):
+            stored = ledger.get_challenge(digest(secret))
+            assert stored is not None and stored.uses_left == 0
+        assert ledger.next_crl_number() == total + 1
