@@ -93,6 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
                   help="where the certificate goes (PEM)")
     enroll.option("--timeout", type=float, default=30.0, help="seconds per HTTP request")
 
+    challenge = sub.add_parser("challenge", help="one-time challenge passwords")
+    challenge_sub = challenge.add_subparsers(dest="challenge_command", required=True)
+    challenge_new = _with_dir(challenge_sub.add_parser(
+        "new", help="mint a challenge (printed alone on the last line)"))
+    challenge_new.option("--ttl", type=int, default=3600, help="seconds until it expires")
+    challenge_new.option("--uses", type=int, default=1, help="how many enrollments it allows")
+    challenge_new.option("--profile", default="default", help="the profile it grants")
+    challenge_new.option("--subject-pattern", default="",
+                         help="a regular expression the CN and every SAN must match")
+    challenge_new.option("--label", default="", help="a note for operators")
+    challenge_new.option("--json", action="store_true", help="print one JSON object")
+
+    requests = sub.add_parser("requests", help="requests waiting for approval")
+    requests_sub = requests.add_subparsers(dest="requests_command", required=True)
+    requests_list = _with_dir(requests_sub.add_parser("list", help="every pending request"))
+    requests_list.option("--json", action="store_true", help="one JSON object per line")
+    requests_approve = _with_dir(requests_sub.add_parser(
+        "approve", help="issue the certificate; the device gets it at its next poll"))
+    requests_approve.parser.add_argument("request_id")
+    requests_reject = _with_dir(requests_sub.add_parser("reject", help="refuse the request"))
+    requests_reject.parser.add_argument("request_id")
+    requests_reject.option("--reason", default="", help="sent to the device as failInfoText")
+
     certs = sub.add_parser("certs", help="the issuance ledger")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True)
     certs_list = _with_dir(certs_sub.add_parser("list", help="every issued certificate"))
@@ -111,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "enroll":
             return cmd_enroll(args)
+        if args.command == "challenge":
+            return cmd_challenge(args)
+        if args.command == "requests":
+            return cmd_requests(args)
         if args.command == "certs":
             return cmd_certs(args)
     except ConfigError as e:
@@ -138,6 +165,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.bind:
         values["server"]["bind"] = args.bind
     values["pki"]["mode"] = "ca" if args.ca_mode else "ra"
+    values["profiles"]["default"] = configuration.default_profile()
     now = datetime.datetime.now(datetime.UTC)
     ca_key = pki.new_key(args.ca_key)
     ca = pki.make_ca(ca_key, args.ca_cn, now)
@@ -148,6 +176,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         ra = pki.make_ra(ra_key, args.ra_cn, ca, ca_key, now)
         pki.write_secret(directory / values["pki"]["ra_key"], pki.key_pem(ra_key))
         pki.write_public(directory / values["pki"]["ra_cert"], pki.cert_pem(ra))
+    # The bearer token of the admin API (one-time challenges, approvals).
+    pki.write_secret(directory / values["admin"]["token_file"],
+                     secrets.token_urlsafe(32).encode() + b"\n")
     challenge = args.challenge or secrets.token_urlsafe(18)
     pki.write_secret(directory / values["enrollment"]["challenge_file"],
                      challenge.encode() + b"\n")
@@ -217,6 +248,65 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 # ---- certs --------------------------------------------------------------------------
+
+
+def cmd_challenge(args: argparse.Namespace) -> int:
+    import time
+
+    from scep_fast.runtime.server import open_ledger
+    from scep_fast.service.challenges import ChallengeRequestInvalid, mint_challenge
+
+    config = configuration.load(args.dir)
+    with open_ledger(config) as ledger:
+        try:
+            minted = mint_challenge(ledger, now=time.time(), ttl_seconds=args.ttl,
+                                    uses=args.uses, profile=args.profile,
+                                    profiles=list(config.values["profiles"]),
+                                    subject_pattern=args.subject_pattern, label=args.label)
+        except ChallengeRequestInvalid as e:
+            print(f"scep-fast: {e}", file=sys.stderr)
+            return 2
+    c = minted.challenge
+    if args.json:
+        print(json.dumps({"challenge": minted.secret, "expires_at": c.expires_at,
+                          "uses": c.uses_left, "profile": c.profile}))
+    else:
+        print(f"one-time challenge for profile {c.profile}, {c.uses_left} use(s), "
+              f"expires in {args.ttl} s:")
+        print(minted.secret)
+    return 0
+
+
+def cmd_requests(args: argparse.Namespace) -> int:
+    from scep_fast.runtime.admin import pending_to_json
+    from scep_fast.runtime.pki import load_material
+    from scep_fast.runtime.server import build_service, open_ledger
+    from scep_fast.service.ledger import LedgerError, record_to_json
+
+    config = configuration.load(args.dir)
+    with open_ledger(config) as ledger:
+        if args.requests_command == "list":
+            for pending in ledger.iter_pending():
+                item = pending_to_json(pending)
+                if args.json:
+                    print(json.dumps(item))
+                else:
+                    print(f"{item['request_id']}  {item['status']:8}  {item['received_at']}  "
+                          f"{item['subject']}")
+            return 0
+        service = build_service(config, load_material(config), ledger)
+        try:
+            if args.requests_command == "approve":
+                record = record_to_json(service.approve(args.request_id))
+                print(f"approved {args.request_id}: serial {record['serial']} "
+                      f"for {record['subject']}")
+            else:
+                service.reject(args.request_id, args.reason)
+                print(f"rejected {args.request_id}")
+        except LedgerError as e:
+            print(f"scep-fast: {e}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def cmd_certs(args: argparse.Namespace) -> int:

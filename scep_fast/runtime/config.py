@@ -8,11 +8,14 @@ default on a server that issues certificates.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from scep_fast.service.profile import EXTENDED_KEY_USAGES, KEY_TYPES, KEY_USAGES, SAN_TYPES
 
 CONFIG_NAME = "scep-fast.toml"
 KIB = 1024
@@ -70,10 +73,27 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "allow_legacy_algorithms": _Key(bool, False),
         "refuse_sha1": _Key(bool, False),
         "refuse_3des": _Key(bool, False),
-        "validity_days": _Key(int, 365, _between(1, 3650), "1 to 3650"),
-        "backdate_seconds": _Key(int, 600, _between(0, 86400), "0 to 86400"),
-        "include_chain": _Key(bool, False),
-        "min_rsa_bits": _Key(int, 2048, _between(2048, 16384), "2048 to 16384"),
+        # The profile of requests that present the static challenge.
+        "default_profile": _Key(str, "default"),
+        # Renewal (RenewalReq, or a PKCSReq signed by a certificate we issued)
+        # is accepted only this close to the old certificate's expiry; 0: any time.
+        "renewal_window_days": _Key(int, 0, _between(0, 3650), "0 to 3650"),
+        # Revoke the old certificate (reason superseded) when a renewal replaces it.
+        "revoke_on_replace": _Key(bool, False),
+    },
+    "admin": {
+        # The admin HTTP API (one-time challenges, pending requests); "" turns it off.
+        "bind": _Key(str, "127.0.0.1:9814", lambda v: v == "" or ":" in v, 'HOST:PORT or ""'),
+        "token_file": _Key(str, "admin-token"),
+    },
+    "crl": {
+        # Base URL at which clients reach this server; issued certificates name
+        # their CRL under it ("" leaves the CRL distribution point out).
+        "public_url": _Key(str, "", lambda v: v == "" or v.startswith(("http://", "https://")),
+                           "an http:// or https:// URL"),
+        "validity_hours": _Key(int, 168, _between(1, 8760), "1 to 8760"),
+        # A fresh CRL is made when the current one has less than this left.
+        "refresh_hours": _Key(int, 24, _between(1, 8760), "1 to 8760"),
     },
     "ledger": {
         # LMDB reserves this much address space; about 3 KiB per certificate,
@@ -86,6 +106,29 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "queue_size": _Key(int, 1024, _between(1, 1_000_000), "1 to 1000000"),
     },
 }
+
+
+def _list_of(allowed: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda v: all(isinstance(x, str) and x in allowed for x in v)
+
+
+# [profiles.NAME] tables: one per certificate profile (see service/profile.py).
+PROFILE_SCHEMA: dict[str, _Key] = {
+    "validity_days": _Key(int, 365, _between(1, 3650), "1 to 3650"),
+    "backdate_seconds": _Key(int, 600, _between(0, 86400), "0 to 86400"),
+    "key_types": _Key(list, ["rsa", "ec"], _list_of(KEY_TYPES), f"a list of {KEY_TYPES}"),
+    "min_rsa_bits": _Key(int, 2048, _between(2048, 16384), "2048 to 16384"),
+    "san_types": _Key(list, ["dns", "email", "ip", "uri"], _list_of(tuple(SAN_TYPES)),
+                      f"a list of {tuple(SAN_TYPES)}"),
+    "san_pattern": _Key(str, ""),
+    "subject_template": _Key(str, ""),
+    "key_usage": _Key(list, [], _list_of(KEY_USAGES), f"a list of {KEY_USAGES}"),
+    "extended_key_usage": _Key(list, ["client_auth"], _list_of(EXTENDED_KEY_USAGES),
+                               f"a list of {EXTENDED_KEY_USAGES}"),
+    "include_chain": _Key(bool, False),
+    "require_approval": _Key(bool, False),
+}
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,18 +152,29 @@ class Config:
 
 
 def _check(section: str, key: str, value: Any) -> Any:
-    spec = SCHEMA[section][key]
+    return _check_value(f"{section}.{key}", SCHEMA[section][key], value)
+
+
+def _check_value(where: str, spec: _Key, value: Any) -> Any:
     if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{section}.{key}: expected {spec.kind.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {spec.kind.__name__}, got {value!r}")
     if not spec.check(value):
-        raise ConfigError(f"{section}.{key}: {value!r} is out of range ({spec.rule})")
+        raise ConfigError(f"{where}: {value!r} is out of range ({spec.rule})")
     return value
 
 
+def default_profile() -> dict[str, Any]:
+    return {k: (list(spec.default) if isinstance(spec.default, list) else spec.default)
+            for k, spec in PROFILE_SCHEMA.items()}
+
+
 def defaults() -> dict[str, dict[str, Any]]:
-    return {s: {k: spec.default for k, spec in keys.items()} for s, keys in SCHEMA.items()}
+    values: dict[str, dict[str, Any]] = {
+        s: {k: spec.default for k, spec in keys.items()} for s, keys in SCHEMA.items()}
+    values["profiles"] = {}
+    return values
 
 
 def parse(text: str, directory: Path) -> Config:
@@ -129,6 +183,20 @@ def parse(text: str, directory: Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{CONFIG_NAME}: {e}") from None
     values = defaults()
+    profiles = raw.pop("profiles", {})
+    if not isinstance(profiles, dict):
+        raise ConfigError("profiles: expected tables [profiles.NAME]")
+    for name, table in profiles.items():
+        if _PROFILE_NAME.fullmatch(name) is None:
+            raise ConfigError(f"profiles.{name}: a profile name is 1 to 64 of A-Z a-z 0-9 _ -")
+        if not isinstance(table, dict):
+            raise ConfigError(f"profiles.{name}: expected a table")
+        profile = default_profile()
+        for key, value in table.items():
+            if key not in PROFILE_SCHEMA:
+                raise ConfigError(f"profiles.{name}.{key}: unknown key")
+            profile[key] = _check_value(f"profiles.{name}.{key}", PROFILE_SCHEMA[key], value)
+        values["profiles"][name] = profile
     for section, table in raw.items():
         if section not in SCHEMA:
             raise ConfigError(f"{section}: unknown section (known: {', '.join(SCHEMA)})")
@@ -138,6 +206,10 @@ def parse(text: str, directory: Path) -> Config:
             if key not in SCHEMA[section]:
                 raise ConfigError(f"{section}.{key}: unknown key")
             values[section][key] = _check(section, key, value)
+    values["profiles"].setdefault("default", default_profile())
+    default = values["enrollment"]["default_profile"]
+    if default not in values["profiles"]:
+        raise ConfigError(f"enrollment.default_profile: no [profiles.{default}] table")
     return Config(dir=directory, values=values)
 
 
@@ -153,6 +225,7 @@ def load(directory: Path) -> Config:
 def with_overrides(config: Config, overrides: dict[tuple[str, str], Any]) -> Config:
     """The config with command-line or environment values laid over it, checked the same way."""
     values = {s: dict(t) for s, t in config.values.items()}
+    values["profiles"] = config.values["profiles"]
     for (section, key), value in overrides.items():
         if value is not None:
             values[section][key] = _check(section, key, value)
@@ -162,7 +235,9 @@ def with_overrides(config: Config, overrides: dict[tuple[str, str], Any]) -> Con
 def render(values: dict[str, dict[str, Any]]) -> str:
     """TOML text for a complete set of values, one section per table."""
     lines = ["# scep-fast configuration; every key is checked at start."]
-    for section, table in values.items():
+    tables = [(s, t) for s, t in values.items() if s != "profiles"]
+    tables += [(f"profiles.{n}", t) for n, t in values.get("profiles", {}).items()]
+    for section, table in tables:
         lines.append("")
         lines.append(f"[{section}]")
         for key, value in table.items():
@@ -175,5 +250,7 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'

@@ -79,10 +79,34 @@ def _observe_batch(stats: BatchStats) -> None:
     metrics.BATCH_WAIT.observe(stats.wait_seconds)
 
 
-def build_worker(config: Config) -> Worker:
-    material = load_material(config)
-    if not material.challenge:
-        raise SystemExit(f"no challenge password in {config.path('enrollment', 'challenge_file')}")
+def build_profiles(config: Config, crl_url: str | None) -> dict[str, Profile]:
+    return {
+        name: Profile(
+            name=name,
+            validity_days=int(p["validity_days"]),
+            backdate_seconds=int(p["backdate_seconds"]),
+            key_types=tuple(p["key_types"]),
+            min_rsa_bits=int(p["min_rsa_bits"]),
+            san_types=tuple(p["san_types"]),
+            san_pattern=str(p["san_pattern"]),
+            subject_template=str(p["subject_template"]),
+            key_usage=tuple(p["key_usage"]),
+            extended_key_usage=tuple(p["extended_key_usage"]),
+            include_chain=bool(p["include_chain"]),
+            require_approval=bool(p["require_approval"]),
+            crl_url=crl_url,
+        )
+        for name, p in config.values["profiles"].items()
+    }
+
+
+def open_ledger(config: Config) -> LmdbLedger:
+    return LmdbLedger(config.dir / LEDGER_DIR,
+                      map_size_bytes=int(config.get("ledger", "map_size_bytes")))
+
+
+def build_service(config: Config, material: Material, ledger: LmdbLedger) -> EnrollmentService:
+    """The enrollment rules with this directory's keys, policy and profiles."""
     ctx = ScepContext(
         recipients=[material.signer],
         signer=material.signer,
@@ -91,19 +115,20 @@ def build_worker(config: Config) -> Worker:
         refuse_sha1=bool(config.get("enrollment", "refuse_sha1")),
         refuse_3des=bool(config.get("enrollment", "refuse_3des")),
     )
-    ledger = LmdbLedger(config.dir / LEDGER_DIR,
-                        map_size_bytes=int(config.get("ledger", "map_size_bytes")))
-    profile = Profile(
-        validity_days=int(config.get("enrollment", "validity_days")),
-        backdate_seconds=int(config.get("enrollment", "backdate_seconds")),
-    )
     policy = Policy(
-        challenge=material.challenge,
-        min_rsa_bits=int(config.get("enrollment", "min_rsa_bits")),
-        include_chain=bool(config.get("enrollment", "include_chain")),
+        static_challenge=material.challenge,
+        default_profile=str(config.get("enrollment", "default_profile")),
+        renewal_window_days=int(config.get("enrollment", "renewal_window_days")),
+        revoke_on_replace=bool(config.get("enrollment", "revoke_on_replace")),
     )
-    service = EnrollmentService(ctx, ledger, policy, profile, material.ca_cert,
-                                on_commit=_observe_commit)
+    return EnrollmentService(ctx, ledger, policy, build_profiles(config, None),
+                             [material.ca_cert], on_commit=_observe_commit)
+
+
+def build_worker(config: Config) -> Worker:
+    material = load_material(config)
+    ledger = open_ledger(config)
+    service = build_service(config, material, ledger)
     batcher: Batcher[Answer] = Batcher(
         service.handle_batch,
         max_size=int(config.get("batch", "max_size")),

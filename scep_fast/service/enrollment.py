@@ -1,25 +1,40 @@
 """The enrollment rules: from a batch of pkiMessages to a batch of answers.
 
 Plain synchronous code, run by the runtime in a worker thread, one call per
-batch: one native unwrap call, one issue call, one ledger commit (synced to
-disk) and one wrap call for the whole batch. No certificate is handed back
-unless the commit that records it has returned.
+batch: one native unwrap call, one synced write for the one-time challenges
+the batch uses, one native issue call, one ledger commit (synced to disk)
+and one wrap call. No certificate is handed back unless the commit that
+records it has returned.
 
-Every answer is either a signed CertRep (HTTP 200, SUCCESS or FAILURE with a
-failInfo) for a message we could authenticate, or a RequestError (plain
-HTTP 4xx) for one we could not parse, verify or decrypt.
+Every answer is either a signed CertRep (HTTP 200: SUCCESS, PENDING, or
+FAILURE with a failInfo) for a message we could authenticate, or a
+RequestError (plain HTTP 4xx) for one we could not parse, verify or decrypt.
+
+Who may have a certificate (RFC 8894 section 2.3):
+- a PKCSReq whose challenge password is the static shared secret, or a
+  one-time challenge minted by an operator or MDM (bound to a profile, an
+  expiry, a number of uses and optionally a subject pattern);
+- a RenewalReq, or a PKCSReq signed by a valid, unrevoked certificate we
+  issued (Cisco and macOS renew that way): no challenge needed.
+A profile may require manual approval: the request is recorded as pending
+and answered PENDING until an operator decides.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
+import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from asn1crypto import cms as asn1_cms
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from scep_fast.crypto import (
     AlgorithmRefused,
@@ -50,29 +65,31 @@ from scep_fast.protocol import (
 from scep_fast.service.ledger import (
     AlreadyIssued,
     CertRecord,
+    Challenge,
     Ledger,
+    LedgerError,
+    NotFound,
+    PendingRequest,
     Recorded,
     SerialCollision,
     TransactionConflict,
 )
-from scep_fast.service.profile import Profile, filter_san
+from scep_fast.service.profile import Profile, ProfileViolation, common_name
 
-# RFC 5480 section 2.1.1.1 curves we issue for; P-521 and others are refused.
-ALLOWED_CURVES = frozenset({"prime256v1", "secp384r1"})
 _EMPTY_NAME = b"\x30\x00"
+SUPERSEDED = 4  # RFC 5280 CRLReason
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """What a request must satisfy to be issued a certificate."""
+    """Who may enroll, and how renewals go."""
 
-    challenge: bytes
-    min_rsa_bits: int = 2048
-    include_chain: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.challenge:
-            raise ValueError("a challenge password is required")
+    # The static shared secret; empty: only one-time challenges and renewals.
+    static_challenge: bytes = b""
+    default_profile: str = "default"
+    # Renewal only this close to the old certificate's expiry; 0: any time.
+    renewal_window_days: int = 0
+    revoke_on_replace: bool = False
 
 
 @dataclass(slots=True)
@@ -87,6 +104,7 @@ class Answer:
     fail_info: str = "-"
     serial: int | None = None
     reason: str = ""                       # for the log: why, never a secret
+    renewal: bool = False
 
 
 @dataclass(slots=True)
@@ -97,38 +115,53 @@ class _Item:
     answer: Answer
     request: ScepRequestMessage | None = None
     reply: CertRepSpec | None = None
+    profile: Profile | None = None
     issue: IssueRequest | None = None
+    pending: PendingRequest | None = None
+    challenge: bytes = b""                 # digest of a one-time challenge to consume
+    challenge_pattern: str = ""
+    replaces: int | None = None            # serial of the certificate a renewal replaces
+    subject_der: bytes = b""
+    subject_text: str = ""                 # set when a profile template made the subject
     sans: tuple[str, ...] = ()
     csr_sha256: bytes = b""
     certs: list[bytes] = field(default_factory=list)
 
 
 def _new_serial() -> int:
-    # 127 random bits: positive, well over RFC 5280's 64 bits of entropy,
-    # and 16 octets in DER.
+    # 127 random bits with bit 64 set: positive, well over RFC 5280's 64
+    # bits of entropy, and 16 octets in DER.
     return secrets.randbits(127) | (1 << 64)
 
 
 class EnrollmentService:
-    """PKCSReq handling for one worker: keys in the native context, records in the ledger."""
+    """Request handling for one worker: keys in the native context, records in the ledger."""
 
     def __init__(
         self,
         ctx: ScepContext,
         ledger: Ledger,
         policy: Policy,
-        profile: Profile,
-        ca_cert: bytes,
+        profiles: Mapping[str, Profile],
+        issuers: Sequence[bytes],
         *,
+        crl_source: Callable[[bytes], bytes | None] = lambda _issuer: None,
         clock: Callable[[], float] = time.time,
         on_commit: Callable[[float, int], None] = lambda _seconds, _issued: None,
     ) -> None:
+        if policy.default_profile not in profiles:
+            raise ValueError(f"no profile named {policy.default_profile}")
         self._ctx = ctx
         self._ledger = ledger
         self._policy = policy
-        self._profile = profile
-        self._chain = (ca_cert,) if policy.include_chain else ()
-        self._challenge_sha256 = hashlib.sha256(policy.challenge).digest()
+        self._profiles = dict(profiles)
+        # The CA that issues now comes first; retired CAs follow, so that
+        # their certificates can still renew and be looked up.
+        self._issuers = [x509.load_der_x509_certificate(der) for der in issuers]
+        self._ca_cert = issuers[0]
+        self._static_sha256 = (hashlib.sha256(policy.static_challenge).digest()
+                               if policy.static_challenge else b"")
+        self._crl_source = crl_source
         self._clock = clock
         # Told how long each ledger commit took and how many certificates it
         # recorded (the runtime turns that into metrics).
@@ -140,9 +173,60 @@ class EnrollmentService:
         items = [_Item(u, Answer()) for u in self._ctx.unwrap_batch(messages)]
         for item in items:
             self._check(item)
+        self._consume_challenges([i for i in items if i.challenge])
+        self._record_pending([i for i in items if i.pending is not None])
         self._issue([i for i in items if i.issue is not None])
         self._wrap([i for i in items if i.reply is not None])
         return [item.answer for item in items]
+
+    # ---- operator decisions on pending requests -----------------------------
+
+    def approve(self, request_id: str) -> CertRecord:
+        """Issues and records the certificate of a pending request.
+
+        The device receives it at its next CertPoll (or resend) of the same
+        transaction. Raises NotFound, or LedgerError if already decided.
+        """
+        pending = self._ledger.get_pending(request_id)
+        if pending is None:
+            raise NotFound(f"no pending request {request_id}")
+        if pending.status != "pending":
+            raise LedgerError(f"request {request_id} is already {pending.status}")
+        profile = self._profiles.get(pending.profile) or \
+            self._profiles[self._policy.default_profile]
+        csr = x509.load_der_x509_csr(pending.csr_der)
+        key_type = "EC" if isinstance(csr.public_key(), ec.EllipticCurvePublicKey) else "RSA"
+        try:
+            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            san_der, _ = profile.filter_san(san.value.public_bytes())
+        except x509.ExtensionNotFound:
+            san_der = b""
+        subject_der = b""
+        if profile.subject_template:
+            cn = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            subject_der = profile.render_subject(str(cn[-1].value) if cn else "").public_bytes()
+        now = self._clock()
+        not_before, not_after = profile.validity(int(now))
+        issue = IssueRequest(serial=_new_serial(), not_before=not_before, not_after=not_after,
+                             csr_der=pending.csr_der, subject_der=subject_der,
+                             extensions_der=profile.extensions_der(key_type, san_der))
+        der = self._ctx.issue(issue)
+        record = CertRecord(
+            serial=issue.serial, der=der,
+            subject=x509.load_der_x509_certificate(der).subject.rfc4514_string(),
+            sans=pending.sans, not_before=not_before, not_after=not_after, issued_at=now,
+            transaction_id=pending.transaction_id,
+            requester_key_sha256=pending.requester_key_sha256,
+            csr_sha256=pending.csr_sha256, profile=profile.name)
+        outcome = self._ledger.commit([record])[0]
+        if not isinstance(outcome, Recorded | AlreadyIssued):
+            raise LedgerError(f"request {request_id} could not be recorded: {outcome}")
+        self._ledger.decide_pending(request_id, "approved", now)
+        return outcome.record
+
+    def reject(self, request_id: str, reason: str = "") -> PendingRequest:
+        """Refuses a pending request: its next poll gets FAILURE badRequest."""
+        return self._ledger.decide_pending(request_id, "rejected", self._clock(), reason)
 
     # ---- step 1: authenticate and decide ----------------------------------
 
@@ -176,9 +260,8 @@ class EnrollmentService:
             if not u.authenticated:
                 self._refuse(item, MalformedRequest(str(e)))
                 return
-            # Authenticated but an algorithm we do not implement: answer
-            # with the digest we can (the native core picks a safe one).
-            self._fail_unparsed(item, e)
+            item.answer.transaction_id = u.transaction_id.decode("ascii", "replace")
+            self._fail(item, e)
             return
         except MalformedRequest as e:
             self._refuse(item, e)
@@ -191,77 +274,245 @@ class EnrollmentService:
                 raise BadAlg(error.reason)
             if isinstance(error, CsrInvalid):
                 raise BadRequest(f"malformed certification request: {error.reason}")
-            if request.message_type is MessageType.PKCS_REQ:
-                self._check_pkcs_req(item)
-            elif request.message_type is MessageType.CERT_POLL:
-                self._answer_poll(item)
+            message_type = request.message_type
+            if message_type in (MessageType.PKCS_REQ, MessageType.RENEWAL_REQ):
+                self._check_enrollment(item, request)
+            elif message_type is MessageType.CERT_POLL:
+                self._answer_poll(item, request)
+            elif message_type is MessageType.GET_CERT:
+                self._answer_get_cert(item)
+            elif message_type is MessageType.GET_CRL:
+                self._answer_get_crl(item)
             else:
-                raise BadRequest(f"{request.message_type.name} is not supported")
+                raise BadRequest(f"{message_type.name} is not a request")
         except MessageError as e:
             self._fail(item, e)
 
-    def _check_pkcs_req(self, item: _Item) -> None:
+    def _check_enrollment(self, item: _Item, request: ScepRequestMessage) -> None:
         u = item.unwrapped
         csr = u.csr
         if csr is None:
-            raise BadRequest("PKCSReq without a certification request")
-        # RFC 8894 section 2.3: the challenge password authorises enrollment.
-        # Compared as digests in constant time, so neither its content nor its
-        # length leaks through timing.
-        presented = hashlib.sha256(csr.challenge).digest()
-        if not hmac.compare_digest(presented, self._challenge_sha256):
-            raise BadRequest("challenge password is wrong or missing")
+            raise BadRequest(f"{request.message_type.name} without a certification request")
         item.csr_sha256 = hashlib.sha256(u.content).digest()
-        existing = self._ledger.find_transaction(u.transaction_id.decode("ascii"),
-                                                 u.signer_key_sha256)
-        if existing is not None:
-            self._resend(item, existing)
+        if self._answered_before(item, request):
             return
-        self._check_key(csr.key_type, csr.key_bits, csr.curve)
-        if csr.key_type not in ("RSA", "EC"):
-            raise BadRequest(f"key type {csr.key_type} is not accepted")
+        renewed = self._renewed_certificate(u.signer_cert)
+        if renewed is not None:
+            profile = self._renewal_profile(item, renewed)
+        elif request.message_type is MessageType.RENEWAL_REQ:
+            raise BadRequest("RenewalReq must be signed by a valid certificate of this CA")
+        else:
+            profile = self._authorise(item, csr.challenge)
         try:
-            san_der, sans = filter_san(csr.san_der)
-        except ValueError:
-            raise BadRequest("subjectAltName does not parse") from None
-        if csr.subject_der == _EMPTY_NAME and not san_der:
+            profile.check_key(csr.key_type, csr.key_bits, csr.curve)
+            san_der, sans = profile.filter_san(csr.san_der)
+            subject_der = csr.subject_der
+            if profile.subject_template:
+                rendered = profile.render_subject(common_name(csr.subject_der))
+                subject_der = rendered.public_bytes()
+                item.subject_text = rendered.rfc4514_string()
+        except ProfileViolation as e:
+            raise BadRequest(str(e)) from None
+        if subject_der == _EMPTY_NAME and not san_der:
             raise BadRequest("the request names neither a subject nor a subjectAltName")
-        not_before, not_after = self._profile.validity(int(self._clock()))
+        if item.challenge_pattern:
+            self._check_bound_names(item.challenge_pattern, subject_der, sans)
+        item.profile = profile
+        item.subject_der = subject_der
         item.sans = sans
+        now = self._clock()
+        if profile.require_approval and renewed is None:
+            item.pending = PendingRequest(
+                request_id=secrets.token_hex(8),
+                transaction_id=request.transaction_id,
+                requester_key_sha256=u.signer_key_sha256,
+                csr_sha256=item.csr_sha256,
+                csr_der=u.content,
+                subject=item.subject_text
+                or x509.load_der_x509_csr(u.content).subject.rfc4514_string(),
+                sans=sans,
+                profile=profile.name,
+                received_at=now,
+            )
+            return
+        not_before, not_after = profile.validity(int(now))
         item.issue = IssueRequest(
             serial=_new_serial(),
             not_before=not_before,
             not_after=not_after,
             request=u,
-            extensions_der=self._profile.extensions_der(csr.key_type, san_der),
+            subject_der=b"" if subject_der == csr.subject_der else subject_der,
+            extensions_der=profile.extensions_der(csr.key_type, san_der),
         )
 
-    def _check_key(self, key_type: str, bits: int, curve: str) -> None:
-        if key_type == "RSA" and bits < self._policy.min_rsa_bits:
-            raise BadRequest(f"RSA keys need at least {self._policy.min_rsa_bits} bits")
-        if key_type == "EC" and curve not in ALLOWED_CURVES:
-            raise BadRequest(f"curve {curve or 'unknown'} is not accepted (P-256, P-384)")
-
-    def _resend(self, item: _Item, existing: CertRecord) -> None:
-        """The same transaction again: the same certificate, or a refusal."""
-        if existing.csr_sha256 != item.csr_sha256:
-            raise BadRequest("transactionID already used with another certification request")
-        self._succeed(item, existing.der, existing.serial)
-
-    def _answer_poll(self, item: _Item) -> None:
-        # RFC 8894 section 3.3.3: CertPoll asks about a transaction. Until
-        # manual approval exists every request is decided at once, so a poll
-        # finds its certificate or nothing.
+    def _answered_before(self, item: _Item, request: ScepRequestMessage) -> bool:
+        """A resend of a transaction we know: the same answer, or a refusal."""
         u = item.unwrapped
-        existing = self._ledger.find_transaction(u.transaction_id.decode("ascii"),
-                                                 u.signer_key_sha256)
-        if existing is None:
-            raise BadCertId("no request with this transactionID")
-        self._succeed(item, existing.der, existing.serial)
+        existing = self._ledger.find_transaction(request.transaction_id, u.signer_key_sha256)
+        if existing is not None:
+            # RFC 8894 section 3.3.1: the same transactionID is a resend;
+            # another CSR under it is not.
+            if existing.csr_sha256 != item.csr_sha256:
+                raise BadRequest("transactionID already used with another certification request")
+            self._succeed(item, existing.der, existing.serial, existing.profile)
+            return True
+        pending = self._ledger.find_pending(request.transaction_id, u.signer_key_sha256)
+        if pending is None:
+            return False
+        if pending.csr_sha256 != item.csr_sha256:
+            raise BadRequest("transactionID already used with another certification request")
+        self._answer_pending(item, pending)
+        return True
 
-    # ---- step 2: issue and record -----------------------------------------
+    def _answer_pending(self, item: _Item, pending: PendingRequest) -> None:
+        if pending.status == "rejected":
+            raise BadRequest(f"request rejected{': ' + pending.reason if pending.reason else ''}")
+        # Approved requests are issued by the approval itself; until the
+        # certificate is on record the answer stays PENDING.
+        self._pend(item, pending.request_id)
+
+    def _authorise(self, item: _Item, presented: bytes) -> Profile:
+        """The profile a challenge password grants, or BadRequest."""
+        digest = hashlib.sha256(presented).digest()
+        # Compared as digests in constant time, so neither the content nor
+        # the length of the secret leaks through timing.
+        if self._static_sha256 and hmac.compare_digest(digest, self._static_sha256):
+            return self._profiles[self._policy.default_profile]
+        challenge = self._ledger.get_challenge(digest) if presented else None
+        if challenge is None:
+            raise BadRequest("challenge password is wrong or missing")
+        if not self._usable(challenge):
+            raise BadRequest("challenge password expired or used up")
+        profile = self._profiles.get(challenge.profile)
+        if profile is None:
+            raise BadRequest(f"challenge names an unknown profile {challenge.profile}")
+        item.challenge = digest
+        item.challenge_pattern = challenge.subject_pattern
+        return profile
+
+    def _usable(self, challenge: Challenge) -> bool:
+        return challenge.uses_left > 0 and challenge.expires_at > self._clock()
+
+    @staticmethod
+    def _check_bound_names(pattern: str, subject_der: bytes, sans: tuple[str, ...]) -> None:
+        """A one-time challenge may be used only for names matching its pattern."""
+        names = [common_name(subject_der)] + [s.partition(":")[2] for s in sans]
+        for name in names:
+            if name and re.fullmatch(pattern, name) is None:
+                raise BadRequest(f"this challenge may not be used for {name!r}")
+
+    def _renewed_certificate(self, signer_der: bytes) -> CertRecord | None:
+        """The record of the certificate that signed the request, if we issued it.
+
+        None for the usual self-signed signer. A certificate that names one
+        of our CAs as issuer but fails a check is refused outright: a device
+        presenting a revoked or expired certificate must not fall back to a
+        challenge that someone else may know.
+        """
+        try:
+            signer = x509.load_der_x509_certificate(signer_der)
+        except ValueError:
+            return None
+        for ca in self._issuers:
+            if signer.issuer != ca.subject:
+                continue
+            try:
+                signer.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+            if not signer.not_valid_before_utc <= now <= signer.not_valid_after_utc:
+                raise BadRequest("the signing certificate is not valid now")
+            record = self._ledger.get(signer.serial_number)
+            if record is None or record.der != signer_der:
+                raise BadRequest("the signing certificate is not on record")
+            if record.status != "issued":
+                raise BadRequest("the signing certificate is revoked")
+            return record
+        return None
+
+    def _renewal_profile(self, item: _Item, old: CertRecord) -> Profile:
+        window = self._policy.renewal_window_days
+        if window and old.not_after - self._clock() > window * 86400:
+            raise BadRequest(f"renewal opens {window} days before the certificate expires")
+        item.replaces = old.serial
+        item.answer.renewal = True
+        return self._profiles.get(old.profile) or self._profiles[self._policy.default_profile]
+
+    def _answer_poll(self, item: _Item, request: ScepRequestMessage) -> None:
+        # RFC 8894 section 3.3.3: CertPoll asks about a transaction by its
+        # transactionID, from the same requester.
+        u = item.unwrapped
+        existing = self._ledger.find_transaction(request.transaction_id, u.signer_key_sha256)
+        if existing is not None:
+            self._succeed(item, existing.der, existing.serial, existing.profile)
+            return
+        pending = self._ledger.find_pending(request.transaction_id, u.signer_key_sha256)
+        if pending is None:
+            raise BadCertId("no request with this transactionID")
+        self._answer_pending(item, pending)
+
+    def _issuer_and_serial(self, item: _Item) -> tuple[bytes, int]:
+        try:
+            parsed = asn1_cms.IssuerAndSerialNumber.load(item.unwrapped.content)
+            return bytes(parsed["issuer"].dump()), int(parsed["serial_number"].native)
+        except (ValueError, TypeError, KeyError):
+            raise BadRequest("content is not an IssuerAndSerialNumber") from None
+
+    def _answer_get_cert(self, item: _Item) -> None:
+        # RFC 8894 section 3.3.4: a certificate by issuer and serial number.
+        issuer, serial = self._issuer_and_serial(item)
+        record = self._ledger.get(serial) if serial > 0 else None
+        if record is None or x509.load_der_x509_certificate(record.der).issuer.public_bytes() \
+                != issuer:
+            raise BadCertId("no certificate with this issuer and serial number")
+        self._succeed(item, record.der, record.serial, record.profile, chain=False)
+
+    def _answer_get_crl(self, item: _Item) -> None:
+        # RFC 8894 section 3.3.5: the CRL of the issuer of the named certificate.
+        issuer, _serial = self._issuer_and_serial(item)
+        crl = self._crl_source(issuer)
+        if crl is None:
+            raise BadCertId("no CRL for this issuer")
+        item.reply = CertRepSpec(request=item.unwrapped, status=PKIStatus.SUCCESS, crls=(crl,))
+        item.answer.status = "SUCCESS"
+
+    # ---- step 2: challenges and pending requests ----------------------------
+
+    def _consume_challenges(self, items: list[_Item]) -> None:
+        if not items:
+            return
+        # One synced write for the batch: the use count holds across every
+        # worker process, so a single-use challenge gives one certificate.
+        try:
+            taken = self._ledger.consume_challenges([i.challenge for i in items], self._clock())
+        except Exception as e:  # noqa: BLE001 - refuse rather than issue unchecked
+            for item in items:
+                self._internal(item, f"challenge store: {e}")
+            return
+        for item, challenge in zip(items, taken, strict=True):
+            if challenge is None:
+                self._fail(item, BadRequest("challenge password expired or used up"))
+
+    def _record_pending(self, items: list[_Item]) -> None:
+        for item in items:
+            if item.pending is None:  # refused in the meantime
+                continue
+            try:
+                stored = self._ledger.add_pending(item.pending)
+            except Exception as e:  # noqa: BLE001
+                self._internal(item, f"pending store: {e}")
+                continue
+            if stored.csr_sha256 != item.csr_sha256:
+                self._fail(item, BadRequest(
+                    "transactionID already used with another certification request"))
+            else:
+                self._answer_pending(item, stored)
+
+    # ---- step 3: issue and record -----------------------------------------
 
     def _issue(self, items: list[_Item]) -> None:
+        items = [i for i in items if i.issue is not None]
         if not items:
             return
         issued = self._ctx.issue_batch([i.issue for i in items if i.issue is not None])
@@ -270,7 +521,8 @@ class EnrollmentService:
         recorded_items: list[_Item] = []
         for item, result in zip(items, issued, strict=True):
             item.issue, issue = None, item.issue
-            assert issue is not None  # noqa: S101 - selected above
+            if issue is None:
+                continue
             if isinstance(result, CsrInvalid):
                 self._fail(item, BadMessageCheck(f"certification request: {result.reason}"))
                 continue
@@ -292,20 +544,31 @@ class EnrollmentService:
                         sum(isinstance(o, Recorded) for o in outcomes))
         for item, outcome in zip(recorded_items, outcomes, strict=True):
             if isinstance(outcome, Recorded | AlreadyIssued):
-                self._succeed(item, outcome.record.der, outcome.record.serial)
+                record = outcome.record
+                self._succeed(item, record.der, record.serial, record.profile)
+                if isinstance(outcome, Recorded):
+                    self._replace(item, now)
             elif isinstance(outcome, TransactionConflict):
                 self._fail(item, BadRequest(
                     "transactionID already used with another certification request"))
             elif isinstance(outcome, SerialCollision):
                 self._internal(item, f"serial {outcome.serial:x} collided")
 
+    def _replace(self, item: _Item, now: float) -> None:
+        if item.replaces is None or not self._policy.revoke_on_replace:
+            return
+        try:
+            self._ledger.revoke(item.replaces, SUPERSEDED, now)
+        except Exception as e:  # noqa: BLE001 - the new certificate stands regardless
+            item.answer.reason = f"revoke-on-replace of {item.replaces:x} failed: {e}"
+
     def _record(self, item: _Item, issue: IssueRequest, der: bytes, now: float) -> CertRecord:
         u = item.unwrapped
-        subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+        assert item.profile is not None  # noqa: S101 - set with the issue request
         return CertRecord(
             serial=issue.serial,
             der=der,
-            subject=subject,
+            subject=x509.load_der_x509_certificate(der).subject.rfc4514_string(),
             sans=item.sans,
             not_before=issue.not_before,
             not_after=issue.not_after,
@@ -313,12 +576,13 @@ class EnrollmentService:
             transaction_id=u.transaction_id.decode("ascii"),
             requester_key_sha256=u.signer_key_sha256,
             csr_sha256=item.csr_sha256,
-            profile=self._profile.name,
+            profile=item.profile.name,
         )
 
-    # ---- step 3: sign the replies -------------------------------------------
+    # ---- step 4: sign the replies -------------------------------------------
 
     def _wrap(self, items: list[_Item]) -> None:
+        items = [i for i in items if i.reply is not None]
         if not items:
             return
         results = self._ctx.wrap_batch([i.reply for i in items if i.reply is not None])
@@ -330,26 +594,34 @@ class EnrollmentService:
 
     # ---- outcomes -------------------------------------------------------------
 
-    def _succeed(self, item: _Item, cert: bytes, serial: int) -> None:
-        item.reply = CertRepSpec(request=item.unwrapped, status=PKIStatus.SUCCESS,
-                                 certs=(cert, *self._chain))
+    def _succeed(self, item: _Item, cert: bytes, serial: int, profile_name: str, *,
+                 chain: bool = True) -> None:
+        profile = self._profiles.get(profile_name)
+        with_chain = chain and profile is not None and profile.include_chain
+        certs = (cert, self._ca_cert) if with_chain else (cert,)
+        item.reply = CertRepSpec(request=item.unwrapped, status=PKIStatus.SUCCESS, certs=certs)
         item.answer.status = "SUCCESS"
         item.answer.serial = serial
+
+    def _pend(self, item: _Item, request_id: str) -> None:
+        item.reply = CertRepSpec(request=item.unwrapped, status=PKIStatus.PENDING)
+        item.answer.status = "PENDING"
+        item.answer.reason = f"pending request {request_id}"
 
     def _fail(self, item: _Item, error: MessageError) -> None:
         fail_info = error.fail_info if error.fail_info is not None else FailInfo.BAD_REQUEST
         item.reply = CertRepSpec(request=item.unwrapped, status=PKIStatus.FAILURE,
                                  fail_info=fail_info, fail_info_text=error.reason or "")
+        item.issue = None
+        item.pending = None
         item.answer.status = "FAILURE"
         item.answer.fail_info = FailInfo(fail_info).name
         item.answer.reason = error.reason or ""
 
-    def _fail_unparsed(self, item: _Item, error: MessageError) -> None:
-        item.answer.transaction_id = item.unwrapped.transaction_id.decode("ascii", "replace")
-        self._fail(item, error)
-
     def _refuse(self, item: _Item, error: ScepError) -> None:
         item.reply = None
+        item.issue = None
+        item.pending = None
         item.answer.error = error
         item.answer.status = f"HTTP {error.http_status}"
         item.answer.reason = error.reason or ""

@@ -1,20 +1,35 @@
-"""What goes into the certificates we issue: validity and extensions.
+"""Certificate profiles: what a request may ask for and what the certificate gets.
 
-Extensions are encoded once per profile and key type, so issuing a
-certificate costs no ASN.1 work in Python beyond joining bytes.
+A profile is chosen by the challenge (a one-time challenge names one) or by
+the configuration (the static challenge uses the default profile; a renewal
+keeps the profile of the certificate it replaces). Extensions that do not
+depend on the request are encoded once per profile and key type, so issuing
+costs no ASN.1 work in Python beyond joining bytes.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from asn1crypto import x509 as asn1_x509
+from cryptography import x509
 
-# GeneralName choices we copy from a CSR (RFC 5280 section 4.2.1.6).
-COPIED_SAN_TYPES = frozenset({"dns_name", "rfc822_name", "uniform_resource_identifier",
-                              "ip_address"})
+# GeneralName choices we copy from a CSR (RFC 5280 section 4.2.1.6), by the
+# names profiles use for them.
+SAN_TYPES = {"dns": "dns_name", "email": "rfc822_name", "uri": "uniform_resource_identifier",
+             "ip": "ip_address"}
 SAN_PREFIX = {"dns_name": "DNS", "rfc822_name": "email", "uniform_resource_identifier": "URI",
               "ip_address": "IP"}
+KEY_TYPES = ("rsa", "ec")
+KEY_USAGES = ("digital_signature", "non_repudiation", "key_encipherment", "data_encipherment",
+              "key_agreement")
+EXTENDED_KEY_USAGES = ("client_auth", "server_auth", "email_protection", "code_signing",
+                       "ocsp_signing", "time_stamping", "ipsec_ike")
+
+
+class ProfileViolation(ValueError):
+    """The request asks for something the profile does not allow; the text says what."""
 
 
 def der_length(n: int) -> bytes:
@@ -35,13 +50,26 @@ def _extension(name: str, value: object, critical: bool) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """How certificates of one kind are made."""
+    """How certificates of one kind are made, and what requests they accept."""
 
     name: str = "default"
     validity_days: int = 365
     # Device clocks drift: notBefore lies this far in the past.
     backdate_seconds: int = 600
+    key_types: tuple[str, ...] = KEY_TYPES
+    min_rsa_bits: int = 2048
+    san_types: tuple[str, ...] = tuple(SAN_TYPES)
+    # Every SAN value must match this regular expression in full ("" allows any).
+    san_pattern: str = ""
+    # "" keeps the CSR's subject; otherwise an RFC 4514 string in which
+    # {cn} stands for the CSR's common name, e.g. "CN={cn},O=Example".
+    subject_template: str = ""
+    # () chooses by key type: RSA digitalSignature + keyEncipherment, EC
+    # digitalSignature only (RFC 5480 section 3).
+    key_usage: tuple[str, ...] = ()
+    extended_key_usage: tuple[str, ...] = ("client_auth",)
     include_chain: bool = False
+    require_approval: bool = False
     crl_url: str | None = None
     _fixed: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
@@ -50,17 +78,29 @@ class Profile:
             raise ValueError("validity_days must be between 1 and 3650")
         if not 0 <= self.backdate_seconds <= 86400:
             raise ValueError("backdate_seconds must be between 0 and 86400")
-        common = _extension("basic_constraints", {"ca": False}, True) + _extension(
-            "extended_key_usage", ["client_auth"], False)
+        _subset(self.key_types, KEY_TYPES, "key_types")
+        _subset(self.san_types, tuple(SAN_TYPES), "san_types")
+        _subset(self.key_usage, KEY_USAGES, "key_usage")
+        _subset(self.extended_key_usage, EXTENDED_KEY_USAGES, "extended_key_usage")
+        if not self.key_types:
+            raise ValueError("key_types must name at least one key type")
+        if self.san_pattern:
+            re.compile(self.san_pattern)
+        if self.subject_template:
+            # Checked once here so a bad template never reaches a request.
+            self.render_subject("example")
+        common = _extension("basic_constraints", {"ca": False}, True)
+        if self.extended_key_usage:
+            common += _extension("extended_key_usage", list(self.extended_key_usage), False)
         if self.crl_url:
             common += _extension("crl_distribution_points", [{
                 "distribution_point": {"full_name": [{"uniform_resource_identifier":
                                                       self.crl_url}]}}], False)
-        # keyUsage by key type: RSA keys also receive keys (TLS RSA, SCEP
-        # envelopes); EC keys only sign (RFC 5480 section 3).
-        self._fixed["RSA"] = common + _extension(
-            "key_usage", {"digital_signature", "key_encipherment"}, True)
-        self._fixed["EC"] = common + _extension("key_usage", {"digital_signature"}, True)
+        by_type = {"RSA": {"digital_signature", "key_encipherment"},
+                   "EC": {"digital_signature"}}
+        for key_type, usage in by_type.items():
+            chosen = set(self.key_usage) or usage
+            self._fixed[key_type] = common + _extension("key_usage", chosen, True)
 
     def extensions_der(self, key_type: str, san_der: bytes) -> bytes:
         """The DER Extensions for a certificate with this key type and SAN value."""
@@ -73,21 +113,74 @@ class Profile:
     def validity(self, now: int) -> tuple[int, int]:
         return now - self.backdate_seconds, now + self.validity_days * 86400
 
+    def check_key(self, key_type: str, bits: int, curve: str) -> None:
+        """Raises ProfileViolation unless the profile accepts this key."""
+        if key_type.lower() not in self.key_types:
+            raise ProfileViolation(f"profile {self.name} does not accept {key_type} keys")
+        if key_type == "RSA" and bits < self.min_rsa_bits:
+            raise ProfileViolation(f"RSA keys need at least {self.min_rsa_bits} bits")
+        if key_type == "EC" and curve not in ("prime256v1", "secp384r1"):
+            raise ProfileViolation(f"curve {curve or 'unknown'} is not accepted (P-256, P-384)")
 
-def filter_san(san_der: bytes) -> tuple[bytes, tuple[str, ...]]:
-    """The CSR's SAN value restricted to DNS, email, URI and IP names, and their text.
+    def filter_san(self, san_der: bytes) -> tuple[bytes, tuple[str, ...]]:
+        """The CSR's SAN value restricted to the profile's types, and their text.
 
-    Returns the original bytes when nothing is dropped. Raises ValueError
-    when the value does not parse.
-    """
-    if not san_der:
-        return b"", ()
-    names = asn1_x509.GeneralNames.load(san_der)
-    kept = [n for n in names if n.name in COPIED_SAN_TYPES]
-    texts = tuple(f"{SAN_PREFIX[n.name]}:{n.native}" for n in kept)
-    if len(kept) == len(names):
-        names.native  # noqa: B018 - forces a full parse, so bad input fails here
-        return san_der, texts
-    if not kept:
-        return b"", ()
-    return bytes(asn1_x509.GeneralNames(kept).dump()), texts
+        Names of other types are dropped (a device asking for more than it
+        may have gets less, not a refusal); a name of an allowed type that
+        does not match ``san_pattern`` refuses the request. Raises
+        ProfileViolation when the value does not parse.
+        """
+        if not san_der:
+            return b"", ()
+        try:
+            names = asn1_x509.GeneralNames.load(san_der)
+            allowed = {SAN_TYPES[t] for t in self.san_types}
+            kept = [n for n in names if n.name in allowed]
+            texts = tuple(f"{SAN_PREFIX[n.name]}:{n.native}" for n in kept)
+        except (ValueError, TypeError, KeyError):
+            raise ProfileViolation("subjectAltName does not parse") from None
+        if self.san_pattern:
+            for n in kept:
+                if re.fullmatch(self.san_pattern, str(n.native)) is None:
+                    raise ProfileViolation(f"subjectAltName {n.native!r} is not allowed")
+        if len(kept) == len(names):
+            return san_der, texts
+        if not kept:
+            return b"", ()
+        return bytes(asn1_x509.GeneralNames(kept).dump()), texts
+
+    def render_subject(self, cn: str) -> x509.Name:
+        """The subject for a request whose common name is ``cn``."""
+        text = self.subject_template.replace("{cn}", _escape_rfc4514(cn))
+        try:
+            name = x509.Name.from_rfc4514_string(text)
+        except ValueError as e:
+            raise ProfileViolation(f"subject template gives an invalid name: {e}") from None
+        return name
+
+
+def _escape_rfc4514(value: str) -> str:
+    out = []
+    for i, ch in enumerate(value):
+        if ch in ',+"\\<>;=' or (ch == "#" and i == 0) or (ch == " " and i in (0, len(value) - 1)):
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _subset(values: tuple[str, ...], allowed: tuple[str, ...], name: str) -> None:
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise ValueError(f"{name}: unknown {', '.join(unknown)} (allowed: {', '.join(allowed)})")
+
+
+def common_name(subject_der: bytes) -> str:
+    """The last common name of a DER Name, or ""."""
+    name = asn1_x509.Name.load(subject_der)
+    cns = [str(v) for k, v in _attributes(name) if k == "common_name"]
+    return cns[-1] if cns else ""
+
+
+def _attributes(name: asn1_x509.Name) -> list[tuple[str, object]]:
+    return [(attr["type"].native, attr["value"].native) for rdn in name.chosen for attr in rdn]

@@ -276,10 +276,10 @@ def test_unknown_config_key_stops_the_server_naming_the_key(tmp_path: Path) -> N
 
 def test_bad_config_value_names_the_key(tmp_path: Path) -> None:
     directory = init_dir(tmp_path / "bad")
-    set_config(directory, "enrollment", "validity_days", "0")
+    set_config(directory, "profiles.default", "validity_days", "0")
     done = scep_fast("serve", "--dir", str(directory), timeout=60)
     assert done.returncode == 2
-    assert "enrollment.validity_days" in done.stderr
+    assert "profiles.default.validity_days" in done.stderr
 
 
 def test_init_writes_keys_0600_and_refuses_to_overwrite(tmp_path: Path) -> None:

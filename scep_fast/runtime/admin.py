@@ -1,0 +1,182 @@
+"""The admin HTTP API: one-time challenges and pending requests, for an MDM or an operator.
+
+Served by the supervisor on its own address (loopback by default), never on
+the SCEP address. Every request needs ``Authorization: Bearer <token>``
+with the token from the directory's token file, compared in constant time.
+
+    POST /v1/challenges              {"ttl_seconds": 3600, "uses": 1, "profile": "default",
+                                      "subject_pattern": "", "label": ""}
+                                     -> 201 {"challenge": "...", "expires_at": "...", ...}
+    GET  /v1/requests                -> 200 [{"request_id": ..., "status": ...}, ...]
+    POST /v1/requests/ID/approve     -> 200 {"serial": "..."}
+    POST /v1/requests/ID/reject      {"reason": "..."} -> 200 {...}
+"""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from scep_fast.service.challenges import ChallengeRequestInvalid, mint_challenge
+from scep_fast.service.enrollment import EnrollmentService
+from scep_fast.service.ledger import (
+    Ledger,
+    LedgerError,
+    NotFound,
+    PendingRequest,
+    record_to_json,
+)
+
+log = logging.getLogger("scep_fast.admin")
+
+MAX_BODY_BYTES = 64 * 1024
+_REQUEST_PATH = re.compile(r"/v1/requests/([0-9a-f]{16})/(approve|reject)")
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def pending_to_json(p: PendingRequest) -> dict[str, object]:
+    return {"request_id": p.request_id, "status": p.status, "subject": p.subject,
+            "sans": list(p.sans), "profile": p.profile, "transaction_id": p.transaction_id,
+            "received_at": _iso(p.received_at), "decided_at": _iso(p.decided_at),
+            "reason": p.reason}
+
+
+class AdminApi:
+    """The operations behind the endpoints; shared by the HTTP handler and tests."""
+
+    def __init__(self, ledger: Ledger, service: EnrollmentService, profiles: list[str],
+                 token: bytes) -> None:
+        if len(token) < 16:
+            raise ValueError("the admin token must be at least 16 bytes")
+        self.ledger = ledger
+        self.service = service
+        self.profiles = profiles
+        self._token = token
+        # One approval at a time: each issues and commits on its own.
+        self._lock = threading.Lock()
+
+    def authorised(self, header: str | None) -> bool:
+        scheme, _, presented = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            presented.strip().encode(), self._token)
+
+    def new_challenge(self, body: dict[str, Any]) -> dict[str, object]:
+        unknown = set(body) - {"ttl_seconds", "uses", "profile", "subject_pattern", "label"}
+        if unknown:
+            raise ChallengeRequestInvalid(f"unknown fields: {', '.join(sorted(unknown))}")
+        minted = mint_challenge(
+            self.ledger, now=time.time(),
+            ttl_seconds=body.get("ttl_seconds", 3600), uses=body.get("uses", 1),
+            profile=body.get("profile", "default"), profiles=self.profiles,
+            subject_pattern=body.get("subject_pattern", ""), label=body.get("label", ""))
+        c = minted.challenge
+        return {"challenge": minted.secret, "expires_at": _iso(c.expires_at),
+                "uses": c.uses_left, "profile": c.profile, "subject_pattern": c.subject_pattern,
+                "label": c.label}
+
+    def list_requests(self) -> list[dict[str, object]]:
+        return [pending_to_json(p) for p in self.ledger.iter_pending()]
+
+    def decide(self, request_id: str, action: str, body: dict[str, Any]) -> dict[str, object]:
+        with self._lock:
+            if action == "approve":
+                return record_to_json(self.service.approve(request_id))
+            return pending_to_json(self.service.reject(request_id, str(body.get("reason", ""))))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: AdminApi
+    server_version = "scep-fast-admin"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        return  # one structured line per request below instead
+
+    def _send(self, status: int, payload: object) -> None:
+        body = (json.dumps(payload) + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="scep-fast admin"')
+        self.end_headers()
+        self.wfile.write(body)
+        log.info("admin request", extra={"fields": {
+            "method": self.command, "path": self.path.split("?")[0], "status": status}})
+
+    def _body(self) -> dict[str, Any] | None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            self._send(413, {"error": "body too large"})
+            return None
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            self._send(400, {"error": "body is not JSON"})
+            return None
+        if not isinstance(body, dict):
+            self._send(400, {"error": "body must be a JSON object"})
+            return None
+        return body
+
+    def _authorised(self) -> bool:
+        if self.api.authorised(self.headers.get("Authorization")):
+            return True
+        self._send(401, {"error": "missing or wrong bearer token"})
+        return False
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        if not self._authorised():
+            return
+        if self.path.split("?")[0] == "/v1/requests":
+            self._send(200, self.api.list_requests())
+        else:
+            self._send(404, {"error": "no such endpoint"})
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        if not self._authorised():
+            return
+        body = self._body()
+        if body is None:
+            return
+        path = self.path.split("?")[0]
+        try:
+            if path == "/v1/challenges":
+                self._send(201, self.api.new_challenge(body))
+                return
+            match = _REQUEST_PATH.fullmatch(path)
+            if match is None:
+                self._send(404, {"error": "no such endpoint"})
+                return
+            self._send(200, self.api.decide(match.group(1), match.group(2), body))
+        except ChallengeRequestInvalid as e:
+            self._send(400, {"error": str(e)})
+        except NotFound as e:
+            self._send(404, {"error": str(e)})
+        except LedgerError as e:
+            self._send(409, {"error": str(e)})
+        except Exception:  # noqa: BLE001 - our fault; details in the log only
+            log.exception("admin request failed")
+            self._send(500, {"error": "internal error"})
+
+
+def serve_admin(api: AdminApi, host: str, port: int) -> ThreadingHTTPServer:
+    """Starts the admin API in a daemon thread and returns its server."""
+    handler = type("AdminHandler", (_Handler,), {"api": api})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="admin-api", daemon=True).start()
+    return server

@@ -1,0 +1,70 @@
+"""One-time challenge passwords, as an MDM or an operator mints them.
+
+Only the SHA-256 of a challenge is stored; the secret is shown once, to
+whoever minted it. The use count is enforced by the ledger inside one write
+transaction per batch, so it holds across every worker process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from scep_fast.service.ledger import Challenge, Ledger
+
+MAX_TTL_SECONDS = 366 * 86400
+MAX_USES = 1_000_000
+# 24 random bytes: 192 bits, far beyond guessing, and short enough to type.
+SECRET_BYTES = 24
+
+
+class ChallengeRequestInvalid(ValueError):
+    """The request to mint a challenge is not acceptable; the text says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class MintedChallenge:
+    secret: str
+    challenge: Challenge
+
+
+def mint_challenge(
+    ledger: Ledger,
+    *,
+    now: float,
+    ttl_seconds: int,
+    uses: int,
+    profile: str,
+    profiles: Collection[str],
+    subject_pattern: str = "",
+    label: str = "",
+) -> MintedChallenge:
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) \
+            or not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
+        raise ChallengeRequestInvalid(f"ttl_seconds must be 1 to {MAX_TTL_SECONDS}")
+    if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= MAX_USES:
+        raise ChallengeRequestInvalid(f"uses must be 1 to {MAX_USES}")
+    if profile not in profiles:
+        raise ChallengeRequestInvalid(f"unknown profile {profile!r}")
+    if subject_pattern:
+        try:
+            re.compile(subject_pattern)
+        except re.error as e:
+            raise ChallengeRequestInvalid(f"subject_pattern: {e}") from None
+    if len(label) > 200:
+        raise ChallengeRequestInvalid("label is at most 200 characters")
+    secret = secrets.token_urlsafe(SECRET_BYTES)
+    challenge = Challenge(
+        digest=hashlib.sha256(secret.encode()).digest(),
+        created_at=now,
+        expires_at=now + ttl_seconds,
+        uses_left=uses,
+        profile=profile,
+        subject_pattern=subject_pattern,
+        label=label,
+    )
+    ledger.add_challenge(challenge)
+    return MintedChallenge(secret, challenge)
