@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.option("--workers", type=int, default=None, help="worker processes (0: CPU count)")
     serve.option("--metrics-bind", default="127.0.0.1:9813",
                  help='HOST:PORT of the Prometheus endpoint ("" for none)')
+    serve.option("--admin-bind", default=None,
+                 help='HOST:PORT of the admin API ("" for none; default from the config)')
     serve.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
 
     enroll = _Parser(sub.add_parser("enroll", help="enroll against a SCEP server"))
@@ -122,6 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     certs_list.option("--json", action="store_true", help="one JSON object per line")
     certs_show = _with_dir(certs_sub.add_parser("show", help="one certificate, as PEM"))
     certs_show.parser.add_argument("serial", help="the serial number in hex")
+    certs_revoke = _with_dir(certs_sub.add_parser(
+        "revoke", help="revoke a certificate and write fresh CRLs"))
+    certs_revoke.parser.add_argument("serial", help="the serial number in hex")
+    certs_revoke.option("--reason", default="unspecified",
+                        help="an RFC 5280 reason: unspecified, keyCompromise, caCompromise, "
+                             "affiliationChanged, superseded, cessationOfOperation, "
+                             "certificateHold, privilegeWithdrawn, aACompromise")
+
+    _with_dir(sub.add_parser("crl", help="write fresh CRLs of every CA and print their paths"))
+
+    ca = sub.add_parser("ca", help="CA rollover")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    ca_rollover = _with_dir(ca_sub.add_parser(
+        "rollover", help="make the next CA (and RA), offered by GetNextCACert"))
+    ca_rollover.option("--ca-key", choices=CA_KEY_TYPES, default="rsa2048",
+                       help="next CA key type")
+    ca_rollover.option("--ca-cn", default=None,
+                       help='next CA common name (default: the current one + " G2", " G3"...)')
+    _with_dir(ca_sub.add_parser("activate", help="switch over to the next CA"))
     return parser
 
 
@@ -140,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_requests(args)
         if args.command == "certs":
             return cmd_certs(args)
+        if args.command == "crl":
+            return cmd_crl(args)
+        if args.command == "ca":
+            return cmd_ca(args)
     except ConfigError as e:
         print(f"scep-fast: configuration error: {e}", file=sys.stderr)
         return 2
@@ -205,7 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from scep_fast.runtime import logs, supervisor
 
     config = load_config(args.dir, {("server", "bind"): args.bind,
-                                    ("server", "workers"): args.workers})
+                                    ("server", "workers"): args.workers,
+                                    ("admin", "bind"): args.admin_bind})
     logs.configure(args.log_level.upper())
     print(f"scep-fast {__version__} serving http://{config.get('server', 'bind')}/scep "
           f"with {config.workers} worker(s)", file=sys.stderr, flush=True)
@@ -334,6 +360,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
         except ValueError:
             print(f"scep-fast: {args.serial!r} is not a hex serial number", file=sys.stderr)
             return 2
+        if args.certs_command == "revoke":
+            return _revoke(config, ledger, serial, args.reason)
         found = ledger.get(serial)
         if found is None:
             print(f"scep-fast: no certificate with serial {serial:x}", file=sys.stderr)
@@ -342,6 +370,78 @@ def cmd_certs(args: argparse.Namespace) -> int:
         cert = x509.load_der_x509_certificate(found.der)
         sys.stdout.write(cert.public_bytes(serialization.Encoding.PEM).decode())
         return 0
+
+
+# ---- revocation, CRLs and CA rollover -------------------------------------------------
+
+_RELOAD_HINT = ("running servers keep the old keys until reloaded: "
+                "kill -HUP <pid of scep-fast serve>")
+
+
+def _revoke(config: Config, ledger: Any, serial: int, reason_name: str) -> int:
+    from scep_fast.runtime import crl
+    from scep_fast.runtime.pki import load_material
+    from scep_fast.service.ledger import REVOCATION_REASONS, NotFound
+
+    try:
+        reason = crl.reason_code(reason_name)
+    except ValueError as e:
+        print(f"scep-fast: {e}", file=sys.stderr)
+        return 2
+    if reason == 8:
+        print("scep-fast: removeFromCRL only has a meaning in a delta CRL; "
+              "a revocation cannot be undone", file=sys.stderr)
+        return 2
+    try:
+        record, paths = crl.revoke(config, ledger, load_material(config), serial, reason)
+    except NotFound:
+        print(f"scep-fast: no certificate with serial {serial:x}", file=sys.stderr)
+        return 1
+    print(f"revoked {record.serial:x} ({REVOCATION_REASONS[record.revocation_reason]})")
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_crl(args: argparse.Namespace) -> int:
+    from scep_fast.runtime.crl import refresh_all
+    from scep_fast.runtime.ledger_lmdb import LmdbLedger
+    from scep_fast.runtime.pki import load_material
+    from scep_fast.runtime.server import LEDGER_DIR
+
+    config = configuration.load(args.dir)
+    with LmdbLedger(config.dir / LEDGER_DIR,
+                    map_size_bytes=int(config.get("ledger", "map_size_bytes"))) as ledger:
+        for path in refresh_all(config, ledger, load_material(config), force=True):
+            print(path)
+    return 0
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from scep_fast.runtime import pki
+    from scep_fast.runtime.crl import refresh_all
+    from scep_fast.runtime.ledger_lmdb import LmdbLedger
+    from scep_fast.runtime.server import LEDGER_DIR
+
+    config = configuration.load(args.dir)
+    try:
+        if args.ca_command == "rollover":
+            path = pki.rollover(config, args.ca_key, datetime.datetime.now(datetime.UTC),
+                                ca_cn=args.ca_cn)
+            print(f"next CA in {path}; GetNextCACert offers it once servers reload")
+            print(_RELOAD_HINT)
+            return 0
+        old_id, new_id = pki.activate(config)
+    except pki.RolloverError as e:
+        print(f"scep-fast: {e}", file=sys.stderr)
+        return 1
+    # The new CA's CRL exists before any certificate names it.
+    with LmdbLedger(config.dir / LEDGER_DIR,
+                    map_size_bytes=int(config.get("ledger", "map_size_bytes"))) as ledger:
+        refresh_all(config, ledger, pki.load_material(config))
+    print(f"activated CA {new_id}" + (f"; CA {old_id} retired" if old_id else ""))
+    print(_RELOAD_HINT)
+    return 0
 
 
 if __name__ == "__main__":

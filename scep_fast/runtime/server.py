@@ -39,6 +39,8 @@ def capabilities(config: Config) -> Capabilities:
         aes=True,
         des3=not config.get("enrollment", "refuse_3des"),
         post_pki_operation=True,
+        # RenewalReq, and PKCSReq signed by a certificate we issued.
+        renewal=True,
         sha1=not config.get("enrollment", "refuse_sha1"),
         sha256=True,
         sha512=True,

@@ -6,6 +6,12 @@ process) that accept on that shared socket. It restarts a worker that
 dies, serves the summed Prometheus metrics of all of them, and on SIGTERM
 or SIGINT asks every worker to drain: stop accepting, answer what was
 accepted, exit.
+
+SIGHUP reloads: the workers are replaced one at a time (a new one starts,
+the old one drains), so that keys changed by `scep-fast ca activate` or a
+next CA made by `scep-fast ca rollover` are picked up without a moment in
+which nobody accepts. The supervisor also keeps the CRLs fresh: it writes
+any that is missing at start and rewrites each before its nextUpdate.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 from cryptography import x509
 
 from scep_fast.runtime.config import Config
+from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import load_material
 
 log = logging.getLogger("scep_fast.supervisor")
@@ -35,6 +43,10 @@ BACKLOG = 2048
 QUICK_DEATH_SECONDS = 5.0
 MAX_RESTART_DELAY_SECONDS = 10.0
 STOP_GRACE_SECONDS = 40.0
+# How often the supervisor checks whether a CRL needs rewriting.
+CRL_CHECK_SECONDS = 60.0
+# During a reload, a fresh worker runs this long before the next one is replaced.
+RELOAD_SETTLE_SECONDS = 1.0
 
 
 def split_host_port(bind: str) -> tuple[str, int]:
@@ -64,12 +76,21 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, config: Config, sock: socket.socket, *, log_level: str) -> None:
+    def __init__(self, config: Config, sock: socket.socket, *, log_level: str,
+                 ledger: Any = None) -> None:
         self._config = config
         self._sock = sock
         self._log_level = log_level
         self._slots = [_Slot(i) for i in range(config.workers)]
         self._stopping = False
+        self._reload_requested = False
+        # Slots still to be replaced by the current reload, and old workers draining.
+        self._reload_queue: list[int] = []
+        self._draining: list[subprocess.Popen[bytes]] = []
+        # The supervisor's ledger handle (one per process), for the CRLs.
+        self._ledger: Any = ledger
+        self._own_ledger: Any = None
+        self._crl_check_at = 0.0
 
     def _spawn(self, slot: _Slot) -> None:
         fd = self._sock.fileno()
@@ -102,16 +123,78 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._stopping = True
 
+    def _on_hup(self, signum: int, _frame: FrameType | None) -> None:
+        self._reload_requested = True
+
+    def _refresh_crls(self) -> None:
+        """Writes every CRL that is missing or close to its nextUpdate."""
+        from scep_fast.runtime.crl import refresh_all
+        from scep_fast.runtime.server import open_ledger
+
+        try:
+            if self._ledger is None:
+                self._ledger = self._own_ledger = open_ledger(self._config)
+            # Read afresh each time: `ca activate` may have changed the CAs.
+            refresh_all(self._config, self._ledger, load_material(self._config))
+        except Exception:  # noqa: BLE001 - logged; the next check tries again
+            log.exception("CRL refresh failed")
+
+    def _tick_reload(self) -> None:
+        from prometheus_client import multiprocess
+
+        if self._reload_requested:
+            self._reload_requested = False
+            try:
+                # Never replace working workers with ones that cannot load their keys.
+                load_material(self._config)
+                _set_expiry_gauges(self._config)
+            except Exception:  # noqa: BLE001 - the running workers stay
+                log.exception("reload refused: the CA material does not load")
+                return
+            log.info("reloading workers", extra={"fields": {"workers": len(self._slots)}})
+            self._reload_queue = [slot.index for slot in self._slots]
+            self._refresh_crls()
+        still: list[subprocess.Popen[bytes]] = []
+        for process in self._draining:
+            if process.poll() is None:
+                still.append(process)
+            else:
+                multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+        self._draining = still
+        if not self._reload_queue or self._draining:
+            return
+        now = time.monotonic()
+        if any(s.process is not None and now - s.started_at < RELOAD_SETTLE_SECONDS
+               for s in self._slots):
+            return
+        slot = self._slots[self._reload_queue.pop(0)]
+        if slot.process is None:
+            # Dead and waiting for its restart, which loads the new material anyway.
+            return
+        old = slot.process
+        slot.process = None
+        self._spawn(slot)
+        if old.poll() is None:
+            old.send_signal(signal.SIGTERM)
+        self._draining.append(old)
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
         from scep_fast.runtime import metrics
 
         metrics.WORKERS.set(len(self._slots))
+        self._refresh_crls()
+        self._crl_check_at = time.monotonic() + CRL_CHECK_SECONDS
         for slot in self._slots:
             self._spawn(slot)
         while not self._stopping:
             now = time.monotonic()
+            if now >= self._crl_check_at:
+                self._refresh_crls()
+                self._crl_check_at = time.monotonic() + CRL_CHECK_SECONDS
+            self._tick_reload()
             for slot in self._slots:
                 if slot.process is not None and slot.process.poll() is not None:
                     self._reap(slot)
@@ -123,7 +206,7 @@ class Supervisor:
     def _stop(self) -> int:
         from prometheus_client import multiprocess
 
-        running = [s.process for s in self._slots if s.process is not None]
+        running = [s.process for s in self._slots if s.process is not None] + self._draining
         log.info("stopping workers", extra={"fields": {"workers": len(running)}})
         for process in running:
             if process.poll() is None:
@@ -139,6 +222,8 @@ class Supervisor:
                 process.wait(timeout=10)
             multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
         self._sock.close()
+        if self._own_ledger is not None:
+            self._own_ledger.close()
         return 0
 
 
@@ -174,9 +259,37 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
         sock = listen(str(config.get("server", "bind")))
         if metrics_bind:
             _serve_metrics(metrics_bind)
+        # Imported only now: it declares the metrics, which must see the
+        # multi-process directory.
+        from scep_fast.runtime.server import open_ledger
+
+        # The supervisor's own ledger handle (one per process), for the admin API.
+        ledger = open_ledger(config)
+        admin_bind = str(config.get("admin", "bind"))
+        if admin_bind:
+            _serve_admin(config, ledger, admin_bind)
         log.info("serving", extra={"fields": {
             "bind": config.get("server", "bind"), "workers": config.workers,
-            "metrics_bind": metrics_bind or "-"}})
-        return Supervisor(config, sock, log_level=log_level).run()
+            "metrics_bind": metrics_bind or "-", "admin_bind": admin_bind or "-"}})
+        try:
+            return Supervisor(config, sock, log_level=log_level, ledger=ledger).run()
+        finally:
+            ledger.close()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve_admin(config: Config, ledger: LmdbLedger, bind: str) -> None:
+    from scep_fast.runtime.admin import AdminApi, serve_admin
+    from scep_fast.runtime.server import build_service
+
+    token_path = config.path("admin", "token_file")
+    try:
+        token = token_path.read_bytes().strip()
+    except FileNotFoundError:
+        log.warning("admin API off: no token file", extra={"fields": {"path": str(token_path)}})
+        return
+    service = build_service(config, load_material(config), ledger)
+    api = AdminApi(ledger, service, list(config.values["profiles"]), token)
+    host, port = split_host_port(bind)
+    serve_admin(api, host, port)

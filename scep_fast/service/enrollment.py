@@ -29,7 +29,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from asn1crypto import cms as asn1_cms
 from cryptography import x509
@@ -125,7 +125,9 @@ class _Item:
     subject_text: str = ""                 # set when a profile template made the subject
     sans: tuple[str, ...] = ()
     csr_sha256: bytes = b""
-    certs: list[bytes] = field(default_factory=list)
+    # Whose transaction this is (see EnrollmentService._requester).
+    requester: bytes = b""
+    signed_by_us: bool = False
 
 
 def _new_serial() -> int:
@@ -267,6 +269,7 @@ class EnrollmentService:
             self._refuse(item, e)
             return
         item.request = request
+        item.signed_by_us, item.requester = self._requester(u.signer_cert, u.signer_key_sha256)
         item.answer.message_type = request.message_type.name
         item.answer.transaction_id = request.transaction_id
         try:
@@ -296,7 +299,7 @@ class EnrollmentService:
         item.csr_sha256 = hashlib.sha256(u.content).digest()
         if self._answered_before(item, request):
             return
-        renewed = self._renewed_certificate(u.signer_cert)
+        renewed = self._renewed_certificate(u.signer_cert) if item.signed_by_us else None
         if renewed is not None:
             profile = self._renewal_profile(item, renewed)
         elif request.message_type is MessageType.RENEWAL_REQ:
@@ -325,7 +328,7 @@ class EnrollmentService:
             item.pending = PendingRequest(
                 request_id=secrets.token_hex(8),
                 transaction_id=request.transaction_id,
-                requester_key_sha256=u.signer_key_sha256,
+                requester_key_sha256=item.requester,
                 csr_sha256=item.csr_sha256,
                 csr_der=u.content,
                 subject=item.subject_text
@@ -347,8 +350,7 @@ class EnrollmentService:
 
     def _answered_before(self, item: _Item, request: ScepRequestMessage) -> bool:
         """A resend of a transaction we know: the same answer, or a refusal."""
-        u = item.unwrapped
-        existing = self._ledger.find_transaction(request.transaction_id, u.signer_key_sha256)
+        existing = self._ledger.find_transaction(request.transaction_id, item.requester)
         if existing is not None:
             # RFC 8894 section 3.3.1: the same transactionID is a resend;
             # another CSR under it is not.
@@ -356,7 +358,7 @@ class EnrollmentService:
                 raise BadRequest("transactionID already used with another certification request")
             self._succeed(item, existing.der, existing.serial, existing.profile)
             return True
-        pending = self._ledger.find_pending(request.transaction_id, u.signer_key_sha256)
+        pending = self._ledger.find_pending(request.transaction_id, item.requester)
         if pending is None:
             return False
         if pending.csr_sha256 != item.csr_sha256:
@@ -401,6 +403,25 @@ class EnrollmentService:
             if name and re.fullmatch(pattern, name) is None:
                 raise BadRequest(f"this challenge may not be used for {name!r}")
 
+    def _requester(self, signer_der: bytes, signer_key_sha256: bytes) -> tuple[bool, bytes]:
+        """Whether one of our CAs' names signs, and the identity transactions are keyed on.
+
+        A device's transactions are keyed on (transactionID, requester)
+        (RFC 8894 section 3.2.1.1: the transactionID is unique per requester,
+        and clients derive it from their key). The requester is the signer's
+        key for a first enrollment; for a message signed by a certificate we
+        issued, it is that certificate, so that a device renewing with the same
+        key and transactionID (micromdm's scepclient does) starts a new
+        transaction with each certificate instead of replaying the first.
+        """
+        try:
+            signer = x509.load_der_x509_certificate(signer_der)
+        except ValueError:
+            return False, signer_key_sha256
+        if any(signer.issuer == ca.subject for ca in self._issuers):
+            return True, hashlib.sha256(signer_der).digest()
+        return False, signer_key_sha256
+
     def _renewed_certificate(self, signer_der: bytes) -> CertRecord | None:
         """The record of the certificate that signed the request, if we issued it.
 
@@ -442,12 +463,11 @@ class EnrollmentService:
     def _answer_poll(self, item: _Item, request: ScepRequestMessage) -> None:
         # RFC 8894 section 3.3.3: CertPoll asks about a transaction by its
         # transactionID, from the same requester.
-        u = item.unwrapped
-        existing = self._ledger.find_transaction(request.transaction_id, u.signer_key_sha256)
+        existing = self._ledger.find_transaction(request.transaction_id, item.requester)
         if existing is not None:
             self._succeed(item, existing.der, existing.serial, existing.profile)
             return
-        pending = self._ledger.find_pending(request.transaction_id, u.signer_key_sha256)
+        pending = self._ledger.find_pending(request.transaction_id, item.requester)
         if pending is None:
             raise BadCertId("no request with this transactionID")
         self._answer_pending(item, pending)
@@ -574,7 +594,7 @@ class EnrollmentService:
             not_after=issue.not_after,
             issued_at=now,
             transaction_id=u.transaction_id.decode("ascii"),
-            requester_key_sha256=u.signer_key_sha256,
+            requester_key_sha256=item.requester,
             csr_sha256=item.csr_sha256,
             profile=item.profile.name,
         )

@@ -60,6 +60,7 @@ class Server:
     process: subprocess.Popen[bytes]
     log_path: Path
     metrics_port: int
+    admin_port: int
 
     @property
     def url(self) -> str:
@@ -91,13 +92,15 @@ class Server:
 def start_server(directory: Path, *extra: str) -> Server:
     port = free_port()
     metrics_port = free_port()
+    admin_port = free_port()
     log_path = directory.parent / f"{directory.name}-server.log"
     log = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "scep_fast.runtime.cli", "serve", "--dir", str(directory),
-         "--bind", f"127.0.0.1:{port}", "--metrics-bind", f"127.0.0.1:{metrics_port}", *extra],
+         "--bind", f"127.0.0.1:{port}", "--metrics-bind", f"127.0.0.1:{metrics_port}",
+         "--admin-bind", f"127.0.0.1:{admin_port}", *extra],
         stdout=log, stderr=subprocess.STDOUT)
-    server = Server(directory, port, process, log_path, metrics_port)
+    server = Server(directory, port, process, log_path, metrics_port, admin_port)
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:

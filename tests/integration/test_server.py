@@ -53,9 +53,9 @@ def test_get_ca_caps_advertises_exactly_what_is_enabled(server: Server) -> None:
     assert response.getheader("Content-Type") == "text/plain"
     keywords = response.read_body.decode().split("\n")  # type: ignore[attr-defined]
     assert {"AES", "SHA-256", "SHA-512", "POSTPKIOperation", "SCEPStandard"} <= set(keywords)
-    # No rollover certificate exists, and renewal is not implemented yet.
+    assert "Renewal" in keywords
+    # No rollover certificate exists.
     assert "GetNextCACert" not in keywords
-    assert "Renewal" not in keywords
 
 
 def test_get_ca_cert_serves_ra_and_ca_as_degenerate_pkcs7(server: Server) -> None:

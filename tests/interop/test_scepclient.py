@@ -15,10 +15,8 @@ Renewal-style resends, as the server handles them today:
   sends the same PKCSReq again (same transactionID, same CSR) and our server
   answers with the same certificate. The ledger still holds one record.
 * Same key and its issued certificate on disk: scepclient then sends a
-  RenewalReq (17) signed with that certificate. The server does not implement
-  renewal and does not advertise ``Renewal`` in GetCACaps, so it refuses with a
-  signed FAILURE badRequest. The certificate on disk is left alone and nothing
-  new is issued. If renewal gets implemented, this test must change with it.
+  RenewalReq (17) signed with that certificate, and the server renews it
+  without the challenge: a new certificate for the same key and subject.
 """
 
 from __future__ import annotations
@@ -202,22 +200,26 @@ def test_same_key_with_another_csr_is_refused(legacy: Any, tmp_path: Path) -> No
     assert [r["serial"] for r in records] == [format(first.serial_number, "x")]
 
 
-def test_rerun_with_its_certificate_sends_a_renewal_req_that_is_refused(
+def test_rerun_with_its_certificate_renews_without_the_challenge(
         legacy: Any, tmp_path: Path) -> None:
     caps = legacy.request("GET", "/scep?operation=GetCACaps").read_body.decode().split("\n")
-    assert "Renewal" not in caps, "renewal is advertised: this test must change"
+    assert "Renewal" in caps
 
     device = Device(tmp_path / "device")
     rc, output = device.enroll(legacy.url, "scepclient-renew")
     assert rc == 0, output
-    issued = device.cert_path.read_bytes()
+    issued = x509.load_pem_x509_certificate(device.cert_path.read_bytes())
     before = len(request_log(legacy))
-    rc, output = device.enroll(legacy.url, "scepclient-renew")
-    assert rc != 0, output
-    assert "RenewalReq (17) request failed, failInfo: badRequest" in output, output
-    assert device.cert_path.read_bytes() == issued
+    # scepclient now signs a RenewalReq with the certificate it holds.
+    rc, output = device.enroll(legacy.url, "scepclient-renew", challenge="not-needed")
+    assert rc == 0, output
+    renewed = x509.load_pem_x509_certificate(device.cert_path.read_bytes())
+    assert renewed.serial_number != issued.serial_number
+    assert renewed.subject == issued.subject
 
     entry = _entries(legacy, before + 1)[-1]
     assert (entry["transport"], entry["message_type"]) == ("POST", "RENEWAL_REQ")
-    assert (entry["outcome"], entry["fail_info"]) == ("FAILURE", "BAD_REQUEST")
-    assert len(_records_of(legacy, entry["transaction_id"])) == 1
+    assert entry["outcome"] == "SUCCESS"
+    assert entry["serial"] == format(renewed.serial_number, "x")
+    serials = {r["serial"] for r in ledger(legacy.directory)}
+    assert {format(issued.serial_number, "x"), format(renewed.serial_number, "x")} <= serials
