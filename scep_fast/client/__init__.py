@@ -46,8 +46,13 @@ from scep_fast.client.messages import (
     parse_cert_rep,
     transaction_id_for,
 )
+from scep_fast.client.operations import get_cert, get_crl, poll, renew
 
 __all__ = [
+    "get_cert",
+    "get_crl",
+    "poll",
+    "renew",
     "DEFAULT_TIMEOUT_SECONDS",
     "CACapabilities",
     "CACertificates",

@@ -21,9 +21,6 @@ from scep_fast.runtime import config as configuration
 from scep_fast.runtime.config import CONFIG_NAME, Config, ConfigError
 
 DEFAULT_DIR = "scep-data"
-# `enroll --key-type` names keys as `init --ca-key` does.
-_CLIENT_KEY_KINDS: dict[str, Any] = {"rsa2048": "rsa2048", "rsa3072": "rsa3072",
-                                     "rsa4096": "rsa4096", "p256": "ec-p256", "p384": "ec-p384"}
 
 
 def _env(option: str) -> str:
@@ -80,20 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help='HOST:PORT of the admin API ("" for none; default from the config)')
     serve.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
 
-    enroll = _Parser(sub.add_parser("enroll", help="enroll against a SCEP server"))
-    enroll.parser.add_argument("url", help="the SCEP URL, e.g. http://127.0.0.1:8080/scep")
-    enroll.option("--challenge", required="SCEP_FAST_CHALLENGE" not in os.environ,
-                  help="the challenge password")
-    enroll.option("--cn", required="SCEP_FAST_CN" not in os.environ, help="the common name")
-    enroll.option("--dns", action="append", default=[], help="a DNS subjectAltName (repeat)")
-    enroll.option("--get", action="store_true", help="send the PKIOperation by GET")
-    enroll.option("--key-type", choices=("rsa2048", "rsa3072", "rsa4096", "p256", "p384"),
-                  default="rsa2048", help="the device key")
-    enroll.option("--key-out", type=Path, required="SCEP_FAST_KEY_OUT" not in os.environ,
-                  help="where the device key goes (PEM, 0600)")
-    enroll.option("--cert-out", type=Path, required="SCEP_FAST_CERT_OUT" not in os.environ,
-                  help="where the certificate goes (PEM)")
-    enroll.option("--timeout", type=float, default=30.0, help="seconds per HTTP request")
+    from scep_fast.runtime import cli_client
+
+    cli_client.add_parsers(sub, _Parser)
 
     challenge = sub.add_parser("challenge", help="one-time challenge passwords")
     challenge_sub = challenge.add_subparsers(dest="challenge_command", required=True)
@@ -153,8 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_init(args)
         if args.command == "serve":
             return cmd_serve(args)
-        if args.command == "enroll":
-            return cmd_enroll(args)
+        if args.command in ("enroll", "poll", "renew", "getcert", "getcrl"):
+            from scep_fast.runtime import cli_client
+
+            return cli_client.run(args)
         if args.command == "challenge":
             return cmd_challenge(args)
         if args.command == "requests":
@@ -239,38 +227,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # ---- enroll -------------------------------------------------------------------------
-
-
-def cmd_enroll(args: argparse.Namespace) -> int:
-    from cryptography.hazmat.primitives import serialization
-
-    from scep_fast.client import ScepClientError, enroll, generate_key
-    from scep_fast.runtime.pki import write_secret
-
-    for path in (args.key_out, args.cert_out):
-        if path.exists():
-            print(f"scep-fast enroll: {path} exists; not overwriting", file=sys.stderr)
-            return 2
-    try:
-        result = enroll(args.url, args.challenge, args.cn, use_get=args.get,
-                        key=generate_key(_CLIENT_KEY_KINDS[args.key_type]), sans=tuple(args.dns),
-                        timeout=args.timeout)
-    except ScepClientError as e:
-        print(f"scep-fast enroll: {e}", file=sys.stderr)
-        return 1
-    if result.cert is None:
-        detail = f" ({result.fail_info.name})" if result.fail_info is not None else ""
-        text = f": {result.fail_info_text}" if result.fail_info_text else ""
-        print(f"scep-fast enroll: {result.status.name}{detail}{text}", file=sys.stderr)
-        return 3 if result.status.name == "PENDING" else 1
-    write_secret(args.key_out, result.key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    pem = result.cert.public_bytes(serialization.Encoding.PEM)
-    pem += b"".join(c.public_bytes(serialization.Encoding.PEM) for c in result.chain)
-    args.cert_out.write_bytes(pem)
-    print(f"issued serial {result.cert.serial_number:x} to {result.cert.subject.rfc4514_string()}")
-    return 0
 
 
 # ---- certs --------------------------------------------------------------------------

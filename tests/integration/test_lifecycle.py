@@ -327,3 +327,60 @@ def test_revoke_on_replace_and_renewal_window(tmp_path: Path) -> None:
         assert "renewal opens" in (reply.fail_info_text or "")
     finally:
         server.stop()
+
+
+# ---- the client commands ------------------------------------------------------------
+
+
+def test_enroll_command_waits_as_pending_then_poll_collects(server: Server,
+                                                            tmp_path: Path) -> None:
+    secret = new_challenge(server, "--profile", "approval")
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    done = scep_fast("enroll", server.url, "--challenge", secret, "--cn", "cli-pending",
+                     "--key-out", str(key), "--cert-out", str(cert))
+    assert done.returncode == 3, done.stderr
+    state = tmp_path / "c.pem.pending.json"
+    assert state.exists() and not cert.exists()
+    assert key.stat().st_mode & 0o777 == 0o600
+    poll_args = ["poll", server.url, "--key-in", str(key), "--state", str(state),
+                 "--cert-out", str(cert)]
+    assert scep_fast(*poll_args).returncode == 3
+    transaction_id = json.loads(state.read_text())["transaction_id"]
+    status, listed = admin(server, "GET", "/v1/requests")
+    request_id = next(p["request_id"] for p in listed if p["transaction_id"] == transaction_id)
+    assert admin(server, "POST", f"/v1/requests/{request_id}/approve")[0] == 200
+    done = scep_fast(*poll_args)
+    assert done.returncode == 0, done.stderr
+    issued = x509.load_pem_x509_certificate(cert.read_bytes())
+    assert issued.subject.rfc4514_string() == "CN=cli-pending,O=Approved Devices"
+    assert not state.exists()
+
+
+def test_renew_command_with_a_new_key(server: Server, tmp_path: Path) -> None:
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    done = scep_fast("enroll", server.url, "--challenge", CHALLENGE, "--cn", "cli-renew",
+                     "--key-out", str(key), "--cert-out", str(cert))
+    assert done.returncode == 0, done.stderr
+    new_key, new_cert = tmp_path / "k2.pem", tmp_path / "c2.pem"
+    done = scep_fast("renew", server.url, "--cert-in", str(cert), "--key-in", str(key),
+                     "--rekey", "--key-out", str(new_key), "--cert-out", str(new_cert))
+    assert done.returncode == 0, done.stderr
+    old = x509.load_pem_x509_certificate(cert.read_bytes())
+    new = x509.load_pem_x509_certificate(new_cert.read_bytes())
+    assert new.serial_number != old.serial_number and new.subject == old.subject
+    from cryptography.hazmat.primitives import serialization
+
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    loaded = serialization.load_pem_private_key(new_key.read_bytes(), None)
+    assert new.public_key().public_bytes(der, spki) == loaded.public_key().public_bytes(der, spki)
+    assert new.public_key().public_bytes(der, spki) != old.public_key().public_bytes(der, spki)
+
+
+def test_getcert_command(server: Server) -> None:
+    cert, _ = enrolled(server, "cli-getcert")
+    done = scep_fast("getcert", server.url, "--serial", format(cert.serial_number, "x"))
+    assert done.returncode == 0, done.stderr
+    assert x509.load_pem_x509_certificate(done.stdout.encode()) == cert
+    missing = scep_fast("getcert", server.url, "--serial", "abc123")
+    assert missing.returncode == 1 and "BAD_CERT_ID" in missing.stderr
