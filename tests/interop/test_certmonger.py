@@ -19,6 +19,7 @@ another CA as ``-N`` the same kind of reply is refused (exit code 3).
 from __future__ import annotations
 
 import base64
+import json
 import re
 import subprocess
 import time
@@ -31,7 +32,7 @@ from asn1crypto import cms
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from scep_fast.client import PkiRequest, build_pkcs_req, decrypt_envelope
+from scep_fast.client import PkiRequest, build_pkcs_req, build_renewal_req, decrypt_envelope
 
 from conftest import (
     CHALLENGE,
@@ -41,6 +42,8 @@ from conftest import (
     ledger,
     request_log,
     require,
+    scep_fast,
+    set_config,
     start_server,
 )
 
@@ -180,3 +183,66 @@ def test_reply_does_not_verify_against_another_ca(server: Any, tmp_path: Path) -
                         str(write_request(request, tmp_path / "pkcsreq.pem")))
     assert rc == UNREACHABLE, output
     assert "failed to verify signature" in output, output
+
+
+@pytest.fixture(scope="module")
+def approving_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A server whose default profile needs an operator's approval."""
+    directory = init_dir(tmp_path_factory.mktemp("certmonger-approval") / "scep")
+    set_config(directory, "profiles.default", "require_approval", "true")
+    running = start_server(directory)
+    yield running
+    running.stop()
+
+
+def test_pending_request_polled_until_approved(approving_server: Any, tmp_path: Path) -> None:
+    server = approving_server
+    request = build_pkcs_req(_ra_cert(server), cn="certmonger-pending", challenge=CHALLENGE)
+    args = ["-r", str(server.directory / "ra.pem"), "-N", str(server.directory / "ca.pem"),
+            "-p", str(write_request(request, tmp_path / "pkcsreq.pem"))]
+    rc, output = submit(server, *args)
+    # 1 or 5: the CA answered PENDING (certmonger-scep-submit(8)).
+    assert rc in (1, 5), output
+    rc, output = submit(server, *args)
+    assert rc in (1, 5), output
+    listed = scep_fast("requests", "list", "--json", "--dir", str(server.directory))
+    request_id = next(json.loads(line)["request_id"] for line in listed.stdout.splitlines()
+                      if json.loads(line)["transaction_id"] == request.transaction_id)
+    done = scep_fast("requests", "approve", request_id, "--dir", str(server.directory))
+    assert done.returncode == 0, done.stderr
+    rc, output = submit(server, *args)
+    assert rc == ISSUED, output
+    plaintext, _ = decrypt_envelope(pem_blocks(output)[0][1], request.signer_key,
+                                    request.signer_cert)
+    signed = cms.ContentInfo.load(plaintext)
+    cert = x509.load_der_x509_certificate(signed["content"]["certificates"][0].chosen.dump())
+    assert request.device_key is not None
+    assert _spki(cert.public_key()) == _spki(request.device_key.public_key())
+
+
+def test_renewal_with_a_new_key(server: Any, tmp_path: Path) -> None:
+    ra_pem, ca_pem = server.directory / "ra.pem", server.directory / "ca.pem"
+    first = build_pkcs_req(_ra_cert(server), cn="certmonger-rekey", challenge=CHALLENGE)
+    rc, output = submit(server, "-r", str(ra_pem), "-N", str(ca_pem), "-p",
+                        str(write_request(first, tmp_path / "first.pem")))
+    assert rc == ISSUED, output
+    plaintext, _ = decrypt_envelope(pem_blocks(output)[0][1], first.signer_key,
+                                    first.signer_cert)
+    old = x509.load_der_x509_certificate(
+        cms.ContentInfo.load(plaintext)["content"]["certificates"][0].chosen.dump())
+    # Rekey: a RenewalReq for a new key, signed with the old certificate and key.
+    renewal = build_renewal_req(_ra_cert(server), old_cert=old, old_key=first.signer_key,
+                                cn="certmonger-rekey")
+    rc, output = submit(server, "-r", str(ra_pem), "-N", str(ca_pem), "-p",
+                        str(write_request(renewal, tmp_path / "renewal.pem")))
+    assert rc == ISSUED, output
+    plaintext, _ = decrypt_envelope(pem_blocks(output)[0][1], renewal.signer_key,
+                                    renewal.signer_cert)
+    new = x509.load_der_x509_certificate(
+        cms.ContentInfo.load(plaintext)["content"]["certificates"][0].chosen.dump())
+    assert renewal.device_key is not None
+    assert _spki(new.public_key()) == _spki(renewal.device_key.public_key())
+    assert _spki(new.public_key()) != _spki(old.public_key())
+    assert new.subject == old.subject and new.serial_number != old.serial_number
+    entry = _last_entry(server, renewal.transaction_id)
+    assert (entry["message_type"], entry["outcome"]) == ("RENEWAL_REQ", "SUCCESS")
