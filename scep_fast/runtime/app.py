@@ -29,6 +29,8 @@ from scep_fast.protocol import (
 )
 from scep_fast.runtime import metrics
 from scep_fast.runtime.batcher import Batcher
+from scep_fast.runtime.crl import NAME_PATTERN as CRL_NAME_PATTERN
+from scep_fast.runtime.crl import CrlStore
 from scep_fast.service.enrollment import Answer
 
 Scope = MutableMapping[str, Any]
@@ -44,6 +46,10 @@ CT_CAPS = b"text/plain"
 CT_CA_CERT = b"application/x-x509-ca-cert"
 CT_CA_RA_CERT = b"application/x-x509-ca-ra-cert"
 CT_PKI_MESSAGE = b"application/x-pki-message"
+CT_NEXT_CA_CERT = b"application/x-x509-next-ca-cert"
+# RFC 5280 section 4.2.1.13 (and RFC 2585): a DER CRL over HTTP.
+CT_CRL = b"application/pkix-crl"
+CRL_PREFIX = "/crl/"
 CT_TEXT = b"text/plain; charset=utf-8"
 
 log = logging.getLogger("scep_fast.request")
@@ -67,11 +73,15 @@ class ScepApp:
         ca_certificates: CaCertificates,
         batcher: Batcher[Answer],
         max_body_bytes: int,
+        crl_store: CrlStore | None = None,
+        next_ca_certificates: bytes | None = None,
     ) -> None:
         self._caps = capabilities.render()
         self._ca = ca_certificates
         self._batcher = batcher
         self._max_body = max_body_bytes
+        self._crls = crl_store
+        self._next_ca = next_ca_certificates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -81,6 +91,9 @@ class ScepApp:
             return
         started = time.perf_counter()
         path = scope["path"]
+        if path.startswith(CRL_PREFIX):
+            await self._crl(send, scope["method"], path)
+            return
         if not path.startswith(SCEP_PREFIXES):
             await _respond(send, 404, CT_TEXT, b"not a SCEP endpoint\n")
             return
@@ -99,8 +112,12 @@ class ScepApp:
                                head=method == "HEAD")
             elif isinstance(request, GetNextCACert):
                 # RFC 8894 section 4.7: only while a rollover certificate
-                # exists, and GetCACaps does not offer GetNextCACert.
-                await _respond(send, 404, CT_TEXT, b"no next CA certificate\n")
+                # exists; GetCACaps offers GetNextCACert exactly then.
+                if self._next_ca is None:
+                    await _respond(send, 404, CT_TEXT, b"no next CA certificate\n")
+                else:
+                    await _respond(send, 200, CT_NEXT_CA_CERT, self._next_ca,
+                                   head=method == "HEAD")
             elif isinstance(request, PKIOperation):
                 fields["transport"] = "GET" if request.via_get else "POST"
                 await self._pki_operation(send, request, fields)
@@ -115,6 +132,23 @@ class ScepApp:
             fields["duration_ms"] = round(elapsed * 1000, 3)
             _observe(fields, elapsed)
             log.info("request", extra={"fields": fields})
+
+    async def _crl(self, send: Send, method: str, path: str) -> None:
+        """GET or HEAD /crl/<name>.crl: the CA's current CRL, DER."""
+        if method not in ("GET", "HEAD"):
+            await _respond(send, 405, CT_TEXT, b"method not allowed\n",
+                           extra=[(b"allow", b"GET, HEAD")])
+            return
+        file_name = path[len(CRL_PREFIX):]
+        name = file_name[:-4] if file_name.endswith(".crl") else ""
+        # The name must be a hex key identifier: nothing else reaches the file system.
+        der = None
+        if self._crls is not None and CRL_NAME_PATTERN.fullmatch(name):
+            der = self._crls.current(name)
+        if der is None:
+            await _respond(send, 404, CT_TEXT, b"no such CRL\n", head=method == "HEAD")
+            return
+        await _respond(send, 200, CT_CRL, der, head=method == "HEAD")
 
     async def _pki_operation(self, send: Send, request: PKIOperation,
                              fields: dict[str, object]) -> None:

@@ -7,14 +7,18 @@ chmod-ed after the fact), and the directory itself is 0700.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
+import re
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from scep_fast.crypto import der_certificate, der_private_key
@@ -124,6 +128,16 @@ def cert_pem(cert: x509.Certificate) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class PreviousCa:
+    """A retired CA (DIR/previous/<id>/), DER; in CA mode ra_* repeat ca_*."""
+
+    ca_cert: bytes
+    ca_key: bytes
+    ra_cert: bytes
+    ra_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Material:
     """DER certificates and keys as the native core loads them."""
 
@@ -133,6 +147,11 @@ class Material:
     ra_cert: bytes
     ra_key: bytes
     challenge: bytes
+    # Retired CAs, newest first: their CRLs are still signed, and their RA
+    # keys still decrypt requests from clients holding the old RA certificate.
+    previous: tuple[PreviousCa, ...] = ()
+    # The GetNextCACert body while a next CA waits in DIR/next (see rollover).
+    next_message: bytes | None = None
 
     @property
     def signer(self) -> tuple[bytes, bytes]:
@@ -150,5 +169,213 @@ def load_material(config: Config) -> Material:
         ra_key = der_private_key(config.path("pki", "ra_key").read_bytes())
     challenge_path = config.path("enrollment", "challenge_file")
     challenge = challenge_path.read_bytes().strip() if challenge_path.exists() else b""
+    signer = (ca_cert, ca_key) if mode == "ca" else (ra_cert, ra_key)
     return Material(mode=mode, ca_cert=ca_cert, ca_key=ca_key, ra_cert=ra_cert, ra_key=ra_key,
-                    challenge=challenge)
+                    challenge=challenge, previous=load_previous(config),
+                    next_message=next_ca_message(config, signer, ca_cert))
+
+
+# ---- CA rollover ---------------------------------------------------------------
+#
+# DIR/next/      the next CA (ca.pem, ca.key) and, in RA mode, its RA (ra.pem,
+#                ra.key), made by `scep-fast ca rollover` and offered by
+#                GetNextCACert (RFC 8894 section 4.7) until `ca activate`.
+# DIR/previous/<id>/  every retired CA with its RA, <id> being ca_id() of the
+#                CA: its CRL is still signed and its RA key still decrypts.
+
+NEXT_DIR = "next"
+PREVIOUS_DIR = "previous"
+_CA_CERT, _CA_KEY, _RA_CERT, _RA_KEY = "ca.pem", "ca.key", "ra.pem", "ra.key"
+CA_ID = re.compile(r"[0-9a-f]{16,128}")
+
+
+class RolloverError(Exception):
+    """A rollover or activation cannot be done; the text says why."""
+
+
+def ca_id(ca_cert_der: bytes) -> str:
+    """A stable name of a CA: its subjectKeyIdentifier in lower-case hex.
+
+    A CA certificate without one is named by the SHA-1 of its
+    subjectPublicKeyInfo (RFC 5280 section 4.2.1.2, method 1, over the
+    whole SPKI), so the name depends on the key only.
+    """
+    cert = x509.load_der_x509_certificate(ca_cert_der)
+    try:
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        if ski.digest:
+            return ski.digest.hex()
+    except x509.ExtensionNotFound:
+        pass
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha1(spki, usedforsecurity=False).hexdigest()
+
+
+def _read_pair(directory: Path, cert_name: str, key_name: str) -> tuple[bytes, bytes]:
+    return (der_certificate((directory / cert_name).read_bytes()),
+            der_private_key((directory / key_name).read_bytes()))
+
+
+def load_previous(config: Config) -> tuple[PreviousCa, ...]:
+    """The retired CAs of the directory, newest first."""
+    root = config.dir / PREVIOUS_DIR
+    if not root.is_dir():
+        return ()
+    found: list[tuple[datetime.datetime, PreviousCa]] = []
+    for entry in sorted(root.iterdir()):
+        # Half-written archives (a crash in `ca activate`) end in ".tmp".
+        if not entry.is_dir() or CA_ID.fullmatch(entry.name) is None:
+            continue
+        ca_cert, ca_key = _read_pair(entry, _CA_CERT, _CA_KEY)
+        if (entry / _RA_CERT).exists():
+            ra_cert, ra_key = _read_pair(entry, _RA_CERT, _RA_KEY)
+        else:
+            ra_cert, ra_key = ca_cert, ca_key
+        not_before = x509.load_der_x509_certificate(ca_cert).not_valid_before_utc
+        found.append((not_before, PreviousCa(ca_cert, ca_key, ra_cert, ra_key)))
+    found.sort(key=lambda item: item[0], reverse=True)
+    return tuple(previous for _, previous in found)
+
+
+def next_ca_certificates(config: Config) -> tuple[bytes, ...]:
+    """The next RA (RA mode) and CA certificates, DER, or () when there is none."""
+    directory = config.dir / NEXT_DIR
+    if not (directory / _CA_CERT).exists():
+        return ()
+    certs = [der_certificate((directory / _CA_CERT).read_bytes())]
+    if (directory / _RA_CERT).exists():
+        certs.insert(0, der_certificate((directory / _RA_CERT).read_bytes()))
+    return tuple(certs)
+
+
+def next_ca_message(config: Config, signer: tuple[bytes, bytes],
+                    ca_cert: bytes) -> bytes | None:
+    """The GetNextCACert body, or None while no next CA exists.
+
+    RFC 8894 section 4.7.1: a SignedData signed by the current CA or RA
+    key whose content is a degenerate certs-only SignedData (section 3.4)
+    holding the new CA certificate and any new RA certificates. The
+    signer's certificate and the current CA certificate travel in the
+    outer SignedData so that a client can check the signature against the
+    CA it trusts today.
+    """
+    from scep_fast.crypto import certs_only
+
+    certs = next_ca_certificates(config)
+    if not certs:
+        return None
+    signer_cert = x509.load_der_x509_certificate(signer[0])
+    signer_key = serialization.load_der_private_key(signer[1], password=None)
+    if not isinstance(signer_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise RolloverError("the current signer key is neither RSA nor EC")
+    builder = (pkcs7.PKCS7SignatureBuilder()
+               .set_data(certs_only(list(certs)))
+               .add_signer(signer_cert, signer_key, hashes.SHA256()))
+    if signer[0] != ca_cert:
+        builder = builder.add_certificate(x509.load_der_x509_certificate(ca_cert))
+    # Binary: the content is DER, never to be turned into canonical MIME text.
+    return builder.sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+
+
+def _next_cn(current: x509.Certificate) -> str:
+    names = current.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(names[0].value) if names else "scep-fast CA"
+    # A fresh name per generation ("... G2", "... G3") keeps the issuer
+    # names of old and new certificates apart, so a CRL or a GetCRL lookup
+    # by issuer name is never ambiguous.
+    match = re.fullmatch(r"(.*) G(\d+)", cn)
+    if match:
+        return f"{match.group(1)} G{int(match.group(2)) + 1}"
+    return f"{cn} G2"
+
+
+def rollover(config: Config, ca_key_type: str, now: datetime.datetime, *,
+             ca_cn: str | None = None) -> Path:
+    """Makes the next CA (and RA) in DIR/next; refuses when one exists already."""
+    if ca_key_type not in CA_KEY_TYPES:
+        raise RolloverError(f"unknown CA key type {ca_key_type!r}")
+    mode = str(config.get("pki", "mode"))
+    if mode == "ca" and not ca_key_type.startswith("rsa"):
+        raise RolloverError("CA mode needs an RSA CA key (it decrypts requests)")
+    target = config.dir / NEXT_DIR
+    if target.exists():
+        raise RolloverError(f"{target} exists: activate it (`scep-fast ca activate`) first")
+    current = x509.load_der_x509_certificate(
+        der_certificate(config.path("pki", "ca_cert").read_bytes()))
+    ca_key = new_key(ca_key_type)
+    ca = make_ca(ca_key, ca_cn or _next_cn(current), now)
+    staging = config.dir / f"{NEXT_DIR}.{secrets.token_hex(4)}.tmp"
+    staging.mkdir(mode=0o700)
+    try:
+        write_secret(staging / _CA_KEY, key_pem(ca_key))
+        write_public(staging / _CA_CERT, cert_pem(ca))
+        if mode == "ra":
+            ra_names = x509.load_der_x509_certificate(der_certificate(
+                config.path("pki", "ra_cert").read_bytes())).subject.get_attributes_for_oid(
+                    NameOID.COMMON_NAME)
+            ra_cn = str(ra_names[0].value) if ra_names else "scep-fast RA"
+            ra_key = new_rsa_key(2048)
+            write_secret(staging / _RA_KEY, key_pem(ra_key))
+            write_public(staging / _RA_CERT, cert_pem(make_ra(ra_key, ra_cn, ca, ca_key, now)))
+        _fsync_dir(staging)
+        # One rename: DIR/next appears complete or not at all.
+        os.rename(staging, target)
+        _fsync_dir(config.dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def activate(config: Config) -> tuple[str, str]:
+    """Makes the next CA the current one; returns (old id, new id).
+
+    The current CA and RA are first copied to DIR/previous/<id> (built
+    aside, then renamed into place), then the next files replace the
+    current ones one rename each, the CA certificate last. A crash in
+    between is repaired by running activate again: while DIR/next/ca.pem
+    exists, the current CA certificate is still the old one.
+    """
+    source = config.dir / NEXT_DIR
+    if not source.is_dir():
+        raise RolloverError("no next CA: run `scep-fast ca rollover` first")
+    targets = {_CA_KEY: config.path("pki", "ca_key"), _CA_CERT: config.path("pki", "ca_cert")}
+    if str(config.get("pki", "mode")) == "ra":
+        targets[_RA_KEY] = config.path("pki", "ra_key")
+        targets[_RA_CERT] = config.path("pki", "ra_cert")
+    if (source / _CA_CERT).exists():
+        old_cert = der_certificate(targets[_CA_CERT].read_bytes())
+        new_cert = der_certificate((source / _CA_CERT).read_bytes())
+        old_id, new_id = ca_id(old_cert), ca_id(new_cert)
+        archive = config.dir / PREVIOUS_DIR / old_id
+        if not archive.exists():
+            archive.parent.mkdir(mode=0o700, exist_ok=True)
+            staging = archive.with_name(f"{old_id}.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(mode=0o700)
+            for name, path in targets.items():
+                data = path.read_bytes()
+                (write_secret if name.endswith(".key") else write_public)(staging / name, data)
+            _fsync_dir(staging)
+            os.rename(staging, archive)
+            _fsync_dir(archive.parent)
+    else:
+        # Only the empty directory is left of an interrupted activation.
+        new_id = ca_id(der_certificate(targets[_CA_CERT].read_bytes()))
+        old_id = ""
+    for name in (_CA_KEY, _RA_KEY, _RA_CERT, _CA_CERT):
+        if name in targets and (source / name).exists():
+            os.replace(source / name, targets[name])
+    _fsync_dir(config.dir)
+    shutil.rmtree(source)
+    _fsync_dir(config.dir)
+    return old_id, new_id
