@@ -76,6 +76,10 @@ scep_ctx *scep_ctx_new(int flags, char *err, size_t err_len)
             goto err;
         }
     }
+    if (!scep_algorithms_init(ctx)) {
+        scep_set_error(err, err_len, "cannot fetch the SHA-1 and SHA-256 digests");
+        goto err;
+    }
     ERR_clear_error();
     return ctx;
 err:
@@ -101,6 +105,7 @@ void scep_ctx_free(scep_ctx *ctx)
         keypair_clear(&ctx->recipients[i]);
     keypair_clear(&ctx->signer);
     keypair_clear(&ctx->issuer);
+    scep_algorithms_free(ctx);
     EVP_MD_free(ctx->issuer_md);
     X509_EXTENSION_free(ctx->issuer_akid);
     ASN1_OBJECT_free(ctx->oids.message_type);
@@ -182,7 +187,14 @@ int scep_ctx_add_recipient(scep_ctx *ctx, const unsigned char *cert, size_t cert
 int scep_ctx_set_signer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
                         const unsigned char *key, size_t key_len, char *err, size_t err_len)
 {
-    return load_keypair(&ctx->signer, cert, cert_len, key, key_len, err, err_len);
+    if (!load_keypair(&ctx->signer, cert, cert_len, key, key_len, err, err_len))
+        return 0;
+    if (!scep_prepare_signer(ctx)) {
+        scep_set_error(err, err_len, "cannot prepare the signer key for SHA-256 signatures");
+        keypair_clear(&ctx->signer);
+        return 0;
+    }
+    return 1;
 }
 
 /* authorityKeyIdentifier for certificates we issue: the CA's own key identifier. */
@@ -228,10 +240,12 @@ int scep_ctx_set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_le
     X509_EXTENSION_free(ctx->issuer_akid);
     ctx->issuer_md = EVP_MD_fetch(NULL, md_name, NULL);
     ctx->issuer_akid = make_akid(ctx->issuer.cert);
-    if (ctx->issuer_md == NULL || ctx->issuer_akid == NULL) {
+    if (ctx->issuer_md == NULL || ctx->issuer_akid == NULL || !scep_prepare_issuer(ctx)) {
         scep_set_error(err, err_len, "cannot prepare the issuing CA");
+        EVP_MD_CTX_free(ctx->issuer_sign);
         X509_EXTENSION_free(ctx->issuer_akid);
         EVP_MD_free(ctx->issuer_md);
+        ctx->issuer_sign = NULL;
         ctx->issuer_akid = NULL;
         ctx->issuer_md = NULL;
         keypair_clear(&ctx->issuer);

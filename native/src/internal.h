@@ -12,6 +12,10 @@
 #include "scep_native.h"
 
 #define SCEP_MAX_RECIPIENTS 8
+#define SCEP_N_DIGESTS 6   /* SHA-1, SHA-224, SHA-256, SHA-384, SHA-512, MD5 */
+#define SCEP_N_CIPHERS 5   /* AES-128/192/256-CBC, DES-EDE3-CBC, DES-CBC */
+/* Longest senderNonce we answer with one of the same length. */
+#define SCEP_MAX_NONCE 64
 /* Largest DER object we accept anywhere; far above any real SCEP message. */
 #define SCEP_MAX_INPUT (16L * 1024 * 1024)
 
@@ -46,6 +50,12 @@ struct scep_ctx {
     scep_keypair signer;
     scep_keypair issuer;
     EVP_MD *issuer_md;                /* fetched once: SHA-256, or SHA-384 for P-384 and up */
+    EVP_MD_CTX *issuer_sign;          /* template: issuer key with issuer_md (algorithms.c) */
+    EVP_MD *md[SCEP_N_DIGESTS];       /* fetched once (algorithms.c) */
+    EVP_CIPHER *cipher[SCEP_N_CIPHERS];
+    EVP_MD_CTX *signer_sign[SCEP_N_DIGESTS]; /* templates: signer key with each digest */
+    scep_bytes signer_cert_der;       /* the RA certificate, for every CertRep */
+    scep_bytes signer_sid_der;        /* its IssuerAndSerialNumber */
     X509_EXTENSION *issuer_akid;      /* authorityKeyIdentifier added to every certificate */
     scep_oids oids;
     OSSL_LIB_CTX *parse_libctx;       /* no providers: parses without decoding keys (pubkey.c) */
@@ -53,6 +63,21 @@ struct scep_ctx {
     OSSL_PROVIDER *legacy;            /* loaded only with SCEP_ALLOW_LEGACY */
     OSSL_PROVIDER *deflt;
 };
+
+/* algorithms.c: what is fetched and prepared once; NULL when unavailable. */
+int scep_algorithms_init(scep_ctx *ctx);
+void scep_algorithms_free(scep_ctx *ctx);
+const EVP_MD *scep_md(const scep_ctx *ctx, int nid);
+const EVP_CIPHER *scep_cipher(const scep_ctx *ctx, int nid);
+int scep_prepare_signer(scep_ctx *ctx);
+int scep_prepare_issuer(scep_ctx *ctx);
+/* A fresh signing context copied from a template, for one signature. */
+EVP_MD_CTX *scep_sign_ctx_new(const EVP_MD_CTX *tmpl);
+EVP_MD_CTX *scep_signer_sign_ctx_new(const scep_ctx *ctx, int md_nid);
+
+/* certrep_sign.c: the CertRep SignedData around content (empty for PENDING and FAILURE). */
+int scep_sign_certrep(const scep_ctx *ctx, const scep_wrap_item *item, int md_nid,
+                      const scep_bytes *content, scep_bytes *out);
 
 /* errors.c: writes "what: reasons from OpenSSL's queue" into buf and empties the queue. */
 void scep_set_error(char *buf, size_t len, const char *what);
@@ -87,5 +112,9 @@ int scep_spki_curve_nid(const X509_PUBKEY *spki);
 int scep_rsa_public_key_is_der(const unsigned char *der, int len);
 /* Parses a DER PKCS#10 request; *key receives its public key, or NULL if unsupported. */
 X509_REQ *scep_parse_csr(const scep_ctx *ctx, const unsigned char *der, size_t len, EVP_PKEY **key);
+/* The same, sharing known_key (up-referenced) when the request's key is known_spki. */
+X509_REQ *scep_parse_csr_reusing(const scep_ctx *ctx, const unsigned char *der, size_t len,
+                                 const X509_PUBKEY *known_spki, EVP_PKEY *known_key,
+                                 EVP_PKEY **key);
 
 #endif

@@ -53,7 +53,7 @@ static int set_time(ASN1_TIME *t, int64_t when)
            && when <= SCEP_LAST_TIME;
 }
 
-static int add_subject_key_id(X509 *x)
+static int add_subject_key_id(const scep_ctx *ctx, X509 *x)
 {
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int md_len = 0;
@@ -61,7 +61,7 @@ static int add_subject_key_id(X509 *x)
     int ok;
 
     /* RFC 5280 section 4.2.1.2, method (1): SHA-1 of the subjectPublicKey bits. */
-    ok = skid != NULL && X509_pubkey_digest(x, EVP_sha1(), md, &md_len)
+    ok = skid != NULL && X509_pubkey_digest(x, scep_md(ctx, NID_sha1), md, &md_len)
          && ASN1_OCTET_STRING_set(skid, md, (int)md_len)
          && X509_add1_ext_i2d(x, NID_subject_key_identifier, skid, 0, X509V3_ADD_DEFAULT) == 1;
     ASN1_OCTET_STRING_free(skid);
@@ -172,6 +172,7 @@ static void issue_one(const scep_ctx *ctx, const scep_issue_item *item, scep_iss
     EVP_PKEY *parsed_key = NULL, *pub;
     X509_NAME *subject = NULL;
     X509 *x = NULL;
+    EVP_MD_CTX *sign = NULL;
     unsigned char *der = NULL;
     int der_len;
 
@@ -239,11 +240,13 @@ static void issue_one(const scep_ctx *ctx, const scep_issue_item *item, scep_iss
     }
     if (!add_extensions(x, &item->extensions, r))
         goto done;
-    if (!add_subject_key_id(x) || !X509_add_ext(x, ctx->issuer_akid, -1)) {
+    if (!add_subject_key_id(ctx, x) || !X509_add_ext(x, ctx->issuer_akid, -1)) {
         fail(r, SCEP_ERR_INTERNAL, "cannot add the key identifiers");
         goto done;
     }
-    if (X509_sign(x, ctx->issuer.key, ctx->issuer_md) <= 0) {
+    /* The signing context is a copy of the one prepared for the CA key. */
+    sign = scep_sign_ctx_new(ctx->issuer_sign);
+    if (sign == NULL || X509_sign_ctx(x, sign) <= 0) {
         fail(r, SCEP_ERR_INTERNAL, "cannot sign the certificate");
         goto done;
     }
@@ -255,6 +258,7 @@ static void issue_one(const scep_ctx *ctx, const scep_issue_item *item, scep_iss
     r->status = SCEP_OK;
 done:
     OPENSSL_free(der);
+    EVP_MD_CTX_free(sign);
     X509_free(x);
     X509_NAME_free(subject);
     EVP_PKEY_free(parsed_key);

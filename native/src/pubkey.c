@@ -8,6 +8,8 @@
  * context with no providers (the key is left undecoded) and builds the key
  * from its raw parameters with EVP_PKEY_fromdata, about 3 us.
  */
+#include <string.h>
+
 #include <openssl/core_names.h>
 #include <openssl/objects.h>
 #include <openssl/param_build.h>
@@ -165,10 +167,31 @@ int scep_spki_key_nid(const X509_PUBKEY *spki)
     return OBJ_obj2nid(oid);
 }
 
+/* Whether two SubjectPublicKeyInfos are the same: algorithm, parameters and key bits. */
+static int same_spki(const X509_PUBKEY *a, const X509_PUBKEY *b)
+{
+    const unsigned char *a_bits = NULL, *b_bits = NULL;
+    int a_len = 0, b_len = 0;
+    X509_ALGOR *a_alg = NULL, *b_alg = NULL;
+
+    return a != NULL && b != NULL && X509_PUBKEY_get0_param(NULL, &a_bits, &a_len, &a_alg, a)
+           && X509_PUBKEY_get0_param(NULL, &b_bits, &b_len, &b_alg, b) && a_alg != NULL
+           && b_alg != NULL && X509_ALGOR_cmp(a_alg, b_alg) == 0 && a_len == b_len && a_len > 0
+           && memcmp(a_bits, b_bits, (size_t)a_len) == 0;
+}
+
 X509_REQ *scep_parse_csr(const scep_ctx *ctx, const unsigned char *der, size_t len, EVP_PKEY **key)
+{
+    return scep_parse_csr_reusing(ctx, der, len, NULL, NULL, key);
+}
+
+X509_REQ *scep_parse_csr_reusing(const scep_ctx *ctx, const unsigned char *der, size_t len,
+                                 const X509_PUBKEY *known_spki, EVP_PKEY *known_key,
+                                 EVP_PKEY **key)
 {
     const unsigned char *p = der;
     X509_REQ *req;
+    const X509_PUBKEY *spki;
 
     *key = NULL;
     if (!scep_input_ok(der, len))
@@ -179,6 +202,10 @@ X509_REQ *scep_parse_csr(const scep_ctx *ctx, const unsigned char *der, size_t l
         X509_REQ_free(req);
         return NULL;
     }
-    *key = scep_pubkey_from_spki(X509_REQ_get_X509_PUBKEY(req));
+    spki = X509_REQ_get_X509_PUBKEY(req);
+    if (known_key != NULL && same_spki(spki, known_spki) && EVP_PKEY_up_ref(known_key))
+        *key = known_key;
+    else
+        *key = scep_pubkey_from_spki(spki);
     return req;
 }

@@ -273,7 +273,11 @@ static int copy_i2d_name(scep_bytes *dst, const X509_NAME *name)
 static void read_csr(const scep_ctx *ctx, scep_unwrap_result *r, scep_request_state *state)
 {
     EVP_PKEY *key = NULL;
-    X509_REQ *req = scep_parse_csr(ctx, r->content.data, r->content.len, &key);
+    /* A PKCSReq is usually signed with the key it certifies; that key is then
+       shared rather than built twice. */
+    X509_REQ *req = scep_parse_csr_reusing(ctx, r->content.data, r->content.len,
+                                           X509_get_X509_PUBKEY(state->signer), state->signer_key,
+                                           &key);
     STACK_OF(X509_EXTENSION) *exts = NULL;
     X509_PUBKEY *spki;
     int idx;
@@ -381,13 +385,16 @@ static int signature_alg_ok(const X509_ALGOR *sig_alg, const EVP_PKEY *key)
  * certificate the SignerInfo names. The key is built without the decoder
  * framework (pubkey.c), which is why this is not a CMS_verify call.
  */
-static int verify_signer_info(CMS_ContentInfo *cms, CMS_SignerInfo *si, scep_unwrap_result *r,
-                              scep_request_state *state)
+static int verify_signer_info(const scep_ctx *ctx, CMS_ContentInfo *cms, CMS_SignerInfo *si,
+                              scep_unwrap_result *r, scep_request_state *state)
 {
     STACK_OF(X509) *certs = CMS_get1_certs(cms);
     X509 *signer = NULL;
     X509_ALGOR *sig_alg = NULL;
-    const EVP_MD *md = EVP_get_digestbynid(r->digest_nid);
+    /* A digest outside the fetched set is still verified, so that policy can
+       refuse it with a signed reply. */
+    const EVP_MD *md = scep_md(ctx, r->digest_nid) != NULL ? scep_md(ctx, r->digest_nid)
+                                                            : EVP_get_digestbynid(r->digest_nid);
     ASN1_OCTET_STRING **content = CMS_get0_content(cms);
     const ASN1_OCTET_STRING *want, *sig;
     const ASN1_OBJECT *ctype;
@@ -508,11 +515,12 @@ static void unwrap_one(const scep_ctx *ctx, const scep_buf *msg, scep_unwrap_res
     CMS_SignerInfo_get0_algs(si, NULL, NULL, &dig_alg, NULL);
     X509_ALGOR_get0(&dig_obj, NULL, NULL, dig_alg);
     r->digest_nid = OBJ_obj2nid(dig_obj);
-    if (!verify_signer_info(cms, si, r, state))
+    if (!verify_signer_info(ctx, cms, si, r, state))
         goto done;
     der_len = i2d_X509(state->signer, &der);
     if (der_len <= 0 || !scep_bytes_set(&r->signer_cert, der, (size_t)der_len)
-        || !X509_pubkey_digest(state->signer, EVP_sha256(), r->signer_key_sha256, &md_len)) {
+        || !X509_pubkey_digest(state->signer, scep_md(ctx, NID_sha256), r->signer_key_sha256,
+                               &md_len)) {
         fail(r, SCEP_ERR_INTERNAL, "cannot encode the signer certificate");
         goto done;
     }

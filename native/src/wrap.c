@@ -6,11 +6,9 @@
  * one). Answering with fixed weak algorithms is what makes other servers fail
  * OpenSSL 3 and FIPS-mode clients.
  */
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <openssl/cms.h>
 #include <openssl/err.h>
 #include <openssl/objects.h>
 #include <openssl/rand.h>
@@ -18,7 +16,6 @@
 
 #include "internal.h"
 
-#define SCEP_MAX_NONCE 64
 /* Longest transactionID or failInfoText we sign; item_ok refuses longer ones. */
 #define SCEP_MAX_ATTR 4096
 
@@ -93,7 +90,7 @@ done:
 }
 
 /* Encrypts the content-encryption key to the requester's key. */
-static int encrypt_key(const scep_unwrap_result *req, EVP_PKEY *recipient,
+static int encrypt_key(const scep_ctx *ctx, const scep_unwrap_result *req, EVP_PKEY *recipient,
                        const unsigned char *key, size_t key_len, scep_bytes *out)
 {
     EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(NULL, recipient, NULL);
@@ -104,9 +101,8 @@ static int encrypt_key(const scep_unwrap_result *req, EVP_PKEY *recipient,
         goto done;
     if (req->key_transport == SCEP_KT_RSA_OAEP
         && (EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_OAEP_PADDING) <= 0
-            || EVP_PKEY_CTX_set_rsa_oaep_md(pctx, EVP_get_digestbynid(req->oaep_md_nid)) <= 0
-            || EVP_PKEY_CTX_set_rsa_mgf1_md(pctx, EVP_get_digestbynid(req->oaep_mgf1_md_nid))
-                   <= 0))
+            || EVP_PKEY_CTX_set_rsa_oaep_md(pctx, scep_md(ctx, req->oaep_md_nid)) <= 0
+            || EVP_PKEY_CTX_set_rsa_mgf1_md(pctx, scep_md(ctx, req->oaep_mgf1_md_nid)) <= 0))
         goto done;
     if (EVP_PKEY_encrypt(pctx, NULL, &len, key, key_len) <= 0)
         goto done;
@@ -122,10 +118,11 @@ done:
 }
 
 /* CBC-encrypts `inner` under a fresh key; returns the ciphertext, key and IV. */
-static int encrypt_content(int cipher_nid, const scep_bytes *inner, unsigned char *key,
-                           int *key_len, unsigned char *iv, int *iv_len, scep_bytes *out)
+static int encrypt_content(const scep_ctx *ctx, int cipher_nid, const scep_bytes *inner,
+                           unsigned char *key, int *key_len, unsigned char *iv, int *iv_len,
+                           scep_bytes *out)
 {
-    EVP_CIPHER *cipher = EVP_CIPHER_fetch(NULL, OBJ_nid2sn(cipher_nid), NULL);
+    const EVP_CIPHER *cipher = scep_cipher(ctx, cipher_nid);
     EVP_CIPHER_CTX *cctx = EVP_CIPHER_CTX_new();
     int n1 = 0, n2 = 0, ok = 0;
 
@@ -148,7 +145,6 @@ static int encrypt_content(int cipher_nid, const scep_bytes *inner, unsigned cha
     ok = 1;
 done:
     EVP_CIPHER_CTX_free(cctx);
-    EVP_CIPHER_free(cipher);
     return ok;
 }
 
@@ -158,8 +154,8 @@ done:
  * Encoded here rather than with CMS_encrypt, which would need the requester's
  * key decoded inside its certificate (see pubkey.c).
  */
-static int envelope(const scep_unwrap_result *req, const scep_bytes *inner, scep_bytes *out,
-                    scep_wrap_result *r)
+static int envelope(const scep_ctx *ctx, const scep_unwrap_result *req, const scep_bytes *inner,
+                    scep_bytes *out, scep_wrap_result *r)
 {
     const scep_request_state *state = req->priv;
     unsigned char key[EVP_MAX_KEY_LENGTH], iv[EVP_MAX_IV_LENGTH];
@@ -176,11 +172,11 @@ static int envelope(const scep_unwrap_result *req, const scep_bytes *inner, scep
         fail(r, SCEP_ERR_ARGUMENT, "the requester's key cannot receive RSA key transport");
         goto done;
     }
-    if (!encrypt_content(req->cipher_nid, inner, key, &key_len, iv, &iv_len, &ciphertext)) {
+    if (!encrypt_content(ctx, req->cipher_nid, inner, key, &key_len, iv, &iv_len, &ciphertext)) {
         fail(r, SCEP_ERR_INTERNAL, "cannot encrypt the reply");
         goto done;
     }
-    if (!encrypt_key(req, state->signer_key, key, (size_t)key_len, &wrapped_key)
+    if (!encrypt_key(ctx, req, state->signer_key, key, (size_t)key_len, &wrapped_key)
         || !key_transport_alg(req, &kalg)) {
         fail(r, SCEP_ERR_INTERNAL, "cannot encrypt the content-encryption key");
         goto done;
@@ -276,47 +272,6 @@ done:
     return ok;
 }
 
-static int add_attr(CMS_SignerInfo *si, const ASN1_OBJECT *obj, int type, const void *data,
-                    size_t len)
-{
-    return len <= SCEP_MAX_ATTR && CMS_signed_add1_attr_by_OBJ(si, obj, type, data, (int)len);
-}
-
-static int add_number_attr(CMS_SignerInfo *si, const ASN1_OBJECT *obj, int value)
-{
-    char text[16];
-    int n = snprintf(text, sizeof(text), "%d", value);
-
-    return n > 0 && add_attr(si, obj, V_ASN1_PRINTABLESTRING, text, (size_t)n);
-}
-
-/* The SCEP signed attributes of a CertRep (RFC 8894 section 3.2.1). */
-static int add_scep_attrs(const scep_ctx *ctx, const scep_wrap_item *item, CMS_SignerInfo *si)
-{
-    const scep_unwrap_result *req = item->request;
-    unsigned char nonce[SCEP_MAX_NONCE];
-    const scep_oids *o = &ctx->oids;
-
-    /* A fresh senderNonce, as long as the client's (older iOS sends 8 bytes). */
-    if (RAND_bytes(nonce, (int)req->sender_nonce.len) != 1)
-        return 0;
-    if (!add_number_attr(si, o->message_type, 3) || !add_number_attr(si, o->pki_status, item->pki_status)
-        || !add_attr(si, o->transaction_id, V_ASN1_PRINTABLESTRING, req->transaction_id.data,
-                     req->transaction_id.len)
-        || !add_attr(si, o->recipient_nonce, V_ASN1_OCTET_STRING, req->sender_nonce.data,
-                     req->sender_nonce.len)
-        || !add_attr(si, o->sender_nonce, V_ASN1_OCTET_STRING, nonce, req->sender_nonce.len))
-        return 0;
-    if (item->pki_status != SCEP_STATUS_FAILURE)
-        return 1;
-    if (!add_number_attr(si, o->fail_info, item->fail_info))
-        return 0;
-    if (item->fail_info_text.data != NULL && item->fail_info_text.len > 0)
-        return add_attr(si, o->fail_info_text, V_ASN1_UTF8STRING, item->fail_info_text.data,
-                        item->fail_info_text.len);
-    return 1;
-}
-
 static int item_ok(const scep_wrap_item *item, scep_wrap_result *r)
 {
     const scep_unwrap_result *req = item->request;
@@ -364,12 +319,6 @@ static void wrap_one(const scep_ctx *ctx, const scep_wrap_item *item, scep_wrap_
 {
     const scep_unwrap_result *req = item->request;
     scep_bytes inner = {NULL, 0}, env = {NULL, 0};
-    CMS_ContentInfo *cms = NULL;
-    CMS_SignerInfo *si;
-    BIO *content = NULL;
-    const EVP_MD *md;
-    unsigned char *der = NULL;
-    int der_len;
 
     r->status = SCEP_ERR_INTERNAL;
     if (ctx->signer.key == NULL) {
@@ -378,40 +327,22 @@ static void wrap_one(const scep_ctx *ctx, const scep_wrap_item *item, scep_wrap_
     }
     if (!item_ok(item, r))
         goto done;
-    md = EVP_get_digestbynid(scep_reply_digest(ctx, req->digest_nid));
     if (item->pki_status == SCEP_STATUS_SUCCESS) {
         if (!scep_encode_certs_only(&item->certs, &item->crls, &inner)) {
             fail(r, SCEP_ERR_ARGUMENT, "cannot encode the certificates");
             goto done;
         }
-        if (!envelope(req, &inner, &env, r))
+        if (!envelope(ctx, req, &inner, &env, r))
             goto done;
     }
     /* PENDING and FAILURE carry no envelope: the signed content is empty. */
-    content = BIO_new_mem_buf(env.data != NULL ? env.data : (const unsigned char *)"",
-                              (int)env.len);
-    cms = CMS_sign(NULL, NULL, NULL, NULL, CMS_PARTIAL | CMS_BINARY);
-    si = cms != NULL && md != NULL
-             ? CMS_add1_signer(cms, ctx->signer.cert, ctx->signer.key, md, CMS_NOSMIMECAP)
-             : NULL;
-    if (content == NULL || si == NULL || !add_scep_attrs(ctx, item, si)) {
-        fail(r, SCEP_ERR_INTERNAL, "cannot build the CertRep SignedData");
-        goto done;
-    }
-    if (!CMS_final(cms, content, NULL, CMS_BINARY)) {
+    if (!scep_sign_certrep(ctx, item, scep_reply_digest(ctx, req->digest_nid), &env,
+                           &r->message)) {
         fail(r, SCEP_ERR_INTERNAL, "cannot sign the CertRep");
-        goto done;
-    }
-    der_len = i2d_CMS_ContentInfo(cms, &der);
-    if (der_len <= 0 || !scep_bytes_set(&r->message, der, (size_t)der_len)) {
-        fail(r, SCEP_ERR_INTERNAL, "cannot encode the CertRep");
         goto done;
     }
     r->status = SCEP_OK;
 done:
-    OPENSSL_free(der);
-    CMS_ContentInfo_free(cms);
-    BIO_free(content);
     scep_bytes_clear(&env);
     scep_bytes_clear(&inner);
     ERR_clear_error();
