@@ -21,6 +21,7 @@ from scep_fast.runtime import metrics
 from scep_fast.runtime.app import CT_CA_CERT, CT_CA_RA_CERT, CaCertificates, ScepApp
 from scep_fast.runtime.batcher import Batcher, BatchStats
 from scep_fast.runtime.config import Config
+from scep_fast.runtime.crl import CrlStore, crl_url
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
 from scep_fast.service.enrollment import Answer, EnrollmentService, Policy
@@ -33,10 +34,12 @@ GRACEFUL_SECONDS = 30.0
 log = logging.getLogger("scep_fast.server")
 
 
-def capabilities(config: Config) -> Capabilities:
+def capabilities(config: Config, material: Material) -> Capabilities:
     """What GetCACaps advertises: exactly what this configuration accepts."""
     return Capabilities(
         aes=True,
+        # RFC 8894 section 3.5.2: only while a rollover certificate exists.
+        get_next_ca_cert=material.next_message is not None,
         des3=not config.get("enrollment", "refuse_3des"),
         post_pki_operation=True,
         # RenewalReq, and PKCSReq signed by a certificate we issued.
@@ -110,7 +113,8 @@ def open_ledger(config: Config) -> LmdbLedger:
 def build_service(config: Config, material: Material, ledger: LmdbLedger) -> EnrollmentService:
     """The enrollment rules with this directory's keys, policy and profiles."""
     ctx = ScepContext(
-        recipients=[material.signer],
+        # Clients that still hold a retired RA certificate encrypt to it.
+        recipients=[material.signer, *[(p.ra_cert, p.ra_key) for p in material.previous]],
         signer=material.signer,
         issuer=(material.ca_cert, material.ca_key),
         allow_legacy=bool(config.get("enrollment", "allow_legacy_algorithms")),
@@ -123,8 +127,12 @@ def build_service(config: Config, material: Material, ledger: LmdbLedger) -> Enr
         renewal_window_days=int(config.get("enrollment", "renewal_window_days")),
         revoke_on_replace=bool(config.get("enrollment", "revoke_on_replace")),
     )
-    return EnrollmentService(ctx, ledger, policy, build_profiles(config, None),
-                             [material.ca_cert], on_commit=_observe_commit)
+    profiles = build_profiles(config, crl_url(str(config.get("crl", "public_url")),
+                                              material.ca_cert))
+    return EnrollmentService(ctx, ledger, policy, profiles,
+                             [material.ca_cert, *[p.ca_cert for p in material.previous]],
+                             crl_source=CrlStore(config.dir).by_issuer,
+                             on_commit=_observe_commit)
 
 
 def build_worker(config: Config) -> Worker:
@@ -139,8 +147,10 @@ def build_worker(config: Config) -> Worker:
         on_batch=_observe_batch,
     )
     app = ScepApp(
-        capabilities=capabilities(config),
+        capabilities=capabilities(config, material),
         ca_certificates=ca_certificates(material),
+        crl_store=CrlStore(config.dir),
+        next_ca_certificates=material.next_message,
         batcher=batcher,
         max_body_bytes=int(config.get("server", "max_body_bytes")),
     )

@@ -93,9 +93,12 @@ class Profile:
         if self.extended_key_usage:
             common += _extension("extended_key_usage", list(self.extended_key_usage), False)
         if self.crl_url:
-            common += _extension("crl_distribution_points", [{
-                "distribution_point": {"full_name": [{"uniform_resource_identifier":
-                                                      self.crl_url}]}}], False)
+            point = asn1_x509.DistributionPointName(
+                name="full_name",
+                value=[asn1_x509.GeneralName(name="uniform_resource_identifier",
+                                             value=self.crl_url)])
+            common += _extension("crl_distribution_points",
+                                 [{"distribution_point": point}], False)
         by_type = {"RSA": {"digital_signature", "key_encipherment"},
                    "EC": {"digital_signature"}}
         for key_type, usage in by_type.items():
