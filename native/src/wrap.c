@@ -288,8 +288,11 @@ static int item_ok(const scep_wrap_item *item, scep_wrap_result *r)
     }
     switch (item->pki_status) {
     case SCEP_STATUS_SUCCESS:
-        if (req->status != SCEP_OK || item->certs.data == NULL || item->certs.len == 0) {
-            fail(r, SCEP_ERR_ARGUMENT, "SUCCESS needs a fully unwrapped request and certificates");
+        /* A GetCRL reply (RFC 8894 section 3.3.5) carries a CRL and no certificate. */
+        if (req->status != SCEP_OK || ((item->certs.data == NULL || item->certs.len == 0) &&
+                                       (item->crls.data == NULL || item->crls.len == 0))) {
+            fail(r, SCEP_ERR_ARGUMENT,
+                 "SUCCESS needs a fully unwrapped request and certificates or CRLs");
             return 0;
         }
         if (item->fail_info != -1) {

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CHALLENGE, Server, init_dir, scep_fast, set_config, start_server
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from load import fire, make_requests
@@ -30,6 +29,8 @@ from scep_fast.client import (
     parse_cert_rep,
 )
 from scep_fast.protocol import FailInfo, PKIStatus
+
+from conftest import CHALLENGE, Server, init_dir, scep_fast, set_config, start_server
 
 PROFILES = """
 [profiles.short]
