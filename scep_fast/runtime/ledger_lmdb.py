@@ -645,6 +645,21 @@ class LmdbLedger:
             key = txn.get(transaction_key(transaction_id, requester_key_sha256), db=self._txids)
             return None if key is None else self._record_at(txn, key)
 
+    def find_transactions(
+        self, keys: Sequence[tuple[str, bytes]]
+    ) -> list[tuple[CertRecord | None, PendingRequest | None]]:
+        env = self._env_checked()
+        found: list[tuple[CertRecord | None, PendingRequest | None]] = []
+        with env.begin() as txn:
+            for transaction_id, requester in keys:
+                tkey = transaction_key(transaction_id, requester)
+                serial_key_ = txn.get(tkey, db=self._txids)
+                request_key = txn.get(tkey, db=self._pending_txids)
+                found.append((
+                    None if serial_key_ is None else self._record_at(txn, serial_key_),
+                    None if request_key is None else self._pending_at(txn, request_key)))
+        return found
+
     def commit(self, records: Sequence[CertRecord]) -> list[CommitOutcome]:
         env = self._env_checked()
         if not records:

@@ -77,6 +77,9 @@ from scep_fast.service.ledger import (
 from scep_fast.service.profile import Profile, ProfileViolation, common_name
 
 _EMPTY_NAME = b"\x30\x00"
+# Messages that name a transaction the ledger may already know.
+_TRANSACTION_TYPES = frozenset({MessageType.PKCS_REQ, MessageType.RENEWAL_REQ,
+                                MessageType.CERT_POLL})
 SUPERSEDED = 4  # RFC 5280 CRLReason
 
 
@@ -128,6 +131,9 @@ class _Item:
     # Whose transaction this is (see EnrollmentService._requester).
     requester: bytes = b""
     signed_by_us: bool = False
+    # What the ledger already holds for (transactionID, requester).
+    known_record: CertRecord | None = None
+    known_pending: PendingRequest | None = None
 
 
 def _new_serial() -> int:
@@ -174,7 +180,12 @@ class EnrollmentService:
     def handle_batch(self, messages: Sequence[bytes]) -> list[Answer]:
         items = [_Item(u, Answer()) for u in self._ctx.unwrap_batch(messages)]
         for item in items:
-            self._check(item)
+            self._authenticate(item)
+        readable = [i for i in items if i.request is not None and i.reply is None]
+        self._look_up([i for i in readable if i.request is not None
+                       and i.request.message_type in _TRANSACTION_TYPES])
+        for item in readable:
+            self._decide(item)
         self._consume_challenges([i for i in items if i.challenge])
         self._record_pending([i for i in items if i.pending is not None])
         self._issue([i for i in items if i.issue is not None])
@@ -232,7 +243,8 @@ class EnrollmentService:
 
     # ---- step 1: authenticate and decide ----------------------------------
 
-    def _check(self, item: _Item) -> None:
+    def _authenticate(self, item: _Item) -> None:
+        """Verified attributes in ``item.request``, or a refusal already decided."""
         u = item.unwrapped
         error = u.error
         # What failed before the signature was verified, or what we cannot
@@ -272,6 +284,10 @@ class EnrollmentService:
         item.signed_by_us, item.requester = self._requester(u.signer_cert, u.signer_key_sha256)
         item.answer.message_type = request.message_type.name
         item.answer.transaction_id = request.transaction_id
+
+    def _decide(self, item: _Item) -> None:
+        request, error = item.request, item.unwrapped.error
+        assert request is not None  # noqa: S101 - only authenticated items get here
         try:
             if isinstance(error, AlgorithmRefused):
                 raise BadAlg(error.reason)
@@ -290,6 +306,13 @@ class EnrollmentService:
                 raise BadRequest(f"{message_type.name} is not a request")
         except MessageError as e:
             self._fail(item, e)
+
+    def _look_up(self, items: list[_Item]) -> None:
+        """What the ledger knows of each transaction, in one read for the batch."""
+        keys = [(i.request.transaction_id, i.requester) for i in items if i.request is not None]
+        for item, (record, pending) in zip(items, self._ledger.find_transactions(keys),
+                                           strict=True):
+            item.known_record, item.known_pending = record, pending
 
     def _check_enrollment(self, item: _Item, request: ScepRequestMessage) -> None:
         u = item.unwrapped
@@ -350,7 +373,7 @@ class EnrollmentService:
 
     def _answered_before(self, item: _Item, request: ScepRequestMessage) -> bool:
         """A resend of a transaction we know: the same answer, or a refusal."""
-        existing = self._ledger.find_transaction(request.transaction_id, item.requester)
+        existing = item.known_record
         if existing is not None:
             # RFC 8894 section 3.3.1: the same transactionID is a resend;
             # another CSR under it is not.
@@ -358,7 +381,7 @@ class EnrollmentService:
                 raise BadRequest("transactionID already used with another certification request")
             self._succeed(item, existing.der, existing.serial, existing.profile)
             return True
-        pending = self._ledger.find_pending(request.transaction_id, item.requester)
+        pending = item.known_pending
         if pending is None:
             return False
         if pending.csr_sha256 != item.csr_sha256:
@@ -463,11 +486,11 @@ class EnrollmentService:
     def _answer_poll(self, item: _Item, request: ScepRequestMessage) -> None:
         # RFC 8894 section 3.3.3: CertPoll asks about a transaction by its
         # transactionID, from the same requester.
-        existing = self._ledger.find_transaction(request.transaction_id, item.requester)
+        existing = item.known_record
         if existing is not None:
             self._succeed(item, existing.der, existing.serial, existing.profile)
             return
-        pending = self._ledger.find_pending(request.transaction_id, item.requester)
+        pending = item.known_pending
         if pending is None:
             raise BadCertId("no request with this transactionID")
         self._answer_pending(item, pending)

@@ -383,6 +383,16 @@ class Ledger(Protocol):
         """The certificate issued for this transaction of this requester."""
         ...
 
+    def find_transactions(
+        self, keys: Sequence[tuple[str, bytes]]
+    ) -> list[tuple[CertRecord | None, PendingRequest | None]]:
+        """For each (transaction_id, requester) key: its certificate and its pending request.
+
+        One read for a whole batch, so that a batch costs one lookup, not two
+        per message.
+        """
+        ...
+
     def commit(self, records: Sequence[CertRecord]) -> list[CommitOutcome]:
         """Record a batch in one durable transaction; one outcome per record."""
         ...
@@ -503,6 +513,19 @@ class MemoryLedger:
             self._check_open()
             serial = self._txids.get((transaction_id, requester_key_sha256))
             return None if serial is None else self._certs[serial]
+
+    def find_transactions(
+        self, keys: Sequence[tuple[str, bytes]]
+    ) -> list[tuple[CertRecord | None, PendingRequest | None]]:
+        with self._lock:
+            self._check_open()
+            found: list[tuple[CertRecord | None, PendingRequest | None]] = []
+            for key in keys:
+                serial = self._txids.get(key)
+                request_id = self._pending_txids.get(key)
+                found.append((None if serial is None else self._certs[serial],
+                              None if request_id is None else self._pending[request_id]))
+            return found
 
     def commit(self, records: Sequence[CertRecord]) -> list[CommitOutcome]:
         with self._lock:

@@ -740,3 +740,13 @@ def test_processes_race_for_challenges_and_crl_numbers(ledger_dir: Path) -> None
             stored = ledger.get_challenge(digest(secret))
             assert stored is not None and stored.uses_left == 0
         assert ledger.next_crl_number() == total + 1
+
+
+def test_find_transactions_reads_records_and_pending_requests_at_once(
+        ledger: LmdbLedger) -> None:
+    issued = make_record(random_serial(), "tx-issued")
+    ledger.commit([issued])
+    waiting = ledger.add_pending(make_pending("aa00aa00aa00aa00", "tx-waiting"))
+    found = ledger.find_transactions([("tx-issued", KEY_A), ("tx-waiting", KEY_A),
+                                      ("tx-unknown", KEY_A), ("tx-issued", KEY_B)])
+    assert found == [(issued, None), (None, waiting), (None, None), (None, None)]
