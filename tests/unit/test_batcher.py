@@ -44,9 +44,11 @@ def test_messages_are_batched_and_answered_in_order() -> None:
 
 
 def test_full_queue_is_refused_at_once_with_retry_after() -> None:
+    entered = threading.Event()
     release = threading.Event()
 
     def handle(batch: Sequence[bytes]) -> list[bytes]:
+        entered.set()
         release.wait(timeout=30)
         return list(batch)
 
@@ -57,7 +59,7 @@ def test_full_queue_is_refused_at_once_with_retry_after() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(batcher.run)
 
-            async def one(i: int) -> None:
+            async def one() -> None:
                 try:
                     await batcher.submit(b"x")
                     outcomes["ok"] += 1
@@ -69,8 +71,11 @@ def test_full_queue_is_refused_at_once_with_retry_after() -> None:
 
             with trio.fail_after(10):
                 async with trio.open_nursery() as clients:
-                    for i in range(10):
-                        clients.start_soon(one, i)
+                    clients.start_soon(one)
+                    # The first message is in the (blocked) handler before the rest come.
+                    await trio.to_thread.run_sync(entered.wait, 10)
+                    for _ in range(9):
+                        clients.start_soon(one)
                     # The refusals come back while the handler is still blocked.
                     await seven_refused.wait()
                     release.set()
