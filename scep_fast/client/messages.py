@@ -741,6 +741,31 @@ def _issuer_and_serial_content(issuer: x509.Name, serial: int) -> bytes:
     return _der(0x30, issuer.public_bytes() + core.Integer(serial).dump())
 
 
+def _build_issuer_serial_query(
+    message_type: MessageType,
+    recipient: x509.Certificate,
+    issuer: x509.Name,
+    serial: int,
+    signer_key: rsa.RSAPrivateKey,
+    signer_cert: x509.Certificate,
+    digest: DigestName,
+    cipher: CipherName,
+    key_transport: KeyTransportName,
+) -> PkiRequest:
+    content = _issuer_and_serial_content(issuer, serial)
+    return build_pki_message(
+        message_type,
+        content,
+        recipient=recipient,
+        signer_key=signer_key,
+        signer_cert=signer_cert,
+        transaction_id=hashlib.sha256(content).hexdigest(),
+        digest=digest,
+        cipher=cipher,
+        key_transport=key_transport,
+    )
+
+
 def build_get_cert(
     recipient: x509.Certificate,
     *,
@@ -753,18 +778,8 @@ def build_get_cert(
     key_transport: KeyTransportName = "pkcs1v15",
 ) -> PkiRequest:
     """A GetCert (21) for the certificate ``issuer`` + ``serial`` (RFC 8894 §3.3.4)."""
-    content = _issuer_and_serial_content(issuer, serial)
-    return build_pki_message(
-        MessageType.GET_CERT,
-        content,
-        recipient=recipient,
-        signer_key=signer_key,
-        signer_cert=signer_cert,
-        transaction_id=hashlib.sha256(content).hexdigest(),
-        digest=digest,
-        cipher=cipher,
-        key_transport=key_transport,
-    )
+    return _build_issuer_serial_query(MessageType.GET_CERT, recipient, issuer, serial,
+                                      signer_key, signer_cert, digest, cipher, key_transport)
 
 
 def build_get_crl(
@@ -779,18 +794,8 @@ def build_get_crl(
     key_transport: KeyTransportName = "pkcs1v15",
 ) -> PkiRequest:
     """A GetCRL (22) for the CRL covering ``issuer`` + ``serial`` (RFC 8894 §3.3.5)."""
-    content = _issuer_and_serial_content(issuer, serial)
-    return build_pki_message(
-        MessageType.GET_CRL,
-        content,
-        recipient=recipient,
-        signer_key=signer_key,
-        signer_cert=signer_cert,
-        transaction_id=hashlib.sha256(content).hexdigest(),
-        digest=digest,
-        cipher=cipher,
-        key_transport=key_transport,
-    )
+    return _build_issuer_serial_query(MessageType.GET_CRL, recipient, issuer, serial,
+                                      signer_key, signer_cert, digest, cipher, key_transport)
 
 
 # ----------------------------------------------------------------- CertRep

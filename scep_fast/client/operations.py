@@ -7,6 +7,7 @@ against the RA certificate from GetCACert, as ``enroll`` does.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -75,23 +76,22 @@ def _throwaway_signer() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     return key, build_signer_certificate(key, "scep-fast query")
 
 
-def get_cert(url: str, serial: int, *, use_get: bool = False,
-             timeout: float = DEFAULT_TIMEOUT_SECONDS) -> CertRep:
-    """GetCert (RFC 8894 section 3.3.4): the certificate our CA issued with ``serial``."""
+def _query(url: str, build: Callable[..., PkiRequest], serial: int, use_get: bool,
+           timeout: float) -> CertRep:
     transport = ScepTransport(url, timeout=timeout)
     ra, ca = _issuing_ca(transport)
     key, signer = _throwaway_signer()
-    request = build_get_cert(ra, issuer=ca.subject, serial=serial, signer_key=key,
-                             signer_cert=signer)
+    request = build(ra, issuer=ca.subject, serial=serial, signer_key=key, signer_cert=signer)
     return _exchange(transport, request, use_get)
+
+
+def get_cert(url: str, serial: int, *, use_get: bool = False,
+             timeout: float = DEFAULT_TIMEOUT_SECONDS) -> CertRep:
+    """GetCert (RFC 8894 section 3.3.4): the certificate our CA issued with ``serial``."""
+    return _query(url, build_get_cert, serial, use_get, timeout)
 
 
 def get_crl(url: str, *, serial: int = 1, use_get: bool = False,
             timeout: float = DEFAULT_TIMEOUT_SECONDS) -> CertRep:
     """GetCRL (RFC 8894 section 3.3.5): the current CRL of the CA."""
-    transport = ScepTransport(url, timeout=timeout)
-    ra, ca = _issuing_ca(transport)
-    key, signer = _throwaway_signer()
-    request = build_get_crl(ra, issuer=ca.subject, serial=serial, signer_key=key,
-                            signer_cert=signer)
-    return _exchange(transport, request, use_get)
+    return _query(url, build_get_crl, serial, use_get, timeout)

@@ -745,6 +745,11 @@ class LmdbLedger:
             txn.put(key, b"", db=self._revoked)
         return revoked
 
+    def count_revoked(self) -> int:
+        env = self._env_checked()
+        with env.begin() as txn:
+            return int(txn.stat(self._revoked)["entries"])
+
     def iter_revoked(self) -> Iterator[CertRecord]:
         def record_of(txn: lmdb.Transaction[bytes], key: bytes, _value: bytes) -> bytes:
             value = txn.get(key, db=self._certs)

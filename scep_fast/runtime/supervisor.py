@@ -33,7 +33,7 @@ from cryptography import x509
 
 from scep_fast.runtime.config import Config
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
-from scep_fast.runtime.pki import load_material
+from scep_fast.runtime.pki import Material, load_material
 
 log = logging.getLogger("scep_fast.supervisor")
 
@@ -44,7 +44,8 @@ QUICK_DEATH_SECONDS = 5.0
 MAX_RESTART_DELAY_SECONDS = 10.0
 STOP_GRACE_SECONDS = 40.0
 # How often the supervisor checks whether a CRL needs rewriting.
-CRL_CHECK_SECONDS = 60.0
+# How often the supervisor looks for a CRL to rewrite (a cheap check).
+CRL_CHECK_SECONDS = 2.0
 # During a reload, a fresh worker runs this long before the next one is replaced.
 RELOAD_SETTLE_SECONDS = 1.0
 
@@ -90,6 +91,8 @@ class Supervisor:
         # The supervisor's ledger handle (one per process), for the CRLs.
         self._ledger: Any = ledger
         self._own_ledger: Any = None
+        self._revoked_seen: int | None = None
+        self._material: Material | None = None
         self._crl_check_at = 0.0
 
     def _spawn(self, slot: _Slot) -> None:
@@ -127,15 +130,25 @@ class Supervisor:
         self._reload_requested = True
 
     def _refresh_crls(self) -> None:
-        """Writes every CRL that is missing or close to its nextUpdate."""
+        """Writes every CRL that is missing, close to its nextUpdate, or behind a revocation.
+
+        Revocations come from `certs revoke` (which writes the CRL itself) and
+        from workers revoking a certificate a renewal replaced; the count of
+        revoked certificates, cheap to read, tells when there is a new one.
+        """
         from scep_fast.runtime.crl import refresh_all
         from scep_fast.runtime.server import open_ledger
 
         try:
             if self._ledger is None:
                 self._ledger = self._own_ledger = open_ledger(self._config)
-            # Read afresh each time: `ca activate` may have changed the CAs.
-            refresh_all(self._config, self._ledger, load_material(self._config))
+            revoked = self._ledger.count_revoked()
+            force = self._revoked_seen is not None and revoked != self._revoked_seen
+            if self._material is None:
+                # Loaded again after a reload: `ca activate` changes the CAs.
+                self._material = load_material(self._config)
+            refresh_all(self._config, self._ledger, self._material, force=force)
+            self._revoked_seen = revoked
         except Exception:  # noqa: BLE001 - logged; the next check tries again
             log.exception("CRL refresh failed")
 
@@ -151,6 +164,7 @@ class Supervisor:
             except Exception:  # noqa: BLE001 - the running workers stay
                 log.exception("reload refused: the CA material does not load")
                 return
+            self._material = None
             log.info("reloading workers", extra={"fields": {"workers": len(self._slots)}})
             self._reload_queue = [slot.index for slot in self._slots]
             self._refresh_crls()

@@ -422,6 +422,10 @@ class Ledger(Protocol):
         """The revoked certificates in ascending serial order, from an index."""
         ...
 
+    def count_revoked(self) -> int:
+        """How many certificates are revoked: cheap, so a CRL writer can poll it."""
+        ...
+
     def add_pending(self, p: PendingRequest) -> PendingRequest:
         """Record a request waiting for approval, durably.
 
@@ -586,6 +590,11 @@ class MemoryLedger:
             )
             self._certs[serial] = revoked
             return revoked
+
+    def count_revoked(self) -> int:
+        with self._lock:
+            self._check_open()
+            return sum(1 for r in self._certs.values() if r.status == "revoked")
 
     def iter_revoked(self) -> Iterator[CertRecord]:
         with self._lock:

@@ -20,8 +20,7 @@ from scep_fast.protocol import PKIStatus
 from scep_fast.runtime import config as configuration
 from scep_fast.runtime import crl, pki
 from scep_fast.service.ledger import CertRecord, MemoryLedger
-
-from conftest import CHALLENGE, Server, init_dir, scep_fast, set_config
+from tests.integration.conftest import CHALLENGE, Server, init_dir, scep_fast, set_config
 
 T0 = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
 PUBLIC_URL = "http://pki.example.test/scep-fast"

@@ -12,11 +12,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from load import fire, make_requests
 
 from scep_fast.client import build_pkcs_req, parse_ca_certs
-
-from conftest import CHALLENGE, Server, free_port, init_dir, set_config, start_server
+from tests.integration.conftest import (
+    CHALLENGE,
+    Server,
+    free_port,
+    init_dir,
+    set_config,
+    start_server,
+)
+from tests.integration.load import fire, make_requests
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "grafana" / "scep-fast.json"

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from load import fire, make_requests
 
 from scep_fast.client import (
     CACertificates,
@@ -29,8 +28,15 @@ from scep_fast.client import (
     parse_cert_rep,
 )
 from scep_fast.protocol import FailInfo, PKIStatus
-
-from conftest import CHALLENGE, Server, init_dir, scep_fast, set_config, start_server
+from tests.integration.conftest import (
+    CHALLENGE,
+    Server,
+    init_dir,
+    scep_fast,
+    set_config,
+    start_server,
+)
+from tests.integration.load import fire, make_requests
 
 PROFILES = """
 [profiles.short]
@@ -309,6 +315,16 @@ def test_revoke_on_replace_and_renewal_window(tmp_path: Path) -> None:
         records = {r["serial"]: r for r in map(json.loads, done.stdout.splitlines())}
         assert records[format(old.serial_number, "x")]["status"] == "revoked"
         assert records[format(old.serial_number, "x")]["revocation_reason"] == "superseded"
+        # The supervisor notices the revocation and writes a fresh CRL.
+        deadline = time.monotonic() + 15
+        listed: set[int] = set()
+        while time.monotonic() < deadline and old.serial_number not in listed:
+            done = scep_fast("getcrl", server.url)
+            assert done.returncode == 0, done.stderr
+            crl = x509.load_pem_x509_crl(done.stdout.encode())
+            listed = {entry.serial_number for entry in crl}
+            time.sleep(0.5)
+        assert old.serial_number in listed
         # A revoked certificate cannot renew.
         again = send(server, build_renewal_req(ca_certs(server).ra, old_cert=old,
                                                old_key=old_key, cn="replace-me"))

@@ -16,8 +16,7 @@ from scep_fast.client import build_pkcs_req, enroll, parse_cert_rep
 from scep_fast.protocol import PKIStatus
 from scep_fast.runtime import config as configuration
 from scep_fast.runtime import crl, pki
-
-from conftest import CHALLENGE, Server, init_dir, scep_fast, set_config
+from tests.integration.conftest import CHALLENGE, Server, init_dir, scep_fast, set_config
 
 RELOAD_TIMEOUT_SECONDS = 30
 

@@ -23,8 +23,7 @@ from scep_fast.client import (
     parse_cert_rep,
 )
 from scep_fast.protocol import FailInfo, PKIStatus
-
-from conftest import CHALLENGE, Server, init_dir, scep_fast, set_config
+from tests.integration.conftest import CHALLENGE, Server, init_dir, scep_fast, set_config
 
 
 def ca_certs(server: Server) -> CACertificates:

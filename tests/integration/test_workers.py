@@ -11,11 +11,17 @@ import time
 from pathlib import Path
 
 from cryptography import x509
-from load import Result, fire, make_requests
 
 from scep_fast.client import parse_ca_certs
-
-from conftest import CHALLENGE, Server, init_dir, scep_fast, set_config, start_server
+from tests.integration.conftest import (
+    CHALLENGE,
+    Server,
+    init_dir,
+    scep_fast,
+    set_config,
+    start_server,
+)
+from tests.integration.load import Result, fire, make_requests
 
 
 def worker_pids(server: Server) -> set[int]:

@@ -1,41 +1,21 @@
 """Fixtures for the interop tests: a real `scep-fast serve` and third-party SCEP peers.
 
-The server helpers are the integration tests' own (``tests/integration/conftest.py``),
-loaded under a module name of their own: both directories' conftests would
-otherwise be the same ``conftest`` module. The peers are Debian's `scep`
+The server helpers are the integration tests' own (``tests/integration/conftest.py``).
+The peers are Debian's `scep`
 (micromdm scepclient/scepserver) and `certmonger` (scep-submit); a test whose
 peer is missing is skipped with the reason.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-_HELPERS = Path(__file__).resolve().parents[1] / "integration" / "conftest.py"
-_MODULE = "scep_fast_tests_integration_server"
-
-
-def _load_helpers() -> ModuleType:
-    loaded = sys.modules.get(_MODULE)
-    if loaded is not None:
-        return loaded
-    spec = importlib.util.spec_from_file_location(_MODULE, _HELPERS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_helpers = _load_helpers()
+from tests.integration import conftest as _helpers
 
 CHALLENGE: str = _helpers.CHALLENGE
 Server = _helpers.Server

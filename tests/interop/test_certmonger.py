@@ -33,8 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from scep_fast.client import PkiRequest, build_pkcs_req, build_renewal_req, decrypt_envelope
-
-from conftest import (
+from tests.interop.conftest import (
     CHALLENGE,
     PEER_TIMEOUT_SECONDS,
     SCEP_SUBMIT,

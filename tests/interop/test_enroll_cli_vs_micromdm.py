@@ -32,7 +32,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from conftest import SCEPSERVER
+from tests.interop.conftest import SCEPSERVER
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 8080  # free by construction: the namespace is private

@@ -31,7 +31,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from conftest import (
+from tests.interop.conftest import (
     CHALLENGE,
     PEER_TIMEOUT_SECONDS,
     SCEPCLIENT,

@@ -43,8 +43,7 @@ from scep_fast.crypto import (
     Unwrapped,
     certs_only,
 )
-
-from hostile_helpers import (
+from tests.native.hostile_helpers import (
     OID_DATA,
     OID_ENVELOPED_DATA,
     OID_MESSAGE_TYPE,

@@ -13,11 +13,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from test_roundtrip import openssl
 
 from scep_fast.crypto import IssueRequest, ScepContext, certs_only
-
-from certrep import degenerate_certs
+from tests.native.certrep import degenerate_certs
+from tests.native.test_roundtrip import openssl
 
 
 def make_ca(kind: str) -> tuple[bytes, bytes]:

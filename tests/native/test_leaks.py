@@ -36,8 +36,7 @@ from scep_fast.crypto import (
     ScepContext,
     certs_only,
 )
-
-from hostile_helpers import B, Device, flip, raw_issue, signature_span
+from tests.native.hostile_helpers import B, Device, flip, raw_issue, signature_span
 
 pytestmark = [
     pytest.mark.skipif(os.environ.get("SCEP_FAST_SANITIZED") == "1",

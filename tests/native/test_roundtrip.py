@@ -16,8 +16,7 @@ import pytest
 from asn1crypto import x509 as asn1_x509
 
 from scep_fast.crypto import CertRepSpec, IssueRequest, ScepContext
-
-from certrep import degenerate_certs, envelope_algorithms, read_certrep
+from tests.native.certrep import degenerate_certs, envelope_algorithms, read_certrep
 
 CIPHERS = {"aes128": "aes128_cbc", "aes192": "aes192_cbc", "aes256": "aes256_cbc",
            "des3": "tripledes_3key"}

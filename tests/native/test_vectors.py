@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_roundtrip import decrypt_envelope, verify_certrep
 
 from scep_fast.crypto import (
     AlgorithmRefused,
@@ -14,9 +13,9 @@ from scep_fast.crypto import (
     IssueRequest,
     ScepContext,
 )
-
-from certrep import envelope_algorithms, read_certrep
-from conftest import keypair
+from tests.native.certrep import envelope_algorithms, read_certrep
+from tests.native.conftest import keypair
+from tests.native.test_roundtrip import decrypt_envelope, verify_certrep
 
 # file, transactionID, senderNonce, digest, cipher, key transport (from the vectors' README)
 VECTORS = [
