@@ -2,9 +2,9 @@
 
 Requests wait in a bounded trio memory channel: when it is full the request
 is refused at once with Overloaded (503 + Retry-After) rather than queued
-without bound. One task collects up to ``max_size`` messages, waiting at most
-``window_seconds`` after the first, and runs the whole batch in a worker
-thread, where cffi releases the GIL while the C core works.
+without bound. One task collects up to ``max_size`` messages (waiting at
+most ``window_seconds`` for more when others are queued) and runs the whole
+batch in a worker thread, where cffi releases the GIL while the C core works.
 """
 
 from __future__ import annotations
@@ -85,19 +85,30 @@ class Batcher(Generic[T]):
                 await self._run_batch(batch)
 
     async def _collect(self, batch: list[_Pending[T]]) -> None:
+        """Adds what is queued, then, only if others were queued too, waits for more.
+
+        A lone message means an idle worker: it runs at once, so a quiet
+        server answers without the window's delay. Several queued messages
+        mean load: waiting up to the window fills the batch, which spreads
+        the per-batch costs (the ledger sync above all) over more requests.
+        """
+        self._drain(batch)
+        if len(batch) == 1 or len(batch) >= self._max_size or self._window <= 0:
+            return
         with trio.move_on_after(self._window):
             while len(batch) < self._max_size:
-                try:
-                    batch.append(self._receive.receive_nowait())
-                    continue
-                except trio.WouldBlock:
-                    pass
-                except trio.EndOfChannel:
-                    return
                 try:
                     batch.append(await self._receive.receive())
                 except trio.EndOfChannel:
                     return
+                self._drain(batch)
+
+    def _drain(self, batch: list[_Pending[T]]) -> None:
+        while len(batch) < self._max_size:
+            try:
+                batch.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
 
     async def _run_batch(self, batch: list[_Pending[T]]) -> None:
         started = time.perf_counter()

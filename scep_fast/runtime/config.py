@@ -102,9 +102,9 @@ SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "batch": {
         "max_size": _Key(int, 32, _between(1, 1024), "1 to 1024"),
-        # 0: a batch is whatever queued while the previous batch ran, so a
-        # lone request never waits and a busy worker still batches.
-        "window_seconds": _Key(float, 0.0, _between(0, 1), "0 to 1"),
+        # Under load a batch waits this long for more messages; a lone
+        # request on an idle worker never waits.
+        "window_seconds": _Key(float, 0.002, _between(0, 1), "0 to 1"),
         "queue_size": _Key(int, 1024, _between(1, 1_000_000), "1 to 1000000"),
     },
 }
