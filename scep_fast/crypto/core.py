@@ -8,6 +8,7 @@ for the duration, so a batch may run in a worker thread beside the event loop.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +45,12 @@ def _bytes(b: Any) -> bytes:
     return bytes(ffi.buffer(b.data, b.len)) if b.data != ffi.NULL else b""
 
 
+@functools.cache
 def nid_name(nid: int) -> str:
-    """OpenSSL's short name for a NID ("SHA256", "AES-128-CBC"), or ""."""
+    """OpenSSL's short name for a NID ("SHA256", "AES-128-CBC"), or "".
+
+    Cached: a handful of NIDs occur, and every unwrapped message names five.
+    """
     return _text(lib.scep_nid_name(nid))
 
 
