@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scep_fast.service.profile import EXTENDED_KEY_USAGES, KEY_TYPES, KEY_USAGES, SAN_TYPES
+from scep_fast.service.profile import (
+    EXTENDED_KEY_USAGES,
+    KEY_TYPES,
+    KEY_USAGES,
+    SAN_TYPES,
+    Profile,
+)
 
 CONFIG_NAME = "scep-fast.toml"
 KIB = 1024
@@ -110,6 +116,14 @@ SCHEMA: dict[str, dict[str, _Key]] = {
 }
 
 
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
 def _list_of(allowed: tuple[str, ...]) -> Callable[[Any], bool]:
     return lambda v: all(isinstance(x, str) and x in allowed for x in v)
 
@@ -122,7 +136,7 @@ PROFILE_SCHEMA: dict[str, _Key] = {
     "min_rsa_bits": _Key(int, 2048, _between(2048, 16384), "2048 to 16384"),
     "san_types": _Key(list, ["dns", "email", "ip", "uri"], _list_of(tuple(SAN_TYPES)),
                       f"a list of {tuple(SAN_TYPES)}"),
-    "san_pattern": _Key(str, ""),
+    "san_pattern": _Key(str, "", lambda v: _compiles(v), "a valid regular expression"),
     "subject_template": _Key(str, ""),
     "key_usage": _Key(list, [], _list_of(KEY_USAGES), f"a list of {KEY_USAGES}"),
     "extended_key_usage": _Key(list, ["client_auth"], _list_of(EXTENDED_KEY_USAGES),
@@ -147,10 +161,33 @@ class Config:
         """A file named in the config, relative to the directory."""
         return self.dir / str(self.values[section][key])
 
+    def profiles(self, crl_url: str | None = None) -> dict[str, Profile]:
+        """The certificate profiles, each naming ``crl_url`` as its CRL distribution point."""
+        return {name: _profile(name, table, crl_url)
+                for name, table in self.values["profiles"].items()}
+
     @property
     def workers(self) -> int:
         configured = int(self.values["server"]["workers"])
         return configured or (os.cpu_count() or 1)
+
+
+def _profile(name: str, p: dict[str, Any], crl_url: str | None) -> Profile:
+    return Profile(
+        name=name,
+        validity_days=int(p["validity_days"]),
+        backdate_seconds=int(p["backdate_seconds"]),
+        key_types=tuple(p["key_types"]),
+        min_rsa_bits=int(p["min_rsa_bits"]),
+        san_types=tuple(p["san_types"]),
+        san_pattern=str(p["san_pattern"]),
+        subject_template=str(p["subject_template"]),
+        key_usage=tuple(p["key_usage"]),
+        extended_key_usage=tuple(p["extended_key_usage"]),
+        include_chain=bool(p["include_chain"]),
+        require_approval=bool(p["require_approval"]),
+        crl_url=crl_url,
+    )
 
 
 def _check(section: str, key: str, value: Any) -> Any:
@@ -198,6 +235,12 @@ def parse(text: str, directory: Path) -> Config:
             if key not in PROFILE_SCHEMA:
                 raise ConfigError(f"profiles.{name}.{key}: unknown key")
             profile[key] = _check_value(f"profiles.{name}.{key}", PROFILE_SCHEMA[key], value)
+        try:
+            # What only a built profile can tell (a subject template that is
+            # no name, say) is found now, not when a worker starts.
+            _profile(name, profile, None)
+        except ValueError as e:
+            raise ConfigError(f"profiles.{name}: {e}") from None
         values["profiles"][name] = profile
     for section, table in raw.items():
         if section not in SCHEMA:

@@ -25,7 +25,6 @@ from scep_fast.runtime.crl import CrlStore, crl_url
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
 from scep_fast.service.enrollment import Answer, EnrollmentService, Policy
-from scep_fast.service.profile import Profile
 
 LEDGER_DIR = "ledger"
 # How long a stopping worker may take to finish the requests it accepted.
@@ -84,27 +83,6 @@ def _observe_batch(stats: BatchStats) -> None:
     metrics.BATCH_WAIT.observe(stats.wait_seconds)
 
 
-def build_profiles(config: Config, crl_url: str | None) -> dict[str, Profile]:
-    return {
-        name: Profile(
-            name=name,
-            validity_days=int(p["validity_days"]),
-            backdate_seconds=int(p["backdate_seconds"]),
-            key_types=tuple(p["key_types"]),
-            min_rsa_bits=int(p["min_rsa_bits"]),
-            san_types=tuple(p["san_types"]),
-            san_pattern=str(p["san_pattern"]),
-            subject_template=str(p["subject_template"]),
-            key_usage=tuple(p["key_usage"]),
-            extended_key_usage=tuple(p["extended_key_usage"]),
-            include_chain=bool(p["include_chain"]),
-            require_approval=bool(p["require_approval"]),
-            crl_url=crl_url,
-        )
-        for name, p in config.values["profiles"].items()
-    }
-
-
 def open_ledger(config: Config) -> LmdbLedger:
     return LmdbLedger(config.dir / LEDGER_DIR,
                       map_size_bytes=int(config.get("ledger", "map_size_bytes")))
@@ -127,8 +105,7 @@ def build_service(config: Config, material: Material, ledger: LmdbLedger) -> Enr
         renewal_window_days=int(config.get("enrollment", "renewal_window_days")),
         revoke_on_replace=bool(config.get("enrollment", "revoke_on_replace")),
     )
-    profiles = build_profiles(config, crl_url(str(config.get("crl", "public_url")),
-                                              material.ca_cert))
+    profiles = config.profiles(crl_url(str(config.get("crl", "public_url")), material.ca_cert))
     return EnrollmentService(ctx, ledger, policy, profiles,
                              [material.ca_cert, *[p.ca_cert for p in material.previous]],
                              crl_source=CrlStore(config.dir).by_issuer,

@@ -85,7 +85,10 @@ class Profile:
         if not self.key_types:
             raise ValueError("key_types must name at least one key type")
         if self.san_pattern:
-            re.compile(self.san_pattern)
+            try:
+                re.compile(self.san_pattern)
+            except re.error as e:
+                raise ValueError(f"san_pattern: {e}") from None
         if self.subject_template:
             # Checked once here so a bad template never reaches a request.
             self.render_subject("example")
