@@ -7,11 +7,10 @@ import random
 import socket
 import urllib.parse
 
-from tests.integration.conftest import CHALLENGE, Server
-from tests.integration.test_server import ca_certs
-
 from scep_fast.client import build_pkcs_req, parse_cert_rep
 from scep_fast.protocol import PKIStatus
+from tests.integration.conftest import CHALLENGE, Server
+from tests.integration.test_server import ca_certs
 
 # A client's mistake gets one of these; 5xx would be ours.
 CLIENT_ERRORS = {400, 404, 405, 413}
