@@ -21,6 +21,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -56,11 +57,13 @@ def pending_to_json(p: PendingRequest) -> dict[str, object]:
 class AdminApi:
     """The operations behind the endpoints; shared by the HTTP handler and tests."""
 
-    def __init__(self, ledger: Ledger, service: EnrollmentService, profiles: list[str],
-                 token: bytes) -> None:
+    def __init__(self, ledger: Ledger, service: Callable[[], EnrollmentService],
+                 profiles: list[str], token: bytes) -> None:
         if len(token) < 16:
             raise ValueError("the admin token must be at least 16 bytes")
         self.ledger = ledger
+        # Built for each decision, from the keys on disk now: approvals are
+        # rare, and after `ca activate` they must come from the new CA.
         self.service = service
         self.profiles = profiles
         self._token = token
@@ -92,8 +95,8 @@ class AdminApi:
     def decide(self, request_id: str, action: str, body: dict[str, Any]) -> dict[str, object]:
         with self._lock:
             if action == "approve":
-                return record_to_json(self.service.approve(request_id))
-            return pending_to_json(self.service.reject(request_id, str(body.get("reason", ""))))
+                return record_to_json(self.service().approve(request_id))
+            return pending_to_json(self.service().reject(request_id, str(body.get("reason", ""))))
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -303,7 +303,7 @@ def _serve_admin(config: Config, ledger: LmdbLedger, bind: str) -> None:
     except FileNotFoundError:
         log.warning("admin API off: no token file", extra={"fields": {"path": str(token_path)}})
         return
-    service = build_service(config, load_material(config), ledger)
-    api = AdminApi(ledger, service, list(config.values["profiles"]), token)
+    api = AdminApi(ledger, lambda: build_service(config, load_material(config), ledger),
+                   list(config.values["profiles"]), token)
     host, port = split_host_port(bind)
     serve_admin(api, host, port)

@@ -106,8 +106,11 @@ def start_server(directory: Path, *extra: str) -> Server:
         if process.poll() is not None:
             raise RuntimeError(f"server exited: {server.log()}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return server
+            # Every listener: SCEP, metrics and the admin API.
+            for listening in (port, metrics_port, admin_port):
+                with socket.create_connection(("127.0.0.1", listening), timeout=0.5):
+                    pass
+            return server
         except OSError:
             time.sleep(0.05)
     server.stop()
