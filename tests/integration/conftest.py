@@ -67,7 +67,9 @@ class Server:
         return f"http://127.0.0.1:{self.port}/scep"
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """The server's output so far, up to its last complete line."""
+        text = self.log_path.read_text(errors="replace")
+        return text[:text.rfind("\n") + 1]
 
     def request(self, method: str, target: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> http.client.HTTPResponse:

@@ -74,7 +74,7 @@ def test_raw_protocol_garbage_does_not_hurt_the_server(server: Server) -> None:
                 b"POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: x\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
                 b"\r\n" * 100):
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
             s.sendall(raw)
             s.shutdown(socket.SHUT_WR)
             answer = b""
