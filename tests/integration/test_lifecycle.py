@@ -401,3 +401,14 @@ def test_getcert_command(server: Server) -> None:
     assert x509.load_pem_x509_certificate(done.stdout.encode()) == cert
     missing = scep_fast("getcert", server.url, "--serial", "abc123")
     assert missing.returncode == 1 and "BAD_CERT_ID" in missing.stderr
+
+
+def test_a_certificate_revoked_by_the_operator_cannot_renew(server: Server) -> None:
+    old, old_key = enrolled(server, "revoked-then-renew")
+    done = scep_fast("certs", "revoke", format(old.serial_number, "x"), "--reason",
+                     "keyCompromise", "--dir", str(server.directory))
+    assert done.returncode == 0, done.stderr
+    reply = send(server, build_renewal_req(ca_certs(server).ra, old_cert=old, old_key=old_key,
+                                           cn="revoked-then-renew"))
+    assert reply.status is PKIStatus.FAILURE and reply.fail_info is FailInfo.BAD_REQUEST
+    assert "revoked" in (reply.fail_info_text or "")
