@@ -34,7 +34,7 @@ class _Pending(Generic[T]):
 class BatchStats:
     size: int
     wait_seconds: float  # how long the oldest message waited before its batch ran
-    run_seconds: float
+    queued: int  # messages left waiting when the batch finished
 
 
 class Batcher(Generic[T]):
@@ -126,7 +126,7 @@ class Batcher(Generic[T]):
             for pending in batch:
                 pending.done.set()
         self._on_batch(BatchStats(size=len(batch), wait_seconds=started - batch[0].queued_at,
-                                  run_seconds=time.perf_counter() - started))
+                                  queued=self.queued()))
 
     def close(self) -> None:
         """No new messages; ``run`` finishes what is queued, then returns."""

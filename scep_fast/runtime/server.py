@@ -81,6 +81,7 @@ def _observe_commit(seconds: float, issued: int) -> None:
 def _observe_batch(stats: BatchStats) -> None:
     metrics.BATCH_SIZE.observe(stats.size)
     metrics.BATCH_WAIT.observe(stats.wait_seconds)
+    metrics.QUEUED.set(stats.queued)
 
 
 def open_ledger(config: Config) -> LmdbLedger:

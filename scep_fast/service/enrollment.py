@@ -107,7 +107,6 @@ class Answer:
     fail_info: str = "-"
     serial: int | None = None
     reason: str = ""                       # for the log: why, never a secret
-    renewal: bool = False
 
 
 @dataclass(slots=True)
@@ -297,7 +296,7 @@ class EnrollmentService:
             if message_type in (MessageType.PKCS_REQ, MessageType.RENEWAL_REQ):
                 self._check_enrollment(item, request)
             elif message_type is MessageType.CERT_POLL:
-                self._answer_poll(item, request)
+                self._answer_poll(item)
             elif message_type is MessageType.GET_CERT:
                 self._answer_get_cert(item)
             elif message_type is MessageType.GET_CRL:
@@ -320,7 +319,7 @@ class EnrollmentService:
         if csr is None:
             raise BadRequest(f"{request.message_type.name} without a certification request")
         item.csr_sha256 = hashlib.sha256(u.content).digest()
-        if self._answered_before(item, request):
+        if self._answer_known(item):
             return
         renewed = self._renewed_certificate(u.signer_cert) if item.signed_by_us else None
         if renewed is not None:
@@ -371,22 +370,24 @@ class EnrollmentService:
             extensions_der=profile.extensions_der(csr.key_type, san_der),
         )
 
-    def _answered_before(self, item: _Item, request: ScepRequestMessage) -> bool:
-        """A resend of a transaction we know: the same answer, or a refusal."""
-        existing = item.known_record
-        if existing is not None:
-            # RFC 8894 section 3.3.1: the same transactionID is a resend;
-            # another CSR under it is not.
-            if existing.csr_sha256 != item.csr_sha256:
-                raise BadRequest("transactionID already used with another certification request")
-            self._succeed(item, existing.der, existing.serial, existing.profile)
-            return True
-        pending = item.known_pending
-        if pending is None:
+    def _answer_known(self, item: _Item) -> bool:
+        """Answers a transaction the ledger knows: its certificate, PENDING, or a refusal.
+
+        A message that carries a CSR must carry the same one: RFC 8894
+        section 3.3.1 makes the same transactionID a resend, and another CSR
+        under it is not. Returns False for a transaction not seen before.
+        """
+        existing, pending = item.known_record, item.known_pending
+        known_csr = existing.csr_sha256 if existing is not None else (
+            pending.csr_sha256 if pending is not None else None)
+        if known_csr is None:
             return False
-        if pending.csr_sha256 != item.csr_sha256:
+        if item.csr_sha256 and known_csr != item.csr_sha256:
             raise BadRequest("transactionID already used with another certification request")
-        self._answer_pending(item, pending)
+        if existing is not None:
+            self._succeed(item, existing.der, existing.serial, existing.profile)
+        elif pending is not None:
+            self._answer_pending(item, pending)
         return True
 
     def _answer_pending(self, item: _Item, pending: PendingRequest) -> None:
@@ -480,20 +481,13 @@ class EnrollmentService:
         if window and old.not_after - self._clock() > window * 86400:
             raise BadRequest(f"renewal opens {window} days before the certificate expires")
         item.replaces = old.serial
-        item.answer.renewal = True
         return self._profiles.get(old.profile) or self._profiles[self._policy.default_profile]
 
-    def _answer_poll(self, item: _Item, request: ScepRequestMessage) -> None:
+    def _answer_poll(self, item: _Item) -> None:
         # RFC 8894 section 3.3.3: CertPoll asks about a transaction by its
         # transactionID, from the same requester.
-        existing = item.known_record
-        if existing is not None:
-            self._succeed(item, existing.der, existing.serial, existing.profile)
-            return
-        pending = item.known_pending
-        if pending is None:
+        if not self._answer_known(item):
             raise BadCertId("no request with this transactionID")
-        self._answer_pending(item, pending)
 
     def _issuer_and_serial(self, item: _Item) -> tuple[bytes, int]:
         try:
