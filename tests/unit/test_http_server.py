@@ -1,0 +1,234 @@
+"""The connection driver under hypercorn: one write per response, keep-alive, draining.
+
+Each test serves a small ASGI app in-process on a loopback socket and talks
+raw HTTP/1.1 to it, so what is asserted is what a client sees on the wire.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, RawData
+from hypercorn.trio.worker_context import WorkerContext
+
+from scep_fast.runtime.http_server import Connection, serve
+
+HEAD = b"HTTP/1.1 200 \r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n"
+
+
+class RecordingStream:
+    """A stream that records each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+class IgnoringProtocol:
+    async def handle(self, event: object) -> None:
+        pass
+
+
+def _connection() -> tuple[Connection, RecordingStream]:
+    stream = RecordingStream()
+    connection = Connection(None, HypercornConfig(), WorkerContext(None), {}, stream)
+    connection.protocol = IgnoringProtocol()  # type: ignore[assignment]
+    return connection, stream
+
+
+def test_a_response_head_leaves_with_its_body_in_one_write() -> None:
+    async def main() -> list[bytes]:
+        connection, stream = _connection()
+        await connection.protocol_send(RawData(data=HEAD))
+        assert stream.writes == []  # held for the body
+        await connection.protocol_send(RawData(data=b"ok"))
+        await connection.protocol_send(RawData(data=b""))  # h11's end of a sized body
+        return stream.writes
+
+    assert trio.run(main) == [HEAD + b"ok"]
+
+
+def test_an_empty_body_still_sends_the_head() -> None:
+    async def main() -> list[bytes]:
+        connection, stream = _connection()
+        await connection.protocol_send(RawData(data=HEAD.replace(b": 2", b": 0")))
+        await connection.protocol_send(RawData(data=b""))
+        return stream.writes
+
+    assert trio.run(main) == [HEAD.replace(b": 2", b": 0")]
+
+
+def test_100_continue_is_written_at_once() -> None:
+    async def main() -> list[bytes]:
+        connection, stream = _connection()
+        await connection.protocol_send(RawData(data=b"HTTP/1.1 100 \r\n\r\n"))
+        return stream.writes
+
+    assert trio.run(main) == [b"HTTP/1.1 100 \r\n\r\n"]
+
+
+def test_a_held_head_is_written_before_the_connection_closes() -> None:
+    async def main() -> list[bytes]:
+        connection, stream = _connection()
+        await connection.protocol_send(RawData(data=HEAD))
+        await connection.protocol_send(Closed())
+        return stream.writes
+
+    assert trio.run(main) == [HEAD]
+
+
+# ------------------------------------------------------------ over a socket
+
+
+async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+              send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    while (await receive()).get("more_body"):
+        pass
+    if scope["path"] == "/slow":
+        await trio.sleep(0.8)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+class Server:
+    def __init__(self, port: int, stop: trio.Event, stopped: trio.Event) -> None:
+        self.port = port
+        self.stop = stop
+        self.stopped = stopped
+
+    async def connect(self) -> trio.SocketStream:
+        return await trio.open_tcp_stream("127.0.0.1", self.port)
+
+
+@asynccontextmanager
+async def serving(keep_alive: float = 5.0) -> AsyncIterator[Server]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.keep_alive_timeout = keep_alive
+    config.graceful_timeout = 5.0
+    config.accesslog = None
+    stop, stopped = trio.Event(), trio.Event()
+
+    async def run() -> None:
+        await serve(app, config, shutdown_trigger=stop.wait)
+        stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        server = Server(port, stop, stopped)
+        yield server
+        stop.set()
+
+
+async def request(stream: trio.SocketStream, path: str = "/") -> bytes:
+    await stream.send_all(f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+    data = b""
+    while not data.endswith(b"\r\n\r\nok"):
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
+
+
+async def closed_by_server(stream: trio.SocketStream) -> bool:
+    return await stream.receive_some(65536) == b""
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout() -> None:
+    async def main() -> float:
+        async with serving(keep_alive=0.3) as server:
+            stream = await server.connect()
+            await request(stream)
+            await request(stream)  # still open between requests
+            started = trio.current_time()
+            with trio.fail_after(5):
+                assert await closed_by_server(stream)
+            return trio.current_time() - started
+
+    assert 0.2 < trio.run(main) < 2.0
+
+
+def test_a_request_longer_than_the_keep_alive_timeout_is_answered() -> None:
+    async def main() -> bytes:
+        async with serving(keep_alive=0.2) as server:
+            stream = await server.connect()
+            with trio.fail_after(5):
+                return await request(stream, "/slow")
+
+    assert trio.run(main).startswith(b"HTTP/1.1 200")
+
+
+def test_stopping_closes_idle_connections_and_answers_busy_ones() -> None:
+    async def main() -> tuple[bytes, bool, bool]:
+        async with serving(keep_alive=30) as server:
+            idle = await server.connect()
+            await request(idle)
+            busy = await server.connect()
+            answer = b""
+
+            async def slow() -> None:
+                nonlocal answer
+                answer = await request(busy, "/slow")
+
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(slow)
+                    await trio.sleep(0.2)  # the slow request is in the app
+                    server.stop.set()
+                    idle_closed = await closed_by_server(idle)
+                busy_closed = await closed_by_server(busy)
+                await server.stopped.wait()
+            return answer, idle_closed, busy_closed
+
+    answer, idle_closed, busy_closed = trio.run(main)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert idle_closed and busy_closed
+
+
+def _task_count() -> int:
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(count(child) for nursery in task.child_nurseries
+                       for child in nursery.child_tasks)
+
+    return count(trio.lowlevel.current_root_task())  # type: ignore[arg-type]
+
+
+def test_connections_the_client_closes_leave_no_task_behind() -> None:
+    async def main() -> tuple[int, int]:
+        async with serving(keep_alive=30) as server:
+            probe = await server.connect()
+            await request(probe)
+            await probe.aclose()
+            await trio.sleep(0.1)
+            before = _task_count()
+            for _ in range(20):
+                stream = await server.connect()
+                await request(stream)
+                await stream.aclose()
+            await trio.sleep(0.3)
+            return before, _task_count()
+
+    before, after = trio.run(main)
+    assert after == before
