@@ -71,7 +71,7 @@ class ScepApp:
         *,
         capabilities: Capabilities,
         ca_certificates: CaCertificates,
-        batcher: Batcher[Answer],
+        batcher: Batcher[Any, Answer],
         max_body_bytes: int,
         crl_store: CrlStore | None = None,
         next_ca_certificates: bytes | None = None,

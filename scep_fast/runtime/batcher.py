@@ -4,7 +4,11 @@ Requests wait in a bounded trio memory channel: when it is full the request
 is refused at once with Overloaded (503 + Retry-After) rather than queued
 without bound. One task collects up to ``max_size`` messages (waiting at
 most ``window_seconds`` for more when others are queued) and runs the whole
-batch in a worker thread, where cffi releases the GIL while the C core works.
+batch in two stages, each in a worker thread where the GIL is released while
+C code or the disk works: ``prepare`` (the CPU work) and ``finish`` (the
+synced ledger commit, after which the answers may leave). While one batch's
+commit waits for the disk, the next batch is prepared; at most one batch is
+in each stage, and batches finish in the order they were prepared.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import trio
 
 from scep_fast.protocol import Overloaded
 
+P = TypeVar("P")
 T = TypeVar("T")
 
 
@@ -37,25 +42,29 @@ class BatchStats:
     queued: int  # messages left waiting when the batch finished
 
 
-class Batcher(Generic[T]):
-    """Collects messages and hands them to ``handle`` a batch at a time."""
+class Batcher(Generic[P, T]):
+    """Collects messages and hands them to ``prepare``, then ``finish``, a batch at a time."""
 
     def __init__(
         self,
-        handle: Callable[[Sequence[bytes]], list[T]],
+        prepare: Callable[[Sequence[bytes]], P],
+        finish: Callable[[P], list[T]],
         *,
         max_size: int,
         window_seconds: float,
         queue_size: int,
         on_batch: Callable[[BatchStats], None] = lambda _s: None,
     ) -> None:
-        self._handle = handle
+        self._prepare = prepare
+        self._finish = finish
         self._max_size = max_size
         self._window = window_seconds
         self._send, self._receive = trio.open_memory_channel[_Pending[T]](queue_size)
-        # One batch at a time per worker: the native core already runs a batch
+        # One batch per stage per worker: the native core already runs a batch
         # flat out on one core, and a second thread would only contend for it.
-        self._limiter = trio.CapacityLimiter(1)
+        self._preparing = trio.CapacityLimiter(1)
+        self._finishing = trio.CapacityLimiter(1)
+        self._finish_slot = trio.Semaphore(1)
         self._on_batch = on_batch
 
     async def submit(self, message: bytes) -> T:
@@ -64,8 +73,6 @@ class Batcher(Generic[T]):
             self._send.send_nowait(pending)
         except trio.WouldBlock:
             raise Overloaded(1) from None
-        # The batch runs to completion even if this request is cancelled
-        # (client gone): its certificate is recorded either way.
         await pending.done.wait()
         if pending.error is not None:
             raise pending.error
@@ -77,12 +84,23 @@ class Batcher(Generic[T]):
 
     async def run(self) -> None:
         """Serves batches until the channel is closed and drained."""
-        async with self._receive:
+        async with self._receive, trio.open_nursery() as finishing:
             async for first in self._receive:
                 batch = [first]
                 if self._max_size > 1:
                     await self._collect(batch)
-                await self._run_batch(batch)
+                started = time.perf_counter()
+                try:
+                    with trio.CancelScope(shield=True):
+                        prepared = await trio.to_thread.run_sync(
+                            self._prepare, [p.message for p in batch], limiter=self._preparing)
+                except BaseException as e:  # noqa: BLE001 - handed to every waiter
+                    _fail(batch, e)
+                    continue
+                # The previous batch's commit must be done before this one's starts.
+                with trio.CancelScope(shield=True):
+                    await self._finish_slot.acquire()
+                finishing.start_soon(self._finish_batch, batch, prepared, started)
 
     async def _collect(self, batch: list[_Pending[T]]) -> None:
         """Adds what is queued, then, only if others were queued too, waits for more.
@@ -110,24 +128,34 @@ class Batcher(Generic[T]):
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
 
-    async def _run_batch(self, batch: list[_Pending[T]]) -> None:
-        started = time.perf_counter()
-        messages = [p.message for p in batch]
+    async def _finish_batch(self, batch: list[_Pending[T]], prepared: P,
+                            started: float) -> None:
+        """The second stage. Like the first it runs to completion even if the
+        requests are cancelled (clients gone): certificates are recorded
+        either way."""
         try:
-            with trio.CancelScope(shield=True):
-                results = await trio.to_thread.run_sync(self._handle, messages,
-                                                        limiter=self._limiter)
-            for pending, result in zip(batch, results, strict=True):
-                pending.result = result
-        except BaseException as e:  # noqa: BLE001 - handed to every waiter
-            for pending in batch:
-                pending.error = e
+            try:
+                with trio.CancelScope(shield=True):
+                    results = await trio.to_thread.run_sync(self._finish, prepared,
+                                                            limiter=self._finishing)
+                for pending, result in zip(batch, results, strict=True):
+                    pending.result = result
+                    pending.done.set()
+            except BaseException as e:  # noqa: BLE001 - handed to every waiter
+                _fail(batch, e)
+            self._on_batch(BatchStats(size=len(batch),
+                                      wait_seconds=started - batch[0].queued_at,
+                                      queued=self.queued()))
         finally:
-            for pending in batch:
-                pending.done.set()
-        self._on_batch(BatchStats(size=len(batch), wait_seconds=started - batch[0].queued_at,
-                                  queued=self.queued()))
+            self._finish_slot.release()
 
     def close(self) -> None:
         """No new messages; ``run`` finishes what is queued, then returns."""
         self._send.close()
+
+
+def _fail(batch: list[_Pending[T]], error: BaseException) -> None:
+    for pending in batch:
+        if not pending.done.is_set():
+            pending.error = error
+            pending.done.set()

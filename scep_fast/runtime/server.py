@@ -25,7 +25,7 @@ from scep_fast.runtime.crl import CrlStore, crl_url
 from scep_fast.runtime.http_server import serve as serve_http
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
-from scep_fast.service.enrollment import Answer, EnrollmentService, Policy
+from scep_fast.service.enrollment import Answer, EnrollmentService, Policy, PreparedBatch
 
 LEDGER_DIR = "ledger"
 # How long a stopping worker may take to finish the requests it accepted.
@@ -72,7 +72,7 @@ class Worker:
     material: Material
     ledger: LmdbLedger
     service: EnrollmentService
-    batcher: Batcher[Answer]
+    batcher: Batcher[PreparedBatch, Answer]
     app: ScepApp
 
     def close(self) -> None:
@@ -123,8 +123,9 @@ def build_worker(config: Config) -> Worker:
     material = load_material(config)
     ledger = open_ledger(config)
     service = build_service(config, material, ledger)
-    batcher: Batcher[Answer] = Batcher(
-        service.handle_batch,
+    batcher: Batcher[PreparedBatch, Answer] = Batcher(
+        service.prepare_batch,
+        service.finish_batch,
         max_size=int(config.get("batch", "max_size")),
         window_seconds=float(config.get("batch", "window_seconds")),
         queue_size=int(config.get("batch", "queue_size")),

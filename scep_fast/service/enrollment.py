@@ -1,10 +1,14 @@
 """The enrollment rules: from a batch of pkiMessages to a batch of answers.
 
-Plain synchronous code, run by the runtime in a worker thread, one call per
-batch: one native unwrap call, one synced write for the one-time challenges
-the batch uses, one native issue call, one ledger commit (synced to disk)
-and one wrap call. No certificate is handed back unless the commit that
-records it has returned.
+Plain synchronous code, run by the runtime in worker threads, in two stages
+per batch. ``prepare_batch``: one native unwrap call, one synced write for
+the one-time challenges the batch uses, one native issue call and one wrap
+call, which signs each reply as if its certificate were already recorded.
+``finish_batch``: one ledger commit (synced to disk), after which the
+answers may leave; the rare message whose commit turned out otherwise (a
+concurrent resend, a transactionID conflict) is signed again. The runtime
+prepares the next batch while this one's commit waits for the disk. No
+certificate is handed back unless the commit that records it has returned.
 
 Every answer is either a signed CertRep (HTTP 200: SUCCESS, PENDING, or
 FAILURE with a failInfo) for a message we could authenticate, or a
@@ -27,6 +31,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -133,6 +138,16 @@ class _Item:
     # What the ledger already holds for (transactionID, requester).
     known_record: CertRecord | None = None
     known_pending: PendingRequest | None = None
+    # Issued, answered SUCCESS, and to be committed in finish_batch.
+    record: CertRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBatch:
+    """A batch between its two stages: replies signed, certificates not yet recorded."""
+
+    items: list[_Item]
+    issued_at: float
 
 
 def _new_serial() -> int:
@@ -159,6 +174,9 @@ class EnrollmentService:
         if policy.default_profile not in profiles:
             raise ValueError(f"no profile named {policy.default_profile}")
         self._ctx = ctx
+        # The native context serves one call at a time: prepare_batch holds it
+        # throughout, finish_batch only to sign a reply again.
+        self._native = threading.Lock()
         self._ledger = ledger
         self._policy = policy
         self._profiles = dict(profiles)
@@ -177,19 +195,30 @@ class EnrollmentService:
     # ---- the batch ------------------------------------------------------
 
     def handle_batch(self, messages: Sequence[bytes]) -> list[Answer]:
-        items = [_Item(u, Answer()) for u in self._ctx.unwrap_batch(messages)]
-        for item in items:
-            self._authenticate(item)
-        readable = [i for i in items if i.request is not None and i.reply is None]
-        self._look_up([i for i in readable if i.request is not None
-                       and i.request.message_type in _TRANSACTION_TYPES])
-        for item in readable:
-            self._decide(item)
-        self._consume_challenges([i for i in items if i.challenge])
-        self._record_pending([i for i in items if i.pending is not None])
-        self._issue([i for i in items if i.issue is not None])
-        self._wrap([i for i in items if i.reply is not None])
-        return [item.answer for item in items]
+        """Both stages at once."""
+        return self.finish_batch(self.prepare_batch(messages))
+
+    def prepare_batch(self, messages: Sequence[bytes]) -> PreparedBatch:
+        with self._native:
+            items = [_Item(u, Answer()) for u in self._ctx.unwrap_batch(messages)]
+            for item in items:
+                self._authenticate(item)
+            readable = [i for i in items if i.request is not None and i.reply is None]
+            self._look_up([i for i in readable if i.request is not None
+                           and i.request.message_type in _TRANSACTION_TYPES])
+            for item in readable:
+                self._decide(item)
+            self._consume_challenges([i for i in items if i.challenge])
+            self._record_pending([i for i in items if i.pending is not None])
+            issued_at = self._clock()
+            self._issue([i for i in items if i.issue is not None], issued_at)
+            self._wrap([i for i in items if i.reply is not None])
+        return PreparedBatch(items, issued_at)
+
+    def finish_batch(self, batch: PreparedBatch) -> list[Answer]:
+        """Records the batch's certificates; only then are its answers final."""
+        self._commit([i for i in batch.items if i.record is not None], batch.issued_at)
+        return [item.answer for item in batch.items]
 
     # ---- operator decisions on pending requests -----------------------------
 
@@ -222,7 +251,8 @@ class EnrollmentService:
         issue = IssueRequest(serial=_new_serial(), not_before=not_before, not_after=not_after,
                              csr_der=pending.csr_der, subject_der=subject_der,
                              extensions_der=profile.extensions_der(key_type, san_der))
-        der = self._ctx.issue(issue)
+        with self._native:
+            der = self._ctx.issue(issue)
         record = CertRecord(
             serial=issue.serial, der=der,
             subject=x509.load_der_x509_certificate(der).subject.rfc4514_string(),
@@ -548,14 +578,12 @@ class EnrollmentService:
 
     # ---- step 3: issue and record -----------------------------------------
 
-    def _issue(self, items: list[_Item]) -> None:
+    def _issue(self, items: list[_Item], now: float) -> None:
+        """Issues, and answers SUCCESS until the commit says otherwise."""
         items = [i for i in items if i.issue is not None]
         if not items:
             return
         issued = self._ctx.issue_batch([i.issue for i in items if i.issue is not None])
-        now = self._clock()
-        records: list[CertRecord] = []
-        recorded_items: list[_Item] = []
         for item, result in zip(items, issued, strict=True):
             item.issue, issue = None, item.issue
             if issue is None:
@@ -566,30 +594,41 @@ class EnrollmentService:
             if isinstance(result, NativeError):
                 self._internal(item, f"issue: {result.reason}")
                 continue
-            records.append(self._record(item, issue, result, now))
-            recorded_items.append(item)
-        if not records:
+            record = self._record(item, issue, result, now)
+            self._succeed(item, record.der, record.serial, record.profile)
+            item.record = record
+
+    def _commit(self, items: list[_Item], now: float) -> None:
+        if not items:
             return
+        records = [i.record for i in items if i.record is not None]
         started = time.perf_counter()
         try:
             outcomes = self._ledger.commit(records)
         except Exception as e:  # noqa: BLE001 - nothing of this batch may leave
-            for item in recorded_items:
+            for item in items:
                 self._internal(item, f"ledger commit: {e}")
             return
         self._on_commit(time.perf_counter() - started,
                         sum(isinstance(o, Recorded) for o in outcomes))
-        for item, outcome in zip(recorded_items, outcomes, strict=True):
-            if isinstance(outcome, Recorded | AlreadyIssued):
+        sign_again: list[_Item] = []
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, Recorded):
+                self._replace(item, now)
+            elif isinstance(outcome, AlreadyIssued):
+                # A resend recorded by another batch since this one looked.
                 record = outcome.record
                 self._succeed(item, record.der, record.serial, record.profile)
-                if isinstance(outcome, Recorded):
-                    self._replace(item, now)
+                sign_again.append(item)
             elif isinstance(outcome, TransactionConflict):
                 self._fail(item, BadRequest(
                     "transactionID already used with another certification request"))
+                sign_again.append(item)
             elif isinstance(outcome, SerialCollision):
                 self._internal(item, f"serial {outcome.serial:x} collided")
+        if sign_again:
+            with self._native:
+                self._wrap(sign_again)
 
     def _replace(self, item: _Item, now: float) -> None:
         if item.replaces is None or not self._policy.revoke_on_replace:
@@ -651,12 +690,15 @@ class EnrollmentService:
                                  fail_info=fail_info, fail_info_text=error.reason or "")
         item.issue = None
         item.pending = None
+        item.answer.serial = None
         item.answer.status = "FAILURE"
         item.answer.fail_info = FailInfo(fail_info).name
         item.answer.reason = error.reason or ""
 
     def _refuse(self, item: _Item, error: ScepError) -> None:
         item.reply = None
+        item.answer.body = b""  # a reply signed before the refusal never leaves
+        item.answer.serial = None
         item.issue = None
         item.pending = None
         item.answer.error = error

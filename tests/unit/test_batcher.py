@@ -12,6 +12,10 @@ from scep_fast.protocol import Overloaded
 from scep_fast.runtime.batcher import Batcher, BatchStats
 
 
+def _as_is(answers: list[bytes]) -> list[bytes]:
+    return answers
+
+
 def test_messages_are_batched_and_answered_in_order() -> None:
     seen: list[list[bytes]] = []
     stats: list[BatchStats] = []
@@ -21,7 +25,7 @@ def test_messages_are_batched_and_answered_in_order() -> None:
         return [m.upper() for m in batch]
 
     async def main() -> list[bytes]:
-        batcher = Batcher(handle, max_size=8, window_seconds=0.05, queue_size=64,
+        batcher = Batcher(handle, _as_is, max_size=8, window_seconds=0.05, queue_size=64,
                           on_batch=stats.append)
         answers: list[bytes] = [b""] * 20
         async with trio.open_nursery() as nursery:
@@ -53,7 +57,7 @@ def test_full_queue_is_refused_at_once_with_retry_after() -> None:
         return list(batch)
 
     async def main() -> tuple[int, int]:
-        batcher = Batcher(handle, max_size=1, window_seconds=0, queue_size=2)
+        batcher = Batcher(handle, _as_is, max_size=1, window_seconds=0, queue_size=2)
         outcomes = {"ok": 0, "busy": 0}
         seven_refused = trio.Event()
         async with trio.open_nursery() as nursery:
@@ -92,7 +96,7 @@ def test_a_failing_batch_fails_each_of_its_callers() -> None:
         raise RuntimeError("native core exploded")
 
     async def main() -> None:
-        batcher = Batcher(handle, max_size=4, window_seconds=0.01, queue_size=8)
+        batcher = Batcher(handle, _as_is, max_size=4, window_seconds=0.01, queue_size=8)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(batcher.run)
             with pytest.raises(RuntimeError, match="exploded"):
@@ -100,3 +104,68 @@ def test_a_failing_batch_fails_each_of_its_callers() -> None:
             batcher.close()
 
     trio.run(main)
+
+
+def test_the_next_batch_is_prepared_while_the_last_one_finishes() -> None:
+    events: list[str] = []
+    second_prepared = threading.Event()
+
+    def prepare(batch: Sequence[bytes]) -> list[bytes]:
+        events.append(f"prepare {b','.join(batch).decode()}")
+        if batch[0] == b"b":
+            second_prepared.set()
+        return list(batch)
+
+    def finish(batch: list[bytes]) -> list[bytes]:
+        if batch[0] == b"a":
+            # Blocks until the second batch has been prepared: without the
+            # overlap this would wait out its timeout.
+            assert second_prepared.wait(timeout=10)
+        events.append(f"finish {b','.join(batch).decode()}")
+        return [m.upper() for m in batch]
+
+    async def main() -> dict[bytes, bytes]:
+        batcher = Batcher(prepare, finish, max_size=1, window_seconds=0, queue_size=8)
+        answers: dict[bytes, bytes] = {}
+        answered_early: list[bytes] = []
+
+        async def one(message: bytes) -> None:
+            answers[message] = await batcher.submit(message)
+            if b"finish " + message not in [e.encode() for e in events]:
+                answered_early.append(message)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(batcher.run)
+                async with trio.open_nursery() as clients:
+                    for message in (b"a", b"b", b"c"):
+                        clients.start_soon(one, message)
+                        await trio.sleep(0.01)
+                batcher.close()
+        assert answered_early == []  # nobody is answered before its batch finished
+        return answers
+
+    answers = trio.run(main)
+    assert answers == {b"a": b"A", b"b": b"B", b"c": b"C"}
+    assert events.index("prepare b") < events.index("finish a")
+    # Batches finish one at a time, in order.
+    assert [e for e in events if e.startswith("finish")] == ["finish a", "finish b", "finish c"]
+
+
+def test_a_failing_finish_fails_its_callers_and_the_next_batch_still_runs() -> None:
+    def finish(batch: list[bytes]) -> list[bytes]:
+        if batch == [b"bad"]:
+            raise RuntimeError("ledger full")
+        return batch
+
+    async def main() -> bytes:
+        batcher = Batcher(list, finish, max_size=1, window_seconds=0, queue_size=8)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(batcher.run)
+            with pytest.raises(RuntimeError, match="ledger full"):
+                await batcher.submit(b"bad")
+            good = await batcher.submit(b"good")
+            batcher.close()
+        return good
+
+    assert trio.run(main) == b"good"
