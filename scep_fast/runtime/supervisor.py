@@ -1,8 +1,12 @@
 """`scep-fast serve`: the supervisor of the worker processes.
 
-The supervisor binds the listening socket once and starts N workers (fresh
-interpreters, never forked, so LMDB and OpenSSL state is opened per
-process) that accept on that shared socket. It restarts a worker that
+The supervisor binds one listening socket per worker on the same address
+(SO_REUSEPORT: the kernel spreads new connections evenly across them, where
+one shared socket let whichever worker woke first take a whole burst of
+connections) and starts N workers (fresh interpreters, never forked, so
+LMDB and OpenSSL state is opened per process), each accepting on its own.
+It keeps every socket open, so connections that arrive for a worker that
+died wait in its backlog for the replacement it starts. It restarts a worker that
 dies, serves the summed Prometheus metrics of all of them, and on SIGTERM
 or SIGINT asks every worker to drain: stop accepting, answer what was
 accepted, exit.
@@ -31,7 +35,7 @@ from typing import Any
 
 from cryptography import x509
 
-from scep_fast.runtime.config import Config
+from scep_fast.runtime.config import Config, ConfigError
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
 
@@ -55,15 +59,29 @@ def split_host_port(bind: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def listen(bind: str) -> socket.socket:
+def listen(bind: str, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on ``bind``, one per worker."""
     host, port = split_host_port(bind)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(BACKLOG)
-    sock.set_inheritable(True)
-    return sock
+    # SO_REUSEPORT would let this server share a port with another one
+    # started by mistake; a plain bind first fails if anyone listens there.
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"server.bind {bind}: {e.strerror}") from None
+        port = probe.getsockname()[1]  # port 0: the one the kernel chose
+    sockets: list[socket.socket] = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    return sockets
 
 
 @dataclass
@@ -77,12 +95,12 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, config: Config, sock: socket.socket, *, log_level: str,
+    def __init__(self, config: Config, sockets: list[socket.socket], *, log_level: str,
                  ledger: Any = None) -> None:
         self._config = config
-        self._sock = sock
+        self._sockets = sockets
         self._log_level = log_level
-        self._slots = [_Slot(i) for i in range(config.workers)]
+        self._slots = [_Slot(i) for i in range(len(sockets))]
         self._stopping = False
         self._reload_requested = False
         # Slots still to be replaced by the current reload, and old workers draining.
@@ -96,7 +114,7 @@ class Supervisor:
         self._crl_check_at = 0.0
 
     def _spawn(self, slot: _Slot) -> None:
-        fd = self._sock.fileno()
+        fd = self._sockets[slot.index].fileno()
         slot.process = subprocess.Popen(
             [sys.executable, "-m", "scep_fast.runtime.worker", "--dir", str(self._config.dir),
              "--fd", str(fd), "--log-level", self._log_level],
@@ -235,7 +253,8 @@ class Supervisor:
                 process.kill()
                 process.wait(timeout=10)
             multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
-        self._sock.close()
+        for sock in self._sockets:
+            sock.close()
         if self._own_ledger is not None:
             self._own_ledger.close()
         return 0
@@ -270,7 +289,7 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
 
         metrics.preinitialise()
         _set_expiry_gauges(config)
-        sock = listen(str(config.get("server", "bind")))
+        sockets = listen(str(config.get("server", "bind")), config.workers)
         if metrics_bind:
             _serve_metrics(metrics_bind)
         # Imported only now: it declares the metrics, which must see the
@@ -286,7 +305,7 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
             "bind": config.get("server", "bind"), "workers": config.workers,
             "metrics_bind": metrics_bind or "-", "admin_bind": admin_bind or "-"}})
         try:
-            return Supervisor(config, sock, log_level=log_level, ledger=ledger).run()
+            return Supervisor(config, sockets, log_level=log_level, ledger=ledger).run()
         finally:
             ledger.close()
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -128,3 +129,59 @@ def test_sigterm_under_load_drops_no_accepted_request(tmp_path: Path) -> None:
     assert not {r.request.transaction_id for r in unanswered} & on_record
     assert all(r.status in (None, 200) for r in results), {r.status for r in results}
     assert "did not drain" not in server.log()
+
+
+def connections_per_worker(server: Server) -> dict[int, int]:
+    """Established connections on the SCEP port held by each worker (from /proc)."""
+    established: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == server.port and fields[3] == "01":
+                    established.add(fields[9])  # the socket's inode
+    counts: dict[int, int] = {}
+    for pid in worker_pids(server):
+        fd_dir = Path(f"/proc/{pid}/fd")
+        inodes = {os.readlink(fd_dir / fd)[8:-1] for fd in os.listdir(fd_dir)
+                  if os.readlink(fd_dir / fd).startswith("socket:[")}
+        counts[pid] = len(inodes & established)
+    return counts
+
+
+def test_a_burst_of_connections_is_spread_over_the_workers(tmp_path: Path) -> None:
+    server = two_worker_server(tmp_path, "spread")
+    connections = []
+    try:
+        wait_for_workers(server, 2)
+        for _ in range(32):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.connect()
+            connections.append(conn)
+        for conn in connections:  # every connection accepted and answered, kept open
+            conn.request("GET", "/scep?operation=GetCACaps")
+            assert conn.getresponse().read()
+        counts = connections_per_worker(server)
+        assert sum(counts.values()) == 32
+        # One socket per worker: the kernel spreads connections by their
+        # addresses, so a worker with fewer than 4 of 32 is a one-in-a-million chance.
+        assert len(counts) == 2 and min(counts.values()) >= 4, counts
+    finally:
+        for conn in connections:
+            conn.close()
+        server.stop()
+
+
+def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> None:
+    server = two_worker_server(tmp_path, "first")
+    try:
+        other = init_dir(tmp_path / "second")
+        done = scep_fast("serve", "--dir", str(other), "--bind", f"127.0.0.1:{server.port}",
+                         "--metrics-bind", "", "--admin-bind", "", timeout=60)
+        assert done.returncode != 0
+        assert "server.bind" in done.stderr and "in use" in done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        server.stop()
