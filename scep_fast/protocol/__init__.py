@@ -36,6 +36,7 @@ from .errors import (
     MethodNotAllowed,
     Overloaded,
     RequestError,
+    RequestTimeout,
     ScepError,
     UnknownOperation,
 )
@@ -99,6 +100,7 @@ __all__ = [
     "PKIOperation",
     "PKIStatus",
     "RequestError",
+    "RequestTimeout",
     "ScepError",
     "ScepRequest",
     "ScepRequestMessage",

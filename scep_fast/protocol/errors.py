@@ -130,6 +130,13 @@ class BodyTooLarge(RequestError):
     default_reason = "message too large"
 
 
+class RequestTimeout(RequestError):
+    """The request's body did not arrive in time."""
+
+    http_status = 408
+    default_reason = "request body not received in time"
+
+
 class Overloaded(RequestError):
     """The server is full; the client should come back later."""
 

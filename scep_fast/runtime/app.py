@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 from scep_fast.protocol import (
     BodyTooLarge,
     Capabilities,
@@ -24,6 +26,7 @@ from scep_fast.protocol import (
     MethodNotAllowed,
     Overloaded,
     PKIOperation,
+    RequestTimeout,
     ScepError,
     parse_request,
 )
@@ -73,6 +76,7 @@ class ScepApp:
         ca_certificates: CaCertificates,
         batcher: Batcher[Any, Answer],
         max_body_bytes: int,
+        body_timeout_seconds: float = 30.0,
         crl_store: CrlStore | None = None,
         next_ca_certificates: bytes | None = None,
     ) -> None:
@@ -80,6 +84,7 @@ class ScepApp:
         self._ca = ca_certificates
         self._batcher = batcher
         self._max_body = max_body_bytes
+        self._body_timeout = body_timeout_seconds
         self._crls = crl_store
         self._next_ca = next_ca_certificates
 
@@ -101,7 +106,7 @@ class ScepApp:
         fields: dict[str, object] = {"method": method, "operation": "-"}
         metrics.INFLIGHT.inc()
         try:
-            body = await _read_body(receive, self._max_body)
+            body = await _read_body(receive, self._max_body, self._body_timeout)
             request = parse_request(method, scope["query_string"], body,
                                     max_message_bytes=self._max_body)
             fields["operation"] = request.operation.value
@@ -177,20 +182,25 @@ def _observe(fields: dict[str, object], elapsed: float) -> None:
         metrics.FAIL_INFO.labels(str(fail_info)).inc()
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+async def _read_body(receive: Receive, limit: int, timeout_seconds: float) -> bytes:
+    """The whole body, within ``timeout_seconds``: the server's read timeout
+    bounds each silence, this bounds a body that trickles in without one."""
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"body over {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
+    with trio.move_on_after(timeout_seconds) as deadline:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"body over {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+    if deadline.cancelled_caught:
+        raise RequestTimeout(f"body not complete after {timeout_seconds:g} s")
     return b"".join(chunks)
 
 
@@ -216,7 +226,7 @@ async def _respond_error(send: Send, error: ScepError, fields: dict[str, object]
         extra.append((b"allow", ", ".join(error.allowed).encode()))
     if isinstance(error, Overloaded):
         extra.append((b"retry-after", str(error.retry_after_seconds).encode()))
-    if isinstance(error, BodyTooLarge):
+    if isinstance(error, BodyTooLarge | RequestTimeout):
         # The rest of the body is not read; make the client open a new connection.
         extra.append((b"connection", b"close"))
     await _respond(send, status, CT_TEXT, f"{error.reason}\n".encode(), extra=extra)

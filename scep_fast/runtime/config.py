@@ -57,6 +57,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
                                        "64 KiB to 16 MiB"),
         # The longest silence while a request is being read.
         "read_timeout_seconds": _Key(float, 10.0, _between(0.5, 600), "0.5 to 600"),
+        # How long a request's whole body may take, however steadily it trickles.
+        "body_timeout_seconds": _Key(float, 30.0, _between(0.5, 3600), "0.5 to 3600"),
         # How long an idle keep-alive connection stays open; also the deadline
         # for a request's headers, so a trickling client cannot hold a connection.
         "keep_alive_seconds": _Key(float, 15.0, _between(1, 3600), "1 to 3600"),

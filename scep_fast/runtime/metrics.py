@@ -20,7 +20,7 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 OPERATIONS = ("GetCACaps", "GetCACert", "GetNextCACert", "PKIOperation", "-")
 MESSAGE_TYPES = ("PKCS_REQ", "RENEWAL_REQ", "CERT_POLL", "GET_CERT", "GET_CRL", "-")
 OUTCOMES = ("SUCCESS", "FAILURE", "PENDING", "ok", "http_400", "http_404", "http_405",
-            "http_413", "http_500", "http_503")
+            "http_408", "http_413", "http_500", "http_503")
 FAIL_INFOS = ("BAD_ALG", "BAD_MESSAGE_CHECK", "BAD_REQUEST", "BAD_TIME", "BAD_CERT_ID")
 
 REQUESTS = Counter("scep_requests_total", "SCEP requests answered",
@@ -51,7 +51,8 @@ WORKERS = Gauge("scep_workers", "Worker processes running", multiprocess_mode="m
 def preinitialise() -> None:
     for operation in OPERATIONS:
         REQUEST_DURATION.labels(operation)
-        for outcome in ("ok", "http_400", "http_404", "http_405", "http_413", "http_500"):
+        for outcome in ("ok", "http_400", "http_404", "http_405", "http_408", "http_413",
+                        "http_500"):
             REQUESTS.labels(operation, "-", outcome)
     for message_type in MESSAGE_TYPES:
         for outcome in OUTCOMES:

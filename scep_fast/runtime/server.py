@@ -138,6 +138,7 @@ def build_worker(config: Config) -> Worker:
         next_ca_certificates=material.next_message,
         batcher=batcher,
         max_body_bytes=int(config.get("server", "max_body_bytes")),
+        body_timeout_seconds=float(config.get("server", "body_timeout_seconds")),
     )
     return Worker(config, material, ledger, service, batcher, app)
 

@@ -325,6 +325,34 @@ def test_a_slow_client_is_dropped_after_the_read_timeout(server_factory) -> None
     assert server.request("GET", "/scep?operation=GetCACaps").status == 200
 
 
+def test_a_trickling_body_gets_408_after_the_body_timeout(server_factory) -> None:  # type: ignore[no-untyped-def]
+    def short_timeouts(directory: Path) -> None:
+        set_config(directory, "server", "read_timeout_seconds", "2.0")
+        set_config(directory, "server", "body_timeout_seconds", "1.0")
+
+    server = server_factory(name="trickle", configure=short_timeouts)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: t\r\n"
+                  b"Content-Length: 4000\r\n\r\n")
+        started = time.monotonic()
+        answer = b""
+        s.settimeout(0.3)
+        # Never silent for the read timeout, never done.
+        while time.monotonic() - started < 8:
+            try:
+                s.sendall(b"\x30")
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started < 5
+
+
 @pytest.mark.parametrize("transport", [[], ["--get"]], ids=["POST", "GET"])
 def test_enroll_command_writes_a_0600_key_and_its_certificate(server: Server, tmp_path: Path,
                                                               transport: list[str]) -> None:

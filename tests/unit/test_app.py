@@ -62,3 +62,36 @@ def test_put_is_405_with_allow() -> None:
     response = call(make_app(), "PUT", "/scep", b"operation=GetCACaps", b"")
     assert response["status"] == 405
     assert b"GET" in response["headers"][b"allow"]
+
+
+def test_a_body_that_trickles_past_the_body_timeout_is_408_and_closes() -> None:
+    app = ScepApp(capabilities=Capabilities(aes=True, post_pki_operation=True, sha256=True),
+                  ca_certificates=CaCertificates(b"cert", b"application/x-x509-ca-cert"),
+                  batcher=_BusyBatcher(),  # type: ignore[arg-type]
+                  max_body_bytes=1024, body_timeout_seconds=0.3)
+    sent: list[dict[str, Any]] = []
+    chunks_read = 0
+
+    async def receive() -> dict[str, Any]:
+        # A byte every 50 ms: never silent for long, never finished.
+        nonlocal chunks_read
+        await trio.sleep(0.05)
+        chunks_read += 1
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def main() -> float:
+        started = trio.current_time()
+        with trio.fail_after(5):
+            await app({"type": "http", "method": "POST", "path": "/scep",
+                       "query_string": b"operation=PKIOperation"}, receive, send)
+        return trio.current_time() - started
+
+    elapsed = trio.run(main)
+    start, body = sent
+    assert start["status"] == 408
+    assert dict(start["headers"])[b"connection"] == b"close"
+    assert b"not complete" in body["body"]
+    assert 0.25 < elapsed < 2 and chunks_read >= 4
