@@ -96,47 +96,58 @@ class ScepApp:
             return
         started = time.perf_counter()
         path = scope["path"]
-        if path.startswith(CRL_PREFIX):
-            await self._crl(send, scope["method"], path)
-            return
-        if not path.startswith(SCEP_PREFIXES):
-            await _respond(send, 404, CT_TEXT, b"not a SCEP endpoint\n")
-            return
         method = scope["method"]
         fields: dict[str, object] = {"method": method, "operation": "-"}
+
+        async def send_noting_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                fields["status"] = message["status"]
+            await send(message)
+
         metrics.INFLIGHT.inc()
         try:
-            body = await _read_body(receive, self._max_body, self._body_timeout)
-            request = parse_request(method, scope["query_string"], body,
-                                    max_message_bytes=self._max_body)
-            fields["operation"] = request.operation.value
-            if isinstance(request, GetCACaps):
-                await _respond(send, 200, CT_CAPS, self._caps, head=method == "HEAD")
-            elif isinstance(request, GetCACert):
-                await _respond(send, 200, self._ca.content_type, self._ca.body,
-                               head=method == "HEAD")
-            elif isinstance(request, GetNextCACert):
-                # RFC 8894 section 4.7: only while a rollover certificate
-                # exists; GetCACaps offers GetNextCACert exactly then.
-                if self._next_ca is None:
-                    await _respond(send, 404, CT_TEXT, b"no next CA certificate\n")
-                else:
-                    await _respond(send, 200, CT_NEXT_CA_CERT, self._next_ca,
-                                   head=method == "HEAD")
-            elif isinstance(request, PKIOperation):
-                fields["transport"] = "GET" if request.via_get else "POST"
-                await self._pki_operation(send, request, fields)
+            if path.startswith(CRL_PREFIX):
+                fields["operation"] = "CRL"
+                await self._crl(send_noting_status, method, path)
+            elif path.startswith(SCEP_PREFIXES):
+                await self._scep(send_noting_status, receive, scope, fields)
+            else:
+                await _respond(send_noting_status, 404, CT_TEXT, b"not a SCEP endpoint\n")
         except ScepError as e:
-            await _respond_error(send, e, fields)
+            await _respond_error(send_noting_status, e, fields)
         except Exception as e:  # noqa: BLE001 - our fault: a generic 500, details in the log
             log.exception("unexpected error handling %s %s", method, path)
-            await _respond_error(send, InternalError(repr(e)), fields)
+            await _respond_error(send_noting_status, InternalError(repr(e)), fields)
         finally:
             metrics.INFLIGHT.dec()
             elapsed = time.perf_counter() - started
             fields["duration_ms"] = round(elapsed * 1000, 3)
             _observe(fields, elapsed)
             log.info("request", extra={"fields": fields})
+
+    async def _scep(self, send: Send, receive: Receive, scope: Scope,
+                    fields: dict[str, object]) -> None:
+        method = scope["method"]
+        body = await _read_body(receive, self._max_body, self._body_timeout)
+        request = parse_request(method, scope["query_string"], body,
+                                max_message_bytes=self._max_body)
+        fields["operation"] = request.operation.value
+        if isinstance(request, GetCACaps):
+            await _respond(send, 200, CT_CAPS, self._caps, head=method == "HEAD")
+        elif isinstance(request, GetCACert):
+            await _respond(send, 200, self._ca.content_type, self._ca.body,
+                           head=method == "HEAD")
+        elif isinstance(request, GetNextCACert):
+            # RFC 8894 section 4.7: only while a rollover certificate
+            # exists; GetCACaps offers GetNextCACert exactly then.
+            if self._next_ca is None:
+                await _respond(send, 404, CT_TEXT, b"no next CA certificate\n")
+            else:
+                await _respond(send, 200, CT_NEXT_CA_CERT, self._next_ca,
+                               head=method == "HEAD")
+        elif isinstance(request, PKIOperation):
+            fields["transport"] = "GET" if request.via_get else "POST"
+            await self._pki_operation(send, request, fields)
 
     async def _crl(self, send: Send, method: str, path: str) -> None:
         """GET or HEAD /crl/<name>.crl: the CA's current CRL, DER."""
@@ -216,7 +227,6 @@ async def _respond(send: Send, status: int, content_type: bytes, body: bytes, *,
 
 async def _respond_error(send: Send, error: ScepError, fields: dict[str, object]) -> None:
     status = error.http_status or 500
-    fields["status"] = status
     if isinstance(error, InternalError):
         fields["reason"] = error.detail or fields.get("reason", "")
     else:

@@ -17,7 +17,8 @@ LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0
                    2.0, 5.0, 10.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-OPERATIONS = ("GetCACaps", "GetCACert", "GetNextCACert", "PKIOperation", "-")
+# "CRL": a download from /crl/<name>.crl; "-": anything not understood.
+OPERATIONS = ("GetCACaps", "GetCACert", "GetNextCACert", "PKIOperation", "CRL", "-")
 MESSAGE_TYPES = ("PKCS_REQ", "RENEWAL_REQ", "CERT_POLL", "GET_CERT", "GET_CRL", "-")
 OUTCOMES = ("SUCCESS", "FAILURE", "PENDING", "ok", "http_400", "http_404", "http_405",
             "http_408", "http_413", "http_500", "http_503")

@@ -7,6 +7,7 @@ import json
 import socket
 import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,27 @@ def test_every_request_gets_one_structured_log_line(server: Server) -> None:
     for key in ("transaction_id", "message_type", "outcome", "fail_info", "duration_ms"):
         assert key in entry
     assert entry["message_type"] == "PKCS_REQ"
+    assert entry["status"] == 200
+
+
+def test_crl_downloads_and_unknown_paths_are_logged_and_counted(server: Server) -> None:
+    def count(operation: str, outcome: str) -> float:
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+        wanted = (f'scep_requests_total{{message_type="-",operation="{operation}",'
+                  f'outcome="{outcome}"}} ')
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(wanted))
+
+    before = count("CRL", "http_404"), count("-", "http_404")
+    assert server.request("GET", "/crl/00.crl").status == 404
+    assert server.request("GET", "/elsewhere").status == 404
+    assert (count("CRL", "http_404"), count("-", "http_404")) == (before[0] + 1, before[1] + 1)
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    requests = [e for e in lines if e.get("msg") == "request"]
+    assert any(e["operation"] == "CRL" and e["status"] == 404 for e in requests)
+    assert any(e["operation"] == "-" and e["status"] == 404 and e["outcome"] == "http_404"
+               for e in requests)
 
 
 # ---- algorithms ---------------------------------------------------------------------
