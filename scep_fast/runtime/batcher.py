@@ -60,10 +60,11 @@ class Batcher(Generic[P, T]):
         self._max_size = max_size
         self._window = window_seconds
         self._send, self._receive = trio.open_memory_channel[_Pending[T]](queue_size)
-        # One batch per stage per worker: the native core already runs a batch
-        # flat out on one core, and a second thread would only contend for it;
-        # one commit at a time keeps the batches' commits in order.
+        # One thread per stage per worker: the native core already runs a batch
+        # flat out on one core, and a second thread would only contend for it.
         self._preparing = trio.CapacityLimiter(1)
+        self._finishing = trio.CapacityLimiter(1)
+        # Taken before a finish task starts, so commits run one at a time and in order.
         self._finish_slot = trio.Semaphore(1)
         self._on_batch = on_batch
 
@@ -136,7 +137,8 @@ class Batcher(Generic[P, T]):
         try:
             try:
                 with trio.CancelScope(shield=True):
-                    results = await trio.to_thread.run_sync(self._finish, prepared)
+                    results = await trio.to_thread.run_sync(self._finish, prepared,
+                                                            limiter=self._finishing)
                 for pending, result in zip(batch, results, strict=True):
                     pending.result = result
                     pending.done.set()
