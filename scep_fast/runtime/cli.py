@@ -221,8 +221,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     ("server", "workers"): args.workers,
                                     ("admin", "bind"): args.admin_bind})
     logs.configure(args.log_level.upper())
-    print(f"scep-fast {__version__} serving http://{config.get('server', 'bind')}/scep "
-          f"with {config.workers} worker(s)", file=sys.stderr, flush=True)
     return supervisor.run(config, metrics_bind=args.metrics_bind, log_level=args.log_level)
 
 

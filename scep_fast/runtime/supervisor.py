@@ -35,6 +35,7 @@ from typing import Any
 
 from cryptography import x509
 
+from scep_fast import __version__
 from scep_fast.runtime.config import Config, ConfigError
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
@@ -290,6 +291,9 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
         metrics.preinitialise()
         _set_expiry_gauges(config)
         sockets = listen(str(config.get("server", "bind")), config.workers)
+        # Said once the address is ours, not before.
+        print(f"scep-fast {__version__} serving http://{config.get('server', 'bind')}/scep "
+              f"with {config.workers} worker(s)", file=sys.stderr, flush=True)
         if metrics_bind:
             _serve_metrics(metrics_bind)
         # Imported only now: it declares the metrics, which must see the
