@@ -179,7 +179,7 @@ async def serve_worker(worker: Worker, hc: HypercornConfig) -> None:
         nursery.cancel_scope.deadline = trio.current_time() + GRACEFUL_SECONDS
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Takes what start-up built (modules, keys, config) out of the collector's sight."""
     gc.collect()
     gc.freeze()
@@ -189,7 +189,7 @@ def _tune_gc() -> None:
 def run_worker(config: Config, bind: str) -> None:
     """One worker process: serves ``bind`` (``fd://N`` from the supervisor) until signalled."""
     worker = build_worker(config)
-    _tune_gc()
+    tune_gc()
     try:
         trio.run(serve_worker, worker, hypercorn_config(config, bind))
     finally:
