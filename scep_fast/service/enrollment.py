@@ -150,10 +150,18 @@ class PreparedBatch:
     issued_at: float
 
 
-def _new_serial() -> int:
-    # 127 random bits with bit 64 set: positive, well over RFC 5280's 64
-    # bits of entropy, and 16 octets in DER.
-    return secrets.randbits(127) | (1 << 64)
+# A serial number is the issuing millisecond above 96 random bits: well over
+# the 64 bits of CSPRNG output RFC 5280 and the CA/Browser Forum ask for,
+# positive, 18 octets in DER. The time on top makes each new serial sort after
+# every earlier one (and after the 127-bit random serials of older versions),
+# so the ledger's tree of records grows at its right edge: a batch's commit
+# rewrites a few adjacent pages instead of one page per record scattered over
+# the whole file, which is what made commits slow on a large ledger.
+SERIAL_RANDOM_BITS = 96
+
+
+def _new_serial(now: float) -> int:
+    return (int(now * 1000) << SERIAL_RANDOM_BITS) | secrets.randbits(SERIAL_RANDOM_BITS)
 
 
 class EnrollmentService:
@@ -248,7 +256,7 @@ class EnrollmentService:
             subject_der = profile.render_subject(str(cn[-1].value) if cn else "").public_bytes()
         now = self._clock()
         not_before, not_after = profile.validity(int(now))
-        issue = IssueRequest(serial=_new_serial(), not_before=not_before, not_after=not_after,
+        issue = IssueRequest(serial=_new_serial(now), not_before=not_before, not_after=not_after,
                              csr_der=pending.csr_der, subject_der=subject_der,
                              extensions_der=profile.extensions_der(key_type, san_der))
         with self._native:
@@ -392,7 +400,7 @@ class EnrollmentService:
             return
         not_before, not_after = profile.validity(int(now))
         item.issue = IssueRequest(
-            serial=_new_serial(),
+            serial=_new_serial(now),
             not_before=not_before,
             not_after=not_after,
             request=u,

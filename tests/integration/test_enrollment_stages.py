@@ -8,6 +8,7 @@ the answer the ledger holds, signed again.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,3 +78,21 @@ def test_a_failed_commit_sends_no_signed_reply(
     (answer,) = enrollment.finish_batch(batch)
     assert answer.error is not None and answer.error.http_status == 500
     assert answer.body == b"" and answer.serial is None
+
+
+def test_serials_grow_with_time_and_keep_96_random_bits(
+        service: tuple[EnrollmentService, LmdbLedger, x509.Certificate]) -> None:
+    enrollment, _ledger, ra = service
+    serials = []
+    for i in range(3):
+        request = build_pkcs_req(ra, cn=f"serial-{i}", challenge=CHALLENGE)
+        (answer,) = enrollment.handle_batch([request.message])
+        assert answer.status == "SUCCESS" and answer.serial is not None
+        serials.append(answer.serial)
+        time.sleep(0.002)
+    # Each later than the last (the ledger's record tree grows at its right
+    # edge), above every 127-bit serial of older versions, at most 20 octets.
+    assert serials == sorted(serials)
+    assert all(1 << 127 < s < 1 << 159 for s in serials)
+    # The random low bits differ even between serials issued close together.
+    assert len({s & ((1 << 96) - 1) for s in serials}) == 3
