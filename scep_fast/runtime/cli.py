@@ -19,6 +19,7 @@ from typing import Any
 from scep_fast import __version__
 from scep_fast.runtime import config as configuration
 from scep_fast.runtime.config import CONFIG_NAME, Config, ConfigError
+from scep_fast.service.challenges import new_secret
 
 DEFAULT_DIR = "scep-data"
 
@@ -192,7 +193,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     # The bearer token of the admin API (one-time challenges, approvals).
     pki.write_secret(directory / values["admin"]["token_file"],
                      secrets.token_urlsafe(32).encode() + b"\n")
-    challenge = args.challenge or secrets.token_urlsafe(18)
+    challenge = args.challenge or new_secret(24)
     pki.write_secret(directory / values["enrollment"]["challenge_file"],
                      challenge.encode() + b"\n")
     # Checked like any config before it is written.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import string
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -17,8 +18,16 @@ from scep_fast.service.ledger import Challenge, Ledger
 
 MAX_TTL_SECONDS = 366 * 86400
 MAX_USES = 1_000_000
-# 24 random bytes: 192 bits, far beyond guessing, and short enough to type.
-SECRET_BYTES = 24
+# Letters and digits only: a challengePassword travels as a PrintableString
+# for some clients (no "_"), and a secret starting with "-" reads as an option
+# on a command line. 32 of 62 symbols: 190 bits, far beyond guessing.
+SECRET_ALPHABET = string.ascii_letters + string.digits
+SECRET_CHARS = 32
+
+
+def new_secret(length: int = SECRET_CHARS) -> str:
+    """A random challenge password of letters and digits."""
+    return "".join(secrets.choice(SECRET_ALPHABET) for _ in range(length))
 
 
 class ChallengeRequestInvalid(ValueError):
@@ -56,7 +65,7 @@ def mint_challenge(
             raise ChallengeRequestInvalid(f"subject_pattern: {e}") from None
     if len(label) > 200:
         raise ChallengeRequestInvalid("label is at most 200 characters")
-    secret = secrets.token_urlsafe(SECRET_BYTES)
+    secret = new_secret()
     challenge = Challenge(
         digest=hashlib.sha256(secret.encode()).digest(),
         created_at=now,

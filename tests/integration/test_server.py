@@ -317,6 +317,8 @@ def test_init_generates_and_prints_a_challenge_once(tmp_path: Path) -> None:
     assert done.returncode == 0
     secret = (tmp_path / "gen" / "challenge").read_text().strip()
     assert len(secret) >= 16
+    # Letters and digits: a PrintableString, and never read as a command-line option.
+    assert secret.isascii() and secret.isalnum()
     assert done.stdout.strip().splitlines()[-1] == secret
 
 

@@ -380,3 +380,15 @@ def test_record_to_json_of_a_revoked_certificate() -> None:
     assert obj["revocation_reason"] == "keyCompromise"
     unspecified = make_record(0x11, status="revoked", revoked_at=1_700_086_400.0)
     assert record_to_json(unspecified)["revocation_reason"] == "unspecified"
+
+
+def test_minted_challenges_are_letters_and_digits() -> None:
+    from scep_fast.service.challenges import mint_challenge
+
+    ledger = MemoryLedger()
+    secrets_seen = {mint_challenge(ledger, now=1000.0, ttl_seconds=60, uses=1,
+                                   profile="default", profiles=["default"]).secret
+                    for _ in range(200)}
+    assert len(secrets_seen) == 200
+    # A PrintableString for every client, and no "-" that a command line reads as an option.
+    assert all(s.isascii() and s.isalnum() and len(s) == 32 for s in secrets_seen)
