@@ -39,6 +39,8 @@ sys.path.insert(0, str(BENCH_DIR))
 import compare  # noqa: E402
 import loadgen  # noqa: E402
 
+from scep_fast.runtime.app import answer_lifespan  # noqa: E402
+
 VARIANTS = ("hypercorn", "hypercorn+gc", "scep-fast")
 REPLY = b"\x30" * 2600
 
@@ -46,9 +48,7 @@ REPLY = b"\x30" * 2600
 def _app(ca_body: bytes, ca_type: bytes) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
         while (await receive()).get("more_body"):
             pass

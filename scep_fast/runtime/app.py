@@ -90,7 +90,7 @@ class ScepApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -242,7 +242,8 @@ async def _respond_error(send: Send, error: ScepError, fields: dict[str, object]
     await _respond(send, status, CT_TEXT, f"{error.reason}\n".encode(), extra=extra)
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """The ASGI lifespan protocol for an app with nothing to start or stop."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

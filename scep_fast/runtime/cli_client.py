@@ -225,11 +225,7 @@ def _getcert(args: argparse.Namespace) -> int:
     reply = get_cert(args.url, serial, timeout=args.timeout)
     if reply.status is not PKIStatus.SUCCESS:
         return _refused("getcert", reply.status, reply.fail_info, reply.fail_info_text)
-    pem = reply.certificates[0].public_bytes(PEM)
-    if args.cert_out is None:
-        sys.stdout.write(pem.decode())
-    else:
-        args.cert_out.write_bytes(pem)
+    _emit(reply.certificates[0].public_bytes(PEM), args.cert_out)
     return 0
 
 
@@ -237,9 +233,13 @@ def _getcrl(args: argparse.Namespace) -> int:
     reply = get_crl(args.url, timeout=args.timeout)
     if reply.status is not PKIStatus.SUCCESS or not reply.crls:
         return _refused("getcrl", reply.status, reply.fail_info, reply.fail_info_text)
-    pem = reply.crls[0].public_bytes(PEM)
-    if args.crl_out is None:
+    _emit(reply.crls[0].public_bytes(PEM), args.crl_out)
+    return 0
+
+
+def _emit(pem: bytes, path: Path | None) -> None:
+    """PEM to ``path``, or to standard output without one."""
+    if path is None:
         sys.stdout.write(pem.decode())
     else:
-        args.crl_out.write_bytes(pem)
-    return 0
+        path.write_bytes(pem)

@@ -16,6 +16,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, RawData
 from hypercorn.trio.worker_context import WorkerContext
 
+from scep_fast.runtime.app import answer_lifespan
 from scep_fast.runtime.http_server import Connection, serve
 
 HEAD = b"HTTP/1.1 200 \r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n"
@@ -96,9 +97,7 @@ def test_a_held_head_is_written_before_the_connection_closes() -> None:
 async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
               send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
     if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
+        await answer_lifespan(receive, send)
         return
     while (await receive()).get("more_body"):
         pass
