@@ -66,9 +66,13 @@ class ScepError(Exception):
     default_reason: ClassVar[str] = "SCEP error"
 
     reason: str
+    # What the log may say beyond the reason (a library's own words, say);
+    # never sent to the client.
+    detail: str
 
-    def __init__(self, reason: str | None = None) -> None:
+    def __init__(self, reason: str | None = None, *, detail: str = "") -> None:
         self.reason = _safe_reason(self.default_reason if reason is None else reason)
+        self.detail = detail
         super().__init__(self.reason)
 
     def __str__(self) -> str:
@@ -225,11 +229,8 @@ class InternalError(ScepError):
     http_status = 500
     default_reason = "internal error"
 
-    detail: str
-
     def __init__(self, detail: str = "") -> None:
-        super().__init__()
-        self.detail = detail
+        super().__init__(detail=detail)
 
     def __reduce__(self) -> tuple[object, ...]:
         return (InternalError, (self.detail,))

@@ -5,7 +5,7 @@ the SCEP address. Every request needs ``Authorization: Bearer <token>``
 with the token from the directory's token file, compared in constant time.
 
     POST /v1/challenges              {"ttl_seconds": 3600, "uses": 1, "profile": "default",
-                                      "subject_pattern": "", "label": ""}
+                                      "subject_pattern": "", "san_pattern": "", "label": ""}
                                      -> 201 {"challenge": "...", "expires_at": "...", ...}
     GET  /v1/requests                -> 200 [{"request_id": ..., "status": ...}, ...]
     POST /v1/requests/ID/approve     -> 200 {"serial": "..."}
@@ -76,18 +76,20 @@ class AdminApi:
             presented.strip().encode(), self._token)
 
     def new_challenge(self, body: dict[str, Any]) -> dict[str, object]:
-        unknown = set(body) - {"ttl_seconds", "uses", "profile", "subject_pattern", "label"}
+        unknown = set(body) - {"ttl_seconds", "uses", "profile", "subject_pattern", "san_pattern",
+                                 "label"}
         if unknown:
             raise ChallengeRequestInvalid(f"unknown fields: {', '.join(sorted(unknown))}")
         minted = mint_challenge(
             self.ledger, now=time.time(),
             ttl_seconds=body.get("ttl_seconds", 3600), uses=body.get("uses", 1),
             profile=body.get("profile", "default"), profiles=self.profiles,
-            subject_pattern=body.get("subject_pattern", ""), label=body.get("label", ""))
+            subject_pattern=body.get("subject_pattern", ""),
+            san_pattern=body.get("san_pattern", ""), label=body.get("label", ""))
         c = minted.challenge
         return {"challenge": minted.secret, "expires_at": _iso(c.expires_at),
                 "uses": c.uses_left, "profile": c.profile, "subject_pattern": c.subject_pattern,
-                "label": c.label}
+                "san_pattern": c.san_pattern, "label": c.label}
 
     def list_requests(self) -> list[dict[str, object]]:
         return [pending_to_json(p) for p in self.ledger.iter_pending()]

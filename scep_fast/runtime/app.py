@@ -227,10 +227,11 @@ async def _respond(send: Send, status: int, content_type: bytes, body: bytes, *,
 
 async def _respond_error(send: Send, error: ScepError, fields: dict[str, object]) -> None:
     status = error.http_status or 500
+    # The client reads only the short reason; the log line gets the detail.
     if isinstance(error, InternalError):
         fields["reason"] = error.detail or fields.get("reason", "")
     else:
-        fields["reason"] = error.reason
+        fields["reason"] = f"{error.reason}: {error.detail}" if error.detail else error.reason
     extra: list[tuple[bytes, bytes]] = []
     if isinstance(error, MethodNotAllowed):
         extra.append((b"allow", ", ".join(error.allowed).encode()))

@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     challenge_new.option("--uses", type=int, default=1, help="how many enrollments it allows")
     challenge_new.option("--profile", default="default", help="the profile it grants")
     challenge_new.option("--subject-pattern", default="",
-                         help="a regular expression the CN and every SAN must match")
+                         help="a regular expression the whole subject must match, "
+                              "e.g. 'CN=kiosk-[0-9]+'")
+    challenge_new.option("--san-pattern", default="",
+                         help="a regular expression every SAN value must match")
     challenge_new.option("--label", default="", help="a note for operators")
     challenge_new.option("--json", action="store_true", help="print one JSON object")
 
@@ -243,7 +246,8 @@ def cmd_challenge(args: argparse.Namespace) -> int:
             minted = mint_challenge(ledger, now=time.time(), ttl_seconds=args.ttl,
                                     uses=args.uses, profile=args.profile,
                                     profiles=list(config.values["profiles"]),
-                                    subject_pattern=args.subject_pattern, label=args.label)
+                                    subject_pattern=args.subject_pattern,
+                                    san_pattern=args.san_pattern, label=args.label)
         except ChallengeRequestInvalid as e:
             print(f"scep-fast: {e}", file=sys.stderr)
             return 2

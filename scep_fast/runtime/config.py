@@ -145,6 +145,8 @@ PROFILE_SCHEMA: dict[str, _Key] = {
                                f"a list of {EXTENDED_KEY_USAGES}"),
     "include_chain": _Key(bool, False),
     "require_approval": _Key(bool, False),
+    "allow_multiple_cn": _Key(bool, False),
+    "renewal_may_drop_sans": _Key(bool, False),
 }
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -188,6 +190,8 @@ def _profile(name: str, p: dict[str, Any], crl_url: str | None) -> Profile:
         extended_key_usage=tuple(p["extended_key_usage"]),
         include_chain=bool(p["include_chain"]),
         require_approval=bool(p["require_approval"]),
+        allow_multiple_cn=bool(p["allow_multiple_cn"]),
+        renewal_may_drop_sans=bool(p["renewal_may_drop_sans"]),
         crl_url=crl_url,
     )
 

@@ -61,13 +61,20 @@ Pending request format 1 (the value in ``pending``)::
     per SAN: u16 length + UTF-8
     CSR (DER)
 
-Challenge format 1 (the value in ``challenges``)::
+Challenge format 2 (the value in ``challenges``)::
 
-    u8   format version (1)
+    u8   format version (2)
     f64  created_at        f64 expires_at
     u32  uses left
     u16  profile length    u16 subject pattern length    u16 label length
-    profile, subject pattern, label (UTF-8)
+    u16  SAN pattern length
+    profile, subject pattern, label, SAN pattern (UTF-8)
+
+Challenge format 1 is format 2 without the SAN pattern. Its one pattern was
+matched against the common name and every SAN value, so it decodes with
+that pattern as both patterns: the SANs stay bound as they were, and the
+subject pattern, now matched against the whole subject, refuses what it
+does not describe.
 
 Durability and concurrency: the environment is opened with ``sync=True``
 and ``metasync=True``, so every write (``commit``, ``revoke``, the pending,
@@ -112,6 +119,8 @@ from scep_fast.service.ledger import (
     AlreadyIssued,
     CertRecord,
     Challenge,
+    ChallengeRefused,
+    ChallengeUsedUp,
     CommitOutcome,
     LedgerCorrupt,
     LedgerError,
@@ -122,8 +131,12 @@ from scep_fast.service.ledger import (
     SerialCollision,
     TransactionConflict,
     UnsupportedSchema,
+    check_pending,
     check_revocation_reason,
+    commit_challenges,
     decide,
+    good_at,
+    spent,
     usable,
 )
 
@@ -156,7 +169,7 @@ SCHEMA_VERSION: Final = 2
 _READABLE_SCHEMAS: Final = frozenset({1, 2})
 RECORD_FORMAT: Final = 2
 PENDING_FORMAT: Final = 1
-CHALLENGE_FORMAT: Final = 1
+CHALLENGE_FORMAT: Final = 2
 
 SERIAL_KEY_BYTES: Final = 20
 _REQUEST_KEY_LEN: Final = 16
@@ -170,7 +183,8 @@ _U16: Final = struct.Struct(">H")
 _HEADER_V1: Final = struct.Struct(">BBqqd32s32sHHHHI")
 _HEADER: Final = struct.Struct(">BBqqd32s32sHHHHIdB")
 _PENDING_HEADER: Final = struct.Struct(">BBdd32s32sHHHHHI")
-_CHALLENGE_HEADER: Final = struct.Struct(">BddIHHH")
+_CHALLENGE_HEADER_V1: Final = struct.Struct(">BddIHHH")
+_CHALLENGE_HEADER: Final = struct.Struct(">BddIHHHH")
 
 _STATUS_CODES: Final = {"issued": 1, "revoked": 2}
 _STATUS_NAMES: Final = {code: name for name, code in _STATUS_CODES.items()}
@@ -419,8 +433,9 @@ def decode_pending(key: bytes, value: bytes) -> PendingRequest:
 
 
 def encode_challenge(challenge: Challenge) -> bytes:
-    """Challenge format 1 (see the module docstring); the key is the digest."""
-    profile, pattern, label = _texts(challenge.profile, challenge.subject_pattern, challenge.label)
+    """Challenge format 2 (see the module docstring); the key is the digest."""
+    profile, pattern, label, san_pattern = _texts(
+        challenge.profile, challenge.subject_pattern, challenge.label, challenge.san_pattern)
     header = _CHALLENGE_HEADER.pack(
         CHALLENGE_FORMAT,
         float(challenge.created_at),
@@ -429,24 +444,27 @@ def encode_challenge(challenge: Challenge) -> bytes:
         len(profile),
         len(pattern),
         len(label),
+        len(san_pattern),
     )
-    return b"".join([header, profile, pattern, label])
+    return b"".join([header, profile, pattern, label, san_pattern])
 
 
 def decode_challenge(key: bytes, value: bytes) -> Challenge:
-    """Decode a ``challenges`` entry, or raise :class:`LedgerCorrupt`."""
+    """Decode a ``challenges`` entry of format 1 or 2, or raise :class:`LedgerCorrupt`."""
     where = f"challenge {key.hex()}"
-    if not value or value[0] != CHALLENGE_FORMAT:
+    version = value[0] if value else None
+    if version not in (1, CHALLENGE_FORMAT):
         raise LedgerCorrupt(f"{where}: unknown format {value[:1].hex() or 'empty'}")
-    if len(value) < _CHALLENGE_HEADER.size:
+    header = _CHALLENGE_HEADER_V1 if version == 1 else _CHALLENGE_HEADER
+    if len(value) < header.size:
         raise LedgerCorrupt(f"{where}: truncated header ({len(value)} bytes)")
-    (
-        _version, created_at, expires_at, uses_left, profile_len, pattern_len, label_len
-    ) = _CHALLENGE_HEADER.unpack_from(value)
-    reader = _Reader(value, _CHALLENGE_HEADER.size, where)
+    created_at, expires_at, uses_left, profile_len, pattern_len, label_len = \
+        header.unpack_from(value)[1:7]
+    reader = _Reader(value, header.size, where)
     profile = reader.text(profile_len)
     pattern = reader.text(pattern_len)
     label = reader.text(label_len)
+    san_pattern = pattern if version == 1 else reader.text(header.unpack_from(value)[7])
     reader.finish()
     try:
         return Challenge(
@@ -457,6 +475,7 @@ def decode_challenge(key: bytes, value: bytes) -> Challenge:
             profile=profile,
             subject_pattern=pattern,
             label=label,
+            san_pattern=san_pattern,
         )
     except ValueError as error:
         raise LedgerCorrupt(f"{where}: {error}") from error
@@ -660,13 +679,13 @@ class LmdbLedger:
                     None if request_key is None else self._pending_at(txn, request_key)))
         return found
 
-    def commit(self, records: Sequence[CertRecord]) -> list[CommitOutcome]:
-        env = self._env_checked()
+    def commit(
+        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = ()
+    ) -> list[CommitOutcome]:
+        presented = commit_challenges(records, challenges)
+        self._env_checked()
         if not records:
             return []
-        for record in records:
-            if not isinstance(record, CertRecord):
-                raise TypeError("commit takes CertRecord values")
         # Encode before taking the write lock, which every process shares.
         prepared = [
             (
@@ -674,36 +693,42 @@ class LmdbLedger:
                 serial_key(record.serial),
                 transaction_key(record.transaction_id, record.requester_key_sha256),
                 encode_record(record),
+                digest,
             )
-            for record in records
+            for record, digest in zip(records, presented, strict=True)
         ]
         outcomes: list[CommitOutcome] = []
         certs, txids = self._certs, self._txids
-        try:
-            with env.begin(write=True) as txn:
-                for record, skey, tkey, value in prepared:
-                    existing_key = txn.get(tkey, db=txids)
-                    if existing_key is not None:
-                        existing = self._record_at(txn, existing_key)
-                        if existing.csr_sha256 == record.csr_sha256:
-                            outcomes.append(AlreadyIssued(existing))
-                        else:
-                            outcomes.append(TransactionConflict(existing))
-                    elif not txn.put(skey, value, overwrite=False, db=certs):
-                        outcomes.append(SerialCollision(record.serial))
+        with self._write("commit") as txn:
+            for record, skey, tkey, value, digest in prepared:
+                existing_key = txn.get(tkey, db=txids)
+                existing = None if existing_key is None else self._record_at(txn, existing_key)
+                if existing is not None and good_at(existing, record.issued_at):
+                    if existing.csr_sha256 == record.csr_sha256:
+                        outcomes.append(AlreadyIssued(existing))
                     else:
-                        txn.put(tkey, skey, db=txids)
-                        if record.status == "revoked":
-                            txn.put(skey, b"", db=self._revoked)
-                        outcomes.append(Recorded(record))
-        except lmdb.MapFullError as error:
-            raise LedgerFull(
-                f"ledger {self._path} is full (map size {env.info()['map_size']} bytes); "
-                "raise the configured map size"
-            ) from error
-        except lmdb.Error as error:
-            raise LedgerError(f"ledger {self._path}: commit failed: {error}") from error
+                        outcomes.append(TransactionConflict(existing))
+                elif txn.get(skey, db=certs) is not None:
+                    outcomes.append(SerialCollision(record.serial))
+                elif digest is not None and not self._spend_challenge(txn, digest,
+                                                                      record.issued_at):
+                    outcomes.append(ChallengeRefused(digest))
+                else:
+                    txn.put(skey, value, db=certs)
+                    txn.put(tkey, skey, db=txids)
+                    if record.status == "revoked":
+                        txn.put(skey, b"", db=self._revoked)
+                    outcomes.append(Recorded(record))
         return outcomes
+
+    def _spend_challenge(self, txn: lmdb.Transaction[bytes], digest: bytes, now: float) -> bool:
+        """Takes one use of a challenge inside ``txn``; False if it is not usable at ``now``."""
+        value = txn.get(digest, db=self._challenges)
+        challenge = None if value is None else decode_challenge(digest, value)
+        if challenge is None or not usable(challenge, now):
+            return False
+        txn.put(digest, encode_challenge(spent(challenge)), db=self._challenges)
+        return True
 
     def get(self, serial: int) -> CertRecord | None:
         env = self._env_checked()
@@ -761,20 +786,21 @@ class LmdbLedger:
             for key, value in chunk:
                 yield decode_record(key, value)
 
-    def add_pending(self, p: PendingRequest) -> PendingRequest:
-        if not isinstance(p, PendingRequest):
-            raise TypeError("add_pending takes a PendingRequest")
-        if p.status != "pending":
-            raise ValueError("add_pending takes a request with status pending")
+    def add_pending(self, p: PendingRequest, challenge: bytes | None = None) -> PendingRequest:
+        check_pending(p, challenge)
         rkey = p.request_id.encode()
         tkey = transaction_key(p.transaction_id, p.requester_key_sha256)
         value = encode_pending(p)
+        # The exception leaves the transaction, which LMDB then aborts.
         with self._write("add_pending") as txn:
             existing = txn.get(tkey, db=self._pending_txids)
             if existing is not None:
                 return self._pending_at(txn, existing)
             if not txn.put(rkey, value, overwrite=False, db=self._pending):
                 raise LedgerError(f"request id {p.request_id} is in use")
+            if challenge is not None and not self._spend_challenge(txn, challenge,
+                                                                   p.received_at):
+                raise ChallengeUsedUp("the challenge is expired or used up")
             txn.put(tkey, rkey, db=self._pending_txids)
         return p
 
@@ -836,30 +862,6 @@ class LmdbLedger:
         with env.begin() as txn:
             value = txn.get(digest, db=self._challenges)
         return None if value is None else decode_challenge(digest, value)
-
-    def consume_challenges(self, digests: Sequence[bytes], now: float) -> list[Challenge | None]:
-        if isinstance(digests, bytes | str):
-            raise TypeError("consume_challenges takes a sequence of digests")
-        for digest in digests:
-            if not isinstance(digest, bytes) or len(digest) != _DIGEST_LEN:
-                raise ValueError("a challenge digest is 32 bytes")
-        if type(now) not in (int, float):
-            raise ValueError("now must be epoch seconds")
-        self._env_checked()
-        if not digests:
-            return []
-        results: list[Challenge | None] = []
-        with self._write("consume_challenges") as txn:
-            for digest in digests:
-                value = txn.get(digest, db=self._challenges)
-                challenge = None if value is None else decode_challenge(digest, value)
-                if challenge is None or not usable(challenge, now):
-                    results.append(None)
-                    continue
-                used = dataclasses.replace(challenge, uses_left=challenge.uses_left - 1)
-                txn.put(digest, encode_challenge(used), db=self._challenges)
-                results.append(challenge)
-        return results
 
     def next_crl_number(self) -> int:
         with self._write("next_crl_number") as txn:

@@ -116,9 +116,11 @@ class Supervisor:
 
     def _spawn(self, slot: _Slot) -> None:
         fd = self._sockets[slot.index].fileno()
+        # -P: the worker imports the installed package, never a scep_fast
+        # folder that happens to lie in the working directory.
         slot.process = subprocess.Popen(
-            [sys.executable, "-m", "scep_fast.runtime.worker", "--dir", str(self._config.dir),
-             "--fd", str(fd), "--log-level", self._log_level],
+            [sys.executable, "-P", "-m", "scep_fast.runtime.worker",
+             "--dir", str(self._config.dir), "--fd", str(fd), "--log-level", self._log_level],
             pass_fds=(fd,),
         )
         slot.started_at = time.monotonic()

@@ -18,6 +18,7 @@ from scep_fast.service.ledger import Challenge, Ledger
 
 MAX_TTL_SECONDS = 366 * 86400
 MAX_USES = 1_000_000
+MAX_PATTERN_CHARS = 1000
 # Letters and digits only: a challengePassword travels as a PrintableString
 # for some clients (no "_"), and a secret starting with "-" reads as an option
 # on a command line. 32 of 62 symbols: 190 bits, far beyond guessing.
@@ -49,6 +50,7 @@ def mint_challenge(
     profile: str,
     profiles: Collection[str],
     subject_pattern: str = "",
+    san_pattern: str = "",
     label: str = "",
 ) -> MintedChallenge:
     if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) \
@@ -58,11 +60,14 @@ def mint_challenge(
         raise ChallengeRequestInvalid(f"uses must be 1 to {MAX_USES}")
     if profile not in profiles:
         raise ChallengeRequestInvalid(f"unknown profile {profile!r}")
-    if subject_pattern:
+    for name, pattern in (("subject_pattern", subject_pattern), ("san_pattern", san_pattern)):
+        if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_CHARS:
+            raise ChallengeRequestInvalid(f"{name} is a string of at most {MAX_PATTERN_CHARS}"
+                                          " characters")
         try:
-            re.compile(subject_pattern)
+            re.compile(pattern)
         except re.error as e:
-            raise ChallengeRequestInvalid(f"subject_pattern: {e}") from None
+            raise ChallengeRequestInvalid(f"{name}: {e}") from None
     if len(label) > 200:
         raise ChallengeRequestInvalid("label is at most 200 characters")
     secret = new_secret()
@@ -73,6 +78,7 @@ def mint_challenge(
         uses_left=uses,
         profile=profile,
         subject_pattern=subject_pattern,
+        san_pattern=san_pattern,
         label=label,
     )
     ledger.add_challenge(challenge)

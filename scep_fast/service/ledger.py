@@ -9,16 +9,24 @@ above and as an executable statement of the semantics.
 The rules of :meth:`Ledger.commit`, applied per record, in order, inside one
 write transaction for the whole batch:
 
-1. The key ``(transaction_id, requester_key_sha256)`` is already recorded:
-   with the same ``csr_sha256`` this is a resend of the same request (RFC 8894
-   section 3.3.1: the transactionID stays the same for a resend), possibly
-   issued meanwhile by another worker process; the answer is
-   :class:`AlreadyIssued` carrying the certificate on record, and the new
-   certificate is discarded. With a different CSR it is
-   :class:`TransactionConflict`.
+1. The key ``(transaction_id, requester_key_sha256)`` is already recorded
+   and its certificate is still good (not revoked, and not expired at the
+   new record's ``issued_at``): with the same ``csr_sha256`` this is a resend
+   of the same request (RFC 8894 section 3.3.1: the transactionID stays the
+   same for a resend), possibly issued meanwhile by another worker process;
+   the answer is :class:`AlreadyIssued` carrying the certificate on record,
+   and the new certificate is discarded. With a different CSR it is
+   :class:`TransactionConflict`. A key whose certificate was revoked or has
+   expired is free again: the new record takes it over (devices that derive
+   the transactionID from a key they keep must be able to enroll again).
 2. The serial number is already in use: :class:`SerialCollision`; the caller
    refuses (or reissues with a fresh serial) rather than overwrite.
-3. Otherwise the record is written: :class:`Recorded`.
+3. The record's request presented a one-time challenge (``challenges``, one
+   entry per record, ``None`` for none) that is no longer usable at
+   ``issued_at``: :class:`ChallengeRefused`. Otherwise the challenge loses
+   one use in the same transaction as the record is written, so a challenge
+   is spent exactly when a certificate is recorded for it.
+4. Otherwise the record is written: :class:`Recorded`.
 
 A batch is all or nothing: when anything raises in the middle, nothing of
 the batch is written. When ``commit`` returns, the batch is on disk.
@@ -37,9 +45,10 @@ The certificate lifecycle beyond issuance, every write durable on return:
   :meth:`Ledger.decide_pending` moves a request from ``pending`` to
   ``approved`` or ``rejected``, once.
 - Challenges (:class:`Challenge`) are kept by the SHA-256 of the secret.
-  :meth:`Ledger.consume_challenges` checks and uses them in one write
-  transaction, so a single-use challenge is used once across every worker
-  process.
+  A use is taken by :meth:`Ledger.commit` or :meth:`Ledger.add_pending` in
+  the transaction that records what the challenge was presented for, so a
+  single-use challenge is used once across every worker process, and a
+  request that is refused spends nothing.
 - :meth:`Ledger.next_crl_number` hands out CRL numbers 1, 2, 3, ...
 """
 
@@ -65,6 +74,8 @@ __all__ = [
     "AlreadyIssued",
     "CertRecord",
     "Challenge",
+    "ChallengeRefused",
+    "ChallengeUsedUp",
     "CommitOutcome",
     "Ledger",
     "LedgerCorrupt",
@@ -77,9 +88,13 @@ __all__ = [
     "SerialCollision",
     "TransactionConflict",
     "UnsupportedSchema",
+    "check_pending",
     "check_revocation_reason",
+    "commit_challenges",
     "decide",
+    "good_at",
     "record_to_json",
+    "spent",
     "usable",
 ]
 
@@ -145,6 +160,10 @@ class LedgerFull(LedgerError):
 
 class NotFound(LedgerError):
     """The certificate or request named is not on record."""
+
+
+class ChallengeUsedUp(LedgerError):
+    """The one-time challenge presented is unknown, expired or used up; nothing was written."""
 
 
 def check_revocation_reason(reason: object) -> int:
@@ -310,9 +329,11 @@ class Challenge:
     """A challenge password, known by the SHA-256 of the secret only.
 
     Usable while ``expires_at`` is later than now and ``uses_left`` is
-    above zero. ``subject_pattern`` is a regular expression the service
-    matches the requested subject against (empty: any subject); ``profile``
-    is the profile a request with this challenge gets.
+    above zero. ``profile`` is the profile a request with this challenge
+    gets. ``subject_pattern`` and ``san_pattern`` bind it to names (see
+    ``scep_fast.service.names``): when either is set, the request's whole
+    subject must match the one and every SAN value the other, and an empty
+    pattern then allows no subject or no SAN.
     """
 
     digest: bytes
@@ -322,6 +343,7 @@ class Challenge:
     profile: str = "default"
     subject_pattern: str = ""
     label: str = ""
+    san_pattern: str = ""
 
     def __post_init__(self) -> None:
         _check_digests(self, "digest")
@@ -331,13 +353,19 @@ class Challenge:
             raise ValueError(f"uses_left must be an integer from 0 to {MAX_USES}")
         if not isinstance(self.profile, str) or not self.profile:
             raise ValueError("profile must be a non-empty str")
-        if not isinstance(self.subject_pattern, str) or not isinstance(self.label, str):
-            raise ValueError("subject_pattern and label must be str")
-        _check_text(self.profile, self.subject_pattern, self.label)
-        try:
-            re.compile(self.subject_pattern)
-        except re.error as error:
-            raise ValueError(f"subject_pattern is not a regular expression: {error}") from error
+        for text in (self.subject_pattern, self.san_pattern, self.label):
+            if not isinstance(text, str):
+                raise ValueError("subject_pattern, san_pattern and label must be str")
+        _check_text(self.profile, self.subject_pattern, self.san_pattern, self.label)
+        for pattern in (self.subject_pattern, self.san_pattern):
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a regular expression: {error}") from error
+
+    @property
+    def binds_names(self) -> bool:
+        return bool(self.subject_pattern or self.san_pattern)
 
 
 # --- What commit says about each record -------------------------------------
@@ -371,7 +399,14 @@ class SerialCollision:
     serial: int
 
 
-CommitOutcome = Recorded | AlreadyIssued | TransactionConflict | SerialCollision
+@dataclass(frozen=True, slots=True)
+class ChallengeRefused:
+    """The challenge the request presented was spent meanwhile; nothing was written."""
+
+    digest: bytes
+
+
+CommitOutcome = Recorded | AlreadyIssued | TransactionConflict | SerialCollision | ChallengeRefused
 
 
 class Ledger(Protocol):
@@ -393,8 +428,14 @@ class Ledger(Protocol):
         """
         ...
 
-    def commit(self, records: Sequence[CertRecord]) -> list[CommitOutcome]:
-        """Record a batch in one durable transaction; one outcome per record."""
+    def commit(
+        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = ()
+    ) -> list[CommitOutcome]:
+        """Record a batch in one durable transaction; one outcome per record.
+
+        ``challenges`` is empty or has one entry per record: the digest of
+        the one-time challenge its request presented, or None.
+        """
         ...
 
     def get(self, serial: int) -> CertRecord | None:
@@ -426,14 +467,18 @@ class Ledger(Protocol):
         """How many certificates are revoked: cheap, so a CRL writer can poll it."""
         ...
 
-    def add_pending(self, p: PendingRequest) -> PendingRequest:
+    def add_pending(self, p: PendingRequest, challenge: bytes | None = None) -> PendingRequest:
         """Record a request waiting for approval, durably.
 
         When a request of the same ``(transaction_id, requester_key_sha256)``
         is on record already, whatever its status, that one is returned and
-        nothing is written: the caller compares ``csr_sha256``. A request id
-        in use by another transaction is a :class:`LedgerError`; a request
-        whose status is not ``pending`` is a ``ValueError``.
+        nothing is written: the caller compares ``csr_sha256``. Otherwise
+        ``challenge``, the digest of the one-time challenge the request
+        presented, loses one use in the same transaction, or
+        :class:`ChallengeUsedUp` is raised when it is not usable at
+        ``p.received_at``. A request id in use by another transaction is a
+        :class:`LedgerError`; a request whose status is not ``pending`` is a
+        ``ValueError``.
         """
         ...
 
@@ -468,16 +513,6 @@ class Ledger(Protocol):
 
     def get_challenge(self, digest: bytes) -> Challenge | None:
         """The challenge with this digest, usable or not."""
-        ...
-
-    def consume_challenges(self, digests: Sequence[bytes], now: float) -> list[Challenge | None]:
-        """Use challenges, all in one durable write transaction.
-
-        Per digest, in order: a challenge on record with ``expires_at > now``
-        and ``uses_left > 0`` loses one use and is returned as it was before
-        (its profile and pattern are the caller's to apply); anything else
-        gives ``None``. A digest twice in one call is used twice.
-        """
         ...
 
     def next_crl_number(self) -> int:
@@ -531,31 +566,39 @@ class MemoryLedger:
                               None if request_id is None else self._pending[request_id]))
             return found
 
-    def commit(self, records: Sequence[CertRecord]) -> list[CommitOutcome]:
+    def commit(
+        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = ()
+    ) -> list[CommitOutcome]:
+        presented = commit_challenges(records, challenges)
         with self._lock:
             self._check_open()
             # Work on copies so that a failure in the middle leaves nothing behind.
             certs = dict(self._certs)
             txids = dict(self._txids)
+            kept = dict(self._challenges)
             outcomes: list[CommitOutcome] = []
-            for record in records:
-                if not isinstance(record, CertRecord):
-                    raise TypeError("commit takes CertRecord values")
+            for record, digest in zip(records, presented, strict=True):
                 key = (record.transaction_id, record.requester_key_sha256)
                 serial = txids.get(key)
-                if serial is not None:
-                    existing = certs[serial]
+                existing = None if serial is None else certs[serial]
+                challenge = None if digest is None else kept.get(digest)
+                if existing is not None and good_at(existing, record.issued_at):
                     if existing.csr_sha256 == record.csr_sha256:
                         outcomes.append(AlreadyIssued(existing))
                     else:
                         outcomes.append(TransactionConflict(existing))
                 elif record.serial in certs:
                     outcomes.append(SerialCollision(record.serial))
+                elif digest is not None and (
+                        challenge is None or not usable(challenge, record.issued_at)):
+                    outcomes.append(ChallengeRefused(digest))
                 else:
+                    if digest is not None and challenge is not None:
+                        kept[digest] = spent(challenge)
                     certs[record.serial] = record
                     txids[key] = record.serial
                     outcomes.append(Recorded(record))
-            self._certs, self._txids = certs, txids
+            self._certs, self._txids, self._challenges = certs, txids, kept
             return outcomes
 
     def get(self, serial: int) -> CertRecord | None:
@@ -606,11 +649,8 @@ class MemoryLedger:
             ]
         yield from records
 
-    def add_pending(self, p: PendingRequest) -> PendingRequest:
-        if not isinstance(p, PendingRequest):
-            raise TypeError("add_pending takes a PendingRequest")
-        if p.status != "pending":
-            raise ValueError("add_pending takes a request with status pending")
+    def add_pending(self, p: PendingRequest, challenge: bytes | None = None) -> PendingRequest:
+        check_pending(p, challenge)
         with self._lock:
             self._check_open()
             key = (p.transaction_id, p.requester_key_sha256)
@@ -619,6 +659,11 @@ class MemoryLedger:
                 return self._pending[existing]
             if p.request_id in self._pending:
                 raise LedgerError(f"request id {p.request_id} is in use")
+            if challenge is not None:
+                presented = self._challenges.get(challenge)
+                if presented is None or not usable(presented, p.received_at):
+                    raise ChallengeUsedUp("the challenge is expired or used up")
+                self._challenges[challenge] = spent(presented)
             self._pending[p.request_id] = p
             self._pending_txids[key] = p.request_id
             return p
@@ -669,22 +714,6 @@ class MemoryLedger:
             self._check_open()
             return self._challenges.get(digest)
 
-    def consume_challenges(self, digests: Sequence[bytes], now: float) -> list[Challenge | None]:
-        _check_consume(digests, now)
-        with self._lock:
-            self._check_open()
-            results: list[Challenge | None] = []
-            for digest in digests:
-                challenge = self._challenges.get(digest)
-                if challenge is None or not usable(challenge, now):
-                    results.append(None)
-                    continue
-                self._challenges[digest] = dataclasses.replace(
-                    challenge, uses_left=challenge.uses_left - 1
-                )
-                results.append(challenge)
-            return results
-
     def next_crl_number(self) -> int:
         with self._lock:
             self._check_open()
@@ -703,8 +732,52 @@ class MemoryLedger:
 
 
 def usable(challenge: Challenge, now: float) -> bool:
-    """Whether ``consume_challenges`` at ``now`` takes a use of ``challenge``."""
+    """Whether a request recorded at ``now`` may take a use of ``challenge``."""
     return challenge.expires_at > now and challenge.uses_left > 0
+
+
+def spent(challenge: Challenge) -> Challenge:
+    return dataclasses.replace(challenge, uses_left=challenge.uses_left - 1)
+
+
+def good_at(record: CertRecord, now: float) -> bool:
+    """Whether ``record``'s certificate is neither revoked nor expired at ``now``.
+
+    Only such a certificate holds its transaction: a resend gets it again,
+    and another CSR under the same transaction is refused.
+    """
+    return record.status == "issued" and record.not_after > now
+
+
+def _check_digest(digest: object) -> None:
+    if not isinstance(digest, bytes) or len(digest) != _SHA256_LEN:
+        raise ValueError(f"a challenge digest is {_SHA256_LEN} bytes")
+
+
+def commit_challenges(
+    records: Sequence[CertRecord], challenges: Sequence[bytes | None]
+) -> Sequence[bytes | None]:
+    """The challenge per record (None for none); raises for arguments of the wrong shape."""
+    for record in records:
+        if not isinstance(record, CertRecord):
+            raise TypeError("commit takes CertRecord values")
+    if not challenges:
+        return [None] * len(records)
+    if isinstance(challenges, bytes | str) or len(challenges) != len(records):
+        raise ValueError("challenges must be empty or have one entry per record")
+    for digest in challenges:
+        if digest is not None:
+            _check_digest(digest)
+    return challenges
+
+
+def check_pending(p: PendingRequest, challenge: bytes | None) -> None:
+    if not isinstance(p, PendingRequest):
+        raise TypeError("add_pending takes a PendingRequest")
+    if p.status != "pending":
+        raise ValueError("add_pending takes a request with status pending")
+    if challenge is not None:
+        _check_digest(challenge)
 
 
 def _check_decision(status: str, when: float) -> None:
@@ -712,16 +785,6 @@ def _check_decision(status: str, when: float) -> None:
         raise ValueError('status must be "approved" or "rejected"')
     if not _is_time(when):
         raise ValueError("when must be epoch seconds")
-
-
-def _check_consume(digests: Sequence[bytes], now: float) -> None:
-    if isinstance(digests, bytes | str):
-        raise TypeError("consume_challenges takes a sequence of digests")
-    for digest in digests:
-        if not isinstance(digest, bytes) or len(digest) != _SHA256_LEN:
-            raise ValueError(f"a challenge digest is {_SHA256_LEN} bytes")
-    if not _is_time(now):
-        raise ValueError("now must be epoch seconds")
 
 
 def decide(request: PendingRequest, status: str, when: float, reason: str) -> PendingRequest:

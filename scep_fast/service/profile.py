@@ -70,6 +70,12 @@ class Profile:
     extended_key_usage: tuple[str, ...] = ("client_auth",)
     include_chain: bool = False
     require_approval: bool = False
+    # A subject with more than one CN is refused unless this is set: a
+    # relying party may read either one.
+    allow_multiple_cn: bool = False
+    # A renewal keeps every name of the certificate it renews unless this is
+    # set; then it may ask for fewer SANs. It never gets other names.
+    renewal_may_drop_sans: bool = False
     crl_url: str | None = None
     _fixed: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
@@ -108,12 +114,16 @@ class Profile:
             chosen = set(self.key_usage) or usage
             self._fixed[key_type] = common + _extension("key_usage", chosen, True)
 
-    def extensions_der(self, key_type: str, san_der: bytes) -> bytes:
-        """The DER Extensions for a certificate with this key type and SAN value."""
+    def extensions_der(self, key_type: str, san_der: bytes, *, subject_empty: bool) -> bytes:
+        """The DER Extensions for a certificate with this key type and SAN value.
+
+        RFC 5280 section 4.2.1.6: when the subject is empty, the names are in
+        the subjectAltName alone, and the extension must be critical.
+        """
         exts = self._fixed[key_type]
         if san_der:
             exts += _extension("subject_alt_name",
-                               asn1_x509.GeneralNames.load(san_der), False)
+                               asn1_x509.GeneralNames.load(san_der), subject_empty)
         return der_sequence(exts)
 
     def validity(self, now: int) -> tuple[int, int]:
@@ -181,11 +191,30 @@ def _subset(values: tuple[str, ...], allowed: tuple[str, ...], name: str) -> Non
         raise ValueError(f"{name}: unknown {', '.join(unknown)} (allowed: {', '.join(allowed)})")
 
 
+EMPTY_NAME = b"\x30\x00"
+
+
+def common_names(subject_der: bytes) -> list[str]:
+    """Every common name of a DER Name, in the order of its RDNs."""
+    name = asn1_x509.Name.load(subject_der)
+    return [str(v) for k, v in _attributes(name) if k == "common_name"]
+
+
 def common_name(subject_der: bytes) -> str:
     """The last common name of a DER Name, or ""."""
-    name = asn1_x509.Name.load(subject_der)
-    cns = [str(v) for k, v in _attributes(name) if k == "common_name"]
+    cns = common_names(subject_der)
     return cns[-1] if cns else ""
+
+
+def general_names(san_der: bytes) -> list[asn1_x509.GeneralName]:
+    """The names of a subjectAltName value ("" gives none), or ProfileViolation."""
+    if not san_der:
+        return []
+    try:
+        names = asn1_x509.GeneralNames.load(san_der)
+        return list(names)
+    except (ValueError, TypeError, KeyError):
+        raise ProfileViolation("subjectAltName does not parse") from None
 
 
 def _attributes(name: asn1_x509.Name) -> list[tuple[str, object]]:

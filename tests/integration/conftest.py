@@ -91,17 +91,20 @@ class Server:
         return self.process.returncode
 
 
-def start_server(directory: Path, *extra: str) -> Server:
+def start_server(directory: Path, *extra: str, cwd: Path | None = None) -> Server:
+    """``scep-fast serve`` on loopback; with ``cwd``, the installed console script run there."""
     port = free_port()
     metrics_port = free_port()
     admin_port = free_port()
     log_path = directory.parent / f"{directory.name}-server.log"
     log = log_path.open("wb")
+    command = ([str(Path(sys.executable).parent / "scep-fast")] if cwd is not None
+               else [sys.executable, "-m", "scep_fast.runtime.cli"])
     process = subprocess.Popen(
-        [sys.executable, "-m", "scep_fast.runtime.cli", "serve", "--dir", str(directory),
+        [*command, "serve", "--dir", str(directory),
          "--bind", f"127.0.0.1:{port}", "--metrics-bind", f"127.0.0.1:{metrics_port}",
          "--admin-bind", f"127.0.0.1:{admin_port}", *extra],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     server = Server(directory, port, process, log_path, metrics_port, admin_port)
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:

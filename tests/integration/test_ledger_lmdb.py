@@ -29,6 +29,8 @@ from scep_fast.service.ledger import (
     AlreadyIssued,
     CertRecord,
     Challenge,
+    ChallengeRefused,
+    ChallengeUsedUp,
     Ledger,
     LedgerCorrupt,
     LedgerError,
@@ -51,15 +53,16 @@ def csr_hash(label: str) -> bytes:
 
 
 def make_record(serial: int, txid: str, *, key: bytes = KEY_A, csr: str = "csr",
-                der_size: int = 900) -> CertRecord:
+                der_size: int = 900, issued_at: float | None = None) -> CertRecord:
+    issued_at = time.time() if issued_at is None else issued_at
     return CertRecord(
         serial=serial,
         der=b"\x30\x82" + serial.to_bytes(20, "big") + b"\xa5" * der_size,
         subject=f"CN={txid}.example",
         sans=(f"DNS:{txid}.example", "IP:192.0.2.7"),
-        not_before=1_700_000_000,
-        not_after=1_731_536_000,
-        issued_at=time.time(),
+        not_before=int(issued_at) - 600,
+        not_after=int(issued_at) + 365 * 86400,
+        issued_at=issued_at,
         transaction_id=txid,
         requester_key_sha256=key,
         csr_sha256=csr_hash(csr),
@@ -498,15 +501,26 @@ def test_challenges(any_ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match="on record"):
         any_ledger.add_challenge(make_challenge("one", uses=5))
     assert any_ledger.get_challenge(single.digest) == single
-    # The caller sees the challenge as it was before the use.
-    assert any_ledger.consume_challenges([single.digest], NOW) == [single]
+    assert spend(any_ledger, single.digest, NOW)
     stored = any_ledger.get_challenge(single.digest)
     assert stored is not None and stored.uses_left == 0
-    assert any_ledger.consume_challenges([single.digest], NOW) == [None]
-    assert any_ledger.consume_challenges([digest("unknown")], NOW) == [None]
-    assert any_ledger.consume_challenges([], NOW) == []
+    assert not spend(any_ledger, single.digest, NOW)
+    assert not spend(any_ledger, digest("unknown"), NOW)
     with pytest.raises(ValueError):
-        any_ledger.consume_challenges([b"short"], NOW)
+        any_ledger.commit([make_record(random_serial(), "tx-short")], [b"short"])
+    with pytest.raises(ValueError):
+        any_ledger.commit([make_record(random_serial(), "tx-two")], [None, None])
+
+
+def spend(ledger: Ledger, challenge: bytes, when: float) -> bool:
+    """Whether a certificate recorded at ``when`` for this challenge took a use of it."""
+    record = make_record(random_serial(), f"tx-{secrets.token_hex(8)}", issued_at=when)
+    (outcome,) = ledger.commit([record], [challenge])
+    if isinstance(outcome, ChallengeRefused):
+        assert ledger.get(record.serial) is None
+        return False
+    assert outcome == Recorded(record)
+    return True
 
 
 def test_challenge_expiry_and_uses(any_ledger: Ledger) -> None:
@@ -516,28 +530,72 @@ def test_challenge_expiry_and_uses(any_ledger: Ledger) -> None:
     for challenge in (three, expiring, spent):
         any_ledger.add_challenge(challenge)
     # Usable until, not at, expires_at.
-    assert any_ledger.consume_challenges([expiring.digest], NOW - 0.001) == [expiring]
-    assert any_ledger.consume_challenges([expiring.digest], NOW) == [None]
-    assert any_ledger.consume_challenges([expiring.digest], NOW + 1) == [None]
-    assert any_ledger.consume_challenges([spent.digest], NOW) == [None]
-    results = [any_ledger.consume_challenges([three.digest], NOW)[0] for _ in range(4)]
-    assert [None if r is None else r.uses_left for r in results] == [3, 2, 1, None]
+    assert spend(any_ledger, expiring.digest, NOW - 0.001)
+    assert not spend(any_ledger, expiring.digest, NOW)
+    assert not spend(any_ledger, expiring.digest, NOW + 1)
+    assert not spend(any_ledger, spent.digest, NOW)
+    assert [spend(any_ledger, three.digest, NOW) for _ in range(4)] == [True] * 3 + [False]
     after = any_ledger.get_challenge(three.digest)
     assert after is not None and after.uses_left == 0
 
 
-def test_two_uses_in_one_call(any_ledger: Ledger) -> None:
+def test_uses_in_one_commit(any_ledger: Ledger) -> None:
     single, double = make_challenge("single"), make_challenge("double", uses=2)
     any_ledger.add_challenge(single)
     any_ledger.add_challenge(double)
-    results = any_ledger.consume_challenges(
-        [single.digest, double.digest, digest("nobody"), single.digest, double.digest,
-         double.digest],
-        NOW,
-    )
-    assert [None if r is None else (r.digest, r.uses_left) for r in results] == [
-        (single.digest, 1), (double.digest, 2), None, None, (double.digest, 1), None,
-    ]
+    presented = [single.digest, double.digest, digest("nobody"), single.digest, double.digest,
+                 double.digest, None]
+    records = [make_record(100 + i, f"tx-use-{i}", issued_at=NOW)
+               for i in range(len(presented))]
+    outcomes = any_ledger.commit(records, presented)
+    assert [type(o).__name__ for o in outcomes] == [
+        "Recorded", "Recorded", "ChallengeRefused", "ChallengeRefused", "Recorded",
+        "ChallengeRefused", "Recorded"]
+    assert any_ledger.count() == 4
+
+
+def test_a_resend_spends_no_challenge(any_ledger: Ledger) -> None:
+    double = make_challenge("resent", uses=2)
+    any_ledger.add_challenge(double)
+    first = make_record(7, "tx-resent", issued_at=NOW)
+    assert any_ledger.commit([first], [double.digest]) == [Recorded(first)]
+    again = make_record(8, "tx-resent", issued_at=NOW)
+    assert any_ledger.commit([again], [double.digest]) == [AlreadyIssued(first)]
+    conflict = make_record(9, "tx-resent", csr="other", issued_at=NOW)
+    assert any_ledger.commit([conflict], [double.digest]) == [TransactionConflict(first)]
+    left = any_ledger.get_challenge(double.digest)
+    assert left is not None and left.uses_left == 1
+
+
+def test_a_revoked_or_expired_transaction_is_free_again(any_ledger: Ledger) -> None:
+    first = make_record(11, "tx-again", issued_at=NOW)
+    any_ledger.commit([first])
+    any_ledger.revoke(11, 1, NOW + 1)
+    # Same transaction and requester, another CSR: a new certificate.
+    second = make_record(12, "tx-again", csr="second", issued_at=NOW + 2)
+    assert any_ledger.commit([second]) == [Recorded(second)]
+    assert any_ledger.find_transaction("tx-again", KEY_A) == second
+    # Expired at the new record's time: free as well.
+    third = make_record(13, "tx-again", csr="third", issued_at=second.not_after + 1)
+    assert any_ledger.commit([third]) == [Recorded(third)]
+    assert [r.serial for r in any_ledger.iter_records()] == [11, 12, 13]
+    # While a certificate is good, the transaction stays its own.
+    fourth = make_record(14, "tx-again", csr="fourth", issued_at=NOW + 3)
+    assert any_ledger.commit([fourth]) == [TransactionConflict(third)]
+
+
+def test_pending_spends_its_challenge_once(any_ledger: Ledger) -> None:
+    single = make_challenge("pending-single")
+    any_ledger.add_challenge(single)
+    waiting = make_pending("00000000000000aa", "tx-wait")
+    assert any_ledger.add_pending(waiting, single.digest) == waiting
+    # The same transaction again: the request on record, nothing spent.
+    assert any_ledger.add_pending(make_pending("00000000000000ab", "tx-wait"),
+                                  single.digest) == waiting
+    with pytest.raises(ChallengeUsedUp):
+        any_ledger.add_pending(make_pending("00000000000000ac", "tx-other"), single.digest)
+    assert any_ledger.get_pending("00000000000000ac") is None
+    assert any_ledger.find_pending("tx-other", KEY_A) is None
 
 
 def test_crl_numbers(any_ledger: Ledger) -> None:
@@ -553,7 +611,7 @@ def test_lifecycle_survives_reopening(ledger_dir: Path) -> None:
         revoked = ledger.revoke(9, 5, NOW)
         waiting = ledger.add_pending(make_pending("0123456789abcdef", "tx-p"))
         ledger.add_challenge(make_challenge("kept", uses=2))
-        ledger.consume_challenges([digest("kept")], NOW)
+        assert spend(ledger, digest("kept"), NOW)
         assert ledger.next_crl_number() == 1
     with LmdbLedger(ledger_dir) as ledger:
         assert list(ledger.iter_revoked()) == [revoked]
@@ -677,8 +735,7 @@ def _racer(path: str, barrier: object, results: object) -> None:
         def attempt() -> None:
             start.wait()
             for name, challenge_digest in (("single", single), ("triple", triple)):
-                (result,) = ledger.consume_challenges([challenge_digest], time.time())
-                if result is not None:
+                if spend(ledger, challenge_digest, time.time()):
                     with lock:
                         won[name] += 1
 

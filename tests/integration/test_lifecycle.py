@@ -138,10 +138,13 @@ def test_fifty_concurrent_requests_share_one_single_use_challenge(server: Server
 
 
 def test_a_challenge_bound_to_names_refuses_others(server: Server) -> None:
-    secret = new_challenge(server, "--uses", "5", "--subject-pattern", r"kiosk-[0-9]+")
+    secret = new_challenge(server, "--uses", "5", "--subject-pattern", r"CN=kiosk-[0-9]+")
     refused = enroll(server.url, secret, "laptop-1")
     assert refused.status is PKIStatus.FAILURE
     assert "may not be used" in (refused.fail_info_text or "")
+    # A pattern without the attribute type describes no whole subject.
+    value_only = new_challenge(server, "--subject-pattern", r"kiosk-[0-9]+")
+    assert enroll(server.url, value_only, "kiosk-18").status is PKIStatus.FAILURE
     assert enroll(server.url, secret, "kiosk-17").status is PKIStatus.SUCCESS
 
 

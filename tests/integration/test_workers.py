@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from scep_fast.client import parse_ca_certs
+from scep_fast.client import enroll, parse_ca_certs
 from tests.integration.conftest import (
     CHALLENGE,
     Server,
@@ -185,3 +185,29 @@ def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> None:
         assert "Traceback" not in done.stderr
     finally:
         server.stop()
+
+
+def test_workers_run_the_installed_package_whatever_the_working_directory(
+        tmp_path: Path) -> None:
+    # A folder named scep_fast where the operator happens to start serve must
+    # not be imported by the workers: it could be anyone's code.
+    decoy = tmp_path / "cwd"
+    marker = tmp_path / "decoy-imported"
+    for package in ("scep_fast", "scep_fast/runtime"):
+        (decoy / package).mkdir(parents=True)
+        (decoy / package / "__init__.py").write_text(
+            f"open({str(marker)!r}, 'w').close()\nraise SystemExit('decoy imported')\n")
+    (decoy / "scep_fast" / "runtime" / "worker.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n")
+    directory = init_dir(tmp_path / "scep")
+    set_config(directory, "server", "workers", "2")
+    server = start_server(directory, cwd=decoy)
+    try:
+        wait_for_workers(server, 2)
+        result = enroll(server.url, CHALLENGE, "decoy-proof").raise_for_status()
+        assert result.cert is not None
+        time.sleep(0.5)  # a worker that imported the decoy would have died by now
+        assert len(worker_pids(server)) == 2
+    finally:
+        server.stop()
+    assert not marker.exists()

@@ -16,15 +16,19 @@ PROTOCOL_DIR = ROOT / "scep_fast" / "protocol"
 IO_MODULES = ("trio", "hypercorn", "lmdb", "prometheus_client")
 
 _PROBE = """
-import importlib, importlib.util, json, sys
-imported = ["scep_fast.protocol"]
-importlib.import_module("scep_fast.protocol")
-protocol_modules = sorted(sys.modules)
-# service/ is checked as soon as it exists; if it exists but fails to
-# import, the probe fails loudly rather than passing by skipping it.
-if importlib.util.find_spec("scep_fast.service") is not None:
-    importlib.import_module("scep_fast.service")
-    imported.append("scep_fast.service")
+import importlib, json, pkgutil, sys
+import scep_fast.protocol
+protocol_modules = []
+imported = []
+# Every module of protocol/ first (what they pull in is recorded on its own),
+# then every module of service/: a module nobody imports is checked all the same.
+for package in ("scep_fast.protocol", "scep_fast.service"):
+    base = importlib.import_module(package)
+    for info in pkgutil.iter_modules(base.__path__, package + "."):
+        importlib.import_module(info.name)
+        imported.append(info.name)
+    if package == "scep_fast.protocol":
+        protocol_modules = sorted(sys.modules)
 print(json.dumps({"imported": imported, "protocol": protocol_modules,
                   "all": sorted(sys.modules)}))
 """
@@ -52,7 +56,12 @@ def _top_level(modules: list[str]) -> set[str]:
 
 def test_protocol_and_service_import_no_io_libraries() -> None:
     result = _probe()
-    assert "scep_fast.protocol" in result["imported"]
+    # Every source file of both packages was imported, not the packages alone.
+    for package in ("protocol", "service"):
+        sources = {p.stem for p in (ROOT / "scep_fast" / package).glob("*.py")} - {"__init__"}
+        assert len(sources) >= 5
+        for stem in sources:
+            assert f"scep_fast.{package}.{stem}" in result["imported"]
     loaded = _top_level(result["all"])
     for name in IO_MODULES:
         assert name not in loaded, f"{name} imported by {result['imported']}"

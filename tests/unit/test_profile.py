@@ -22,8 +22,8 @@ def extensions(der: bytes) -> dict[str, object]:
 
 def test_key_usage_follows_the_key_type() -> None:
     profile = Profile()
-    rsa = extensions(profile.extensions_der("RSA", b""))
-    ec = extensions(profile.extensions_der("EC", b""))
+    rsa = extensions(profile.extensions_der("RSA", b"", subject_empty=False))
+    ec = extensions(profile.extensions_der("EC", b"", subject_empty=False))
     assert set(rsa["key_usage"]) == {"digital_signature", "key_encipherment"}
     assert set(ec["key_usage"]) == {"digital_signature"}
     assert rsa["extended_key_usage"] == ["client_auth"]
@@ -31,7 +31,8 @@ def test_key_usage_follows_the_key_type() -> None:
 
 
 def test_crl_distribution_point_names_the_url() -> None:
-    exts = extensions(Profile(crl_url="http://pki.example/crl/ab.crl").extensions_der("RSA", b""))
+    profile = Profile(crl_url="http://pki.example/crl/ab.crl")
+    exts = extensions(profile.extensions_der("RSA", b"", subject_empty=False))
     point = exts["crl_distribution_points"][0]["distribution_point"]
     assert point == ["http://pki.example/crl/ab.crl"]
 
