@@ -11,9 +11,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from scep_fast.client import build_pkcs_req, parse_ca_certs
+from tests.conftest import needs_peer
 from tests.integration.conftest import (
     CHALLENGE,
     Server,
@@ -69,7 +68,7 @@ def has_numbers(result: list[dict[str, object]]) -> bool:
     return bool(values) and all(not math.isnan(v) for v in values)
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed")
+@needs_peer(PROMETHEUS is not None, "Prometheus is not installed (Debian package `prometheus`)")
 def test_every_panel_query_returns_data(tmp_path: Path) -> None:
     directory = init_dir(tmp_path / "scep")
     set_config(directory, "server", "workers", "2")

@@ -3,7 +3,8 @@
 The server helpers are the integration tests' own (``tests/integration/conftest.py``).
 The peers are Debian's `scep`
 (micromdm scepclient/scepserver) and `certmonger` (scep-submit); a test whose
-peer is missing is skipped with the reason.
+peer is missing is skipped with the reason, or fails when peers are required
+(``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from tests.conftest import missing_peer
 from tests.integration import conftest as _helpers
 
 CHALLENGE: str = _helpers.CHALLENGE
@@ -38,9 +38,9 @@ PEER_TIMEOUT_SECONDS = 60
 
 
 def require(binary: str | None, what: str) -> str:
-    """The peer's path, or a skip naming the missing Debian package."""
+    """The peer's path, or a skip naming the missing Debian package (see missing_peer)."""
     if binary is None:
-        pytest.skip(f"{what} is not installed")
+        missing_peer(f"{what} is not installed")
     return binary
 
 

@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from scep_fast.client import PkiRequest, build_pkcs_req, build_renewal_req, decrypt_envelope
+from tests.conftest import needs_peer
 from tests.interop.conftest import (
     CHALLENGE,
     PEER_TIMEOUT_SECONDS,
@@ -46,9 +47,8 @@ from tests.interop.conftest import (
     start_server,
 )
 
-pytestmark = pytest.mark.skipif(
-    SCEP_SUBMIT is None, reason="certmonger's scep-submit is not installed (Debian package "
-                                "`certmonger`)")
+pytestmark = needs_peer(SCEP_SUBMIT is not None,
+                        "certmonger's scep-submit is not installed (Debian package `certmonger`)")
 
 # scep-submit's exit codes (certmonger-scep-submit(8)).
 ISSUED, REJECTED, UNREACHABLE = 0, 2, 3

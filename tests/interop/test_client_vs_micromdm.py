@@ -28,6 +28,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests.conftest import needs_peer, needs_root
+
 SCEPSERVER = shutil.which("scepserver")
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 8080  # free by construction: the namespace is private
@@ -35,9 +37,9 @@ CHALLENGE = "interop-challenge"
 RUN_TIMEOUT_SECONDS = 120
 
 pytestmark = [
-    pytest.mark.skipif(SCEPSERVER is None, reason="micromdm scepserver is not installed "
-                       "(Debian package `scep`)"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="a private network namespace needs root"),
+    needs_peer(SCEPSERVER is not None,
+               "micromdm scepserver is not installed (Debian package `scep`)"),
+    needs_root(),
 ]
 
 # name -> extra arguments of `python -m scep_fast.client enroll`

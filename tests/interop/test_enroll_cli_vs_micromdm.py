@@ -32,6 +32,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests.conftest import needs_peer, needs_root
 from tests.interop.conftest import SCEPSERVER
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,9 +44,9 @@ NAMESPACE_TIMEOUT_SECONDS = 150
 TEST_TIMEOUT_SECONDS = NAMESPACE_TIMEOUT_SECONDS + 20
 
 pytestmark = [
-    pytest.mark.skipif(SCEPSERVER is None, reason="micromdm scepserver is not installed "
-                       "(Debian package `scep`)"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="a private network namespace needs root"),
+    needs_peer(SCEPSERVER is not None,
+               "micromdm scepserver is not installed (Debian package `scep`)"),
+    needs_root(),
 ]
 
 # case -> (common name, extra arguments of `scep-fast enroll`)

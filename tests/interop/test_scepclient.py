@@ -31,6 +31,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests.conftest import needs_peer
 from tests.interop.conftest import (
     CHALLENGE,
     PEER_TIMEOUT_SECONDS,
@@ -43,8 +44,8 @@ from tests.interop.conftest import (
     start_server,
 )
 
-pytestmark = pytest.mark.skipif(
-    SCEPCLIENT is None, reason="micromdm scepclient is not installed (Debian package `scep`)")
+pytestmark = needs_peer(SCEPCLIENT is not None,
+                        "micromdm scepclient is not installed (Debian package `scep`)")
 
 
 @pytest.fixture(scope="module")
