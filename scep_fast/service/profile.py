@@ -28,6 +28,27 @@ EXTENDED_KEY_USAGES = ("client_auth", "server_auth", "email_protection", "code_s
                        "ocsp_signing", "time_stamping", "ipsec_ike")
 
 
+# RFC 3279 section 2.3.1 (RSA) and RFC 5480 section 3 (EC): the key usages
+# each key type may carry, and what a profile without key_usage gives it.
+_KEY_USAGE_ALLOWED = {
+    "RSA": {"digital_signature", "non_repudiation", "key_encipherment", "data_encipherment"},
+    "EC": {"digital_signature", "non_repudiation", "key_agreement"},
+}
+_DEFAULT_KEY_USAGE = {"RSA": {"digital_signature", "key_encipherment"},
+                      "EC": {"digital_signature"}}
+
+# RFC 5280 section 4.2.1.6: a dNSName in the preferred name syntax of RFC 1034
+# section 3.5 (letters, digits and hyphens; no wildcard, which would let one
+# device speak for every name below it), an rfc822Name that is a mailbox, a
+# uniformResourceIdentifier that is absolute (it has a scheme).
+_DNS_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_DNS_NAME = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
+_MAILBOX = re.compile(rf"[^@\s\x00-\x1f\x7f]+@{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
+_ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s\x00-\x1f\x7f]+")
+_SAN_SYNTAX = {"dns_name": _DNS_NAME, "rfc822_name": _MAILBOX,
+               "uniform_resource_identifier": _ABSOLUTE_URI}
+
+
 class ProfileViolation(ValueError):
     """The request asks for something the profile does not allow; the text says what."""
 
@@ -65,7 +86,9 @@ class Profile:
     # {cn} stands for the CSR's common name, e.g. "CN={cn},O=Example".
     subject_template: str = ""
     # () chooses by key type: RSA digitalSignature + keyEncipherment, EC
-    # digitalSignature only (RFC 5480 section 3).
+    # digitalSignature only (RFC 5480 section 3). A usage the key type may
+    # not have (keyAgreement for RSA, key or data encipherment for EC) is
+    # left out of that type's certificates.
     key_usage: tuple[str, ...] = ()
     extended_key_usage: tuple[str, ...] = ("client_auth",)
     include_chain: bool = False
@@ -100,7 +123,10 @@ class Profile:
             self.render_subject("example")
         common = _extension("basic_constraints", {"ca": False}, True)
         if self.extended_key_usage:
-            common += _extension("extended_key_usage", list(self.extended_key_usage), False)
+            # RFC 3161 section 2.3: a time-stamping certificate's
+            # extendedKeyUsage is critical.
+            common += _extension("extended_key_usage", list(self.extended_key_usage),
+                                 "time_stamping" in self.extended_key_usage)
         if self.crl_url:
             point = asn1_x509.DistributionPointName(
                 name="full_name",
@@ -108,10 +134,8 @@ class Profile:
                                              value=self.crl_url)])
             common += _extension("crl_distribution_points",
                                  [{"distribution_point": point}], False)
-        by_type = {"RSA": {"digital_signature", "key_encipherment"},
-                   "EC": {"digital_signature"}}
-        for key_type, usage in by_type.items():
-            chosen = set(self.key_usage) or usage
+        for key_type, default in _DEFAULT_KEY_USAGE.items():
+            chosen = set(self.key_usage) & _KEY_USAGE_ALLOWED[key_type] or default
             self._fixed[key_type] = common + _extension("key_usage", chosen, True)
 
     def extensions_der(self, key_type: str, san_der: bytes, *, subject_empty: bool) -> bytes:
@@ -155,6 +179,12 @@ class Profile:
             texts = tuple(f"{SAN_PREFIX[n.name]}:{n.native}" for n in kept)
         except (ValueError, TypeError, KeyError):
             raise ProfileViolation("subjectAltName does not parse") from None
+        for n in kept:
+            syntax, value = _SAN_SYNTAX.get(n.name), str(n.native)
+            too_long = n.name == "dns_name" and len(value) > 253
+            if syntax is not None and (too_long or syntax.fullmatch(value) is None):
+                raise ProfileViolation(f"subjectAltName {n.native!r} is not a valid "
+                                       f"{SAN_PREFIX[n.name]} name")
         if self.san_pattern:
             for n in kept:
                 if re.fullmatch(self.san_pattern, str(n.native)) is None:
