@@ -16,6 +16,11 @@ class NativeError(Exception):
         super().__init__(reason)
         self.reason = reason
 
+    @property
+    def summary(self) -> str:
+        """The core's own words without OpenSSL's reasons: what a client may read."""
+        return self.reason.split(": error:", 1)[0]
+
 
 class MalformedMessage(NativeError):
     """Not a message we can parse (SCEP_ERR_MALFORMED)."""

@@ -300,9 +300,9 @@ class EnrollmentService:
         if request is None or item.signer is None:
             raise InternalError("an unauthenticated message reached the decision")
         if isinstance(error, AlgorithmRefused):
-            raise BadAlg(error.reason)
+            raise BadAlg(error.summary, detail=error.reason)
         if isinstance(error, CsrInvalid):
-            raise BadRequest("the certification request is malformed")
+            raise BadRequest("the certification request is malformed", detail=error.reason)
         # Every SUCCESS is an envelope to the signer's key: refuse before
         # anything is issued or looked up if it could not be opened.
         self._authorizer.check_deliverable(item.signer)
@@ -408,9 +408,9 @@ class EnrollmentService:
             if issue is None or item.grant is None:
                 continue
             if isinstance(result, CsrInvalid):
-                self._fail(item, BadMessageCheck("the certification request's signature "
-                                                 "does not verify"))
-                item.answer.reason = f"certification request: {result.reason}"
+                self._fail(item, BadMessageCheck(
+                    "the certification request is invalid (signature or encoding)",
+                    detail=result.reason))
                 continue
             if isinstance(result, NativeError):
                 self._internal(item, f"issue: {result.reason}")
@@ -509,7 +509,7 @@ class EnrollmentService:
         item.answer.serial = None
         item.answer.status = "FAILURE"
         item.answer.fail_info = FailInfo(fail_info).name
-        item.answer.reason = error.reason or ""
+        item.answer.reason = f"{error.reason}: {error.detail}" if error.detail else error.reason
 
     def _refuse(self, item: _Item, error: ScepError) -> None:
         item.reply = None
