@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from scep_fast.crypto import (
     AlgorithmRefused,
@@ -78,6 +79,8 @@ from scep_fast.service.profile import Profile
 __all__ = ["Answer", "EnrollmentService", "Policy", "PreparedBatch"]
 
 log = logging.getLogger(__name__)
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 # Messages that name a transaction the ledger may already know.
 _TRANSACTION_TYPES = frozenset({MessageType.PKCS_REQ, MessageType.RENEWAL_REQ,
@@ -127,8 +130,34 @@ class _Item:
 class PreparedBatch:
     """A batch between its two stages: replies signed, certificates not yet recorded."""
 
-    items: list[_Item]
+    items: list[_Item]          # the messages the core could unwrap
+    answers: list[Answer]       # one per message, in order (the items' answers among them)
     issued_at: float
+
+
+def _each(call: Callable[[Sequence[_In]], Sequence[_Out]],
+          inputs: Sequence[_In], what: str) -> list[_Out | Exception]:
+    """One call for a whole batch; if it raises, one call per input, so only the culprit fails.
+
+    The native core answers per item, but the Python around it (building the
+    inputs, reading the results) runs for the batch at once: an exception
+    there must not cost every other request of the batch its answer.
+    """
+    try:
+        results: list[_Out | Exception] = list(call(inputs))
+        if len(results) == len(inputs):
+            return results
+        raise InternalError(f"{what}: {len(results)} results for {len(inputs)} inputs")
+    except Exception:  # noqa: BLE001 - isolate below
+        log.exception("%s failed for a batch of %d; retrying one by one", what, len(inputs))
+    results = []
+    for one in inputs:
+        try:
+            results.append(call([one])[0])
+        except Exception as e:  # noqa: BLE001 - this input's own failure
+            log.exception("%s failed for one input", what)
+            results.append(e)
+    return results
 
 
 class EnrollmentService:
@@ -169,7 +198,17 @@ class EnrollmentService:
 
     def prepare_batch(self, messages: Sequence[bytes]) -> PreparedBatch:
         with self._native:
-            items = [_Item(u, Answer()) for u in self._ctx.unwrap_batch(messages)]
+            answers: list[Answer] = []
+            items: list[_Item] = []
+            for unwrapped in _each(self._ctx.unwrap_batch, messages, "unwrap"):
+                if isinstance(unwrapped, Exception):
+                    answers.append(Answer(
+                        error=MalformedRequest("the message cannot be processed",
+                                               detail=f"unwrap: {unwrapped!r}"),
+                        status="HTTP 400", reason=f"unwrap: {unwrapped!r}"))
+                    continue
+                items.append(_Item(unwrapped, Answer()))
+                answers.append(items[-1].answer)
             for item in items:
                 with self._isolated(item, "authenticate"):
                     self._authenticate(item)
@@ -187,12 +226,12 @@ class EnrollmentService:
             issued_at = self._clock()
             self._issue([i for i in items if i.issue is not None], issued_at)
             self._wrap([i for i in items if i.reply is not None])
-        return PreparedBatch(items, issued_at)
+        return PreparedBatch(items, answers, issued_at)
 
     def finish_batch(self, batch: PreparedBatch) -> list[Answer]:
         """Records the batch's certificates; only then are its answers final."""
         self._commit([i for i in batch.items if i.record is not None], batch.issued_at)
-        return [item.answer for item in batch.items]
+        return batch.answers
 
     @contextmanager
     def _isolated(self, item: _Item, stage: str) -> Iterator[None]:
@@ -200,14 +239,19 @@ class EnrollmentService:
         try:
             yield
         except MessageError as e:
-            if item.request is not None:
-                self._fail(item, e)
-            else:
-                self._refuse(item, MalformedRequest("the message cannot be processed",
-                                                    detail=str(e)))
+            self._answer_failure(item, e)
         except Exception as e:  # noqa: BLE001 - one message must not fail its batch
             log.exception("%s failed for one message", stage)
-            self._internal(item, f"{stage}: {type(e).__name__}: {e}")
+            self._answer_failure(item, BadRequest("the request cannot be processed",
+                                                  detail=f"{stage}: {e!r}"))
+
+    def _answer_failure(self, item: _Item, error: MessageError) -> None:
+        """A signed FAILURE when the message was authenticated, else a plain 400."""
+        if item.request is not None:
+            self._fail(item, error)
+        else:
+            self._refuse(item, MalformedRequest("the message cannot be processed",
+                                                detail=f"{error.reason}: {error.detail}"))
 
     # ---- operator decisions on pending requests -----------------------------
 
@@ -402,7 +446,8 @@ class EnrollmentService:
         """Issues, and answers SUCCESS until the commit says otherwise."""
         if not items:
             return
-        issued = self._ctx.issue_batch([i.issue for i in items if i.issue is not None])
+        issued = _each(self._ctx.issue_batch,
+                       [i.issue for i in items if i.issue is not None], "issue")
         for item, result in zip(items, issued, strict=True):
             item.issue, issue = None, item.issue
             if issue is None or item.grant is None:
@@ -414,6 +459,10 @@ class EnrollmentService:
                 continue
             if isinstance(result, NativeError):
                 self._internal(item, f"issue: {result.reason}")
+                continue
+            if isinstance(result, Exception):
+                self._answer_failure(item, BadRequest("the certificate cannot be issued",
+                                                      detail=f"issue: {result!r}"))
                 continue
             with self._isolated(item, "record"):
                 record = cert_record(
@@ -475,10 +524,15 @@ class EnrollmentService:
         items = [i for i in items if i.reply is not None]
         if not items:
             return
-        results = self._ctx.wrap_batch([i.reply for i in items if i.reply is not None])
+        results = _each(self._ctx.wrap_batch,
+                        [i.reply for i in items if i.reply is not None], "wrap")
         for item, result in zip(items, results, strict=True):
             if isinstance(result, NativeError):
                 self._internal(item, f"wrap: {result.reason}")
+            elif isinstance(result, Exception):
+                # Nothing signed for this one: no signed answer is possible.
+                self._refuse(item, MalformedRequest("the reply cannot be built",
+                                                    detail=f"wrap: {result!r}"))
             else:
                 item.answer.body = result
 
