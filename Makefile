@@ -9,7 +9,7 @@ BIND ?= 127.0.0.1:8080
 
 NATIVE_SOURCES := $(wildcard native/src/*.c native/src/*.h native/include/*.h) native/build_native.py
 
-.PHONY: run test deps test-deps lint sanitize clean
+.PHONY: run test deps test-deps lint sanitize hostile clean
 
 # Build dependencies (compiler, OpenSSL headers, venv) from Debian, only when missing.
 deps:
@@ -38,6 +38,12 @@ test: test-deps $(VENV)/.installed
 
 sanitize: $(VENV)/.installed
 	PYTHON=$(abspath $(PY)) bash tests/native/sanitize.sh
+
+# The hostile-input test at length: HOSTILE mutated PKCSReqs among valid enrollments.
+HOSTILE ?= 22000
+hostile: $(VENV)/.installed
+	SCEP_FAST_HOSTILE_MESSAGES=$(HOSTILE) SCEP_FAST_HOSTILE_SECONDS=900 \
+		$(PY) -m pytest -q -s tests/integration/test_hostile_pkcsreq.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info scep_fast/_native*.so native/_native_build
