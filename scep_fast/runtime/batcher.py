@@ -1,8 +1,16 @@
 """Batches PKIOperation messages into one native call each.
 
-Requests wait in a bounded trio memory channel: when it is full the request
-is refused at once with Overloaded (503 + Retry-After) rather than queued
-without bound. One task collects up to ``max_size`` messages (waiting at
+Requests wait in a bounded trio memory channel, and the bound that matters
+is time: a request that would wait longer than ``max_wait_seconds`` for its
+batch to start is refused at once with Overloaded (503 + Retry-After),
+before anything is spent on it. The expected wait is the number of messages
+ahead of it times the recent cost of preparing one (a moving average of the
+batches' own timing); a message that waited past the target anyway (a burst
+the estimate did not foresee) is shed when its batch forms rather than
+served late. So under overload the worker keeps serving at capacity, and
+every admitted request is answered within about the target plus one batch,
+instead of every request waiting in a long queue. A full channel is refused
+the same way. One task collects up to ``max_size`` messages (waiting at
 most ``window_seconds`` for more when others are queued) and runs the whole
 batch in two stages, each in a worker thread where the GIL is released while
 C code or the disk works: ``prepare`` (the CPU work) and ``finish`` (the
@@ -13,6 +21,7 @@ in each stage, and batches finish in the order they were prepared.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +44,12 @@ class _Pending(Generic[T]):
     queued_at: float = 0.0
 
 
+# Why a request was refused for load, as the metrics name it.
+SHED_REASONS = ("queue_full", "expected_wait", "waited_too_long")
+# Weight of the newest batch in the moving average of the cost per message.
+_COST_SMOOTHING = 0.2
+
+
 @dataclass(frozen=True, slots=True)
 class BatchStats:
     size: int
@@ -53,7 +68,9 @@ class Batcher(Generic[P, T]):
         max_size: int,
         window_seconds: float,
         queue_size: int,
+        max_wait_seconds: float = 0.0,
         on_batch: Callable[[BatchStats], None] = lambda _s: None,
+        on_shed: Callable[[str], None] = lambda _reason: None,
     ) -> None:
         self._prepare = prepare
         self._finish = finish
@@ -67,13 +84,37 @@ class Batcher(Generic[P, T]):
         # Taken before a finish task starts, so commits run one at a time and in order.
         self._finish_slot = trio.Semaphore(1)
         self._on_batch = on_batch
+        self._on_shed = on_shed
+        # 0: no bound by time, only by count.
+        self._max_wait = max_wait_seconds
+        # Seconds per message of each stage, recent batches weighted most;
+        # None until a batch has run it. The stages overlap, so the slower
+        # one sets the pace.
+        self._cost: dict[str, float] = {}
+        # Messages in the batch being prepared now (ahead of every queued one).
+        self._preparing_now = 0
+
+    def expected_wait(self) -> float:
+        """How long a request submitted now would wait for its batch to start."""
+        if not self._cost:
+            return 0.0
+        return (self.queued() + self._preparing_now) * max(self._cost.values())
+
+    def _shed(self, reason: str, wait: float) -> Overloaded:
+        self._on_shed(reason)
+        # Come back when the queue ahead of you would have drained.
+        return Overloaded(max(1, math.ceil(wait)))
 
     async def submit(self, message: bytes) -> T:
+        if self._max_wait > 0:
+            expected = self.expected_wait()
+            if expected > self._max_wait:
+                raise self._shed("expected_wait", expected)
         pending: _Pending[T] = _Pending(message, queued_at=time.perf_counter())
         try:
             self._send.send_nowait(pending)
         except trio.WouldBlock:
-            raise Overloaded(1) from None
+            raise self._shed("queue_full", self.expected_wait()) from None
         await pending.done.wait()
         if pending.error is not None:
             raise pending.error
@@ -91,6 +132,10 @@ class Batcher(Generic[P, T]):
                 if self._max_size > 1:
                     await self._collect(batch)
                 started = time.perf_counter()
+                batch = self._shed_stale(batch, started)
+                if not batch:
+                    continue
+                self._preparing_now = len(batch)
                 try:
                     with trio.CancelScope(shield=True):
                         prepared = await trio.to_thread.run_sync(
@@ -98,6 +143,9 @@ class Batcher(Generic[P, T]):
                 except BaseException as e:  # noqa: BLE001 - handed to every waiter
                     _fail(batch, e)
                     continue
+                finally:
+                    self._preparing_now = 0
+                self._learn_cost("prepare", time.perf_counter() - started, len(batch))
                 # The previous batch's commit must be done before this one's starts.
                 with trio.CancelScope(shield=True):
                     await self._finish_slot.acquire()
@@ -122,6 +170,25 @@ class Batcher(Generic[P, T]):
                     return
                 self._drain(batch)
 
+    def _shed_stale(self, batch: list[_Pending[T]], now: float) -> list[_Pending[T]]:
+        """The batch less what already waited past the target: those get 503 now."""
+        if self._max_wait <= 0:
+            return batch
+        fresh = []
+        for pending in batch:
+            waited = now - pending.queued_at
+            if waited > self._max_wait:
+                _fail([pending], self._shed("waited_too_long", self.expected_wait()))
+            else:
+                fresh.append(pending)
+        return fresh
+
+    def _learn_cost(self, stage: str, seconds: float, size: int) -> None:
+        per_message = seconds / size
+        last = self._cost.get(stage)
+        self._cost[stage] = per_message if last is None else (
+            (1 - _COST_SMOOTHING) * last + _COST_SMOOTHING * per_message)
+
     def _drain(self, batch: list[_Pending[T]]) -> None:
         while len(batch) < self._max_size:
             try:
@@ -136,9 +203,11 @@ class Batcher(Generic[P, T]):
         either way."""
         try:
             try:
+                finish_started = time.perf_counter()
                 with trio.CancelScope(shield=True):
                     results = await trio.to_thread.run_sync(self._finish, prepared,
                                                             limiter=self._finishing)
+                self._learn_cost("finish", time.perf_counter() - finish_started, len(batch))
                 for pending, result in zip(batch, results, strict=True):
                     pending.result = result
                     pending.done.set()

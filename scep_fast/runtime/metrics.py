@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from scep_fast.runtime.batcher import SHED_REASONS
+
 # Sub-millisecond to ten seconds: a cached GetCACaps takes ~0.1 ms, a
 # PKCSReq ~1 ms alone and tens of ms in a full batch under load.
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
@@ -47,6 +49,8 @@ CERT_EXPIRY = Gauge("scep_ca_certificate_expiry_timestamp_seconds",
                     "notAfter of the CA and RA certificates in service", ["certificate"],
                     multiprocess_mode="max")
 WORKERS = Gauge("scep_workers", "Worker processes running", multiprocess_mode="max")
+SHED = Counter("scep_requests_shed_total",
+               "PKIOperations refused with 503 for load, by why", ["reason"])
 
 
 def preinitialise() -> None:
@@ -62,6 +66,8 @@ def preinitialise() -> None:
         FAIL_INFO.labels(fail_info)
     for certificate in ("ca", "ra"):
         CERT_EXPIRY.labels(certificate)
+    for reason in SHED_REASONS:
+        SHED.labels(reason)
 
 
 def outcome_label(outcome: str, status: int | None) -> str:

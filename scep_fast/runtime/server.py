@@ -129,7 +129,9 @@ def build_worker(config: Config) -> Worker:
         max_size=int(config.get("batch", "max_size")),
         window_seconds=float(config.get("batch", "window_seconds")),
         queue_size=int(config.get("batch", "queue_size")),
+        max_wait_seconds=float(config.get("batch", "max_wait_seconds")),
         on_batch=_observe_batch,
+        on_shed=lambda reason: metrics.SHED.labels(reason).inc(),
     )
     app = ScepApp(
         capabilities=capabilities(config, material),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -169,3 +170,76 @@ def test_a_failing_finish_fails_its_callers_and_the_next_batch_still_runs() -> N
         return good
 
     assert trio.run(main) == b"good"
+
+
+def test_the_queue_is_bounded_by_waiting_time() -> None:
+    # Each message costs 10 ms to prepare; the target wait is 50 ms. Of 60
+    # requests arriving together, about the first target's worth are served
+    # and the rest are refused at once, and nobody admitted waits much past
+    # the target plus one batch.
+    cost, target = 0.01, 0.05
+    shed: list[str] = []
+
+    def prepare(batch: Sequence[bytes]) -> list[bytes]:
+        time.sleep(cost * len(batch))
+        return list(batch)
+
+    async def main() -> tuple[list[float], list[int], float]:
+        batcher = Batcher(prepare, _as_is, max_size=4, window_seconds=0, queue_size=1000,
+                          max_wait_seconds=target, on_shed=shed.append)
+        # One request first, so the batcher has measured the cost.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(batcher.run)
+            await batcher.submit(b"warm")
+            waits: list[float] = []
+            retry_after: list[int] = []
+            started = time.perf_counter()
+
+            async def one() -> None:
+                sent = time.perf_counter()
+                try:
+                    await batcher.submit(b"x")
+                    waits.append(time.perf_counter() - sent)
+                except Overloaded as e:
+                    assert time.perf_counter() - sent < 0.005  # refused without waiting
+                    retry_after.append(e.retry_after_seconds)
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as clients:
+                    for _ in range(60):
+                        clients.start_soon(one)
+            batcher.close()
+        return waits, retry_after, time.perf_counter() - started
+
+    waits, retry_after, _elapsed = trio.run(main)
+    assert len(waits) + len(retry_after) == 60
+    assert 3 <= len(waits) <= 15, len(waits)
+    assert retry_after and all(r >= 1 for r in retry_after)
+    # The target, plus one batch of up to 4 messages, plus scheduling slack.
+    assert max(waits) < target + 4 * cost + 0.05, max(waits)
+    assert set(shed) <= {"expected_wait", "waited_too_long"} and shed
+
+
+def test_without_a_time_bound_only_the_count_bounds_the_queue() -> None:
+    def prepare(batch: Sequence[bytes]) -> list[bytes]:
+        time.sleep(0.002 * len(batch))
+        return list(batch)
+
+    async def main() -> int:
+        batcher = Batcher(prepare, _as_is, max_size=4, window_seconds=0, queue_size=1000)
+        served = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(batcher.run)
+
+            async def one() -> None:
+                nonlocal served
+                await batcher.submit(b"x")
+                served += 1
+
+            async with trio.open_nursery() as clients:
+                for _ in range(50):
+                    clients.start_soon(one)
+            batcher.close()
+        return served
+
+    assert trio.run(main) == 50
