@@ -1,0 +1,299 @@
+"""Overload: open-loop enrollment load at 1x, 2x and 4x the measured capacity.
+
+    python benchmarks/overload.py [--seconds 12] [--levels 1,2,4] [--workers 2]
+
+One scep-fast server (RSA-2048 CA, the default configuration, so
+``batch.max_wait_seconds`` = 0.5 s). First a closed-loop run at c=64 measures
+its capacity C (verified enrollments per second). Then, for each level k and
+for two kinds of client, new devices arrive at k x C per second, each with a
+distinct PKCSReq, for ``--seconds``:
+
+* ``honour``: a device answered 503 waits the Retry-After it was given (with
+  20% jitter) and tries again, at most five tries;
+* ``ignore``: it retries after 0.2 s whatever the server said, at most five.
+
+Every answer is kept and, after the clock stops, every 200 is verified (the
+CertRep signed by the RA, opened with the device key, the certificate ours).
+Reported per run: goodput (verified enrollments per second of the run),
+goodput over C, the p50/p99 latency of admitted attempts (those answered
+200), how many attempts were shed (503), and how many got no answer at all
+(a connection error or a timeout), which must be none. The table goes to
+``benchmarks/results/overload.md``, the numbers to ``overload.json``, the plot
+to ``overload.png``. Each run is bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import compare  # noqa: E402
+import loadgen  # noqa: E402
+
+RESULTS_DIR = loadgen.RESULTS_DIR
+MAX_TRIES = 5
+IGNORE_RETRY_SECONDS = 0.2
+REQUEST_TIMEOUT_SECONDS = 30.0
+MAX_CONNECTIONS = 4096
+
+
+class _Connection(loadgen._Connection):
+    """loadgen's connection, also reading Retry-After."""
+
+    retry_after: float = 0.0
+
+    def _parse_head(self, head: bytes, start: int) -> tuple[int, int, int, bool, bool] | None:
+        self.retry_after = 0.0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"retry-after":
+                try:
+                    self.retry_after = float(value.strip())
+                except ValueError:
+                    pass
+        return super()._parse_head(head, start)
+
+
+@dataclass
+class Device:
+    """One arrival: its tries and how they ended."""
+
+    index: int
+    tries: int = 0
+    shed: int = 0
+    status: int = 0            # of the last try; 0 when nothing answered it
+    error: str = ""
+    latency: float = 0.0       # of the try answered 200
+    done_at: float = 0.0
+    body: bytes = b""
+
+
+@dataclass
+class OpenLoop:
+    host: str
+    port: int
+    wire: list[bytes]
+    rate: float
+    seconds: float
+    honour: bool
+    idle: list[_Connection] = field(default_factory=list)
+    open_connections: int = 0
+
+    async def _connection(self) -> _Connection:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(_Connection, self.host, self.port)
+        self.open_connections += 1
+        return conn
+
+    def _release(self, conn: _Connection, close: bool) -> None:
+        if close or conn.closed:
+            if conn.transport is not None:
+                conn.transport.close()
+            self.open_connections -= 1
+        else:
+            self.idle.append(conn)
+
+    async def _device(self, device: Device, rng: random.Random) -> None:
+        loop = asyncio.get_running_loop()
+        while device.tries < MAX_TRIES:
+            device.tries += 1
+            started = time.perf_counter()
+            try:
+                conn = await self._connection()
+                future = conn.send(self.wire[device.index])
+                timer = loop.call_later(REQUEST_TIMEOUT_SECONDS, loadgen._expire, future)
+                try:
+                    status, body, close = await future
+                finally:
+                    timer.cancel()
+            except (TimeoutError, loadgen._Closed, OSError) as exc:
+                device.status, device.error = 0, loadgen._short(exc)
+                return
+            self._release(conn, close)
+            device.status, device.error = status, ""
+            if status != 503:
+                device.latency = time.perf_counter() - started
+                device.done_at = time.perf_counter()
+                device.body = body
+                return
+            device.shed += 1
+            wait = conn.retry_after if self.honour else IGNORE_RETRY_SECONDS
+            await asyncio.sleep(wait * rng.uniform(0.8, 1.2))
+        device.done_at = time.perf_counter()
+
+    async def run(self) -> tuple[list[Device], float]:
+        rng = random.Random(7)
+        arrivals = min(len(self.wire), int(self.rate * self.seconds))
+        devices = [Device(i) for i in range(arrivals)]
+        started = time.perf_counter()
+        tasks = []
+        for device in devices:
+            delay = started + device.index / self.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(self._device(device, rng)))
+        await asyncio.gather(*tasks)
+        for conn in self.idle:
+            if conn.transport is not None:
+                conn.transport.close()
+        return devices, max((d.done_at for d in devices), default=started) - started
+
+
+def summarise(devices: list[Device], elapsed: float, reqset: loadgen.RequestSet,
+              ras: list[bytes], ca: bytes | None, offset: int) -> dict[str, Any]:
+    answered = [(offset + d.index, d.body) for d in devices if d.status == 200]
+    outcomes = loadgen.verify(reqset, answered, ras, ca, quiet=True)
+    good = sum(1 for _, outcome, _ in outcomes if outcome == "ok")
+    latencies = [d.latency for d in devices if d.status == 200]
+    final: collections.Counter[str] = collections.Counter(
+        str(d.status) if d.status else f"no answer: {d.error}" for d in devices)
+    return {
+        "arrivals": len(devices),
+        "attempts": sum(d.tries for d in devices),
+        "shed_503": sum(d.shed for d in devices),
+        "gave_up_after_503": sum(1 for d in devices if d.status == 503),
+        "unanswered": sum(1 for d in devices if d.status == 0),
+        "final_status": dict(final),
+        "enrollments": good,
+        "elapsed_s": elapsed,
+        "goodput_per_s": good / elapsed if elapsed else 0.0,
+        "admitted_latency_ms": {"p50": loadgen.percentile(latencies, 50) * 1000,
+                                "p99": loadgen.percentile(latencies, 99) * 1000,
+                                "max": max(latencies, default=0.0) * 1000},
+    }
+
+
+def write_markdown(path: Path, capacity: dict[str, Any], runs: list[dict[str, Any]],
+                   meta: dict[str, Any]) -> None:
+    lines = [
+        "# Overload", "",
+        f"`{meta['command']}` on {meta['cpu']} ({meta['cores']} cores), "
+        f"{meta['workers']} workers, batch.max_wait_seconds {meta['max_wait_s']}.", "",
+        f"Capacity C (closed loop, c=64): **{capacity['enroll_per_s']:.0f} enrollments/s**, "
+        f"p99 {capacity['latency_ms']['p99']:.0f} ms.", "",
+        "| load | clients | arrivals/s | goodput/s | goodput/C | admitted p50 ms | "
+        "admitted p99 ms | 503s | gave up | unanswered |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        lines.append(
+            f"| {run['level']}x | {run['clients']} | {run['rate']:.0f} | "
+            f"{run['goodput_per_s']:.0f} | {run['goodput_per_s'] / capacity['enroll_per_s']:.2f} | "
+            f"{run['admitted_latency_ms']['p50']:.0f} | {run['admitted_latency_ms']['p99']:.0f} | "
+            f"{run['shed_503']} | {run['gave_up_after_503']} | {run['unanswered']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path: Path, capacity: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        compare.log("matplotlib is not installed: no plot")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for clients, marker in (("honour", "o"), ("ignore", "s")):
+        chosen = [r for r in runs if r["clients"] == clients]
+        levels = [r["level"] for r in chosen]
+        left.plot(levels, [r["goodput_per_s"] for r in chosen], marker=marker,
+                  label=f"{clients} Retry-After")
+        right.plot(levels, [r["admitted_latency_ms"]["p99"] for r in chosen], marker=marker,
+                   label=f"{clients} Retry-After")
+    left.axhline(capacity["enroll_per_s"], color="grey", linestyle="--", label="capacity")
+    left.axhline(0.8 * capacity["enroll_per_s"], color="grey", linestyle=":", label="80%")
+    left.set(xlabel="offered load (x capacity)", ylabel="verified enrollments/s",
+             title="goodput", ylim=(0, None))
+    right.set(xlabel="offered load (x capacity)", ylabel="ms", title="p99 of admitted",
+              ylim=(0, None))
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=12.0, help="length of each run")
+    parser.add_argument("--levels", default="1,2,4", help="offered load, times capacity")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    levels = [float(x) for x in args.levels.split(",")]
+
+    run_dir = RESULTS_DIR / "overload-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    scenario = compare.Scenario("scep-fast", "rsa2048", "post", 64)
+    server = compare.ScepFastServer(scenario, args.workers, run_dir)
+    try:
+        ras, ca = loadgen.fetch_ca(server.url)
+        capacity_count = 30_000
+        per_run = [int(max(levels) * 2000 * args.seconds) + 1000] * (2 * len(levels))
+        reqset = loadgen.prepare(ras[0], capacity_count + sum(per_run),
+                                 loadgen.Params(challenge=compare.CHALLENGE))
+        compare.log("capacity: closed loop at c=64")
+        capacity = loadgen.run(server.url, reqset, ra_ders=ras, ca_der=ca,
+                               count=capacity_count, concurrency=64, duration=args.seconds,
+                               server_pid=server.proc.pid, quiet=True)
+        compare.log(f"capacity {capacity['enroll_per_s']:.0f}/s")
+        parts = urllib.parse.urlsplit(server.url)
+        offset = capacity_count
+        runs = []
+        for level in levels:
+            for clients in ("honour", "ignore"):
+                rate = level * capacity["enroll_per_s"]
+                count = int(rate * args.seconds) + 1
+                wire = loadgen.build_wire(reqset, range(offset, offset + count),
+                                          "127.0.0.1", server.port, parts.path, "post")
+                compare.log(f"{level}x ({rate:.0f}/s), clients {clients} Retry-After")
+                loop = OpenLoop("127.0.0.1", server.port, wire, rate, args.seconds,
+                                honour=clients == "honour")
+                devices, elapsed = asyncio.run(loop.run())
+                summary = summarise(devices, elapsed, reqset, ras, ca, offset)
+                summary.update(level=level, clients=clients, rate=rate)
+                compare.log(f"  goodput {summary['goodput_per_s']:.0f}/s, admitted p99 "
+                            f"{summary['admitted_latency_ms']['p99']:.0f} ms, "
+                            f"503s {summary['shed_503']}, unanswered {summary['unanswered']}")
+                runs.append(summary)
+                offset += count
+                time.sleep(2)  # let the queues drain between runs
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+    meta = {"command": "python benchmarks/overload.py " + " ".join(argv or sys.argv[1:]),
+            "cpu": compare.cpu_model() if hasattr(compare, "cpu_model") else "",
+            "cores": compare.os.cpu_count(), "workers": args.workers, "max_wait_s": 0.5}
+    (RESULTS_DIR / "overload.json").write_text(json.dumps(
+        {"meta": meta, "capacity": capacity, "runs": runs}, indent=2, default=str) + "\n")
+    write_markdown(RESULTS_DIR / "overload.md", capacity, runs, meta)
+    write_plot(RESULTS_DIR / "overload.png", capacity, runs)
+    compare.log(f"wrote {RESULTS_DIR / 'overload.md'}, overload.png and overload.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
