@@ -47,6 +47,10 @@ CERT_EXPIRY = Gauge("scep_ca_certificate_expiry_timestamp_seconds",
                     "notAfter of the CA and RA certificates in service", ["certificate"],
                     multiprocess_mode="max")
 WORKERS = Gauge("scep_workers", "Worker processes running", multiprocess_mode="max")
+# Counted by the supervisor, in its own file of the multi-process directory:
+# counters of every process, live or dead, are summed.
+WORKER_RESTARTS = Counter("scep_worker_restarts_total",
+                          "Worker processes restarted after they died")
 
 
 def preinitialise() -> None:

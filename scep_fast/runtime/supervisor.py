@@ -44,8 +44,9 @@ log = logging.getLogger("scep_fast.supervisor")
 
 POLL_SECONDS = 0.05
 BACKLOG = 2048
-# A worker that dies this soon after its start is restarted after a growing pause.
+# A worker that dies this soon after its start died "quickly" (see RestartBackoff).
 QUICK_DEATH_SECONDS = 5.0
+FIRST_BACKOFF_SECONDS = 0.5
 MAX_RESTART_DELAY_SECONDS = 10.0
 STOP_GRACE_SECONDS = 40.0
 # How often the supervisor checks whether a CRL needs rewriting.
@@ -86,13 +87,42 @@ def listen(bind: str, count: int) -> list[socket.socket]:
 
 
 @dataclass
+class RestartBackoff:
+    """How long a dead worker waits for its restart.
+
+    A death is restarted at once: a worker killed by the OOM killer or an
+    operator, or crashed by a rare bug, is back in the time a worker takes
+    to start, and connections wait for it in its socket's backlog. The
+    first quick death in a row is restarted at once too: the worker may
+    have been young only because an unrelated death had just replaced it.
+    Only a worker that dies quickly again and again (it cannot start: say,
+    a key file that no longer loads) waits, FIRST_BACKOFF_SECONDS and then
+    twice as long each time up to MAX_RESTART_DELAY_SECONDS, so that it
+    neither spins a CPU nor floods the log. A worker that lived
+    QUICK_DEATH_SECONDS or longer resets the count.
+    """
+
+    quick_deaths: int = 0
+
+    def delay_after(self, lived_seconds: float) -> float:
+        if lived_seconds >= QUICK_DEATH_SECONDS:
+            self.quick_deaths = 0
+            return 0.0
+        self.quick_deaths += 1
+        if self.quick_deaths == 1:
+            return 0.0
+        return min(FIRST_BACKOFF_SECONDS * 2.0 ** (self.quick_deaths - 2),
+                   MAX_RESTART_DELAY_SECONDS)
+
+
+@dataclass
 class _Slot:
     index: int
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    quick_deaths: int = 0
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)
     restart_at: float = 0.0
-    restarts: int = field(default=0)
+    restarts: int = 0
 
 
 class Supervisor:
@@ -133,14 +163,16 @@ class Supervisor:
         assert slot.process is not None  # noqa: S101 - only called for running slots
         code = slot.process.returncode
         multiprocess.mark_process_dead(slot.process.pid)  # type: ignore[no-untyped-call]
+        from scep_fast.runtime import metrics
+
         lived = time.monotonic() - slot.started_at
-        slot.quick_deaths = slot.quick_deaths + 1 if lived < QUICK_DEATH_SECONDS else 0
-        delay = min(0.5 * (2 ** slot.quick_deaths) if slot.quick_deaths else 0.0,
-                    MAX_RESTART_DELAY_SECONDS)
+        delay = slot.backoff.delay_after(lived)
         slot.restart_at = time.monotonic() + delay
         slot.restarts += 1
+        metrics.WORKER_RESTARTS.inc()
         log.warning("worker died; restarting", extra={"fields": {
             "worker": slot.index, "pid": slot.process.pid, "exit_code": code,
+            "lived_seconds": round(lived, 3), "quick_deaths": slot.backoff.quick_deaths,
             "restart_in_seconds": delay}})
         slot.process = None
 

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from cryptography import x509
 
 from scep_fast.client import enroll, parse_ca_certs
+from scep_fast.runtime.supervisor import FIRST_BACKOFF_SECONDS, MAX_RESTART_DELAY_SECONDS
 from tests.integration.conftest import (
     CHALLENGE,
     Server,
@@ -211,3 +213,104 @@ def test_workers_run_the_installed_package_whatever_the_working_directory(
     finally:
         server.stop()
     assert not marker.exists()
+
+
+# ---- restarts, a dead supervisor ----------------------------------------------------
+
+
+def one_worker_server(tmp_path: Path, name: str) -> Server:
+    directory = init_dir(tmp_path / name)
+    set_config(directory, "server", "workers", "1")
+    return start_server(directory)
+
+
+def log_entries(server: Server, msg: str) -> list[dict[str, object]]:
+    entries = []
+    for line in server.log().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a worker's traceback
+        if isinstance(entry, dict) and entry.get("msg") == msg:
+            entries.append(entry)
+    return entries
+
+
+def restart_delays(server: Server) -> list[float]:
+    return [float(e["restart_in_seconds"])  # type: ignore[arg-type]
+            for e in log_entries(server, "worker died; restarting")]
+
+
+def seconds_until_answered(server: Server, timeout: float = 30) -> float:
+    """How long until a GetCACaps is answered (a connection a dying worker cut is retried)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if server.request("GET", "/scep?operation=GetCACaps").status == 200:
+                return time.monotonic() - start
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.01)
+    raise AssertionError(f"not answered within {timeout} s")
+
+
+def test_a_killed_worker_is_back_at_once_even_when_it_was_young(tmp_path: Path) -> None:
+    server = one_worker_server(tmp_path, "quick")
+    try:
+        seconds_until_answered(server)
+        first = wait_for_workers(server, 1).pop()
+        # Killed seconds after its start: a quick death, but the first in a row.
+        os.kill(first, signal.SIGKILL)
+        back_after = seconds_until_answered(server)
+        second = wait_for_workers(server, 1, gone=first).pop()
+        os.kill(second, signal.SIGKILL)
+        back_again = seconds_until_answered(server)
+        wait_for_workers(server, 1, gone=second)
+        delays = restart_delays(server)
+        assert delays[0] == 0.0
+        assert delays[1] <= FIRST_BACKOFF_SECONDS
+        # A worker takes about half a second to start; the old policy paused
+        # a second before restarting a worker this young.
+        assert back_after < 1.2
+        # The second quick death in a row is the first to wait, briefly.
+        assert back_again < FIRST_BACKOFF_SECONDS + 1.2
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+
+
+def test_a_worker_that_cannot_start_is_restarted_with_growing_delays(tmp_path: Path) -> None:
+    server = one_worker_server(tmp_path, "crashloop")
+    ra_key = server.directory / "ra.key"
+    good_key = ra_key.read_bytes()
+    try:
+        seconds_until_answered(server)
+        # The supervisor checked the keys at its start; a worker started now
+        # finds a key that no longer loads and exits at once, every time.
+        ra_key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+        os.kill(wait_for_workers(server, 1).pop(), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(restart_delays(server)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        delays = restart_delays(server)
+        assert len(delays) >= 5, delays
+        assert server.process.poll() is None
+        # Restarted at once after the kill (and after the first quick death in
+        # a row, if the kill was not one), then twice as long each time.
+        backing_off = [d for d in delays if d > 0]
+        assert delays.index(backing_off[0]) <= 2
+        assert backing_off[0] == FIRST_BACKOFF_SECONDS
+        assert backing_off == [min(FIRST_BACKOFF_SECONDS * 2 ** i, MAX_RESTART_DELAY_SECONDS)
+                               for i in range(len(backing_off))]
+        deaths = log_entries(server, "worker died; restarting")
+        assert all(death["exit_code"] == 1 for death in deaths[1:]), deaths
+        metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+        restarts = [line for line in metrics.splitlines()
+                    if line.startswith("scep_worker_restarts_total ")]
+        assert restarts and float(restarts[0].split()[1]) >= len(delays), restarts
+        # Once the key loads again, the next restart serves.
+        ra_key.write_bytes(good_key)
+        seconds_until_answered(server, timeout=MAX_RESTART_DELAY_SECONDS + 20)
+    finally:
+        ra_key.write_bytes(good_key)
+        server.stop()
