@@ -143,6 +143,15 @@ class Supervisor:
         self._revoked_seen: int | None = None
         self._material: Material | None = None
         self._crl_check_at = 0.0
+        # Every worker inherits the read end of this pipe; only the supervisor
+        # holds the write end and never writes to it. When the supervisor is
+        # gone, however it died (SIGKILL included), the kernel closes the
+        # write end, the workers read end of file, drain and exit, and the
+        # port is free again. Unlike prctl(PR_SET_PDEATHSIG), the pipe works
+        # on any POSIX system, cannot fire because a thread exits, and lets a
+        # worker finish what it accepted; and its end of file stays there for
+        # a worker that was still starting.
+        self._alive_read, self._alive_write = os.pipe()
 
     def _spawn(self, slot: _Slot) -> None:
         fd = self._sockets[slot.index].fileno()
@@ -150,8 +159,9 @@ class Supervisor:
         # folder that happens to lie in the working directory.
         slot.process = subprocess.Popen(
             [sys.executable, "-P", "-m", "scep_fast.runtime.worker",
-             "--dir", str(self._config.dir), "--fd", str(fd), "--log-level", self._log_level],
-            pass_fds=(fd,),
+             "--dir", str(self._config.dir), "--fd", str(fd),
+             "--supervisor-fd", str(self._alive_read), "--log-level", self._log_level],
+            pass_fds=(fd, self._alive_read),
         )
         slot.started_at = time.monotonic()
         log.info("worker started", extra={"fields": {"worker": slot.index,
@@ -290,6 +300,8 @@ class Supervisor:
             multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
         for sock in self._sockets:
             sock.close()
+        os.close(self._alive_write)
+        os.close(self._alive_read)
         if self._own_ledger is not None:
             self._own_ledger.close()
         return 0

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -314,3 +315,64 @@ def test_a_worker_that_cannot_start_is_restarted_with_growing_delays(tmp_path: P
     finally:
         ra_key.write_bytes(good_key)
         server.stop()
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie nobody reaped yet counts: it holds nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_workers_of_a_killed_supervisor_drain_and_free_the_port(tmp_path: Path) -> None:
+    server = two_worker_server(tmp_path, "orphans")
+    workers = wait_for_workers(server, 2)
+    try:
+        assert seconds_until_answered(server) < 30
+        ra = ra_of(server)
+        # A request a worker has begun to receive when the supervisor dies.
+        in_flight = Result(make_requests(ra, 1, CHALLENGE, prefix="orphan")[0])
+        message = in_flight.request.message
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.putrequest("POST", "/scep?operation=PKIOperation")
+        conn.putheader("Content-Length", str(len(message)))
+        conn.endheaders(message[:100])
+        time.sleep(0.2)
+        server.process.kill()
+        server.process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (len(log_entries(server, "supervisor gone; draining")) < 2
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        # The worker stopped accepting but still answers what it accepted.
+        conn.send(message[100:])
+        response = conn.getresponse()
+        in_flight.status, in_flight.body = response.status, response.read()
+        conn.close()
+        assert in_flight.certificate(ra) is not None
+        while not all(gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(gone(pid) for pid in workers), "workers outlived their supervisor"
+        assert len(log_entries(server, "supervisor gone; draining")) == 2
+        assert port_is_free(server.port)
+        again = start_server(server.directory, port=server.port)
+        try:
+            assert seconds_until_answered(again) < 30
+        finally:
+            again.stop()
+    finally:
+        for pid in workers:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
