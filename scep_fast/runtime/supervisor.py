@@ -20,6 +20,7 @@ any that is missing at start and rewrites each before its nextUpdate.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -325,11 +326,63 @@ def _set_expiry_gauges(config: Config) -> None:
         metrics.CERT_EXPIRY.labels(name).set(not_after.timestamp())
 
 
+# The multi-process metrics directory of a running supervisor is
+# TMPDIR/scep-fast-metrics-<pid>-<random>, and its owner holds an exclusive
+# flock on the OWNER_LOCK file inside it for as long as it runs. A supervisor
+# that was killed (SIGKILL, OOM) could not remove its directory, but the
+# kernel released its lock: every start removes the directories whose lock it
+# can take. A lock, unlike a check that the PID is alive, cannot be fooled by
+# a PID the system has given to another process since. Not a fixed place in
+# the data directory: two servers may share one data directory (on different
+# addresses), so wiping "the" metrics directory at start could wipe a running
+# server's samples, and the metrics files, rewritten all the time, stay off the
+# disk the ledger syncs to and that may fill up.
+METRICS_DIR_PREFIX = "scep-fast-metrics-"
+OWNER_LOCK = "owner.lock"
+
+
+def remove_abandoned_metrics_dirs(parent: str) -> list[str]:
+    """Removes this user's metrics directories whose owner is gone; returns their paths."""
+    removed = []
+    for entry in os.scandir(parent):
+        if not entry.name.startswith(METRICS_DIR_PREFIX):
+            continue
+        try:
+            if (not entry.is_dir(follow_symlinks=False)
+                    or entry.stat(follow_symlinks=False).st_uid != os.getuid()):
+                continue
+            # A directory without a lock file is being created (or is not
+            # ours to judge): left alone.
+            fd = os.open(os.path.join(entry.path, OWNER_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner runs
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def claim_metrics_dir() -> tuple[str, int]:
+    """A fresh, empty metrics directory and the descriptor whose lock marks it as ours."""
+    path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+    fd = os.open(os.path.join(path, OWNER_LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return path, fd
+
+
 def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
     # Multi-process metrics: the directory must be set before
     # prometheus_client is first imported, here and in every worker, and
     # must start empty.
-    metrics_dir = tempfile.mkdtemp(prefix="scep-fast-metrics-")
+    for path in remove_abandoned_metrics_dirs(tempfile.gettempdir()):
+        log.info("removed the metrics directory of a server that is gone",
+                 extra={"fields": {"path": path}})
+    metrics_dir, lock_fd = claim_metrics_dir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         from scep_fast.runtime import metrics
@@ -353,13 +406,15 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
             _serve_admin(config, ledger, admin_bind)
         log.info("serving", extra={"fields": {
             "bind": config.get("server", "bind"), "workers": config.workers,
-            "metrics_bind": metrics_bind or "-", "admin_bind": admin_bind or "-"}})
+            "metrics_bind": metrics_bind or "-", "admin_bind": admin_bind or "-",
+            "metrics_dir": metrics_dir}})
         try:
             return Supervisor(config, sockets, log_level=log_level, ledger=ledger).run()
         finally:
             ledger.close()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.close(lock_fd)
 
 
 def _serve_admin(config: Config, ledger: LmdbLedger, bind: str) -> None:

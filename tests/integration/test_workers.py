@@ -376,3 +376,36 @@ def test_workers_of_a_killed_supervisor_drain_and_free_the_port(tmp_path: Path) 
         for pid in workers:
             if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def metrics_dir_of(server: Server) -> Path:
+    deadline = time.monotonic() + 30
+    while not (serving := log_entries(server, "serving")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return Path(str(serving[0]["metrics_dir"]))
+
+
+def test_a_killed_supervisor_leaves_no_metrics_directory_behind(tmp_path: Path) -> None:
+    killed = one_worker_server(tmp_path, "killed")
+    workers = wait_for_workers(killed, 1)
+    abandoned = metrics_dir_of(killed)
+    assert abandoned.is_dir()
+    killed.process.kill()
+    killed.process.wait(timeout=10)
+    assert abandoned.is_dir()
+    # The next start, of any server, removes it, and no directory of a running one.
+    running = one_worker_server(tmp_path, "running")
+    other = one_worker_server(tmp_path, "other")
+    try:
+        assert not abandoned.exists()
+        assert metrics_dir_of(running).is_dir() and metrics_dir_of(other).is_dir()
+        removed = log_entries(running, "removed the metrics directory of a server that is gone")
+        assert str(abandoned) in [entry["path"] for entry in removed]
+        other.stop()
+        assert not metrics_dir_of(other).exists()
+    finally:
+        running.stop()
+        other.stop()
+        for pid in workers:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
