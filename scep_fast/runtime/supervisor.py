@@ -7,9 +7,10 @@ connections) and starts N workers (fresh interpreters, never forked, so
 LMDB and OpenSSL state is opened per process), each accepting on its own.
 It keeps every socket open, so connections that arrive for a worker that
 died wait in its backlog for the replacement it starts. It restarts a worker that
-dies, serves the summed Prometheus metrics of all of them, and on SIGTERM
-or SIGINT asks every worker to drain: stop accepting, answer what was
-accepted, exit.
+dies (at once, unless it keeps dying as it starts: see RestartBackoff), serves
+the summed Prometheus metrics of all of them, and on SIGTERM or SIGINT asks
+every worker to drain: stop accepting, answer what was accepted, exit. A
+worker drains by itself when the supervisor is gone, however it died.
 
 SIGHUP reloads: the workers are replaced one at a time (a new one starts,
 the old one drains), so that keys changed by `scep-fast ca activate` or a
