@@ -148,7 +148,7 @@ class Supervisor:
         # Every worker inherits the read end of this pipe; only the supervisor
         # holds the write end and never writes to it. When the supervisor is
         # gone, however it died (SIGKILL included), the kernel closes the
-        # write end, the workers read end of file, drain and exit, and the
+        # write end, the workers see end of file, drain and exit, and the
         # port is free again. Unlike prctl(PR_SET_PDEATHSIG), the pipe works
         # on any POSIX system, cannot fire because a thread exits, and lets a
         # worker finish what it accepted; and its end of file stays there for
@@ -172,11 +172,11 @@ class Supervisor:
     def _reap(self, slot: _Slot) -> None:
         from prometheus_client import multiprocess
 
+        from scep_fast.runtime import metrics
+
         assert slot.process is not None  # noqa: S101 - only called for running slots
         code = slot.process.returncode
         multiprocess.mark_process_dead(slot.process.pid)  # type: ignore[no-untyped-call]
-        from scep_fast.runtime import metrics
-
         lived = time.monotonic() - slot.started_at
         delay = slot.backoff.delay_after(lived)
         slot.restart_at = time.monotonic() + delay

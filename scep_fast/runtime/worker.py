@@ -2,8 +2,8 @@
 
     python -m scep_fast.runtime.worker --dir DIR --fd N [--supervisor-fd M] [--log-level L]
 
-The listening socket arrives as file descriptor N, the read end of a pipe
-that reaches end of file when the supervisor is gone as M;
+The listening socket arrives as file descriptor N and, as M, the read end of
+a pipe that reaches end of file once the supervisor is gone;
 PROMETHEUS_MULTIPROC_DIR arrives in the environment.
 """
 
