@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import random
 import shutil
@@ -62,10 +63,8 @@ class _Connection(loadgen._Connection):
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"retry-after":
-                try:
+                with contextlib.suppress(ValueError):
                     self.retry_after = float(value.strip())
-                except ValueError:
-                    pass
         return super()._parse_head(head, start)
 
 

@@ -51,6 +51,10 @@ CERT_EXPIRY = Gauge("scep_ca_certificate_expiry_timestamp_seconds",
 WORKERS = Gauge("scep_workers", "Worker processes running", multiprocess_mode="max")
 SHED = Counter("scep_requests_shed_total",
                "PKIOperations refused with 503 for load, by why", ["reason"])
+# Counted by the supervisor, in its own file of the multi-process directory:
+# counters of every process, live or dead, are summed.
+WORKER_RESTARTS = Counter("scep_worker_restarts_total",
+                          "Worker processes restarted after they died")
 
 
 def preinitialise() -> None:

@@ -1,14 +1,16 @@
 """`scep-fast serve`: one worker's wiring, run by hypercorn on trio.
 
 The worker loads its keys into a native context once, opens its own ledger
-handle, starts the batcher, and serves the ASGI app until SIGINT or SIGTERM;
-then it stops accepting, lets the batcher finish what is queued and exits.
+handle, starts the batcher, and serves the ASGI app until SIGINT or SIGTERM,
+or until its supervisor is gone; then it stops accepting, lets the batcher
+finish what is queued and exits.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 from dataclasses import dataclass
 
@@ -159,7 +161,8 @@ def hypercorn_config(config: Config, bind: str) -> HypercornConfig:
     return hc
 
 
-async def serve_worker(worker: Worker, hc: HypercornConfig) -> None:
+async def serve_worker(worker: Worker, hc: HypercornConfig,
+                       supervisor_fd: int | None = None) -> None:
     shutdown = trio.Event()
 
     async def wait_for_shutdown() -> None:
@@ -172,9 +175,28 @@ async def serve_worker(worker: Worker, hc: HypercornConfig) -> None:
                 shutdown.set()
                 return
 
+    async def watch_supervisor(fd: int) -> None:
+        # The supervisor never writes: end of file means it is gone, and a
+        # worker nobody supervises would hold the port with nobody to stop it.
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            if not os.read(fd, 64):
+                break
+        log.warning("supervisor gone; draining")
+        shutdown.set()
+
+    async def watch() -> None:
+        async with trio.open_nursery() as watchers:
+            watchers.start_soon(watch_signals)
+            if supervisor_fd is not None:
+                watchers.start_soon(watch_supervisor, supervisor_fd)
+            # Whichever asked for the drain, the other stops watching.
+            await shutdown.wait()
+            watchers.cancel_scope.cancel()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(worker.batcher.run)
-        nursery.start_soon(watch_signals)
+        nursery.start_soon(watch)
         await serve_http(worker.app, hc, shutdown_trigger=wait_for_shutdown)
         # hypercorn has answered every request it accepted; nothing new can queue.
         worker.batcher.close()
@@ -188,11 +210,15 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def run_worker(config: Config, bind: str) -> None:
-    """One worker process: serves ``bind`` (``fd://N`` from the supervisor) until signalled."""
+def run_worker(config: Config, bind: str, *, supervisor_fd: int | None = None) -> None:
+    """One worker process: serves ``bind`` (``fd://N`` from the supervisor) until signalled.
+
+    ``supervisor_fd`` is the read end of the supervisor's pipe: its end of
+    file stops the worker like SIGTERM.
+    """
     worker = build_worker(config)
     tune_gc()
     try:
-        trio.run(serve_worker, worker, hypercorn_config(config, bind))
+        trio.run(serve_worker, worker, hypercorn_config(config, bind), supervisor_fd)
     finally:
         worker.close()

@@ -7,9 +7,10 @@ connections) and starts N workers (fresh interpreters, never forked, so
 LMDB and OpenSSL state is opened per process), each accepting on its own.
 It keeps every socket open, so connections that arrive for a worker that
 died wait in its backlog for the replacement it starts. It restarts a worker that
-dies, serves the summed Prometheus metrics of all of them, and on SIGTERM
-or SIGINT asks every worker to drain: stop accepting, answer what was
-accepted, exit.
+dies (at once, unless it keeps dying as it starts: see RestartBackoff), serves
+the summed Prometheus metrics of all of them, and on SIGTERM or SIGINT asks
+every worker to drain: stop accepting, answer what was accepted, exit. A
+worker drains by itself when the supervisor is gone, however it died.
 
 SIGHUP reloads: the workers are replaced one at a time (a new one starts,
 the old one drains), so that keys changed by `scep-fast ca activate` or a
@@ -20,6 +21,7 @@ any that is missing at start and rewrites each before its nextUpdate.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -44,8 +46,9 @@ log = logging.getLogger("scep_fast.supervisor")
 
 POLL_SECONDS = 0.05
 BACKLOG = 2048
-# A worker that dies this soon after its start is restarted after a growing pause.
+# A worker that dies this soon after its start died "quickly" (see RestartBackoff).
 QUICK_DEATH_SECONDS = 5.0
+FIRST_BACKOFF_SECONDS = 0.5
 MAX_RESTART_DELAY_SECONDS = 10.0
 STOP_GRACE_SECONDS = 40.0
 # How often the supervisor checks whether a CRL needs rewriting.
@@ -86,13 +89,42 @@ def listen(bind: str, count: int) -> list[socket.socket]:
 
 
 @dataclass
+class RestartBackoff:
+    """How long a dead worker waits for its restart.
+
+    A death is restarted at once: a worker killed by the OOM killer or an
+    operator, or crashed by a rare bug, is back in the time a worker takes
+    to start, and connections wait for it in its socket's backlog. The
+    first quick death in a row is restarted at once too: the worker may
+    have been young only because an unrelated death had just replaced it.
+    Only a worker that dies quickly again and again (it cannot start: say,
+    a key file that no longer loads) waits, FIRST_BACKOFF_SECONDS and then
+    twice as long each time up to MAX_RESTART_DELAY_SECONDS, so that it
+    neither spins a CPU nor floods the log. A worker that lived
+    QUICK_DEATH_SECONDS or longer resets the count.
+    """
+
+    quick_deaths: int = 0
+
+    def delay_after(self, lived_seconds: float) -> float:
+        if lived_seconds >= QUICK_DEATH_SECONDS:
+            self.quick_deaths = 0
+            return 0.0
+        self.quick_deaths += 1
+        if self.quick_deaths == 1:
+            return 0.0
+        return min(FIRST_BACKOFF_SECONDS * 2.0 ** (self.quick_deaths - 2),
+                   MAX_RESTART_DELAY_SECONDS)
+
+
+@dataclass
 class _Slot:
     index: int
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    quick_deaths: int = 0
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)
     restart_at: float = 0.0
-    restarts: int = field(default=0)
+    restarts: int = 0
 
 
 class Supervisor:
@@ -113,6 +145,15 @@ class Supervisor:
         self._revoked_seen: int | None = None
         self._material: Material | None = None
         self._crl_check_at = 0.0
+        # Every worker inherits the read end of this pipe; only the supervisor
+        # holds the write end and never writes to it. When the supervisor is
+        # gone, however it died (SIGKILL included), the kernel closes the
+        # write end, the workers see end of file, drain and exit, and the
+        # port is free again. Unlike prctl(PR_SET_PDEATHSIG), the pipe works
+        # on any POSIX system, cannot fire because a thread exits, and lets a
+        # worker finish what it accepted; and its end of file stays there for
+        # a worker that was still starting.
+        self._alive_read, self._alive_write = os.pipe()
 
     def _spawn(self, slot: _Slot) -> None:
         fd = self._sockets[slot.index].fileno()
@@ -120,8 +161,9 @@ class Supervisor:
         # folder that happens to lie in the working directory.
         slot.process = subprocess.Popen(
             [sys.executable, "-P", "-m", "scep_fast.runtime.worker",
-             "--dir", str(self._config.dir), "--fd", str(fd), "--log-level", self._log_level],
-            pass_fds=(fd,),
+             "--dir", str(self._config.dir), "--fd", str(fd),
+             "--supervisor-fd", str(self._alive_read), "--log-level", self._log_level],
+            pass_fds=(fd, self._alive_read),
         )
         slot.started_at = time.monotonic()
         log.info("worker started", extra={"fields": {"worker": slot.index,
@@ -130,17 +172,19 @@ class Supervisor:
     def _reap(self, slot: _Slot) -> None:
         from prometheus_client import multiprocess
 
+        from scep_fast.runtime import metrics
+
         assert slot.process is not None  # noqa: S101 - only called for running slots
         code = slot.process.returncode
         multiprocess.mark_process_dead(slot.process.pid)  # type: ignore[no-untyped-call]
         lived = time.monotonic() - slot.started_at
-        slot.quick_deaths = slot.quick_deaths + 1 if lived < QUICK_DEATH_SECONDS else 0
-        delay = min(0.5 * (2 ** slot.quick_deaths) if slot.quick_deaths else 0.0,
-                    MAX_RESTART_DELAY_SECONDS)
+        delay = slot.backoff.delay_after(lived)
         slot.restart_at = time.monotonic() + delay
         slot.restarts += 1
+        metrics.WORKER_RESTARTS.inc()
         log.warning("worker died; restarting", extra={"fields": {
             "worker": slot.index, "pid": slot.process.pid, "exit_code": code,
+            "lived_seconds": round(lived, 3), "quick_deaths": slot.backoff.quick_deaths,
             "restart_in_seconds": delay}})
         slot.process = None
 
@@ -258,6 +302,8 @@ class Supervisor:
             multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
         for sock in self._sockets:
             sock.close()
+        os.close(self._alive_write)
+        os.close(self._alive_read)
         if self._own_ledger is not None:
             self._own_ledger.close()
         return 0
@@ -281,11 +327,63 @@ def _set_expiry_gauges(config: Config) -> None:
         metrics.CERT_EXPIRY.labels(name).set(not_after.timestamp())
 
 
+# The multi-process metrics directory of a running supervisor is
+# TMPDIR/scep-fast-metrics-<pid>-<random>, and its owner holds an exclusive
+# flock on the OWNER_LOCK file inside it for as long as it runs. A supervisor
+# that was killed (SIGKILL, OOM) could not remove its directory, but the
+# kernel released its lock: every start removes the directories whose lock it
+# can take. A lock, unlike a check that the PID is alive, cannot be fooled by
+# a PID the system has given to another process since. Not a fixed place in
+# the data directory: two servers may share one data directory (on different
+# addresses), so wiping "the" metrics directory at start could wipe a running
+# server's samples, and the metrics files, rewritten all the time, stay off the
+# disk the ledger syncs to and that may fill up.
+METRICS_DIR_PREFIX = "scep-fast-metrics-"
+OWNER_LOCK = "owner.lock"
+
+
+def remove_abandoned_metrics_dirs(parent: str) -> list[str]:
+    """Removes this user's metrics directories whose owner is gone; returns their paths."""
+    removed = []
+    for entry in os.scandir(parent):
+        if not entry.name.startswith(METRICS_DIR_PREFIX):
+            continue
+        try:
+            if (not entry.is_dir(follow_symlinks=False)
+                    or entry.stat(follow_symlinks=False).st_uid != os.getuid()):
+                continue
+            # A directory without a lock file is being created (or is not
+            # ours to judge): left alone.
+            fd = os.open(os.path.join(entry.path, OWNER_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner runs
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def claim_metrics_dir() -> tuple[str, int]:
+    """A fresh, empty metrics directory and the descriptor whose lock marks it as ours."""
+    path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+    fd = os.open(os.path.join(path, OWNER_LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return path, fd
+
+
 def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
     # Multi-process metrics: the directory must be set before
     # prometheus_client is first imported, here and in every worker, and
     # must start empty.
-    metrics_dir = tempfile.mkdtemp(prefix="scep-fast-metrics-")
+    for path in remove_abandoned_metrics_dirs(tempfile.gettempdir()):
+        log.info("removed the metrics directory of a server that is gone",
+                 extra={"fields": {"path": path}})
+    metrics_dir, lock_fd = claim_metrics_dir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         from scep_fast.runtime import metrics
@@ -309,13 +407,15 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
             _serve_admin(config, ledger, admin_bind)
         log.info("serving", extra={"fields": {
             "bind": config.get("server", "bind"), "workers": config.workers,
-            "metrics_bind": metrics_bind or "-", "admin_bind": admin_bind or "-"}})
+            "metrics_bind": metrics_bind or "-", "admin_bind": admin_bind or "-",
+            "metrics_dir": metrics_dir}})
         try:
             return Supervisor(config, sockets, log_level=log_level, ledger=ledger).run()
         finally:
             ledger.close()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.close(lock_fd)
 
 
 def _serve_admin(config: Config, ledger: LmdbLedger, bind: str) -> None:

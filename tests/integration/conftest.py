@@ -91,9 +91,10 @@ class Server:
         return self.process.returncode
 
 
-def start_server(directory: Path, *extra: str, cwd: Path | None = None) -> Server:
+def start_server(directory: Path, *extra: str, cwd: Path | None = None,
+                 port: int | None = None) -> Server:
     """``scep-fast serve`` on loopback; with ``cwd``, the installed console script run there."""
-    port = free_port()
+    port = port or free_port()
     metrics_port = free_port()
     admin_port = free_port()
     log_path = directory.parent / f"{directory.name}-server.log"

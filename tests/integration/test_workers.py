@@ -6,14 +6,17 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from cryptography import x509
 
 from scep_fast.client import enroll, parse_ca_certs
+from scep_fast.runtime.supervisor import FIRST_BACKOFF_SECONDS, MAX_RESTART_DELAY_SECONDS
 from tests.integration.conftest import (
     CHALLENGE,
     Server,
@@ -211,3 +214,198 @@ def test_workers_run_the_installed_package_whatever_the_working_directory(
     finally:
         server.stop()
     assert not marker.exists()
+
+
+# ---- restarts, a dead supervisor ----------------------------------------------------
+
+
+def one_worker_server(tmp_path: Path, name: str) -> Server:
+    directory = init_dir(tmp_path / name)
+    set_config(directory, "server", "workers", "1")
+    return start_server(directory)
+
+
+def log_entries(server: Server, msg: str) -> list[dict[str, object]]:
+    entries = []
+    for line in server.log().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a worker's traceback
+        if isinstance(entry, dict) and entry.get("msg") == msg:
+            entries.append(entry)
+    return entries
+
+
+def restart_delays(server: Server) -> list[float]:
+    return [float(e["restart_in_seconds"])  # type: ignore[arg-type]
+            for e in log_entries(server, "worker died; restarting")]
+
+
+def seconds_until_answered(server: Server, timeout: float = 30) -> float:
+    """How long until a GetCACaps is answered (a connection a dying worker cut is retried)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if server.request("GET", "/scep?operation=GetCACaps").status == 200:
+                return time.monotonic() - start
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.01)
+    raise AssertionError(f"not answered within {timeout} s")
+
+
+def test_a_killed_worker_is_back_at_once_even_when_it_was_young(tmp_path: Path) -> None:
+    server = one_worker_server(tmp_path, "quick")
+    try:
+        seconds_until_answered(server)
+        first = wait_for_workers(server, 1).pop()
+        # Killed seconds after its start: a quick death, but the first in a row.
+        os.kill(first, signal.SIGKILL)
+        back_after = seconds_until_answered(server)
+        second = wait_for_workers(server, 1, gone=first).pop()
+        os.kill(second, signal.SIGKILL)
+        back_again = seconds_until_answered(server)
+        wait_for_workers(server, 1, gone=second)
+        delays = restart_delays(server)
+        assert delays[0] == 0.0
+        assert delays[1] <= FIRST_BACKOFF_SECONDS
+        # A worker takes about half a second to start; the old policy paused
+        # a second before restarting a worker this young.
+        assert back_after < 1.2
+        # The second quick death in a row is the first to wait, briefly.
+        assert back_again < FIRST_BACKOFF_SECONDS + 1.2
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+
+
+def test_a_worker_that_cannot_start_is_restarted_with_growing_delays(tmp_path: Path) -> None:
+    server = one_worker_server(tmp_path, "crashloop")
+    ra_key = server.directory / "ra.key"
+    good_key = ra_key.read_bytes()
+    try:
+        seconds_until_answered(server)
+        # The supervisor checked the keys at its start; a worker started now
+        # finds a key that no longer loads and exits at once, every time.
+        ra_key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+        os.kill(wait_for_workers(server, 1).pop(), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(restart_delays(server)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        delays = restart_delays(server)
+        assert len(delays) >= 5, delays
+        assert server.process.poll() is None
+        # Restarted at once after the kill (and after the first quick death in
+        # a row, if the kill was not one), then twice as long each time.
+        backing_off = [d for d in delays if d > 0]
+        assert delays.index(backing_off[0]) <= 2
+        assert backing_off[0] == FIRST_BACKOFF_SECONDS
+        assert backing_off == [min(FIRST_BACKOFF_SECONDS * 2 ** i, MAX_RESTART_DELAY_SECONDS)
+                               for i in range(len(backing_off))]
+        deaths = log_entries(server, "worker died; restarting")
+        assert all(death["exit_code"] == 1 for death in deaths[1:]), deaths
+        metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+        restarts = [line for line in metrics.splitlines()
+                    if line.startswith("scep_worker_restarts_total ")]
+        assert restarts and float(restarts[0].split()[1]) >= len(delays), restarts
+        # Once the key loads again, the next restart serves.
+        ra_key.write_bytes(good_key)
+        seconds_until_answered(server, timeout=MAX_RESTART_DELAY_SECONDS + 20)
+    finally:
+        ra_key.write_bytes(good_key)
+        server.stop()
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie nobody reaped yet counts: it holds nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_workers_of_a_killed_supervisor_drain_and_free_the_port(tmp_path: Path) -> None:
+    server = two_worker_server(tmp_path, "orphans")
+    workers = wait_for_workers(server, 2)
+    try:
+        assert seconds_until_answered(server) < 30
+        ra = ra_of(server)
+        # A request a worker has begun to receive when the supervisor dies.
+        in_flight = Result(make_requests(ra, 1, CHALLENGE, prefix="orphan")[0])
+        message = in_flight.request.message
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.putrequest("POST", "/scep?operation=PKIOperation")
+        conn.putheader("Content-Length", str(len(message)))
+        conn.endheaders(message[:100])
+        time.sleep(0.2)
+        server.process.kill()
+        server.process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (len(log_entries(server, "supervisor gone; draining")) < 2
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        # The worker stopped accepting but still answers what it accepted.
+        conn.send(message[100:])
+        response = conn.getresponse()
+        in_flight.status, in_flight.body = response.status, response.read()
+        conn.close()
+        assert in_flight.certificate(ra) is not None
+        while not all(gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(gone(pid) for pid in workers), "workers outlived their supervisor"
+        assert len(log_entries(server, "supervisor gone; draining")) == 2
+        assert port_is_free(server.port)
+        again = start_server(server.directory, port=server.port)
+        try:
+            assert seconds_until_answered(again) < 30
+        finally:
+            again.stop()
+    finally:
+        for pid in workers:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def metrics_dir_of(server: Server) -> Path:
+    deadline = time.monotonic() + 30
+    while not (serving := log_entries(server, "serving")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return Path(str(serving[0]["metrics_dir"]))
+
+
+def test_a_killed_supervisor_leaves_no_metrics_directory_behind(tmp_path: Path) -> None:
+    killed = one_worker_server(tmp_path, "killed")
+    workers = wait_for_workers(killed, 1)
+    abandoned = metrics_dir_of(killed)
+    assert abandoned.is_dir()
+    killed.process.kill()
+    killed.process.wait(timeout=10)
+    assert abandoned.is_dir()
+    # The next start, of any server, removes it, and no directory of a running one.
+    running = one_worker_server(tmp_path, "running")
+    other = one_worker_server(tmp_path, "other")
+    try:
+        assert not abandoned.exists()
+        assert metrics_dir_of(running).is_dir() and metrics_dir_of(other).is_dir()
+        removed = log_entries(running, "removed the metrics directory of a server that is gone")
+        assert str(abandoned) in [entry["path"] for entry in removed]
+        other.stop()
+        assert not metrics_dir_of(other).exists()
+    finally:
+        running.stop()
+        other.stop()
+        for pid in workers:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
