@@ -247,15 +247,17 @@ def main(argv: list[str] | None = None) -> int:
     server = compare.ScepFastServer(scenario, args.workers, run_dir)
     try:
         ras, ca = loadgen.fetch_ca(server.url)
-        capacity_count = 30_000
-        per_run = [int(max(levels) * 2000 * args.seconds) + 1000] * (2 * len(levels))
-        reqset = loadgen.prepare(ras[0], capacity_count + sum(per_run),
-                                 loadgen.Params(challenge=compare.CHALLENGE))
+        params = loadgen.Params(challenge=compare.CHALLENGE)
+        capacity_count = int(args.seconds * 2500)
+        reqset = loadgen.prepare(ras[0], capacity_count, params)
         compare.log("capacity: closed loop at c=64")
         capacity = loadgen.run(server.url, reqset, ra_ders=ras, ca_der=ca,
                                count=capacity_count, concurrency=64, duration=args.seconds,
                                server_pid=server.proc.pid, quiet=True)
         compare.log(f"capacity {capacity['enroll_per_s']:.0f}/s")
+        needed = sum(int(level * capacity["enroll_per_s"] * args.seconds) + 1
+                     for level in levels) * 2
+        reqset = loadgen.prepare(ras[0], capacity_count + needed, params)
         parts = urllib.parse.urlsplit(server.url)
         offset = capacity_count
         runs = []
