@@ -22,9 +22,10 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
+from scep_fast.runtime.http1 import StrictHttp1Handler
 from scep_fast.service.challenges import ChallengeRequestInvalid, mint_challenge
 from scep_fast.service.enrollment import EnrollmentService
 from scep_fast.service.ledger import (
@@ -101,7 +102,7 @@ class AdminApi:
             return pending_to_json(self.service().reject(request_id, str(body.get("reason", ""))))
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(StrictHttp1Handler):
     api: AdminApi
     server_version = "scep-fast-admin"
     sys_version = ""

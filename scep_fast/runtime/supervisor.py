@@ -28,15 +28,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
 from types import FrameType
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from cryptography import x509
 
 from scep_fast import __version__
 from scep_fast.runtime.config import Config, ConfigError
+from scep_fast.runtime.http1 import StrictHttp1Handler
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
 
@@ -263,13 +267,31 @@ class Supervisor:
         return 0
 
 
+class _MetricsHandler(StrictHttp1Handler, WSGIRequestHandler):
+    """The metrics endpoint's requests: HTTP/1 only, and no line on stderr for each."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        return
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
 def _serve_metrics(bind: str) -> None:
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    """prometheus_client's ``start_http_server``, with our HTTP/1 rule."""
+    from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     host, port = split_host_port(bind)
-    start_http_server(port, addr=host, registry=registry)
+
+    class MetricsServer(_MetricsServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = MetricsServer((host, port), _MetricsHandler)
+    server.set_app(make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
 
 def _set_expiry_gauges(config: Config) -> None:
