@@ -179,10 +179,16 @@ class _Handler(StrictHttp1Handler):
             self._send(500, {"error": "internal error"})
 
 
-def serve_admin(api: AdminApi, host: str, port: int) -> ThreadingHTTPServer:
+def serve_admin(api: AdminApi, host: str, port: int, *,
+                backlog: int = 4096) -> ThreadingHTTPServer:
     """Starts the admin API in a daemon thread and returns its server."""
     handler = type("AdminHandler", (_Handler,), {"api": api})
-    server = ThreadingHTTPServer((host, port), handler)
+
+    class AdminServer(ThreadingHTTPServer):
+        # socketserver listens with a backlog of 5 unless told otherwise.
+        request_queue_size = backlog
+
+    server = AdminServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="admin-api", daemon=True).start()
     return server

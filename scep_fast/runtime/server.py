@@ -146,6 +146,9 @@ def build_worker(config: Config) -> Worker:
 def hypercorn_config(config: Config, bind: str) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [bind]
+    # hypercorn calls listen() again on the socket it is handed: with its
+    # default (100) that would shrink the backlog the supervisor asked for.
+    hc.backlog = int(config.get("server", "listen_backlog"))
     # A GET PKIOperation carries the whole message in the request line.
     hc.h11_max_incomplete_size = int(config.get("server", "max_request_line_bytes"))
     hc.read_timeout = int(max(1, config.get("server", "read_timeout_seconds")))
