@@ -25,12 +25,14 @@ from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from typing import Any
 
+from scep_fast.protocol import StorageFull
 from scep_fast.runtime.http1 import StrictHttp1Handler
 from scep_fast.service.challenges import ChallengeRequestInvalid, mint_challenge
 from scep_fast.service.enrollment import EnrollmentService
 from scep_fast.service.ledger import (
     Ledger,
     LedgerError,
+    LedgerFull,
     NotFound,
     PendingRequest,
     record_to_json,
@@ -117,6 +119,8 @@ class _Handler(StrictHttp1Handler):
         self.send_header("Content-Length", str(len(body)))
         if status == 401:
             self.send_header("WWW-Authenticate", 'Bearer realm="scep-fast admin"')
+        if status == 503:
+            self.send_header("Retry-After", str(StorageFull.DEFAULT_RETRY_AFTER_SECONDS))
         self.end_headers()
         self.wfile.write(body)
         log.info("admin request", extra={"fields": {
@@ -172,6 +176,9 @@ class _Handler(StrictHttp1Handler):
             self._send(400, {"error": str(e)})
         except NotFound as e:
             self._send(404, {"error": str(e)})
+        except LedgerFull:
+            # Logged and counted where the write failed.
+            self._send(503, {"error": "the ledger is full"})
         except LedgerError as e:
             self._send(409, {"error": str(e)})
         except Exception:  # noqa: BLE001 - our fault; details in the log only

@@ -10,13 +10,15 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 
 from scep_fast.crypto import ScepContext, certs_only
-from scep_fast.protocol import Capabilities
+from scep_fast.protocol import Capabilities, InternalError, StorageFull
 from scep_fast.runtime import metrics
 from scep_fast.runtime.app import CT_CA_CERT, CT_CA_RA_CERT, CaCertificates, ScepApp
 from scep_fast.runtime.batcher import Batcher, BatchStats
@@ -26,6 +28,7 @@ from scep_fast.runtime.http_server import serve as serve_http
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
 from scep_fast.service.enrollment import Answer, EnrollmentService, Policy, PreparedBatch
+from scep_fast.service.ledger import LedgerFull
 
 LEDGER_DIR = "ledger"
 # How long a stopping worker may take to finish the requests it accepted.
@@ -90,9 +93,53 @@ def _observe_batch(stats: BatchStats) -> None:
     metrics.QUEUED.set(stats.queued)
 
 
+class _CommitWatch(threading.local):
+    """Whether the last ledger commit made on this thread found the ledger full."""
+
+    full = False
+
+
+_commit_watch = _CommitWatch()
+
+
+def _observe_full(what: str, error: LedgerFull) -> None:
+    """A write the ledger refused for want of room: a metric to alert on, a warning to read."""
+    metrics.LEDGER_FULL.inc()
+    log.warning("ledger full", extra={"fields": {"write": what, "condition": str(error)}})
+    if what == "commit":
+        _commit_watch.full = True
+
+
 def open_ledger(config: Config) -> LmdbLedger:
     return LmdbLedger(config.dir / LEDGER_DIR,
-                      map_size_bytes=int(config.get("ledger", "map_size_bytes")))
+                      map_size_bytes=int(config.get("ledger", "map_size_bytes")),
+                      on_full=_observe_full)
+
+
+def answering_full_ledger_with_503(
+        finish: Callable[[PreparedBatch], list[Answer]]) -> Callable[[PreparedBatch], list[Answer]]:
+    """``finish_batch``, with the answers a full ledger refused turned into 503 + Retry-After.
+
+    When the batch's commit raises, the enrollment service refuses each
+    message it was recording with InternalError (500) and records nothing.
+    A full ledger is no bug to page anyone about, and the client may well
+    succeed later: those messages, exactly the ones still unrefused before
+    the call and refused after it, get StorageFull instead, which the app
+    answers with 503 and Retry-After.
+    """
+
+    def finish_batch(batch: PreparedBatch) -> list[Answer]:
+        waiting = [item.answer for item in batch.items if item.answer.error is None]
+        _commit_watch.full = False
+        answers = finish(batch)
+        if _commit_watch.full:
+            for answer in waiting:
+                if isinstance(answer.error, InternalError):
+                    answer.error = StorageFull(detail=answer.error.detail)
+                    answer.status = f"HTTP {StorageFull.http_status}"
+        return answers
+
+    return finish_batch
 
 
 def build_service(config: Config, material: Material, ledger: LmdbLedger) -> EnrollmentService:
@@ -125,7 +172,7 @@ def build_worker(config: Config) -> Worker:
     service = build_service(config, material, ledger)
     batcher: Batcher[PreparedBatch, Answer] = Batcher(
         service.prepare_batch,
-        service.finish_batch,
+        answering_full_ledger_with_503(service.finish_batch),
         max_size=int(config.get("batch", "max_size")),
         window_seconds=float(config.get("batch", "window_seconds")),
         queue_size=int(config.get("batch", "queue_size")),
