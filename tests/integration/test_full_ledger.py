@@ -1,5 +1,6 @@
 """A full ledger: enrollments get 503 with Retry-After, a metric and a warning say why, and a
-larger map size taken up by a reload (SIGHUP) lets them through again."""
+larger map size taken up by a reload (SIGHUP) lets them through again; the admin API answers
+503 too."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import re
 import secrets
 import signal
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from scep_fast.client import build_pkcs_req, parse_cert_rep
 from scep_fast.protocol import PKIStatus
+from scep_fast.runtime.admin import AdminApi, serve_admin
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
-from scep_fast.service.ledger import LedgerFull
+from scep_fast.service.ledger import Challenge, LedgerFull, MemoryLedger
 from tests.integration.conftest import (
     CHALLENGE,
     Server,
@@ -114,3 +119,25 @@ def test_a_full_ledger_answers_503_until_a_reload_brings_a_larger_map(tmp_path: 
     finally:
         server.stop()
     assert "unexpected error" not in server.log()
+
+
+class _FullLedger(MemoryLedger):
+    def add_challenge(self, challenge: Challenge) -> None:
+        raise LedgerFull("the file system is full")
+
+
+def test_the_admin_api_answers_a_write_it_cannot_record_with_503() -> None:
+    api = AdminApi(_FullLedger(), lambda: None,  # type: ignore[arg-type,return-value]
+                   ["default"], b"t" * 32)
+    admin = serve_admin(api, "127.0.0.1", 0)
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{admin.server_address[1]}/v1/challenges", data=b"{}",
+            headers={"Authorization": "Bearer " + "t" * 32})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)  # noqa: S310 - loopback
+        assert refused.value.code == 503
+        assert refused.value.headers["Retry-After"] == "60"
+    finally:
+        admin.shutdown()
+        admin.server_close()
