@@ -24,9 +24,11 @@ Content-Length and Transfer-Encoding, with 400 and a closed connection.
 The behaviour is hypercorn's: the keep-alive timeout closes an idle
 connection, a stopping server closes idle connections at once and busy ones
 after their response, and ``graceful_timeout`` bounds the wait. The module
-relies on TCPServer's internals (``idle_task``, ``protocol_send``,
-``_read_data``), so ``pyproject.toml`` pins hypercorn to the minor version
-these were written against, and tests/integration cover each behaviour.
+relies on TCPServer's internals (``run``, ``idle_task``, ``protocol_send``,
+``_read_data``) and H11Protocol's (``_check_protocol``, ``_create_stream``,
+``_send_h11_event``), so ``pyproject.toml`` pins hypercorn to the minor
+version these were written against, and tests cover each behaviour over
+real sockets.
 """
 
 from __future__ import annotations
