@@ -38,6 +38,7 @@ from .errors import (
     RequestError,
     RequestTimeout,
     ScepError,
+    StorageFull,
     UnknownOperation,
 )
 from .messages import (
@@ -104,6 +105,7 @@ __all__ = [
     "ScepError",
     "ScepRequest",
     "ScepRequestMessage",
+    "StorageFull",
     "UnknownOperation",
     "from_raw_attributes",
     "parse_request",

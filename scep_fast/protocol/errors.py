@@ -12,6 +12,7 @@ short reason that is safe to send to the client.
         MethodNotAllowed    405
         BodyTooLarge        413
         Overloaded          503 (Retry-After)
+          StorageFull       503 (Retry-After): nowhere to record the answer
       MessageError          signed CertRep FAILURE, HTTP 200
         BadAlg, BadMessageCheck, BadRequest, BadTime, BadCertId
       InternalError         500, generic body
@@ -38,6 +39,7 @@ __all__ = [
     "Overloaded",
     "RequestError",
     "ScepError",
+    "StorageFull",
     "UnknownOperation",
 ]
 
@@ -162,6 +164,31 @@ class Overloaded(RequestError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (Overloaded, (self.retry_after_seconds, self.reason))
+
+
+class StorageFull(Overloaded):
+    """The ledger has no room to record the answer, so none is given (nothing was recorded).
+
+    Not the client's fault and not a bug: the server is out of room until an
+    operator makes some (a larger map size, disk space), so the client is
+    told to come back, as for a full queue. ``detail`` says which room ran
+    out, for the log only.
+    """
+
+    default_reason = "no room to record the request, retry later"
+    DEFAULT_RETRY_AFTER_SECONDS: ClassVar[int] = 60
+
+    def __init__(self, retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS, *,
+                 detail: str = "") -> None:
+        super().__init__(retry_after_seconds)
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_storage_full, (self.retry_after_seconds, self.detail))
+
+
+def _rebuild_storage_full(retry_after_seconds: int, detail: str) -> StorageFull:
+    return StorageFull(retry_after_seconds, detail=detail)
 
 
 # --- Signed CertRep FAILURE ---------------------------------------------------

@@ -22,14 +22,17 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
+from scep_fast.protocol import StorageFull
+from scep_fast.runtime.http1 import StrictHttp1Handler
 from scep_fast.service.challenges import ChallengeRequestInvalid, mint_challenge
 from scep_fast.service.enrollment import EnrollmentService
 from scep_fast.service.ledger import (
     Ledger,
     LedgerError,
+    LedgerFull,
     NotFound,
     PendingRequest,
     record_to_json,
@@ -101,7 +104,7 @@ class AdminApi:
             return pending_to_json(self.service().reject(request_id, str(body.get("reason", ""))))
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(StrictHttp1Handler):
     api: AdminApi
     server_version = "scep-fast-admin"
     sys_version = ""
@@ -116,6 +119,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if status == 401:
             self.send_header("WWW-Authenticate", 'Bearer realm="scep-fast admin"')
+        if status == 503:
+            self.send_header("Retry-After", str(StorageFull.DEFAULT_RETRY_AFTER_SECONDS))
         self.end_headers()
         self.wfile.write(body)
         log.info("admin request", extra={"fields": {
@@ -171,6 +176,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, {"error": str(e)})
         except NotFound as e:
             self._send(404, {"error": str(e)})
+        except LedgerFull:
+            # Logged and counted where the write failed.
+            self._send(503, {"error": "the ledger is full"})
         except LedgerError as e:
             self._send(409, {"error": str(e)})
         except Exception:  # noqa: BLE001 - our fault; details in the log only
@@ -178,10 +186,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, {"error": "internal error"})
 
 
-def serve_admin(api: AdminApi, host: str, port: int) -> ThreadingHTTPServer:
+def serve_admin(api: AdminApi, host: str, port: int, *,
+                backlog: int = 4096) -> ThreadingHTTPServer:
     """Starts the admin API in a daemon thread and returns its server."""
     handler = type("AdminHandler", (_Handler,), {"api": api})
-    server = ThreadingHTTPServer((host, port), handler)
+
+    class AdminServer(ThreadingHTTPServer):
+        # socketserver listens with a backlog of 5 unless told otherwise.
+        request_queue_size = backlog
+
+    server = AdminServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="admin-api", daemon=True).start()
     return server

@@ -62,6 +62,9 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         # How long an idle keep-alive connection stays open; also the deadline
         # for a request's headers, so a trickling client cannot hold a connection.
         "keep_alive_seconds": _Key(float, 15.0, _between(1, 3600), "1 to 3600"),
+        # Connections the kernel holds for each listening socket (SCEP, metrics,
+        # admin) until they are accepted; Linux caps it at net.core.somaxconn.
+        "listen_backlog": _Key(int, 4096, _between(1, 65535), "1 to 65535"),
     },
     "pki": {
         # "ra": an RA certificate signs replies and decrypts requests;

@@ -15,12 +15,20 @@ keep-alive, one process, on a 2-core machine):
   final response until the first body bytes and writes both at once: about
   0.04 ms per request.
 
+It also narrows what the port speaks to HTTP/1.0 and HTTP/1.1 (see
+``http1``): hypercorn would take the HTTP/2 preface or ``Upgrade: h2c`` to
+HTTP/2 and hand a websocket handshake to the app, which has no answer for
+it. ``Http1Protocol`` refuses those, and a request that has both
+Content-Length and Transfer-Encoding, with 400 and a closed connection.
+
 The behaviour is hypercorn's: the keep-alive timeout closes an idle
 connection, a stopping server closes idle connections at once and busy ones
 after their response, and ``graceful_timeout`` bounds the wait. The module
-relies on TCPServer's internals (``idle_task``, ``protocol_send``,
-``_read_data``), so ``pyproject.toml`` pins hypercorn to the minor version
-these were written against, and tests/integration cover each behaviour.
+relies on TCPServer's internals (``run``, ``idle_task``, ``protocol_send``,
+``_read_data``) and H11Protocol's (``_check_protocol``, ``_create_stream``,
+``_send_h11_event``), so ``pyproject.toml`` pins hypercorn to the minor
+version these were written against, and tests cover each behaviour over
+real sockets.
 """
 
 from __future__ import annotations
@@ -30,14 +38,20 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import h11
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.events import Event, RawData
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
+from hypercorn.utils import parse_socket_addr
+
+from scep_fast.runtime import http1
 
 
 def _is_final_response_head(data: bytes) -> bool:
@@ -86,14 +100,92 @@ class KeepAliveTimer:
                 await self._connection._initiate_server_close()
 
 
+class _Refused(Exception):
+    """A request head the port does not serve; ``reason`` is what the client reads."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Http1Protocol(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol without its ways into HTTP/2 and websockets.
+
+    hypercorn checks each request head in ``_check_protocol`` (where it
+    switches to HTTP/2) and picks the stream in ``_create_stream`` (where a
+    websocket handshake gets a websocket stream): here the first applies
+    ``http1.judge`` instead, and the second never sees an ``Upgrade`` header.
+    """
+
+    _ignore_upgrade = False
+
+    async def handle(self, event: Event) -> None:
+        try:
+            await super().handle(event)
+        except _Refused as refused:
+            await self._refuse(refused.reason)
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        verdict = http1.judge(event.http_version.decode("ascii"), event.headers)
+        if verdict.refusal is not None:
+            raise _Refused(verdict.refusal)
+        self._ignore_upgrade = verdict.ignore_upgrade
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        if self._ignore_upgrade:
+            # Served as if the header were absent (see http1); h11 takes the
+            # ordinary response as the refusal of the switch.
+            request = h11.Request(
+                method=request.method, target=request.target,
+                http_version=request.http_version,
+                headers=[(name, value) for name, value in request.headers.raw_items()
+                         if name.lower() != b"upgrade"])
+        await super()._create_stream(request)
+
+    async def _refuse(self, reason: str) -> None:
+        """400 with the reason, then the connection closes: what follows is not read."""
+        body = f"{reason}\n".encode()
+        await self._send_h11_event(h11.Response(status_code=400, headers=[
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11")]))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+        await self.send(Closed())
+
+
 class Connection(TCPServer):
-    """One accepted connection: hypercorn's, with the two changes above."""
+    """One accepted connection: hypercorn's, with the changes above."""
 
     def __init__(self, app: Any, config: HypercornConfig, context: WorkerContext,
                  state: LifespanState, stream: Any) -> None:
         super().__init__(app, config, context, state, stream)
         self.idle_task = KeepAliveTimer(self)  # type: ignore[assignment]
         self._held_head: bytes | None = None
+
+    async def run(self) -> None:
+        """hypercorn's ``TCPServer.run`` for a plain socket, with ``Http1Protocol``.
+
+        hypercorn's own picks HTTP/2 on ALPN and switches to it on the
+        preface or an h2c upgrade; these sockets carry no TLS, so no ALPN.
+        """
+        try:
+            sock = self.stream.socket
+            client = parse_socket_addr(sock.family, sock.getpeername())
+            server = parse_socket_addr(sock.family, sock.getsockname())
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = Http1Protocol(  # type: ignore[assignment]
+                    self.app, self.config, self.context, task_group,
+                    ConnectionState(self.state), False, client, server, self.protocol_send)
+                await self.protocol.initiate()
+                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):

@@ -98,6 +98,16 @@ creates the lock file fixes it for all. Every process should open the ledger
 with the same ``map_size``: one with a smaller map than the data has grown to
 fails to begin a transaction.
 
+Full: a write that finds no room, because the map is used up (LMDB's
+``MDB_MAP_FULL``) or because the file system is (``ENOSPC``, ``EDQUOT``, or
+the ``EIO`` LMDB reports for a write cut short while the file system has
+less than :data:`FULL_DISK_FREE_BYTES` left), raises :class:`LedgerFull`
+and writes nothing; the environment stays usable, so the next write succeeds
+once there is room again. A map size raised in the configuration is taken
+up by each process that opens the ledger anew (the workers, on a reload);
+a process that keeps its handle adopts the larger map when it next begins
+a transaction (``MDB_MAP_RESIZED``).
+
 Use: open one :class:`LmdbLedger` per process, after the process has started
 (spawn, never inherited across ``fork()``), and close it on shutdown.
 """
@@ -105,6 +115,7 @@ Use: open one :class:`LmdbLedger` per process, after the process has started
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import struct
 import threading
@@ -190,6 +201,10 @@ _STATUS_CODES: Final = {"issued": 1, "revoked": 2}
 _STATUS_NAMES: Final = {code: name for name, code in _STATUS_CODES.items()}
 _PENDING_CODES: Final = {"pending": 1, "approved": 2, "rejected": 3}
 _PENDING_NAMES: Final = {code: name for name, code in _PENDING_CODES.items()}
+
+# An EIO from a write while the ledger's file system has less than this free
+# is the file system filling up: LMDB reports a short write as EIO.
+FULL_DISK_FREE_BYTES: Final = 1024 * 1024
 
 # Records are read and yielded in chunks, each chunk in its own short read
 # transaction: a slow consumer of iter_records() never pins an old snapshot
@@ -504,6 +519,23 @@ def _release(path: str) -> None:
             del _open_paths[path]
 
 
+def _full_condition(path: str, error: lmdb.Error) -> str | None:
+    """What is full, if ``error`` means that a write found no room; else None."""
+    if isinstance(error, lmdb.MapFullError):
+        return "the map size is used up"
+    code = getattr(error, "code", 0)
+    if isinstance(error, lmdb.DiskError) or code in (errno.ENOSPC, errno.EDQUOT):
+        return f"the file system is full ({os.strerror(code or errno.ENOSPC)})"
+    if code == errno.EIO:
+        try:
+            stat = os.statvfs(path)
+        except OSError:
+            return None
+        if stat.f_bavail * stat.f_frsize < FULL_DISK_FREE_BYTES:
+            return "the file system is full (a write was cut short)"
+    return None
+
+
 def _prepare_directory(path: Path) -> None:
     path.mkdir(mode=_DIRECTORY_MODE, parents=True, exist_ok=True)
     os.chmod(path, _DIRECTORY_MODE)
@@ -522,8 +554,11 @@ class LmdbLedger:
         *,
         map_size_bytes: int = DEFAULT_MAP_SIZE_BYTES,
         max_readers: int = DEFAULT_MAX_READERS,
+        on_full: Callable[[str, LedgerFull], None] = lambda _what, _error: None,
     ) -> None:
+        """``on_full(what, error)`` is told of each write refused for want of room."""
         directory = Path(path)
+        self._on_full = on_full
         _prepare_directory(directory)
         self._path = os.path.realpath(directory)
         self._pid = os.getpid()
@@ -599,20 +634,36 @@ class LmdbLedger:
             raise LedgerError("ledger was opened in another process; open one per process")
         return self._env
 
+    def _begin(self, *, write: bool = False) -> lmdb.Transaction[bytes]:
+        env = self._env_checked()
+        try:
+            return env.begin(write=write)
+        except lmdb.MapResizedError:
+            # Another process has grown the map past ours (ledger.map_size_bytes
+            # was raised and the workers reloaded): adopt its size.
+            env.set_mapsize(0)
+            return env.begin(write=write)
+
+    def _full(self, what: str, error: lmdb.Error) -> LedgerError:
+        """The ledger error for an LMDB failure of a write; a full one is reported."""
+        condition = _full_condition(self._path, error)
+        if condition is None:
+            return LedgerError(f"ledger {self._path}: {what} failed: {error}")
+        full = LedgerFull(
+            f"ledger {self._path} is full: {condition} (map size "
+            f"{self._env.info()['map_size']} bytes); {what} recorded nothing; raise "
+            "ledger.map_size_bytes and reload, or free disk space")
+        self._on_full(what, full)
+        return full
+
     @contextmanager
     def _write(self, what: str) -> Iterator[lmdb.Transaction[bytes]]:
         """One durable write transaction; LMDB failures become ledger errors."""
-        env = self._env_checked()
         try:
-            with env.begin(write=True) as txn:
+            with self._begin(write=True) as txn:
                 yield txn
-        except lmdb.MapFullError as error:
-            raise LedgerFull(
-                f"ledger {self._path} is full (map size {env.info()['map_size']} bytes); "
-                "raise the configured map size"
-            ) from error
         except lmdb.Error as error:
-            raise LedgerError(f"ledger {self._path}: {what} failed: {error}") from error
+            raise self._full(what, error) from error
 
     def _chunks(
         self,
@@ -624,11 +675,11 @@ class LmdbLedger:
         ``resolve(txn, key, value)`` replaces each value inside the chunk's
         transaction (an index entry by the record it points at).
         """
-        env = self._env_checked()
+        self._env_checked()
         after: bytes | None = None
         while True:
             chunk: list[tuple[bytes, bytes]] = []
-            with env.begin() as txn:
+            with self._begin() as txn:
                 cursor = txn.cursor(db=db)
                 if after is None:
                     found = cursor.first()
@@ -659,17 +710,16 @@ class LmdbLedger:
     def find_transaction(
         self, transaction_id: str, requester_key_sha256: bytes
     ) -> CertRecord | None:
-        env = self._env_checked()
-        with env.begin() as txn:
+        with self._begin() as txn:
             key = txn.get(transaction_key(transaction_id, requester_key_sha256), db=self._txids)
             return None if key is None else self._record_at(txn, key)
 
     def find_transactions(
         self, keys: Sequence[tuple[str, bytes]]
     ) -> list[tuple[CertRecord | None, PendingRequest | None]]:
-        env = self._env_checked()
+        self._env_checked()
         found: list[tuple[CertRecord | None, PendingRequest | None]] = []
-        with env.begin() as txn:
+        with self._begin() as txn:
             for transaction_id, requester in keys:
                 tkey = transaction_key(transaction_id, requester)
                 serial_key_ = txn.get(tkey, db=self._txids)
@@ -731,11 +781,11 @@ class LmdbLedger:
         return True
 
     def get(self, serial: int) -> CertRecord | None:
-        env = self._env_checked()
+        self._env_checked()
         if not 0 < serial < 1 << (8 * SERIAL_KEY_BYTES):
             return None
         key = serial_key(serial)
-        with env.begin() as txn:
+        with self._begin() as txn:
             value = txn.get(key, db=self._certs)
         return None if value is None else decode_record(key, value)
 
@@ -745,8 +795,7 @@ class LmdbLedger:
                 yield decode_record(key, value)
 
     def count(self) -> int:
-        env = self._env_checked()
-        with env.begin() as txn:
+        with self._begin() as txn:
             return txn.stat(self._certs)["entries"]
 
     def revoke(self, serial: int, reason: int, when: float) -> CertRecord:
@@ -771,8 +820,7 @@ class LmdbLedger:
         return revoked
 
     def count_revoked(self) -> int:
-        env = self._env_checked()
-        with env.begin() as txn:
+        with self._begin() as txn:
             return int(txn.stat(self._revoked)["entries"])
 
     def iter_revoked(self) -> Iterator[CertRecord]:
@@ -813,18 +861,18 @@ class LmdbLedger:
     def find_pending(
         self, transaction_id: str, requester_key_sha256: bytes
     ) -> PendingRequest | None:
-        env = self._env_checked()
+        self._env_checked()
         tkey = transaction_key(transaction_id, requester_key_sha256)
-        with env.begin() as txn:
+        with self._begin() as txn:
             key = txn.get(tkey, db=self._pending_txids)
             return None if key is None else self._pending_at(txn, key)
 
     def get_pending(self, request_id: str) -> PendingRequest | None:
-        env = self._env_checked()
+        self._env_checked()
         key = request_id.encode()
         if len(key) != _REQUEST_KEY_LEN:
             return None
-        with env.begin() as txn:
+        with self._begin() as txn:
             value = txn.get(key, db=self._pending)
         return None if value is None else decode_pending(key, value)
 
@@ -856,10 +904,10 @@ class LmdbLedger:
                 raise LedgerError("a challenge with this digest is on record already")
 
     def get_challenge(self, digest: bytes) -> Challenge | None:
-        env = self._env_checked()
+        self._env_checked()
         if not isinstance(digest, bytes) or len(digest) != _DIGEST_LEN:
             return None
-        with env.begin() as txn:
+        with self._begin() as txn:
             value = txn.get(digest, db=self._challenges)
         return None if value is None else decode_challenge(digest, value)
 
@@ -907,7 +955,7 @@ class LmdbLedger:
         order, above every serial already recorded, take LMDB's append path.
         Returns the number of records loaded.
         """
-        env = self._env_checked()
+        self._env_checked()
         if records_per_transaction < 1:
             raise ValueError("records_per_transaction must be positive")
         loaded = 0
@@ -915,13 +963,13 @@ class LmdbLedger:
         for record in records:
             chunk.append(record)
             if len(chunk) >= records_per_transaction:
-                loaded += self._load_chunk(env, chunk)
+                loaded += self._load_chunk(chunk)
                 chunk = []
         if chunk:
-            loaded += self._load_chunk(env, chunk)
+            loaded += self._load_chunk(chunk)
         return loaded
 
-    def _load_chunk(self, env: lmdb.Environment, chunk: list[CertRecord]) -> int:
+    def _load_chunk(self, chunk: list[CertRecord]) -> int:
         certs_items = sorted(
             (serial_key(record.serial), encode_record(record)) for record in chunk
         )
@@ -934,7 +982,7 @@ class LmdbLedger:
             (serial_key(record.serial), b"") for record in chunk if record.status == "revoked"
         )
         try:
-            with env.begin(write=True) as txn:
+            with self._begin(write=True) as txn:
                 for db, items in (
                     (self._certs, certs_items),
                     (self._txids, txid_items),
@@ -952,8 +1000,8 @@ class LmdbLedger:
                             "bulk_load: duplicate serial number or transaction; "
                             "nothing of this chunk was loaded"
                         )
-        except lmdb.MapFullError as error:
-            raise LedgerFull(
-                f"ledger {self._path} is full; raise the configured map size"
-            ) from error
+        except lmdb.Error as error:
+            if _full_condition(self._path, error) is None:
+                raise
+            raise self._full("bulk_load", error) from error
         return len(chunk)

@@ -41,6 +41,8 @@ BATCH_WAIT = Histogram("scep_batch_wait_seconds",
 LEDGER_COMMIT = Histogram("scep_ledger_commit_seconds",
                           "One ledger write transaction, synced to disk",
                           buckets=LATENCY_BUCKETS)
+LEDGER_FULL = Counter("scep_ledger_full_total",
+                      "Ledger writes refused because its map or its file system is full")
 INFLIGHT = Gauge("scep_inflight_requests", "Requests being handled now",
                  multiprocess_mode="livesum")
 QUEUED = Gauge("scep_batch_queue_length", "Messages waiting for a batch",

@@ -28,6 +28,7 @@ from scep_fast.runtime.http_server import serve as serve_http
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
 from scep_fast.service.enrollment import Answer, EnrollmentService, Policy, PreparedBatch
+from scep_fast.service.ledger import LedgerFull
 
 LEDGER_DIR = "ledger"
 # How long a stopping worker may take to finish the requests it accepted.
@@ -92,9 +93,16 @@ def _observe_batch(stats: BatchStats) -> None:
     metrics.QUEUED.set(stats.queued)
 
 
+def _observe_full(what: str, error: LedgerFull) -> None:
+    """A write the ledger refused for want of room: a metric to alert on, a warning to read."""
+    metrics.LEDGER_FULL.inc()
+    log.warning("ledger full", extra={"fields": {"write": what, "condition": str(error)}})
+
+
 def open_ledger(config: Config) -> LmdbLedger:
     return LmdbLedger(config.dir / LEDGER_DIR,
-                      map_size_bytes=int(config.get("ledger", "map_size_bytes")))
+                      map_size_bytes=int(config.get("ledger", "map_size_bytes")),
+                      on_full=_observe_full)
 
 
 def build_service(config: Config, material: Material, ledger: LmdbLedger) -> EnrollmentService:
@@ -150,6 +158,9 @@ def build_worker(config: Config) -> Worker:
 def hypercorn_config(config: Config, bind: str) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [bind]
+    # hypercorn calls listen() again on the socket it is handed: with its
+    # default (100) that would shrink the backlog the supervisor asked for.
+    hc.backlog = int(config.get("server", "listen_backlog"))
     # A GET PKIOperation carries the whole message in the request line.
     hc.h11_max_incomplete_size = int(config.get("server", "max_request_line_bytes"))
     hc.read_timeout = int(max(1, config.get("server", "read_timeout_seconds")))

@@ -30,22 +30,25 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
 from types import FrameType
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from cryptography import x509
 
 from scep_fast import __version__
 from scep_fast.runtime.config import Config, ConfigError
+from scep_fast.runtime.http1 import StrictHttp1Handler
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
 
 log = logging.getLogger("scep_fast.supervisor")
 
 POLL_SECONDS = 0.05
-BACKLOG = 2048
 # A worker that dies this soon after its start died "quickly" (see RestartBackoff).
 QUICK_DEATH_SECONDS = 5.0
 FIRST_BACKOFF_SECONDS = 0.5
@@ -63,8 +66,8 @@ def split_host_port(bind: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def listen(bind: str, count: int) -> list[socket.socket]:
-    """``count`` listening sockets on ``bind``, one per worker."""
+def listen(bind: str, count: int, backlog: int) -> list[socket.socket]:
+    """``count`` listening sockets on ``bind``, one per worker, each with ``backlog``."""
     host, port = split_host_port(bind)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # SO_REUSEPORT would let this server share a port with another one
@@ -82,7 +85,7 @@ def listen(bind: str, count: int) -> list[socket.socket]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(BACKLOG)
+        sock.listen(backlog)
         sock.set_inheritable(True)
         sockets.append(sock)
     return sockets
@@ -309,13 +312,32 @@ class Supervisor:
         return 0
 
 
-def _serve_metrics(bind: str) -> None:
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+class _MetricsHandler(StrictHttp1Handler, WSGIRequestHandler):
+    """The metrics endpoint's requests: HTTP/1 only, and no line on stderr for each."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        return
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def _serve_metrics(bind: str, backlog: int) -> None:
+    """prometheus_client's ``start_http_server``, with our backlog and HTTP/1 rule."""
+    from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     host, port = split_host_port(bind)
-    start_http_server(port, addr=host, registry=registry)
+
+    class MetricsServer(_MetricsServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        request_queue_size = backlog
+
+    server = MetricsServer((host, port), _MetricsHandler)
+    server.set_app(make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
 
 def _set_expiry_gauges(config: Config) -> None:
@@ -390,12 +412,13 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
 
         metrics.preinitialise()
         _set_expiry_gauges(config)
-        sockets = listen(str(config.get("server", "bind")), config.workers)
+        backlog = int(config.get("server", "listen_backlog"))
+        sockets = listen(str(config.get("server", "bind")), config.workers, backlog)
         # Said once the address is ours, not before.
         print(f"scep-fast {__version__} serving http://{config.get('server', 'bind')}/scep "
               f"with {config.workers} worker(s)", file=sys.stderr, flush=True)
         if metrics_bind:
-            _serve_metrics(metrics_bind)
+            _serve_metrics(metrics_bind, backlog)
         # Imported only now: it declares the metrics, which must see the
         # multi-process directory.
         from scep_fast.runtime.server import open_ledger
@@ -431,4 +454,4 @@ def _serve_admin(config: Config, ledger: LmdbLedger, bind: str) -> None:
     api = AdminApi(ledger, lambda: build_service(config, load_material(config), ledger),
                    list(config.values["profiles"]), token)
     host, port = split_host_port(bind)
-    serve_admin(api, host, port)
+    serve_admin(api, host, port, backlog=int(config.get("server", "listen_backlog")))

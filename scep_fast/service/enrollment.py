@@ -57,6 +57,7 @@ from scep_fast.protocol import (
     PKIStatus,
     ScepError,
     ScepRequestMessage,
+    StorageFull,
     from_raw_attributes,
 )
 from scep_fast.service import approval, lookups
@@ -68,6 +69,7 @@ from scep_fast.service.ledger import (
     ChallengeRefused,
     ChallengeUsedUp,
     Ledger,
+    LedgerFull,
     PendingRequest,
     Recorded,
     SerialCollision,
@@ -240,6 +242,9 @@ class EnrollmentService:
             yield
         except MessageError as e:
             self._answer_failure(item, e)
+        except LedgerFull as e:
+            # No room to record it: no bug, and the client may come back (503).
+            self._refuse(item, StorageFull(detail=f"{stage}: {e}"))
         except Exception as e:  # noqa: BLE001 - one message must not fail its batch
             log.exception("%s failed for one message", stage)
             self._answer_failure(item, BadRequest("the request cannot be processed",
@@ -482,6 +487,11 @@ class EnrollmentService:
         started = time.perf_counter()
         try:
             outcomes = self._ledger.commit(records, challenges)
+        except LedgerFull as e:
+            # Nothing was recorded, so nothing may leave; the client may come back (503).
+            for item in items:
+                self._refuse(item, StorageFull(detail=f"ledger commit: {e}"))
+            return
         except Exception as e:  # noqa: BLE001 - nothing of this batch may leave
             for item in items:
                 self._internal(item, f"ledger commit: {e}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 import socket
 import urllib.parse
 
@@ -84,3 +85,60 @@ def test_raw_protocol_garbage_does_not_hurt_the_server(server: Server) -> None:
             status = int(answer.split(b" ", 2)[1])
             assert 400 <= status < 500, (raw[:40], answer[:100])
     assert server.request("GET", "/scep?operation=GetCACaps").status == 200
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+WEBSOCKET = (b"GET /scep?operation=GetCACaps HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+             b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+             b"Sec-WebSocket-Version: 13\r\n\r\n")
+OTHER_UPGRADE = (b"GET /scep?operation=GetCACaps HTTP/1.1\r\nHost: x\r\n"
+                 b"Connection: Upgrade\r\nUpgrade: TLS/1.2\r\n\r\n")
+H2C_UPGRADE = (b"GET /scep?operation=GetCACaps HTTP/1.1\r\nHost: x\r\n"
+               b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+               b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+# Which body counts? Content-Length says 5 bytes, chunked says none, and the
+# GET behind it is a request to one reading and body bytes to the other.
+SMUGGLED = (b"POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            b"GET /scep?operation=GetCACaps HTTP/1.1\r\nHost: x\r\n\r\n")
+REFUSED = (H2_PREFACE, WEBSOCKET, OTHER_UPGRADE, SMUGGLED)
+
+
+def exchange(port: int, raw: bytes, wait: float = 3.0) -> tuple[bytes, bool]:
+    """Sends ``raw``; what came back, and whether the server closed within ``wait`` s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(raw)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            return answer, False
+    return answer, True
+
+
+def status_of(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1."), answer[:60]  # never an HTTP/2 frame
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_http2_upgrades_and_ambiguous_framing_get_400_and_a_closed_connection(
+        server: Server) -> None:
+    # The SCEP port, then the metrics and admin ports (http.server).
+    for port in (server.port, server.metrics_port, server.admin_port):
+        for raw in REFUSED:
+            answer, closed = exchange(port, raw)
+            assert status_of(answer) == 400, (port, raw[:40], answer[:200])
+            # Nothing behind it was answered.
+            assert len(re.findall(rb"(?:^|\n)HTTP/1\.[01] \d{3} ", answer)) == 1, answer
+            assert closed, (port, raw[:40])
+    assert server.request("GET", "/scep?operation=GetCACaps").status == 200
+
+
+def test_an_h2c_upgrade_is_answered_in_http1(server: Server) -> None:
+    answer, _closed = exchange(server.port, H2C_UPGRADE + H2C_UPGRADE, wait=1.0)
+    assert answer.count(b"HTTP/1.1 200 ") == 2, answer
+    assert b" 101 " not in answer and b"SCEPStandard" in answer
+    for port in (server.metrics_port, server.admin_port):
+        answer, _closed = exchange(port, H2C_UPGRADE, wait=1.0)
+        assert status_of(answer) in (200, 401, 404), answer[:200]

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import json
 import multiprocessing
 import os
 import secrets
+import shlex
+import shutil
 import stat
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -21,6 +27,7 @@ import pytest
 from scep_fast.runtime.ledger_lmdb import (
     SCHEMA_VERSION,
     LmdbLedger,
+    _full_condition,
     encode_record,
     serial_key,
     transaction_key,
@@ -43,6 +50,7 @@ from scep_fast.service.ledger import (
     TransactionConflict,
     UnsupportedSchema,
 )
+from tests.conftest import missing_peer
 
 KEY_A = hashlib.sha256(b"requester A").digest()
 KEY_B = hashlib.sha256(b"requester B").digest()
@@ -807,3 +815,114 @@ def test_find_transactions_reads_records_and_pending_requests_at_once(
     found = ledger.find_transactions([("tx-issued", KEY_A), ("tx-waiting", KEY_A),
                                       ("tx-unknown", KEY_A), ("tx-issued", KEY_B)])
     assert found == [(issued, None), (None, waiting), (None, None), (None, None)]
+
+
+# --- A full ledger -------------------------------------------------------------------
+
+
+def _fill(ledger: LmdbLedger, der_size: int = 3000) -> int:
+    """Commits batches of ten until the ledger is full; how many batches went in."""
+    batches = 0
+    while batches < 100_000:
+        try:
+            ledger.commit([make_record(random_serial(), f"fill-{batches}-{i}", der_size=der_size)
+                           for i in range(10)])
+        except LedgerFull:
+            return batches
+        batches += 1
+    raise AssertionError("the ledger never filled up")
+
+
+def test_a_full_map_is_reported_and_a_larger_map_takes_more(tmp_path: Path) -> None:
+    told: list[tuple[str, LedgerFull]] = []
+    path = tmp_path / "ledger"
+    with LmdbLedger(path, map_size_bytes=1024 * 1024,
+                    on_full=lambda what, error: told.append((what, error))) as ledger:
+        assert _fill(ledger) > 0
+        assert [what for what, _ in told] == ["commit"]
+        assert "map size is used up" in str(told[0][1])
+        full_count = ledger.count()
+    # What a reload with a larger ledger.map_size_bytes does: a fresh handle.
+    with LmdbLedger(path, map_size_bytes=4 * 1024 * 1024) as ledger:
+        record = make_record(random_serial(), "after-growth")
+        assert ledger.commit([record]) == [Recorded(record)]
+        assert ledger.count() == full_count + 1
+
+
+def _grow(path: str) -> None:
+    with LmdbLedger(path, map_size_bytes=8 * 1024 * 1024) as ledger:
+        for batch in range(100):
+            ledger.commit([make_record(random_serial(), f"grow-{batch}-{i}", der_size=3000)
+                           for i in range(10)])
+
+
+def test_a_handle_with_a_smaller_map_adopts_the_map_another_process_grew(
+        tmp_path: Path) -> None:
+    # The supervisor keeps its handle across a reload; the reloaded workers
+    # open the ledger with a larger map and fill it past the old size.
+    path = tmp_path / "ledger"
+    with LmdbLedger(path, map_size_bytes=1024 * 1024) as kept:
+        context = multiprocessing.get_context("spawn")
+        grower = context.Process(target=_grow, args=(str(path),))
+        grower.start()
+        grower.join(timeout=120)
+        assert grower.exitcode == 0
+        assert kept.count() == 1000
+        record = make_record(random_serial(), "kept-handle")
+        assert kept.commit([record]) == [Recorded(record)]
+
+
+@pytest.mark.parametrize(("code", "full"), [
+    (errno.ENOSPC, True),
+    (errno.EDQUOT, True),
+    (errno.EACCES, False),
+    # LMDB's short write; the test's file system has room, so it is an I/O error.
+    (errno.EIO, False),
+])
+def test_which_lmdb_errors_mean_full(tmp_path: Path, code: int, full: bool) -> None:
+    # As LMDB's own errors carry it: the errno in ``code``.
+    error = lmdb.Error(f"mdb_txn_commit: {os.strerror(code)}")
+    error.code = code
+    assert (_full_condition(str(tmp_path), error) is not None) is full
+
+
+_DISK_FULL_SCRIPT = """
+import json, os, sys
+from scep_fast.runtime.ledger_lmdb import LmdbLedger
+from scep_fast.service.ledger import LedgerFull, Recorded
+from tests.integration.test_ledger_lmdb import _fill, make_record, random_serial
+
+mount = sys.argv[1]
+with open(os.path.join(mount, "filler"), "wb") as f:
+    f.write(b"\\0" * (1024 * 1024))
+told = []
+with LmdbLedger(os.path.join(mount, "ledger"), map_size_bytes=64 * 1024 * 1024,
+                on_full=lambda what, error: told.append([what, str(error)])) as ledger:
+    batches = _fill(ledger)
+    count = ledger.count()
+    os.remove(os.path.join(mount, "filler"))
+    record = make_record(random_serial(), "after-space-returned")
+    after = ledger.commit([record]) == [Recorded(record)]
+    print(json.dumps({"batches": batches, "told": told, "after": after,
+                      "count": ledger.count() - count}))
+"""
+
+
+def test_a_full_file_system_is_reported_and_writes_resume_when_space_returns(
+        tmp_path: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        missing_peer("a small file system of its own needs root and unshare (util-linux)")
+    mount = tmp_path / "small-fs"
+    mount.mkdir()
+    # A private mount namespace: the 2 MiB tmpfs vanishes with the process.
+    script = (f"mount -t tmpfs -o size=2m tmpfs {shlex.quote(str(mount))} && "
+              f"exec {shlex.quote(sys.executable)} -c \"$SCRIPT\" {shlex.quote(str(mount))}")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[2],
+                          env={**os.environ, "SCRIPT": _DISK_FULL_SCRIPT})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["batches"] > 0
+    assert [what for what, _ in result["told"]] == ["commit"]
+    assert "file system is full" in result["told"][0][1], result["told"]
+    assert result["after"] and result["count"] == 1

@@ -409,3 +409,31 @@ def test_a_killed_supervisor_leaves_no_metrics_directory_behind(tmp_path: Path) 
         for pid in workers:
             if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def listen_backlogs(port: int) -> list[int]:
+    """The backlog of each socket listening on ``port``: ``ss`` shows it as Send-Q."""
+    done = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                          timeout=10, check=True)
+    return [int(line.split()[2]) for line in done.stdout.splitlines()]
+
+
+def test_every_listening_socket_has_the_configured_backlog(tmp_path: Path) -> None:
+    with open("/proc/sys/net/core/somaxconn") as f:
+        somaxconn = int(f.read())
+    backlog = min(1234, somaxconn)  # the kernel caps it silently
+    directory = init_dir(tmp_path / "backlog")
+    set_config(directory, "server", "workers", "2")
+    set_config(directory, "server", "listen_backlog", str(backlog))
+    server = start_server(directory)
+    try:
+        wait_for_workers(server, 2)
+        # A worker's listen() precedes its first answer; fresh connections
+        # reach both workers (SO_REUSEPORT), so each has called it.
+        for _ in range(20):
+            assert server.request("GET", "/scep?operation=GetCACaps").status == 200
+        assert listen_backlogs(server.port) == [backlog, backlog]
+        assert listen_backlogs(server.metrics_port) == [backlog]
+        assert listen_backlogs(server.admin_port) == [backlog]
+    finally:
+        server.stop()

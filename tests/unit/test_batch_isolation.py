@@ -22,8 +22,9 @@ from scep_fast.client.messages import (
     parse_cert_rep,
 )
 from scep_fast.crypto import CertRepSpec, IssueRequest, ScepContext, Unwrapped
-from scep_fast.protocol import PKIStatus
+from scep_fast.protocol import PKIStatus, StorageFull
 from scep_fast.service import authorization, enrollment
+from scep_fast.service.ledger import LedgerFull
 from tests.unit.harness import STATIC, Service
 
 POISON_CN = "poisoned"
@@ -155,3 +156,23 @@ def test_a_renewal_lookup_that_raises_fails_only_that_renewal(
     assert [a.status for a in answers] == ["SUCCESS", "FAILURE", "SUCCESS"]
     assert answers[1].body and answers[1].error is None
     assert service.ledger.count() == 3
+
+
+def test_a_full_ledger_answers_503_and_nothing_leaves(
+        service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*_args: Any, **_kwargs: Any) -> Any:
+        raise LedgerFull("the map size is used up")
+
+    monkeypatch.setattr(type(service.ledger), "commit", full)
+    answers = service.send(*[build_pkcs_req(service.pki.ra, cn=f"full-{i}", challenge=STATIC)
+                             for i in range(3)])
+    for answer in answers:
+        assert isinstance(answer.error, StorageFull), answer.reason
+        assert answer.error.http_status == 503 and answer.error.retry_after_seconds >= 1
+        assert answer.body == b"" and answer.serial is None
+    monkeypatch.setattr(type(service.ledger), "add_pending", full)
+    secret = service.challenge(profile="approval")
+    (pending,) = service.send(build_pkcs_req(service.pki.ra, cn="full-pending",
+                                             challenge=secret))
+    assert isinstance(pending.error, StorageFull)
+    assert service.uses_left(secret) == 1

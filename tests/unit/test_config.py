@@ -28,6 +28,7 @@ def test_rendered_defaults_parse_back_to_the_same_values() -> None:
     ("[server]\nworkers = \"two\"\n", "server.workers"),
     ("[server]\nworkers = true\n", "server.workers"),
     ("[server]\nmax_body_bytes = 10\n", "server.max_body_bytes"),
+    ("[server]\nlisten_backlog = 0\n", "server.listen_backlog"),
     ("[pki]\nmode = \"both\"\n", "pki.mode"),
     ("[crl]\npublic_url = \"ftp://x\"\n", "crl.public_url"),
     ("[profiles.vpn]\nkey_types = [\"dsa\"]\n", "profiles.vpn.key_types"),

@@ -231,3 +231,85 @@ def test_connections_the_client_closes_leave_no_task_behind() -> None:
 
     before, after = trio.run(main)
     assert after == before
+
+
+# ------------------------------------------------- HTTP/1.0 and 1.1 only, on the wire
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+CAPS = b"GET / HTTP/1.1\r\nhost: t\r\n\r\n"
+
+
+async def exchange(server: Server, raw: bytes) -> tuple[bytes, bool]:
+    """Sends ``raw``; what came back within a second, and whether the server closed."""
+    stream = await server.connect()
+    await stream.send_all(raw)
+    answer = b""
+    with trio.move_on_after(1.0):
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+        return answer, True
+    await stream.aclose()
+    return answer, False
+
+
+def _exchange(raw: bytes) -> tuple[bytes, bool]:
+    async def main() -> tuple[bytes, bool]:
+        async with serving() as server:
+            with trio.fail_after(5):
+                return await exchange(server, raw)
+
+    return trio.run(main)
+
+
+def test_the_http2_preface_gets_400_and_a_closed_connection() -> None:
+    answer, closed = _exchange(H2_PREFACE)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"\r\nconnection: close\r\n" in answer
+    assert answer.endswith(b"\r\n\r\nHTTP/1.0 and HTTP/1.1 only\n")
+    assert closed
+
+
+def test_an_h2c_upgrade_is_ignored_and_the_connection_stays_http1() -> None:
+    upgrade = (b"GET / HTTP/1.1\r\nhost: t\r\nconnection: Upgrade, HTTP2-Settings\r\n"
+               b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+    answer, closed = _exchange(upgrade + CAPS)
+    # Two plain HTTP/1.1 answers on one connection: no 101, no HTTP/2 frame.
+    assert answer.count(b"HTTP/1.1 200 ") == 2
+    assert b" 101 " not in answer
+    assert not closed
+
+
+def test_a_websocket_or_other_upgrade_gets_400_and_a_closed_connection() -> None:
+    for upgrade in (b"connection: Upgrade\r\nupgrade: websocket\r\n"
+                    b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"sec-websocket-version: 13\r\n",
+                    b"connection: Upgrade\r\nupgrade: TLS/1.2\r\n",
+                    b"upgrade: h2c, websocket\r\n"):
+        answer, closed = _exchange(b"GET / HTTP/1.1\r\nhost: t\r\n" + upgrade + b"\r\n" + CAPS)
+        assert answer.startswith(b"HTTP/1.1 400 "), (upgrade, answer)
+        assert answer.endswith(b"protocol upgrade not supported\n"), answer
+        assert closed  # the request behind it is never read
+
+
+def test_content_length_with_transfer_encoding_gets_400_and_a_closed_connection() -> None:
+    # What a front end that reads Content-Length and one that reads
+    # chunked would each take for the next request differs: refuse both.
+    for head in (b"content-length: 5\r\ntransfer-encoding: chunked\r\n",
+                 b"transfer-encoding: chunked\r\ncontent-length: 33\r\n"):
+        raw = (b"POST / HTTP/1.1\r\nhost: t\r\n" + head + b"\r\n0\r\n\r\n" + CAPS)
+        answer, closed = _exchange(raw)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert answer.count(b"HTTP/1.1") == 1  # the smuggled GET got no answer
+        assert closed
+
+
+def test_transfer_encoding_in_http10_gets_400() -> None:
+    answer, closed = _exchange(b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert closed
+
+
+def test_http10_without_host_is_still_served() -> None:
+    answer, closed = _exchange(b"GET / HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok")
+    assert closed

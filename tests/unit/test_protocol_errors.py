@@ -21,6 +21,7 @@ from scep_fast.protocol import (
     Overloaded,
     RequestError,
     ScepError,
+    StorageFull,
     UnknownOperation,
 )
 
@@ -104,6 +105,14 @@ def test_overloaded_carries_retry_after() -> None:
             Overloaded(bad)  # type: ignore[arg-type]
 
 
+def test_storage_full_is_a_503_with_retry_after_that_keeps_its_detail_to_itself() -> None:
+    error = StorageFull(detail="ledger /x is full (map size 16777216 bytes)")
+    assert isinstance(error, Overloaded)
+    assert error.http_status == 503
+    assert error.retry_after_seconds == StorageFull.DEFAULT_RETRY_AFTER_SECONDS
+    assert "map size" not in str(error)
+
+
 def test_method_not_allowed_names_allowed_methods() -> None:
     assert MethodNotAllowed().allowed == ("GET", "POST")
     assert MethodNotAllowed(allowed=("GET",)).allowed == ("GET",)
@@ -116,6 +125,7 @@ def test_method_not_allowed_names_allowed_methods() -> None:
         UnknownOperation("y"),
         BodyTooLarge(),
         Overloaded(7, "busy"),
+        StorageFull(30, detail="disk full"),
         MethodNotAllowed("no", allowed=("GET", "POST", "HEAD")),
         BadTime("clock"),
         InternalError("detail"),
