@@ -48,6 +48,11 @@ class _Pending(Generic[T]):
 SHED_REASONS = ("queue_full", "expected_wait", "waited_too_long")
 # Weight of the newest batch in the moving average of the cost per message.
 _COST_SMOOTHING = 0.2
+# Retry-After tells a refused client to come back once the clients refused
+# lately could have been served at the rate requests were admitted, so a
+# crowd spreads itself out instead of returning all at once.
+_DEMAND_WINDOW_SECONDS = 2.0
+MAX_RETRY_AFTER_SECONDS = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,10 @@ class Batcher(Generic[P, T]):
         self._cost: dict[str, float] = {}
         # Messages in the batch being prepared now (ahead of every queued one).
         self._preparing_now = 0
+        # Refused and admitted PKIOperations: this window's and the last one's.
+        self._window_start = time.monotonic()
+        self._counts = [0, 0]          # refused, admitted in this window
+        self._last_counts = (0, 0)
 
     def expected_wait(self) -> float:
         """How long a request submitted now would wait for its batch to start."""
@@ -100,10 +109,28 @@ class Batcher(Generic[P, T]):
             return 0.0
         return (self.queued() + self._preparing_now) * max(self._cost.values())
 
+    def _count(self, refused: bool) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= _DEMAND_WINDOW_SECONDS:
+            self._last_counts = (self._counts[0], self._counts[1])
+            self._counts = [0, 0]
+            self._window_start = now
+        self._counts[0 if refused else 1] += 1
+
+    def retry_after(self, wait: float) -> int:
+        """Seconds a refused client should stay away: the queue ahead of it, or
+        longer when more were refused than served lately (the crowd's backlog)."""
+        refused = self._counts[0] + self._last_counts[0]
+        admitted = self._counts[1] + self._last_counts[1]
+        covered = time.monotonic() - self._window_start + _DEMAND_WINDOW_SECONDS
+        # The refused crowd, served at the rate requests were admitted.
+        backlog = refused * covered / max(admitted, 1)
+        return min(MAX_RETRY_AFTER_SECONDS, max(1, math.ceil(max(wait, backlog))))
+
     def _shed(self, reason: str, wait: float) -> Overloaded:
         self._on_shed(reason)
-        # Come back when the queue ahead of you would have drained.
-        return Overloaded(max(1, math.ceil(wait)))
+        self._count(refused=True)
+        return Overloaded(self.retry_after(wait))
 
     async def submit(self, message: bytes) -> T:
         if self._max_wait > 0:
@@ -115,6 +142,7 @@ class Batcher(Generic[P, T]):
             self._send.send_nowait(pending)
         except trio.WouldBlock:
             raise self._shed("queue_full", self.expected_wait()) from None
+        self._count(refused=False)
         await pending.done.wait()
         if pending.error is not None:
             raise pending.error

@@ -243,3 +243,18 @@ def test_without_a_time_bound_only_the_count_bounds_the_queue() -> None:
         return served
 
     assert trio.run(main) == 50
+
+
+def test_retry_after_grows_with_the_crowd_that_was_refused() -> None:
+    batcher: Batcher[list[bytes], bytes] = Batcher(list, _as_is, max_size=1, window_seconds=0,
+                                                   queue_size=8)
+    assert batcher.retry_after(0.2) == 1  # nothing refused lately: the queue's own wait
+    for _ in range(100):
+        batcher._count(refused=False)
+    for _ in range(300):
+        batcher._count(refused=True)
+    # Three refused for every one served: come back after several windows' worth.
+    assert batcher.retry_after(0.2) >= 5
+    for _ in range(100_000):
+        batcher._count(refused=True)
+    assert batcher.retry_after(0.2) == 120  # bounded
