@@ -3,7 +3,7 @@
     python benchmarks/overload.py [--seconds 12] [--levels 1,2,4] [--workers 2]
 
 One scep-fast server (RSA-2048 CA, the default configuration, so
-``batch.max_wait_seconds`` = 0.5 s). First a closed-loop run at c=64 measures
+``batch.max_wait_seconds`` = 1 s). First a closed-loop run at c=64 measures
 its capacity C (verified enrollments per second). Then, for each level k and
 for two kinds of client, new devices arrive at k x C per second, each with a
 distinct PKCSReq, for ``--seconds``:
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             server.proc.kill()
     meta = {"command": "python benchmarks/overload.py " + " ".join(argv or sys.argv[1:]),
             "cpu": compare.cpu_model() if hasattr(compare, "cpu_model") else "",
-            "cores": compare.os.cpu_count(), "workers": args.workers, "max_wait_s": 0.5}
+            "cores": compare.os.cpu_count(), "workers": args.workers, "max_wait_s": 1.0}
     (RESULTS_DIR / "overload.json").write_text(json.dumps(
         {"meta": meta, "capacity": capacity, "runs": runs}, indent=2, default=str) + "\n")
     write_markdown(RESULTS_DIR / "overload.md", capacity, runs, meta)

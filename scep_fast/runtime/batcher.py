@@ -96,6 +96,7 @@ class Batcher(Generic[P, T]):
         # None until a batch has run it. The stages overlap, so the slower
         # one sets the pace.
         self._cost: dict[str, float] = {}
+        self._warm: set[str] = set()
         # Messages in the batch being prepared now (ahead of every queued one).
         self._preparing_now = 0
         # Refused and admitted PKIOperations: this window's and the last one's.
@@ -104,10 +105,15 @@ class Batcher(Generic[P, T]):
         self._last_counts = (0, 0)
 
     def expected_wait(self) -> float:
-        """How long a request submitted now would wait for its batch to start."""
-        if not self._cost:
+        """How long a request submitted now would wait for its batch to start.
+
+        A request that fits in the next batch waits for the batch being
+        prepared at most: never refuse it for time, whatever the estimate.
+        """
+        queued = self.queued()
+        if not self._cost or queued < self._max_size:
             return 0.0
-        return (self.queued() + self._preparing_now) * max(self._cost.values())
+        return (queued + self._preparing_now) * max(self._cost.values())
 
     def _count(self, refused: bool) -> None:
         now = time.monotonic()
@@ -199,8 +205,12 @@ class Batcher(Generic[P, T]):
                 self._drain(batch)
 
     def _shed_stale(self, batch: list[_Pending[T]], now: float) -> list[_Pending[T]]:
-        """The batch less what already waited past the target: those get 503 now."""
-        if self._max_wait <= 0:
+        """The batch less what already waited past the target: those get 503 now.
+
+        Not before the worker is warm: its first batch is slow once, not
+        because the worker is overloaded.
+        """
+        if self._max_wait <= 0 or "prepare" not in self._cost:
             return batch
         fresh = []
         for pending in batch:
@@ -212,6 +222,11 @@ class Batcher(Generic[P, T]):
         return fresh
 
     def _learn_cost(self, stage: str, seconds: float, size: int) -> None:
+        if stage not in self._warm:
+            # A worker's first batch pays for warming up (imports, caches,
+            # the ledger's first pages): not what the next ones will cost.
+            self._warm.add(stage)
+            return
         per_message = seconds / size
         last = self._cost.get(stage)
         self._cost[stage] = per_message if last is None else (

@@ -119,7 +119,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "queue_size": _Key(int, 1024, _between(1, 1_000_000), "1 to 1000000"),
         # A request that would wait longer than this for its batch gets 503
         # + Retry-After at once; 0 bounds the queue by queue_size only.
-        "max_wait_seconds": _Key(float, 0.5, _between(0, 60), "0 to 60"),
+        "max_wait_seconds": _Key(float, 1.0, _between(0, 60), "0 to 60"),
     },
 }
 

@@ -187,10 +187,12 @@ def test_the_queue_is_bounded_by_waiting_time() -> None:
     async def main() -> tuple[list[float], list[int], float]:
         batcher = Batcher(prepare, _as_is, max_size=4, window_seconds=0, queue_size=1000,
                           max_wait_seconds=target, on_shed=shed.append)
-        # One request first, so the batcher has measured the cost.
+        # Two requests first, so the batcher has measured the cost (the first
+        # batch only warms up).
         async with trio.open_nursery() as nursery:
             nursery.start_soon(batcher.run)
             await batcher.submit(b"warm")
+            await batcher.submit(b"measured")
             waits: list[float] = []
             retry_after: list[int] = []
             started = time.perf_counter()
