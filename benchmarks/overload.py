@@ -19,7 +19,9 @@ goodput over C, the p50/p99 latency of admitted attempts (those answered
 200), how many attempts were shed (503), and how many got no answer at all
 (a connection error or a timeout), which must be none. The table goes to
 ``benchmarks/results/overload.md``, the numbers to ``overload.json``, the plot
-to ``overload.png``. Each run is bounded in time and count.
+to ``overload.png``. Last, a burst: ``--burst`` (4,096) connections opened at
+once, one PKCSReq each; every one must be answered (SUCCESS or 503). Each
+run is bounded in time and count.
 """
 
 from __future__ import annotations
@@ -157,6 +159,31 @@ class OpenLoop:
         return devices, max((d.done_at for d in devices), default=started) - started
 
 
+async def burst(host: str, port: int, wire: list[bytes]) -> list[Device]:
+    """Every request on its own new connection, all opened at once."""
+    loop = asyncio.get_running_loop()
+    devices = [Device(i, tries=1) for i in range(len(wire))]
+
+    async def one(device: Device) -> None:
+        started = time.perf_counter()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(_Connection, host, port), REQUEST_TIMEOUT_SECONDS)
+            future = conn.send(wire[device.index])
+            status, body, _close = await asyncio.wait_for(future, REQUEST_TIMEOUT_SECONDS)
+            if conn.transport is not None:
+                conn.transport.close()
+        except (TimeoutError, loadgen._Closed, OSError) as exc:
+            device.error = loadgen._short(exc)
+            return
+        device.status, device.body = status, body
+        device.shed = int(status == 503)
+        device.latency = device.done_at = time.perf_counter() - started
+
+    await asyncio.gather(*(one(d) for d in devices))
+    return devices
+
+
 def summarise(devices: list[Device], elapsed: float, reqset: loadgen.RequestSet,
               ras: list[bytes], ca: bytes | None, offset: int) -> dict[str, Any]:
     answered = [(offset + d.index, d.body) for d in devices if d.status == 200]
@@ -182,7 +209,7 @@ def summarise(devices: list[Device], elapsed: float, reqset: loadgen.RequestSet,
 
 
 def write_markdown(path: Path, capacity: dict[str, Any], runs: list[dict[str, Any]],
-                   meta: dict[str, Any]) -> None:
+                   meta: dict[str, Any], burst_summary: dict[str, Any]) -> None:
     lines = [
         "# Overload", "",
         f"`{meta['command']}` on {meta['cpu']} ({meta['cores']} cores), "
@@ -199,6 +226,10 @@ def write_markdown(path: Path, capacity: dict[str, Any], runs: list[dict[str, An
             f"{run['goodput_per_s']:.0f} | {run['goodput_per_s'] / capacity['enroll_per_s']:.2f} | "
             f"{run['admitted_latency_ms']['p50']:.0f} | {run['admitted_latency_ms']['p99']:.0f} | "
             f"{run['shed_503']} | {run['gave_up_after_503']} | {run['unanswered']} |")
+    lines += ["", f"Burst: {burst_summary['arrivals']} connections opened at once, one PKCSReq "
+              f"each: final statuses {burst_summary['final_status']}, "
+              f"{burst_summary['enrollments']} verified enrollments, "
+              f"{burst_summary['unanswered']} unanswered."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -237,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=12.0, help="length of each run")
     parser.add_argument("--levels", default="1,2,4", help="offered load, times capacity")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--burst", type=int, default=4096,
+                        help="connections opened at once in the burst run")
     args = parser.parse_args(argv)
     levels = [float(x) for x in args.levels.split(",")]
 
@@ -256,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                                server_pid=server.proc.pid, quiet=True)
         compare.log(f"capacity {capacity['enroll_per_s']:.0f}/s")
         needed = sum(int(level * capacity["enroll_per_s"] * args.seconds) + 1
-                     for level in levels) * 2
+                     for level in levels) * 2 + args.burst
         reqset = loadgen.prepare(ras[0], capacity_count + needed, params)
         parts = urllib.parse.urlsplit(server.url)
         offset = capacity_count
@@ -288,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(summary)
                 offset += count
                 time.sleep(2)  # let the queues drain between runs
+        compare.log(f"burst: {args.burst} connections at once, one PKCSReq each")
+        wire = loadgen.build_wire(reqset, range(offset, offset + args.burst), "127.0.0.1",
+                                  server.port, parts.path, "post")
+        devices = asyncio.run(burst("127.0.0.1", server.port, wire))
+        burst_summary = summarise(devices, max(d.done_at for d in devices), reqset, ras, ca,
+                                  offset)
+        compare.log(f"  {burst_summary['final_status']}, enrollments "
+                    f"{burst_summary['enrollments']}, unanswered {burst_summary['unanswered']}")
     finally:
         server.proc.send_signal(signal.SIGTERM)
         try:
@@ -298,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": compare.cpu_model() if hasattr(compare, "cpu_model") else "",
             "cores": compare.os.cpu_count(), "workers": args.workers, "max_wait_s": 1.0}
     (RESULTS_DIR / "overload.json").write_text(json.dumps(
-        {"meta": meta, "capacity": capacity, "runs": runs}, indent=2, default=str) + "\n")
-    write_markdown(RESULTS_DIR / "overload.md", capacity, runs, meta)
+        {"meta": meta, "capacity": capacity, "runs": runs, "burst": burst_summary},
+        indent=2, default=str) + "\n")
+    write_markdown(RESULTS_DIR / "overload.md", capacity, runs, meta, burst_summary)
     write_plot(RESULTS_DIR / "overload.png", capacity, runs)
     compare.log(f"wrote {RESULTS_DIR / 'overload.md'}, overload.png and overload.json")
     return 0
