@@ -138,11 +138,18 @@ class Batcher(Generic[P, T]):
         self._count(refused=True)
         return Overloaded(self.retry_after(wait))
 
-    async def submit(self, message: bytes) -> T:
+    def refusal(self) -> Overloaded | None:
+        """The 503 a message submitted now would get for the expected wait, or None."""
         if self._max_wait > 0:
             expected = self.expected_wait()
             if expected > self._max_wait:
-                raise self._shed("expected_wait", expected)
+                return self._shed("expected_wait", expected)
+        return None
+
+    async def submit(self, message: bytes) -> T:
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
         pending: _Pending[T] = _Pending(message, queued_at=time.perf_counter())
         try:
             self._send.send_nowait(pending)

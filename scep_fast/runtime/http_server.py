@@ -34,6 +34,7 @@ real sockets.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -46,12 +47,13 @@ from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr
 
-from scep_fast.runtime import http1
+from scep_fast.runtime import fast_refusal, http1
+from scep_fast.runtime.fast_refusal import FastRefusal
 
 
 def _is_final_response_head(data: bytes) -> bool:
@@ -159,10 +161,11 @@ class Connection(TCPServer):
     """One accepted connection: hypercorn's, with the changes above."""
 
     def __init__(self, app: Any, config: HypercornConfig, context: WorkerContext,
-                 state: LifespanState, stream: Any) -> None:
+                 state: LifespanState, fast_refusal: FastRefusal | None, stream: Any) -> None:
         super().__init__(app, config, context, state, stream)
         self.idle_task = KeepAliveTimer(self)  # type: ignore[assignment]
         self._held_head: bytes | None = None
+        self._fast_refusal = fast_refusal
 
     async def run(self) -> None:
         """hypercorn's ``TCPServer.run`` for a plain socket, with ``Http1Protocol``.
@@ -204,15 +207,54 @@ class Connection(TCPServer):
         await super().protocol_send(event)
 
     async def _read_data(self) -> None:
+        """hypercorn's read loop, with refusals for load answered before h11 (see fast_refusal)."""
         try:
-            await super()._read_data()
+            while True:
+                try:
+                    with trio.fail_after(self.config.read_timeout or math.inf):
+                        data = bytes(await self.stream.receive_some(MAX_RECV))
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    break
+                if data and self._fast_refusal is not None and self._between_requests():
+                    data = await self._refuse_for_load(data, self._fast_refusal)
+                    if not data:
+                        continue  # all of it answered: not the end of the stream
+                await self.protocol.handle(RawData(data))
+                if data == b"":
+                    break
+            await self.protocol.handle(Closed())
         finally:
             # The peer is gone or the connection was closed: nothing left to time.
             self.idle_task.close()  # type: ignore[attr-defined]
 
+    def _between_requests(self) -> bool:
+        """No request under way and nothing buffered: the next bytes start a request."""
+        h11_connection = getattr(self.protocol, "connection", None)
+        return (isinstance(h11_connection, h11.Connection)
+                and h11_connection.our_state is h11.IDLE
+                and h11_connection.their_state is h11.IDLE
+                and not h11_connection.trailing_data[0])
+
+    async def _refuse_for_load(self, data: bytes, refusal: FastRefusal) -> bytes:
+        """Answers each whole PKIOperation POST at the start of ``data`` with 503 while the
+        worker refuses them; returns the bytes left for the ordinary path."""
+        while data:
+            started = time.perf_counter()
+            length = fast_refusal.whole_pki_post(data, refusal.max_body)
+            if not length:
+                return data
+            retry_after = refusal.refuse()
+            if retry_after is None:
+                return data
+            await self.stream.send_all(fast_refusal.response(retry_after))
+            data = data[length:]
+            refusal.refused(time.perf_counter() - started)
+        return data
+
 
 async def serve(app: Any, config: HypercornConfig, *,
-                shutdown_trigger: Callable[[], Awaitable[None]]) -> None:
+                shutdown_trigger: Callable[[], Awaitable[None]],
+                fast_refusal: FastRefusal | None = None) -> None:
     """Serves ``app`` on ``config.bind`` until ``shutdown_trigger`` returns, then drains.
 
     hypercorn's ``worker_serve`` for plain HTTP sockets (``fd://N`` or
@@ -237,7 +279,7 @@ async def serve(app: Any, config: HypercornConfig, *,
                     accepting.start_soon(partial(
                         trio.serve_listeners,
                         partial(Connection, wrapped, config, context,
-                                ConnectionState(state.copy())),
+                                ConnectionState(state.copy()), fast_refusal),
                         listeners,
                         handler_nursery=connections,
                     ))

@@ -18,12 +18,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from scep_fast.crypto import ScepContext, certs_only
-from scep_fast.protocol import Capabilities
+from scep_fast.protocol import Capabilities, Overloaded
 from scep_fast.runtime import metrics
 from scep_fast.runtime.app import CT_CA_CERT, CT_CA_RA_CERT, CaCertificates, ScepApp
 from scep_fast.runtime.batcher import Batcher, BatchStats
 from scep_fast.runtime.config import Config
 from scep_fast.runtime.crl import CrlStore, crl_url
+from scep_fast.runtime.fast_refusal import FastRefusal
 from scep_fast.runtime.http_server import serve as serve_http
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
@@ -97,6 +98,10 @@ def _observe_full(what: str, error: LedgerFull) -> None:
     """A write the ledger refused for want of room: a metric to alert on, a warning to read."""
     metrics.LEDGER_FULL.inc()
     log.warning("ledger full", extra={"fields": {"write": what, "condition": str(error)}})
+
+
+def _retry_after(refusal: Overloaded | None) -> int | None:
+    return None if refusal is None else refusal.retry_after_seconds
 
 
 def open_ledger(config: Config) -> LmdbLedger:
@@ -208,7 +213,10 @@ async def serve_worker(worker: Worker, hc: HypercornConfig,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(worker.batcher.run)
         nursery.start_soon(watch)
-        await serve_http(worker.app, hc, shutdown_trigger=wait_for_shutdown)
+        await serve_http(worker.app, hc, shutdown_trigger=wait_for_shutdown,
+                         fast_refusal=FastRefusal(
+                             refuse=lambda: _retry_after(worker.batcher.refusal()),
+                             max_body=int(worker.config.get("server", "max_body_bytes"))))
         # hypercorn has answered every request it accepted; nothing new can queue.
         worker.batcher.close()
         nursery.cancel_scope.deadline = trio.current_time() + GRACEFUL_SECONDS

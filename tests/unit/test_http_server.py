@@ -17,6 +17,7 @@ from hypercorn.events import Closed, RawData
 from hypercorn.trio.worker_context import WorkerContext
 
 from scep_fast.runtime.app import answer_lifespan
+from scep_fast.runtime.fast_refusal import FastRefusal, whole_pki_post
 from scep_fast.runtime.http_server import Connection, serve
 
 HEAD = b"HTTP/1.1 200 \r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n"
@@ -45,7 +46,7 @@ class IgnoringProtocol:
 
 def _connection() -> tuple[Connection, RecordingStream]:
     stream = RecordingStream()
-    connection = Connection(None, HypercornConfig(), WorkerContext(None), {}, stream)
+    connection = Connection(None, HypercornConfig(), WorkerContext(None), {}, None, stream)
     connection.protocol = IgnoringProtocol()  # type: ignore[assignment]
     return connection, stream
 
@@ -119,7 +120,8 @@ class Server:
 
 
 @asynccontextmanager
-async def serving(keep_alive: float = 5.0) -> AsyncIterator[Server]:
+async def serving(keep_alive: float = 5.0,
+                  fast_refusal: FastRefusal | None = None) -> AsyncIterator[Server]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -131,7 +133,7 @@ async def serving(keep_alive: float = 5.0) -> AsyncIterator[Server]:
     stop, stopped = trio.Event(), trio.Event()
 
     async def run() -> None:
-        await serve(app, config, shutdown_trigger=stop.wait)
+        await serve(app, config, shutdown_trigger=stop.wait, fast_refusal=fast_refusal)
         stopped.set()
 
     async with trio.open_nursery() as nursery:
@@ -313,3 +315,62 @@ def test_http10_without_host_is_still_served() -> None:
     answer, closed = _exchange(b"GET / HTTP/1.0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok")
     assert closed
+
+
+# ---- refusals for load, answered before h11 --------------------------------------------
+
+BODY = b"\x30\x82" + bytes(2000)
+PKI_POST = (b"POST /scep/pkiclient.exe?operation=PKIOperation HTTP/1.1\r\nhost: t\r\n"
+            b"content-type: application/x-pki-message\r\ncontent-length: %d\r\n\r\n"
+            % len(BODY)) + BODY
+
+
+def test_only_a_whole_plain_pkioperation_post_is_recognised() -> None:
+    assert whole_pki_post(PKI_POST + b"GET / HTTP/1.1\r\n", 65536) == len(PKI_POST)
+    assert whole_pki_post(PKI_POST[:-1], 65536) == 0  # not all of the body yet
+    assert whole_pki_post(PKI_POST, 100) == 0  # over the body limit: the app says 413
+    for changed in (PKI_POST.replace(b"HTTP/1.1", b"HTTP/1.0"),
+                    PKI_POST.replace(b"POST", b"GET "),
+                    PKI_POST.replace(b"operation=PKIOperation", b"operation=GetCACaps"),
+                    PKI_POST.replace(b"operation=PKIOperation", b"operation=PKIOperationX"),
+                    PKI_POST.replace(b"/scep", b"/other"),
+                    PKI_POST.replace(b"host: t", b"connection: close"),
+                    PKI_POST.replace(b"host: t", b"transfer-encoding: chunked"),
+                    PKI_POST.replace(b"host: t", b"expect: 100-continue"),
+                    PKI_POST.replace(b"host: t", b"content-length: 3"),
+                    PKI_POST.replace(b"content-length: 2002", b"content-length: -1")):
+        assert whole_pki_post(changed, 65536) == 0, changed[:120]
+
+
+def test_a_refused_pkioperation_gets_503_and_the_connection_serves_on() -> None:
+    refused: list[float] = []
+    refusal = FastRefusal(refuse=lambda: 7, max_body=65536)
+    refusal.refused = refused.append  # type: ignore[method-assign]
+
+    async def main() -> bytes:
+        async with serving(fast_refusal=refusal) as server:
+            stream = await server.connect()
+            # Two refusals and an ordinary request, pipelined in one write.
+            await stream.send_all(PKI_POST + PKI_POST + b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            answer = b""
+            with trio.fail_after(5):
+                while not answer.endswith(b"\r\n\r\nok"):
+                    answer += await stream.receive_some(65536)
+            await stream.aclose()
+            return answer
+
+    answer = trio.run(main)
+    assert answer.count(b"HTTP/1.1 503 Service Unavailable\r\n") == 2
+    assert answer.count(b"retry-after: 7\r\n") == 2
+    # The ordinary request behind them was served by the app, on the same connection.
+    assert answer.rsplit(b"server busy, retry later\n", 1)[1].startswith(b"HTTP/1.1 200")
+    assert len(refused) == 2
+
+
+def test_when_the_worker_admits_the_request_reaches_the_app() -> None:
+    async def main() -> bytes:
+        async with serving(fast_refusal=FastRefusal(refuse=lambda: None,
+                                                    max_body=65536)) as server:
+            return (await exchange(server, PKI_POST))[0]
+
+    assert trio.run(main).startswith(b"HTTP/1.1 200")
