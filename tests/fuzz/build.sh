@@ -8,7 +8,8 @@
 # -Wextra -Werror, OpenSSL 3 API only) plus the sanitizers and libFuzzer's
 # coverage instrumentation; each tests/fuzz/fuzz_*.c becomes OUT/fuzz_*.
 # CC selects the compiler (default: clang; Debian: packages clang and
-# libclang-rt-14-dev).
+# libclang-rt-14-dev). FUZZ_COVERAGE=1 builds with source-based coverage
+# instead of the sanitizers, for coverage.sh.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -24,8 +25,12 @@ fi
 cflags=(-std=c11 -Wall -Wextra -Werror -g -O1 -fno-omit-frame-pointer
         -DOPENSSL_API_COMPAT=30000 -DOPENSSL_NO_DEPRECATED
         -DSCEP_FAST_VERSION='"fuzz"' -DSCEP_FUZZ_TESTS="\"$root/tests\""
-        -I"$root/native/include" -I"$root/native/src" -I"$root/tests/fuzz"
-        -fsanitize=address,undefined -fno-sanitize-recover=undefined)
+        -I"$root/native/include" -I"$root/native/src" -I"$root/tests/fuzz")
+if [[ "${FUZZ_COVERAGE:-0}" == 1 ]]; then
+    cflags+=(-fprofile-instr-generate -fcoverage-mapping)
+else
+    cflags+=(-fsanitize=address,undefined -fno-sanitize-recover=undefined)
+fi
 
 objs=()
 for src in "$root"/native/src/*.c "$root"/tests/fuzz/fuzz_common.c; do
