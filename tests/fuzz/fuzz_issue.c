@@ -12,6 +12,11 @@
  *                 the first octet of the rest) instead of the DER CSR
  *   bit 5         notBefore/notAfter as raw 64-bit values instead of small
  *                 offsets from a fixed time
+ *   bit 6         the rest is a CertificationRequestInfo, which the harness
+ *                 signs (bit 7: with the RSA-1024 key fuzz-recipient.key, else
+ *                 with the P-256 key fuzz-device.key) into a request: a
+ *                 mutated request no longer verifies, so this is how inputs
+ *                 get past the signature check to the key and name handling
  */
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +25,7 @@
 #include <openssl/x509.h>
 
 #include "fuzz_common.h"
+#include "internal.h"
 
 #define FUZZ_NOW 1767225600LL /* 2026-01-01T00:00:00Z */
 #define MAX_REQUESTS 16
@@ -28,6 +34,7 @@ static scep_ctx *rsa_ctx, *ec_ctx;
 static scep_unwrap_result *requests[MAX_REQUESTS];
 static size_t n_requests;
 static OSSL_LIB_CTX *parse_libctx;
+static EVP_PKEY *device_ec, *device_rsa;
 
 static const char *const vectors[] = {
     "vectors/scepclient-pkcsreq.der", "vectors/scepclient-get-pkcsreq.der",
@@ -63,6 +70,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         free(der);
     }
     parse_libctx = fuzz_parse_libctx();
+    device_ec = fuzz_file_key("fuzz/fuzz-device.key");
+    device_rsa = fuzz_file_key("fuzz/fuzz-recipient.key");
     X509_free(ra_cert);
     X509_free(ca_cert);
     X509_free(ec_ca_cert);
@@ -94,12 +103,49 @@ static void check(const scep_issue_result *r)
     ERR_clear_error();
 }
 
+/* CertificationRequest ::= SEQUENCE { info, signatureAlgorithm, signature BIT STRING },
+   info exactly as given (RFC 2986 section 4.2). */
+static int sign_request(int rsa, scep_buf info, scep_bytes *out)
+{
+    static const unsigned char ecdsa_sha256[] = {0x30, 0x0A, 0x06, 0x08, 0x2A, 0x86, 0x48,
+                                                 0xCE, 0x3D, 0x04, 0x03, 0x02};
+    static const unsigned char rsa_sha256[] = {0x30, 0x0D, 0x06, 0x09, 0x2A, 0x86, 0x48, 0x86,
+                                               0xF7, 0x0D, 0x01, 0x01, 0x0B, 0x05, 0x00};
+    EVP_MD_CTX *mctx = EVP_MD_CTX_new();
+    unsigned char sig[1 + 512];
+    size_t sig_len = sizeof(sig) - 1;
+    scep_bytes bits = {NULL, 0};
+    int ok = 0;
+
+    sig[0] = 0; /* no unused bits */
+    if (mctx != NULL
+        && EVP_DigestSignInit_ex(mctx, NULL, "SHA256", NULL, NULL, rsa ? device_rsa : device_ec,
+                                 NULL) == 1
+        && EVP_DigestSign(mctx, sig + 1, &sig_len, info.data, info.len) == 1) {
+        scep_buf bit_string[] = {{sig, sig_len + 1}};
+
+        if (scep_der_tlv(V_ASN1_BIT_STRING, bit_string, 1, &bits)) {
+            scep_buf parts[] = {{info.data, info.len},
+                                {rsa ? rsa_sha256 : ecdsa_sha256,
+                                 rsa ? sizeof(rsa_sha256) : sizeof(ecdsa_sha256)},
+                                {bits.data, bits.len}};
+
+            ok = scep_der_tlv(V_ASN1_SEQUENCE | V_ASN1_CONSTRUCTED, parts, 3, out);
+        }
+    }
+    scep_bytes_clear(&bits);
+    EVP_MD_CTX_free(mctx);
+    ERR_clear_error();
+    return ok;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     fuzz_input in = {data, size};
     uint8_t flags = fuzz_u8(&in);
     scep_issue_item item;
     scep_issue_result *out[1] = {NULL};
+    scep_bytes signed_csr = {NULL, 0};
 
     memset(&item, 0, sizeof(item));
     item.serial = fuzz_bytes8(&in);
@@ -112,14 +158,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     item.subject = fuzz_bytes16(&in);
     item.extensions = fuzz_bytes16(&in);
-    if (flags & 0x10)
+    if (flags & 0x10) {
         item.request = requests[fuzz_u8(&in) % n_requests];
-    else
+    } else if (flags & 0x40) {
+        if (sign_request(flags & 0x80, fuzz_rest(&in), &signed_csr)) {
+            item.csr.data = signed_csr.data;
+            item.csr.len = signed_csr.len;
+        }
+    } else {
         item.csr = fuzz_rest(&in);
+    }
     if (scep_issue_batch((flags & 0x0f) == 0 ? rsa_ctx : ec_ctx, &item, 1, out) != 1
         || out[0] == NULL)
         abort();
     check(out[0]);
     scep_issue_result_free(out[0]);
+    scep_bytes_clear(&signed_csr);
     return 0;
 }

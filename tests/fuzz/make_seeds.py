@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from asn1crypto import cms
+from asn1crypto import csr as asn1_csr
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -89,6 +90,23 @@ def csrs() -> list[bytes]:
                 critical=False)
         algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
         out.append(builder.sign(key, algorithm).public_bytes(serialization.Encoding.DER))
+    return out
+
+
+def request_infos() -> list[bytes]:
+    """CertificationRequestInfos for the keys fuzz_issue.c signs with (fuzz-*.key)."""
+    out = []
+    for i, name in enumerate(["fuzz-device.key", "fuzz-recipient.key"] * 2):
+        key = serialization.load_pem_private_key((HERE / name).read_bytes(), password=None)
+        assert isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+        builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
+            x509.NameAttribute(NameOID.COMMON_NAME, f"signed-{i}")]))
+        if i >= 2:
+            builder = builder.add_attribute(AttributeOID.CHALLENGE_PASSWORD, b"secret")
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("signed.example")]), critical=False)
+        der = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+        out.append(asn1_csr.CertificationRequest.load(der)["certification_request_info"].dump())
     return out
 
 
@@ -183,6 +201,10 @@ def issue_seeds() -> list[bytes]:
                      + b16(extensions()[i % 5]) + csr)
     for index in range(len(MESSAGES)):
         seeds.append(b"\x11" + serial + times + b16(b"") + b16(extensions()[0]) + bytes([index]))
+    for i, info in enumerate(request_infos()):
+        flags = 0x41 if i % 2 == 0 else 0xC1
+        seeds.append(bytes([flags]) + serial + times + b16(subjects()[i % 3])
+                     + b16(extensions()[i % 2]) + info)
     seeds.append(b"\x21" + serial + struct.pack(">qq", -62167219200, 253402300799) + b16(b"")
                  + b16(b"") + csrs()[3])
     return seeds
