@@ -10,6 +10,9 @@
  *   2     the input is the envelope's content (a CSR): the harness encrypts it
  *         to one of the context's keys, then signs as for 1.
  *
+ * Bit 2 of the first octet picks a strict context (SHA-1 and 3DES refused), bit
+ * 3 names the signer by subjectKeyIdentifier instead of issuerAndSerialNumber.
+ *
  * Layout after the first octet, for 1 and 2: one octet of choices (digest,
  * content cipher, attribute string type), messageType, transactionID and
  * senderNonce each with a one-octet length, then the payload.
@@ -83,7 +86,7 @@ static int add_attr(CMS_SignerInfo *si, const ASN1_OBJECT *obj, int type, scep_b
 }
 
 /* A SignedData over payload, signed by the device key: what a requester sends. */
-static unsigned char *sign_payload(uint8_t choices, scep_buf mt, scep_buf tid, scep_buf nonce,
+static unsigned char *sign_payload(int keyid, uint8_t choices, scep_buf mt, scep_buf tid, scep_buf nonce,
                                    const unsigned char *payload, size_t payload_len, int *len)
 {
     EVP_MD *md = EVP_MD_fetch(NULL, digests[(choices & 7) % 6], NULL);
@@ -98,7 +101,7 @@ static unsigned char *sign_payload(uint8_t choices, scep_buf mt, scep_buf tid, s
         goto done;
     cms = CMS_sign(NULL, NULL, NULL, NULL, CMS_BINARY | CMS_PARTIAL);
     si = cms != NULL ? CMS_add1_signer(cms, device_cert, device_key, md,
-                                       CMS_BINARY | CMS_NOSMIMECAP)
+                                       CMS_BINARY | CMS_NOSMIMECAP | (keyid ? CMS_USE_KEYID : 0))
                      : NULL;
     if (si == NULL || !add_attr(si, oid_message_type, type, mt)
         || !add_attr(si, oid_transaction_id, type, tid)
@@ -174,7 +177,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             payload.len = (size_t)len;
         }
         if (payload.len > 0)
-            signed_der = sign_payload(choices, mt, tid, nonce, payload.data, payload.len, &len);
+            signed_der = sign_payload(mode & 8, choices, mt, tid, nonce, payload.data, payload.len, &len);
         msg.data = signed_der;
         msg.len = signed_der != NULL ? (size_t)len : 0;
     } else {

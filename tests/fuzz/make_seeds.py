@@ -186,6 +186,7 @@ def unwrap_seeds() -> list[bytes]:
     # Two envelopes to the RSA-2048 RA: the OAEP and the DES ones of the vectors.
     seeds += [b"\x01\x00" + attrs + envelope(messages[i]) for i in (0, 4)]
     seeds += [b"\x02" + bytes([(i * 0x49) & 0xff]) + attrs + csr for i, csr in enumerate(csrs())]
+    seeds.append(b"\x0a\x00" + attrs + csrs()[0])  # signer named by subjectKeyIdentifier
     seeds.append(b"\x02\x00" + b8(b"21") + b8(b"id") + b8(b"n" * 8) + b"\x30\x00")
     return seeds
 
