@@ -248,9 +248,12 @@ int fuzz_one_tlv(const unsigned char *der, size_t len, int tag)
 void fuzz_report(int status, const char *error)
 {
     static int verbose = -1;
+    const char *env;
 
-    if (verbose < 0)
-        verbose = getenv("SCEP_FUZZ_VERBOSE") != NULL && strcmp(getenv("SCEP_FUZZ_VERBOSE"), "1") == 0;
+    if (verbose < 0) {
+        env = getenv("SCEP_FUZZ_VERBOSE");
+        verbose = env != NULL && strcmp(env, "1") == 0;
+    }
     if (verbose)
         fprintf(stderr, "status %d: %s\n", status, error);
 }

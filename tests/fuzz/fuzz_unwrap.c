@@ -86,8 +86,9 @@ static int add_attr(CMS_SignerInfo *si, const ASN1_OBJECT *obj, int type, scep_b
 }
 
 /* A SignedData over payload, signed by the device key: what a requester sends. */
-static unsigned char *sign_payload(int keyid, uint8_t choices, scep_buf mt, scep_buf tid, scep_buf nonce,
-                                   const unsigned char *payload, size_t payload_len, int *len)
+static unsigned char *sign_payload(int keyid, uint8_t choices, scep_buf mt, scep_buf tid,
+                                   scep_buf nonce, const unsigned char *payload,
+                                   size_t payload_len, int *len)
 {
     EVP_MD *md = EVP_MD_fetch(NULL, digests[(choices & 7) % 6], NULL);
     int type = string_types[(choices >> 3) % 6];
@@ -177,7 +178,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             payload.len = (size_t)len;
         }
         if (payload.len > 0)
-            signed_der = sign_payload(mode & 8, choices, mt, tid, nonce, payload.data, payload.len, &len);
+            signed_der = sign_payload(mode & 8, choices, mt, tid, nonce, payload.data,
+                                      payload.len, &len);
         msg.data = signed_der;
         msg.len = signed_der != NULL ? (size_t)len : 0;
     } else {
