@@ -6,10 +6,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DIR ?= scep-data
 BIND ?= 127.0.0.1:8080
+# Seconds per fuzz harness: make fuzz, and the bounded run in make test.
+FUZZ_SECONDS ?= 300
+FUZZ_TEST_SECONDS ?= 25
 
 NATIVE_SOURCES := $(wildcard native/src/*.c native/src/*.h native/include/*.h) native/build_native.py
 
-.PHONY: run test deps test-deps lint sanitize hostile clean
+.PHONY: run test deps test-deps lint sanitize hostile fuzz clean
 
 # Build dependencies (compiler, OpenSSL headers, venv) from Debian, only when missing.
 deps:
@@ -35,6 +38,7 @@ test: test-deps $(VENV)/.installed
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 	PYTHON=$(abspath $(PY)) bash tests/native/sanitize.sh
+	PYTHON=$(abspath $(PY)) bash tests/fuzz/run.sh $(FUZZ_TEST_SECONDS)
 
 sanitize: $(VENV)/.installed
 	PYTHON=$(abspath $(PY)) bash tests/native/sanitize.sh
@@ -44,6 +48,10 @@ HOSTILE ?= 22000
 hostile: $(VENV)/.installed
 	SCEP_FAST_HOSTILE_MESSAGES=$(HOSTILE) SCEP_FAST_HOSTILE_SECONDS=900 \
 		$(PY) -m pytest -q -s tests/integration/test_hostile_pkcsreq.py
+
+# Every fuzz harness for FUZZ_SECONDS; the corpora grow in build/fuzz-corpus.
+fuzz: test-deps $(VENV)/.installed
+	FUZZ_CORPUS=$(abspath build/fuzz-corpus) PYTHON=$(abspath $(PY)) bash tests/fuzz/run.sh $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info scep_fast/_native*.so native/_native_build

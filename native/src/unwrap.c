@@ -379,6 +379,32 @@ static int signature_alg_ok(const X509_ALGOR *sig_alg, const EVP_PKEY *key)
 }
 
 /*
+ * Whether cert is the one the SignerInfo names: by issuerAndSerialNumber or,
+ * RFC 5652 section 5.3, by subjectKeyIdentifier, which a receiver must support
+ * too. The certificates were parsed without providers (pubkey.c), where
+ * OpenSSL's own subjectKeyIdentifier lookup fails: it first caches the
+ * certificate's SHA-1 fingerprint, which needs a provider. The extension is
+ * therefore read directly.
+ */
+static int signer_cert_matches(CMS_SignerInfo *si, X509 *cert)
+{
+    ASN1_OCTET_STRING *keyid = NULL, *skid;
+    X509_NAME *issuer = NULL;
+    ASN1_INTEGER *serial = NULL;
+    int match;
+
+    if (!CMS_SignerInfo_get0_signer_id(si, &keyid, &issuer, &serial))
+        return 0;
+    if (keyid == NULL)
+        return CMS_SignerInfo_cert_cmp(si, cert) == 0;
+    /* NULL when the extension is absent, malformed or present more than once. */
+    skid = X509_get_ext_d2i(cert, NID_subject_key_identifier, NULL, NULL);
+    match = skid != NULL && ASN1_OCTET_STRING_cmp(keyid, skid) == 0;
+    ASN1_OCTET_STRING_free(skid);
+    return match;
+}
+
+/*
  * Verifies the SignerInfo as CMS_verify does without chain validation (RFC
  * 5652 section 5.6): the contentType and messageDigest signed attributes and
  * the signature over the DER signed attributes, with the key of the embedded
@@ -405,7 +431,7 @@ static int verify_signer_info(const scep_ctx *ctx, CMS_ContentInfo *cms, CMS_Sig
     int i, ok = 0;
 
     for (i = 0; i < sk_X509_num(certs) && signer == NULL; i++) {
-        if (CMS_SignerInfo_cert_cmp(si, sk_X509_value(certs, i)) == 0)
+        if (signer_cert_matches(si, sk_X509_value(certs, i)))
             signer = sk_X509_value(certs, i);
     }
     if (signer == NULL) {

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from scep_fast.crypto import CertRepSpec, IssueRequest, ScepContext
+from scep_fast.crypto import CertRepSpec, IssueRequest, ScepContext, SignatureInvalid
 from tests.native.certrep import degenerate_certs, envelope_algorithms, read_certrep
 
 CIPHERS = {"aes128": "aes128_cbc", "aes192": "aes192_cbc", "aes256": "aes256_cbc",
@@ -90,6 +92,30 @@ def test_success_round_trip(ctx, build_request, device_key, vectors, ca, cipher,
     degenerate = decrypt_envelope(envelope, device_key)
     certs = degenerate_certs(degenerate)
     assert certs == [cert, ca[0]], "the issued certificate comes first, then the chain, as given"
+
+
+def test_signer_named_by_subject_key_identifier(ctx, build_request, device_key, vectors, ca):
+    """RFC 5652 section 5.3: a receiver must accept a SignerInfo that names its certificate by
+    subjectKeyIdentifier. Found while fuzzing: the core did not find such a signer, because
+    OpenSSL's lookup first fingerprints the certificate, which needs a provider that the
+    context the message is parsed in does not have."""
+    request = build_request(signer_id="ski")
+    unwrapped = ctx.unwrap(request)
+    assert unwrapped.message_type == 19
+    assert unwrapped.csr is not None and unwrapped.csr.challenge == b"secret-challenge"
+    cert = issue_for(ctx, unwrapped.content)
+    reply = ctx.wrap(CertRepSpec(request=unwrapped, status=0, certs=[cert, ca[0]]))
+    envelope = verify_certrep(reply, vectors)
+    assert degenerate_certs(decrypt_envelope(envelope, device_key)) == [cert, ca[0]]
+
+    # A subjectKeyIdentifier that names no certificate in the message is refused.
+    key = serialization.load_pem_private_key(device_key.read_bytes(), password=None)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest
+    sid = b"\x80\x14" + ski
+    assert request.count(sid) == 1
+    other = request.replace(sid, b"\x80\x14" + bytes(b ^ 0xFF for b in ski))
+    with pytest.raises(SignatureInvalid, match="signer certificate is not in the message"):
+        ctx.unwrap(other)
 
 
 def test_issued_certificate_fields(ctx, build_request, ca, vectors, tmp_path):

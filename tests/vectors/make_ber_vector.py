@@ -198,10 +198,17 @@ def make_csr(key: rsa.RSAPrivateKey, cn: str, challenge: str) -> bytes:
     return seq(info, alg_id(OID_SHA256_RSA, NULL), tlv(0x03, b"\x00" + sig))
 
 
-def make_signer_cert(key: rsa.RSAPrivateKey, cn: str) -> x509.Certificate:
+def make_signer_cert(
+    key: rsa.RSAPrivateKey, cn: str, with_ski: bool = False
+) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    builder = x509.CertificateBuilder()
+    if with_ski:
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
     return (
-        x509.CertificateBuilder()
+        builder
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
@@ -325,7 +332,7 @@ def make_pkcsreq(args) -> dict:
     envelope = make_envelope(
         csr, ra, args.cipher, args.key_transport, args.rid, args.envelope, args.chunk
     )
-    signer = make_signer_cert(key, args.signer_cn or args.cn)
+    signer = make_signer_cert(key, args.signer_cn or args.cn, args.signer_id == "ski")
     signer_der = signer.public_bytes(serialization.Encoding.DER)
 
     hash_cls, digest_oid, sig_oid = DIGESTS[args.digest]
@@ -352,9 +359,16 @@ def make_pkcsreq(args) -> dict:
         if args.sig_alg == "rsaEncryption"
         else alg_id(sig_oid, NULL)
     )
+    if args.signer_id == "ski":
+        # sid [0] IMPLICIT SubjectKeyIdentifier makes SignerInfo and SignedData
+        # version 3 (RFC 5652 sections 5.1 and 5.3).
+        ski = signer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        version, sid = 3, tlv(0x80, ski)
+    else:
+        version, sid = 1, issuer_and_serial(signer)
     signer_info = seq(
-        integer(1),
-        issuer_and_serial(signer),
+        integer(version),
+        sid,
         alg_id(digest_oid),
         attrs_implicit,
         sig_alg,
@@ -365,7 +379,7 @@ def make_pkcsreq(args) -> dict:
     if args.outer == "der":
         encap = seq(oid(OID_DATA), ctx(0, octets(envelope)))
         sd = seq(
-            integer(1), digest_algs, encap, ctx(0, signer_der), set_of(signer_info)
+            integer(version), digest_algs, encap, ctx(0, signer_der), set_of(signer_info)
         )
         msg = seq(oid(OID_SIGNED_DATA), ctx(0, sd))
     else:
@@ -374,7 +388,7 @@ def make_pkcsreq(args) -> dict:
         )
         sd = indef(
             0x30,
-            integer(1),
+            integer(version),
             digest_algs,
             encap,
             indef(0xA0, signer_der),
@@ -414,6 +428,12 @@ def main(argv=None) -> int:
         "--key-transport", choices=["pkcs1v15", "oaep-sha256"], default="pkcs1v15"
     )
     p.add_argument("--rid", choices=["issuer-serial", "ski"], default="issuer-serial")
+    p.add_argument(
+        "--signer-id",
+        choices=["issuer-serial", "ski"],
+        default="issuer-serial",
+        help="how the SignerInfo names the signer certificate",
+    )
     p.add_argument("--digest", choices=sorted(DIGESTS), default="sha256")
     p.add_argument(
         "--sig-alg",
