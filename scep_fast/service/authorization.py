@@ -108,13 +108,58 @@ class Grant:
     """What a request may have: the certificate's names, its profile, and what it spends."""
 
     profile: Profile
-    subject_der: bytes           # the subject the certificate gets
-    subject_text: str            # the same, as an RFC 4514 string
+    subject: Subject             # the subject the certificate gets
     san_der: bytes               # the subjectAltName value it gets ("" for none)
     sans: tuple[str, ...]        # the same names as text, for the ledger
     challenge: bytes | None      # digest of the one-time challenge to spend
     renews: CertRecord | None    # the certificate a renewal replaces
     needs_approval: bool
+
+
+    @property
+    def subject_der(self) -> bytes:
+        return self.subject.der
+
+    @property
+    def subject_text(self) -> str:
+        """The subject as an RFC 4514 string, most specific RDN first."""
+        return self.subject.name.rfc4514_string()
+
+
+_CN_TYPE = b"\x06\x03\x55\x04\x03"  # the DER of the common name's attribute type
+
+
+class Subject:
+    """A subject as DER, read as an x509.Name only when a rule needs more than the bytes.
+
+    Most requests need nothing but the bytes; building Python objects for
+    every name would cost each of them more than all the rules together.
+    """
+
+    __slots__ = ("_load", "_name", "der")
+
+    def __init__(self, der: bytes, load: Callable[[], x509.Name] | x509.Name) -> None:
+        self.der = der
+        self._name = load if isinstance(load, x509.Name) else None
+        self._load = None if isinstance(load, x509.Name) else load
+
+    @classmethod
+    def of(cls, name: x509.Name) -> Subject:
+        return cls(name.public_bytes(), name)
+
+    @property
+    def name(self) -> x509.Name:
+        if self._name is None:
+            assert self._load is not None  # noqa: S101 - one of the two is always set
+            self._name = self._load()
+        return self._name
+
+    def has_several_common_names(self) -> bool:
+        # Every CN puts its attribute type in the DER: at most one occurrence
+        # means at most one CN, and only more need a closer look.
+        if self.der.count(_CN_TYPE) <= 1:
+            return False
+        return len(self.name.get_attributes_for_oid(NameOID.COMMON_NAME)) > 1
 
 
 class Authorizer:
@@ -136,6 +181,7 @@ class Authorizer:
         # The CA that issues now first; retired CAs follow, so that their
         # certificates can still renew.
         self._issuers = [x509.load_der_x509_certificate(der) for der in issuers]
+        self._issuer_names = [ca.subject.public_bytes() for ca in self._issuers]
         self._static_sha256 = (hashlib.sha256(policy.static_challenge).digest()
                                if policy.static_challenge else b"")
         self._clock = clock
@@ -153,7 +199,9 @@ class Authorizer:
     def issued_by_us(self, signer: Signer) -> bool:
         """Whether the signer certificate names one of our CAs as its issuer."""
         cert = signer.cert
-        return cert is not None and any(cert.issuer == ca.subject for ca in self._issuers)
+        # The issuer's DER stands in the certificate's bytes: a cheap first look.
+        return cert is not None and any(name in signer.der for name in self._issuer_names) \
+            and any(cert.issuer == ca.subject for ca in self._issuers)
 
     # ---- the decision ----------------------------------------------------------
 
@@ -164,7 +212,7 @@ class Authorizer:
         renews = self._renewed_certificate(signer)
         if renews is None and message_type is MessageType.RENEWAL_REQ:
             raise BadRequest("a RenewalReq must be signed by a valid certificate of this CA")
-        subject = _csr_subject(csr_der)
+        subject = Subject(csr.subject_der, lambda: _csr_subject(csr_der))
         if renews is not None:
             profile = self._renewal_profile(renews)
             challenge = None
@@ -181,13 +229,11 @@ class Authorizer:
             raise BadRequest(str(e)) from None
         if challenge is not None:
             self._check_bound_names(challenge, subject, san_der)
-        subject_der = subject.public_bytes()
-        if subject_der == EMPTY_NAME and not san_der:
+        if subject.der == EMPTY_NAME and not san_der:
             raise BadRequest("the request names neither a subject nor a subjectAltName")
         return Grant(
             profile=profile,
-            subject_der=subject_der,
-            subject_text=subject.rfc4514_string(),
+            subject=subject,
             san_der=san_der,
             sans=sans,
             challenge=challenge.digest if challenge is not None and not challenge.static
@@ -211,11 +257,11 @@ class Authorizer:
         except x509.ExtensionNotFound:
             san_der = b""
         try:
-            subject, san_der, sans = self._first_names(profile, csr.subject, san_der)
+            subject, san_der, sans = self._first_names(profile, Subject.of(csr.subject),
+                                                       san_der)
         except ProfileViolation as e:
             raise BadRequest(str(e)) from None
-        return Grant(profile=profile, subject_der=subject.public_bytes(),
-                     subject_text=subject.rfc4514_string(), san_der=san_der, sans=sans,
+        return Grant(profile=profile, subject=subject, san_der=san_der, sans=sans,
                      challenge=None, renews=None, needs_approval=False)
 
     # ---- 2. renewals -------------------------------------------------------------
@@ -227,9 +273,10 @@ class Authorizer:
         A certificate that verifies under one of our CAs but fails a check
         is refused outright.
         """
-        cert = signer.cert
-        if cert is None:
+        if not self.issued_by_us(signer):
             return None
+        cert = signer.cert
+        assert cert is not None  # noqa: S101 - issued_by_us saw it
         for ca in self._issuers:
             if cert.issuer != ca.subject:
                 continue
@@ -258,11 +305,11 @@ class Authorizer:
         return profile
 
     @staticmethod
-    def _renewal_names(profile: Profile, old: CertRecord, subject: x509.Name,
-                       san_der: bytes) -> tuple[x509.Name, bytes, tuple[str, ...]]:
+    def _renewal_names(profile: Profile, old: CertRecord, subject: Subject,
+                       san_der: bytes) -> tuple[Subject, bytes, tuple[str, ...]]:
         old_cert = x509.load_der_x509_certificate(old.der)
         old_subject = old_cert.subject.public_bytes()
-        asked = subject.public_bytes()
+        asked = subject.name.public_bytes()
         if asked != old_subject and not (
                 profile.subject_template
                 and profile.render_subject(common_name(asked)).public_bytes() == old_subject):
@@ -275,7 +322,7 @@ class Authorizer:
         if {n.dump() for n in general_names(new_der)} != old_names \
                 and not profile.renewal_may_drop_sans:
             raise BadRequest("a renewal keeps the subjectAltNames of the certificate it renews")
-        return old_cert.subject, new_der, sans
+        return Subject(old_subject, old_cert.subject), new_der, sans
 
     # ---- 3. challenges ------------------------------------------------------------
 
@@ -301,24 +348,24 @@ class Authorizer:
     # ---- 4. a first enrollment's names --------------------------------------------
 
     @staticmethod
-    def _first_names(profile: Profile, subject: x509.Name,
-                     san_der: bytes) -> tuple[x509.Name, bytes, tuple[str, ...]]:
-        cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if len(cns) > 1 and not profile.allow_multiple_cn:
+    def _first_names(profile: Profile, subject: Subject,
+                     san_der: bytes) -> tuple[Subject, bytes, tuple[str, ...]]:
+        if subject.has_several_common_names() and not profile.allow_multiple_cn:
             raise BadRequest("a subject may have one common name only")
         new_san, sans = profile.filter_san(san_der)
         if profile.subject_template:
+            cns = subject.name.get_attributes_for_oid(NameOID.COMMON_NAME)
             cn = str(cns[-1].value) if cns else ""
-            return profile.render_subject(cn), new_san, sans
+            return Subject.of(profile.render_subject(cn)), new_san, sans
         return subject, new_san, sans
 
     # ---- 6. names a challenge binds ------------------------------------------------
 
     @staticmethod
-    def _check_bound_names(challenge: _Presented, subject: x509.Name, san_der: bytes) -> None:
+    def _check_bound_names(challenge: _Presented, subject: Subject, san_der: bytes) -> None:
         if not challenge.binds:
             return
-        if re.fullmatch(challenge.subject_pattern, subject.rfc4514_string()) is None:
+        if re.fullmatch(challenge.subject_pattern, subject.name.rfc4514_string()) is None:
             raise BadRequest("this challenge may not be used for this subject")
         for name in general_names(san_der):
             if re.fullmatch(challenge.san_pattern, str(name.native)) is None:
