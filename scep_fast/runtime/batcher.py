@@ -92,9 +92,8 @@ class Batcher(Generic[P, T]):
         self._on_shed = on_shed
         # 0: no bound by time, only by count.
         self._max_wait = max_wait_seconds
-        # Seconds per message of each stage, recent batches weighted most;
-        # None until a batch has run it. The stages overlap, so the slower
-        # one sets the pace.
+        # Seconds per message to prepare and per batch to finish, recent
+        # batches weighted most; absent until a batch has run the stage.
         self._cost: dict[str, float] = {}
         self._warm: set[str] = set()
         # Messages in the batch being prepared now (ahead of every queued one).
@@ -107,13 +106,18 @@ class Batcher(Generic[P, T]):
     def expected_wait(self) -> float:
         """How long a request submitted now would wait for its batch to start.
 
-        A request that fits in the next batch waits for the batch being
-        prepared at most: never refuse it for time, whatever the estimate.
+        Preparing costs about the same per message; the commit costs about the
+        same per batch (one sync to disk), and the two stages overlap, so the
+        slower of the two sets the pace. A request that fits in the next batch
+        waits for the batch being prepared at most: never refuse it for time.
         """
         queued = self.queued()
         if not self._cost or queued < self._max_size:
             return 0.0
-        return (queued + self._preparing_now) * max(self._cost.values())
+        ahead = queued + self._preparing_now
+        batches = math.ceil(ahead / self._max_size)
+        return max(ahead * self._cost.get("prepare", 0.0),
+                   batches * self._cost.get("finish", 0.0))
 
     def _count(self, refused: bool) -> None:
         now = time.monotonic()
@@ -186,7 +190,7 @@ class Batcher(Generic[P, T]):
                     continue
                 finally:
                     self._preparing_now = 0
-                self._learn_cost("prepare", time.perf_counter() - started, len(batch))
+                self._learn_cost("prepare", (time.perf_counter() - started) / len(batch))
                 # The previous batch's commit must be done before this one's starts.
                 with trio.CancelScope(shield=True):
                     await self._finish_slot.acquire()
@@ -228,16 +232,16 @@ class Batcher(Generic[P, T]):
                 fresh.append(pending)
         return fresh
 
-    def _learn_cost(self, stage: str, seconds: float, size: int) -> None:
+    def _learn_cost(self, stage: str, seconds: float) -> None:
+        """``seconds`` per message for prepare, per batch for finish (see expected_wait)."""
         if stage not in self._warm:
             # A worker's first batch pays for warming up (imports, caches,
             # the ledger's first pages): not what the next ones will cost.
             self._warm.add(stage)
             return
-        per_message = seconds / size
         last = self._cost.get(stage)
-        self._cost[stage] = per_message if last is None else (
-            (1 - _COST_SMOOTHING) * last + _COST_SMOOTHING * per_message)
+        self._cost[stage] = seconds if last is None else (
+            (1 - _COST_SMOOTHING) * last + _COST_SMOOTHING * seconds)
 
     def _drain(self, batch: list[_Pending[T]]) -> None:
         while len(batch) < self._max_size:
@@ -257,7 +261,7 @@ class Batcher(Generic[P, T]):
                 with trio.CancelScope(shield=True):
                     results = await trio.to_thread.run_sync(self._finish, prepared,
                                                             limiter=self._finishing)
-                self._learn_cost("finish", time.perf_counter() - finish_started, len(batch))
+                self._learn_cost("finish", time.perf_counter() - finish_started)
                 for pending, result in zip(batch, results, strict=True):
                     pending.result = result
                     pending.done.set()
