@@ -252,13 +252,8 @@ class Authorizer:
         if profile is None:
             raise BadRequest("the profile of the request no longer exists")
         try:
-            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            san_der = san.value.public_bytes()
-        except x509.ExtensionNotFound:
-            san_der = b""
-        try:
             subject, san_der, sans = self._first_names(profile, Subject.of(csr.subject),
-                                                       san_der)
+                                                       _san_of(csr))
         except ProfileViolation as e:
             raise BadRequest(str(e)) from None
         return Grant(profile=profile, subject=subject, san_der=san_der, sans=sans,
@@ -390,9 +385,10 @@ def _csr_subject(csr_der: bytes) -> x509.Name:
         raise BadRequest("the certification request's subject cannot be read") from None
 
 
-def _san_of(cert: x509.Certificate) -> bytes:
+def _san_of(signed: x509.Certificate | x509.CertificateSigningRequest) -> bytes:
+    """The subjectAltName value of a certificate or CSR, "" when it has none."""
     try:
-        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName) \
+        return signed.extensions.get_extension_for_class(x509.SubjectAlternativeName) \
             .value.public_bytes()
     except x509.ExtensionNotFound:
         return b""

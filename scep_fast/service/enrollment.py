@@ -146,13 +146,10 @@ def _each(call: Callable[[Sequence[_In]], Sequence[_Out]],
     there must not cost every other request of the batch its answer.
     """
     try:
-        results: list[_Out | Exception] = list(call(inputs))
-        if len(results) == len(inputs):
-            return results
-        raise InternalError(f"{what}: {len(results)} results for {len(inputs)} inputs")
+        return list(call(inputs))
     except Exception:  # noqa: BLE001 - isolate below
         log.exception("%s failed for a batch of %d; retrying one by one", what, len(inputs))
-    results = []
+    results: list[_Out | Exception] = []
     for one in inputs:
         try:
             results.append(call([one])[0])
@@ -587,5 +584,4 @@ class EnrollmentService:
         item.answer.reason = error.detail or error.reason or ""
 
     def _internal(self, item: _Item, detail: str) -> None:
-        self._refuse(item, InternalError(detail))
-        item.answer.reason = detail
+        self._refuse(item, InternalError(detail))  # the detail is the log line's reason
