@@ -7,8 +7,10 @@ before anything is spent on it. The expected wait is the number of messages
 ahead of it times the recent cost of preparing one (a moving average of the
 batches' own timing); a message that waited past the target anyway (a burst
 the estimate did not foresee) is shed when its batch forms rather than
-served late. So under overload the worker keeps serving at capacity, and
-every admitted request is answered within about the target plus one batch,
+served late. (Both bounds at submission are the target plus a quarter, see
+``SUBMIT_SLACK``; the connection loop's early refusal uses the target.) So
+under overload the worker keeps serving at capacity, and every admitted
+request is answered within about the target plus one batch,
 instead of every request waiting in a long queue. A full channel is refused
 the same way. One task collects up to ``max_size`` messages (waiting at
 most ``window_seconds`` for more when others are queued) and runs the whole
@@ -21,6 +23,7 @@ in each stage, and batches finish in the order they were prepared.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +56,13 @@ _COST_SMOOTHING = 0.2
 # crowd spreads itself out instead of returning all at once.
 _DEMAND_WINDOW_SECONDS = 2.0
 MAX_RETRY_AFTER_SECONDS = 120
+# A request is judged twice: by the connection loop as its bytes arrive
+# (``refusal``, the cheap 503) and again when it is submitted. In between,
+# the requests ahead of it in the loop may have filled the queue past the
+# target, and a 503 given that late costs the whole HTTP path, several
+# times the early one, for nothing saved. So at submission the bound is the
+# target plus this share of it.
+SUBMIT_SLACK = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +108,9 @@ class Batcher(Generic[P, T]):
         self._warm: set[str] = set()
         # Messages in the batch being prepared now (ahead of every queued one).
         self._preparing_now = 0
+        # When the connection loop let each request through that has not been
+        # submitted yet (see early_refusal): ahead of any request judged now.
+        self._incoming: collections.deque[float] = collections.deque()
         # Refused and admitted PKIOperations: this window's and the last one's.
         self._window_start = time.monotonic()
         self._counts = [0, 0]          # refused, admitted in this window
@@ -111,7 +124,7 @@ class Batcher(Generic[P, T]):
         slower of the two sets the pace. A request that fits in the next batch
         waits for the batch being prepared at most: never refuse it for time.
         """
-        queued = self.queued()
+        queued = self.queued() + self._still_incoming()
         if not self._cost or queued < self._max_size:
             return 0.0
         ahead = queued + self._preparing_now
@@ -142,16 +155,40 @@ class Batcher(Generic[P, T]):
         self._count(refused=True)
         return Overloaded(self.retry_after(wait))
 
-    def refusal(self) -> Overloaded | None:
-        """The 503 a message submitted now would get for the expected wait, or None."""
+    def refusal(self, slack: float = 0.0) -> Overloaded | None:
+        """The 503 for a message that would wait longer than the target (plus ``slack``
+        of it) for its batch to start, or None."""
         if self._max_wait > 0:
             expected = self.expected_wait()
-            if expected > self._max_wait:
+            if expected > self._max_wait * (1 + slack):
                 return self._shed("expected_wait", expected)
         return None
 
-    async def submit(self, message: bytes) -> T:
+    def early_refusal(self) -> Overloaded | None:
+        """``refusal`` for the connection loop, as a request's bytes arrive: a request
+        it lets through counts as queued from now until it is submitted, so a
+        crowd arriving faster than the loop parses it is not all let through
+        on the length of the queue before it."""
         refused = self.refusal()
+        if refused is None and self._max_wait > 0:
+            self._incoming.append(time.monotonic())
+        return refused
+
+    def _still_incoming(self) -> int:
+        """Requests let through by the connection loop and not submitted yet. One
+        that takes longer than the target to arrive (its client went away, or
+        the app answered it without submitting) stops counting."""
+        incoming = self._incoming
+        if incoming:
+            stale = time.monotonic() - self._max_wait
+            while incoming and incoming[0] < stale:
+                incoming.popleft()
+        return len(incoming)
+
+    async def submit(self, message: bytes) -> T:
+        if self._incoming:
+            self._incoming.popleft()
+        refused = self.refusal(SUBMIT_SLACK)
         if refused is not None:
             raise refused
         pending: _Pending[T] = _Pending(message, queued_at=time.perf_counter())
@@ -226,7 +263,7 @@ class Batcher(Generic[P, T]):
         fresh = []
         for pending in batch:
             waited = now - pending.queued_at
-            if waited > self._max_wait:
+            if waited > self._max_wait * (1 + SUBMIT_SLACK):
                 _fail([pending], self._shed("waited_too_long", self.expected_wait()))
             else:
                 fresh.append(pending)

@@ -215,7 +215,7 @@ async def serve_worker(worker: Worker, hc: HypercornConfig,
         nursery.start_soon(watch)
         await serve_http(worker.app, hc, shutdown_trigger=wait_for_shutdown,
                          fast_refusal=FastRefusal(
-                             refuse=lambda: _retry_after(worker.batcher.refusal()),
+                             refuse=lambda: _retry_after(worker.batcher.early_refusal()),
                              max_body=int(worker.config.get("server", "max_body_bytes"))))
         # hypercorn has answered every request it accepted; nothing new can queue.
         worker.batcher.close()

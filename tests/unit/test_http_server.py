@@ -374,3 +374,87 @@ def test_when_the_worker_admits_the_request_reaches_the_app() -> None:
             return (await exchange(server, PKI_POST))[0]
 
     assert trio.run(main).startswith(b"HTTP/1.1 200")
+
+
+# --------------------------------------------- the front door: refusals without a Connection
+
+def test_a_connection_whose_requests_are_all_refused_never_builds_a_connection(
+        monkeypatch: Any) -> None:
+    built: list[object] = []
+    original = Connection.__init__
+
+    def counting(self: Connection, *args: Any, **kwargs: Any) -> None:
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "__init__", counting)
+    refusing = True
+    refusal = FastRefusal(refuse=lambda: 3 if refusing else None, max_body=65536)
+    refusal.refused = lambda _elapsed: None  # type: ignore[method-assign]
+
+    async def main() -> tuple[bytes, int, bytes]:
+        nonlocal refusing
+        async with serving(fast_refusal=refusal) as server:
+            stream = await server.connect()
+            with trio.fail_after(5):
+                refused = b""
+                for _ in range(3):
+                    await stream.send_all(PKI_POST)
+                    while not refused.endswith(b"retry later\n"):
+                        refused += await stream.receive_some(65536)
+                    refused += b"|"
+                before = len(built)
+                refusing = False  # the worker has room again: served on the same connection
+                await stream.send_all(PKI_POST)
+                served = b""
+                while not served.endswith(b"ok"):
+                    served += await stream.receive_some(65536)
+            await stream.aclose()
+            return refused, before, served
+
+    refused, before, served = trio.run(main)
+    assert refused.count(b"HTTP/1.1 503 Service Unavailable\r\n") == 3
+    assert before == 0
+    assert served.startswith(b"HTTP/1.1 200") and len(built) == 1
+
+
+def test_a_request_split_over_reads_at_the_door_is_served_whole() -> None:
+    async def main() -> bytes:
+        refusal = FastRefusal(refuse=lambda: None, max_body=65536)
+        async with serving(fast_refusal=refusal) as server:
+            stream = await server.connect()
+            with trio.fail_after(5):
+                await stream.send_all(PKI_POST[:40])
+                await trio.sleep(0.1)
+                await stream.send_all(PKI_POST[40:])
+                answer = b""
+                while not answer.endswith(b"ok"):
+                    answer += await stream.receive_some(65536)
+            return answer
+
+    assert trio.run(main).startswith(b"HTTP/1.1 200")
+
+
+def test_the_door_closes_idle_connections_after_the_keep_alive_timeout_and_at_stop() -> None:
+    refusal = FastRefusal(refuse=lambda: 3, max_body=65536)
+    refusal.refused = lambda _elapsed: None  # type: ignore[method-assign]
+
+    async def main() -> tuple[float, bool]:
+        async with serving(keep_alive=0.3, fast_refusal=refusal) as server:
+            timed = await server.connect()
+            started = trio.current_time()
+            with trio.fail_after(5):
+                assert await closed_by_server(timed)
+            waited = trio.current_time() - started
+        async with serving(keep_alive=30, fast_refusal=refusal) as server:
+            idle = await server.connect()
+            await trio.sleep(0.1)
+            server.stop.set()
+            with trio.fail_after(5):
+                closed = await closed_by_server(idle)
+                await server.stopped.wait()
+        return waited, closed
+
+    waited, closed = trio.run(main)
+    assert 0.2 < waited < 2.0
+    assert closed
