@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -291,7 +291,8 @@ def preloaded_ledger(records: int = LEDGER_1M_RECORDS) -> Path:
 
 
 class ScepFastServer:
-    def __init__(self, scenario: Scenario, workers: int | None, run_dir: Path) -> None:
+    def __init__(self, scenario: Scenario, workers: int | None, run_dir: Path,
+                 cpus: Sequence[int] | None = None) -> None:
         self.dir = run_dir / "server"
         template = scep_fast_template(scenario.ca_key)
         scep_fast_init(self.dir, scenario.ca_key)
@@ -311,6 +312,8 @@ class ScepFastServer:
                    "--bind", f"127.0.0.1:{self.port}"]
         if workers is not None:
             command += ["--workers", str(workers)]
+        if cpus:  # taskset execs the server: the pid stays the server's
+            command = ["taskset", "-c", ",".join(str(cpu) for cpu in cpus), *command]
         if _serve_has_metrics():
             # Metrics stay on, as in production, on a port of their own.
             command += ["--metrics-bind", f"127.0.0.1:{free_port()}"]

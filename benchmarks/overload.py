@@ -1,9 +1,13 @@
 """Overload: open-loop enrollment load at 1x, 2x and 4x the measured capacity.
 
-    python benchmarks/overload.py [--seconds 12] [--levels 1,2,4] [--workers 2]
+    python benchmarks/overload.py [--seconds 12] [--levels 1,2,4] [--server-cpus 0]
 
 One scep-fast server (RSA-2048 CA, the default configuration, so
-``batch.max_wait_seconds`` = 1 s). First a closed-loop run at c=64 measures
+``batch.max_wait_seconds`` = 1 s), pinned to half of the machine's cores
+(one worker per core), and the load generator pinned to the other half: at
+4x the load generator's own work (thousands of attempts a second) would
+otherwise come out of the server's CPU, and the run would measure the
+client. First a closed-loop run at c=64 measures
 its capacity C (verified enrollments per second). Then, for each level k and
 for two kinds of client, new devices arrive at k x C per second, each with a
 distinct PKCSReq, for ``--seconds``:
@@ -32,6 +36,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import random
 import resource
 import shutil
@@ -221,8 +226,9 @@ def write_markdown(path: Path, capacity: dict[str, Any], runs: list[dict[str, An
                    meta: dict[str, Any], burst_summary: dict[str, Any]) -> None:
     lines = [
         "# Overload", "",
-        f"`{meta['command']}` on {meta['cpu']} ({meta['cores']} cores), "
-        f"{meta['workers']} workers, batch.max_wait_seconds {meta['max_wait_s']}.", "",
+        f"`{meta['command']}` on {meta['cpu']} ({meta['cores']} cores): the server on "
+        f"cores {meta['server_cpus']} ({meta['workers']} workers), the load generator on "
+        f"{meta['client_cpus']}; batch.max_wait_seconds {meta['max_wait_s']}.", "",
         f"Capacity C (closed loop, c=64): **{capacity['enroll_per_s']:.0f} enrollments/s**, "
         f"p99 {capacity['latency_ms']['p99']:.0f} ms.", "",
         "| load | clients | arrivals/s | goodput/s | goodput/C | admitted p50 ms | "
@@ -273,21 +279,36 @@ def write_plot(path: Path, capacity: dict[str, Any], runs: list[dict[str, Any]])
     fig.savefig(path, dpi=100)
 
 
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "model name":
+            return value.strip()
+    return "an unknown CPU"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=12.0, help="length of each run")
     parser.add_argument("--levels", default="1,2,4", help="offered load, times capacity")
-    parser.add_argument("--workers", type=int, default=2)
+    cpus = sorted(os.sched_getaffinity(0))
+    parser.add_argument("--server-cpus", default=",".join(map(str, cpus[:max(1, len(cpus) // 2)])),
+                        help="cores for the server (one worker each); the load generator "
+                        "gets the others (default: the first half)")
     parser.add_argument("--burst", type=int, default=4096,
                         help="connections opened at once in the burst run")
     args = parser.parse_args(argv)
     levels = [float(x) for x in args.levels.split(",")]
+    server_cpus = [int(x) for x in args.server_cpus.split(",")]
+    client_cpus = [cpu for cpu in cpus if cpu not in server_cpus] or cpus
+    os.sched_setaffinity(0, client_cpus)
+    workers = len(server_cpus)
 
     run_dir = RESULTS_DIR / "overload-run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     scenario = compare.Scenario("scep-fast", "rsa2048", "post", 64)
-    server = compare.ScepFastServer(scenario, args.workers, run_dir)
+    server = compare.ScepFastServer(scenario, workers, run_dir, cpus=server_cpus)
     try:
         ras, ca = loadgen.fetch_ca(server.url)
         params = loadgen.Params(challenge=compare.CHALLENGE)
@@ -351,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             server.proc.kill()
     meta = {"command": "python benchmarks/overload.py " + " ".join(argv or sys.argv[1:]),
-            "cpu": compare.cpu_model() if hasattr(compare, "cpu_model") else "",
-            "cores": compare.os.cpu_count(), "workers": args.workers, "max_wait_s": 1.0}
+            "cpu": _cpu_model(),
+            "cores": compare.os.cpu_count(), "server_cpus": server_cpus,
+            "client_cpus": client_cpus, "workers": workers, "max_wait_s": 1.0}
     (RESULTS_DIR / "overload.json").write_text(json.dumps(
         {"meta": meta, "capacity": capacity, "runs": runs, "burst": burst_summary},
         indent=2, default=str) + "\n")
