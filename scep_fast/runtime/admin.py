@@ -14,7 +14,6 @@ with the token from the directory's token file, compared in constant time.
 
 from __future__ import annotations
 
-import datetime
 import hmac
 import json
 import logging
@@ -27,34 +26,15 @@ from typing import Any
 
 from scep_fast.protocol import StorageFull
 from scep_fast.runtime.http1 import StrictHttp1Handler
+from scep_fast.runtime.ledger_json import epoch_to_iso, pending_to_json, record_to_json
 from scep_fast.service.challenges import ChallengeRequestInvalid, mint_challenge
 from scep_fast.service.enrollment import EnrollmentService
-from scep_fast.service.ledger import (
-    Ledger,
-    LedgerError,
-    LedgerFull,
-    NotFound,
-    PendingRequest,
-    record_to_json,
-)
+from scep_fast.service.ledger import Ledger, LedgerError, LedgerFull, NotFound
 
 log = logging.getLogger("scep_fast.admin")
 
 MAX_BODY_BYTES = 64 * 1024
 _REQUEST_PATH = re.compile(r"/v1/requests/([0-9a-f]{16})/(approve|reject)")
-
-
-def _iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-def pending_to_json(p: PendingRequest) -> dict[str, object]:
-    return {"request_id": p.request_id, "status": p.status, "subject": p.subject,
-            "sans": list(p.sans), "profile": p.profile, "transaction_id": p.transaction_id,
-            "received_at": _iso(p.received_at), "decided_at": _iso(p.decided_at),
-            "reason": p.reason}
 
 
 class AdminApi:
@@ -90,7 +70,7 @@ class AdminApi:
             subject_pattern=body.get("subject_pattern", ""),
             san_pattern=body.get("san_pattern", ""), label=body.get("label", ""))
         c = minted.challenge
-        return {"challenge": minted.secret, "expires_at": _iso(c.expires_at),
+        return {"challenge": minted.secret, "expires_at": epoch_to_iso(c.expires_at),
                 "uses": c.uses_left, "profile": c.profile, "subject_pattern": c.subject_pattern,
                 "san_pattern": c.san_pattern, "label": c.label}
 

@@ -263,10 +263,10 @@ def cmd_challenge(args: argparse.Namespace) -> int:
 
 
 def cmd_requests(args: argparse.Namespace) -> int:
-    from scep_fast.runtime.admin import pending_to_json
+    from scep_fast.runtime.ledger_json import pending_to_json, record_to_json
     from scep_fast.runtime.pki import load_material
     from scep_fast.runtime.server import build_service, open_ledger
-    from scep_fast.service.ledger import LedgerError, record_to_json
+    from scep_fast.service.ledger import LedgerError
 
     config = configuration.load(args.dir)
     with open_ledger(config) as ledger:
@@ -298,9 +298,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
+    from scep_fast.runtime.ledger_json import record_to_json
     from scep_fast.runtime.ledger_lmdb import LmdbLedger
     from scep_fast.runtime.server import LEDGER_DIR
-    from scep_fast.service.ledger import record_to_json
 
     config = configuration.load(args.dir)
     with LmdbLedger(config.dir / LEDGER_DIR,

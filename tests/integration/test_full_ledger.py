@@ -19,7 +19,8 @@ from scep_fast.client import build_pkcs_req, parse_cert_rep
 from scep_fast.protocol import PKIStatus
 from scep_fast.runtime.admin import AdminApi, serve_admin
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
-from scep_fast.service.ledger import Challenge, LedgerFull, MemoryLedger
+from scep_fast.service.ledger import Challenge, LedgerFull
+from scep_fast.service.ledger_memory import MemoryLedger
 from tests.integration.conftest import (
     CHALLENGE,
     Server,

@@ -24,14 +24,8 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from scep_fast.runtime.ledger_lmdb import (
-    SCHEMA_VERSION,
-    LmdbLedger,
-    _full_condition,
-    encode_record,
-    serial_key,
-    transaction_key,
-)
+from scep_fast.runtime.ledger_lmdb import SCHEMA_VERSION, LmdbLedger, _full_condition
+from scep_fast.runtime.ledger_lmdb_codec import encode_record, serial_key, transaction_key
 from scep_fast.service.ledger import (
     AlreadyIssued,
     CertRecord,
@@ -42,7 +36,6 @@ from scep_fast.service.ledger import (
     LedgerCorrupt,
     LedgerError,
     LedgerFull,
-    MemoryLedger,
     NotFound,
     PendingRequest,
     Recorded,
@@ -50,6 +43,7 @@ from scep_fast.service.ledger import (
     TransactionConflict,
     UnsupportedSchema,
 )
+from scep_fast.service.ledger_memory import MemoryLedger
 from tests.conftest import missing_peer
 
 KEY_A = hashlib.sha256(b"requester A").digest()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
-from scep_fast.service.ledger import Ledger, MemoryLedger
+from scep_fast.service.ledger import Ledger
+from scep_fast.service.ledger_memory import MemoryLedger
 from tests.unit.harness import Clock, Pki, Service
 
 

@@ -8,7 +8,8 @@ import struct
 
 import pytest
 
-from scep_fast.runtime.ledger_lmdb import (
+from scep_fast.runtime.ledger_json import record_to_json
+from scep_fast.runtime.ledger_lmdb_codec import (
     RECORD_FORMAT,
     decode_challenge,
     decode_pending,
@@ -28,13 +29,12 @@ from scep_fast.service.ledger import (
     Challenge,
     LedgerCorrupt,
     LedgerError,
-    MemoryLedger,
     PendingRequest,
     Recorded,
     SerialCollision,
     TransactionConflict,
-    record_to_json,
 )
+from scep_fast.service.ledger_memory import MemoryLedger
 
 KEY_A = hashlib.sha256(b"requester A").digest()
 KEY_B = hashlib.sha256(b"requester B").digest()
