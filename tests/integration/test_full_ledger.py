@@ -29,8 +29,8 @@ from tests.integration.conftest import (
     set_config,
     start_server,
 )
-from tests.integration.test_ledger_lmdb import make_record
 from tests.integration.test_server import ca_certs
+from tests.ledger_values import make_record
 
 SMALL_MAP_BYTES = 16 * 1024 * 1024  # the smallest the configuration allows
 LARGER_MAP_BYTES = 64 * 1024 * 1024

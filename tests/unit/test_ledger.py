@@ -24,15 +24,10 @@ from scep_fast.service.ledger import (
     MAX_SERIAL,
     MAX_TRANSACTION_ID_BYTES,
     REVOCATION_REASONS,
-    AlreadyIssued,
     CertRecord,
     Challenge,
     LedgerCorrupt,
-    LedgerError,
     PendingRequest,
-    Recorded,
-    SerialCollision,
-    TransactionConflict,
 )
 from scep_fast.service.ledger_memory import MemoryLedger
 
@@ -309,42 +304,6 @@ def test_decoding_refuses_garbage(mangle: object, message: str) -> None:
 def test_decoding_refuses_a_bad_key() -> None:
     with pytest.raises(LedgerCorrupt, match="certs key"):
         decode_record(b"\x01", encode_record(make_record(1)))
-
-
-# --- The reference ledger ----------------------------------------------------
-
-
-def test_memory_ledger_follows_the_commit_rules() -> None:
-    ledger = MemoryLedger()
-    first = make_record(10, "tx-1")
-    outcomes = ledger.commit([
-        first,
-        make_record(11, "tx-1"),                 # resend in the same batch
-        make_record(12, "tx-1", csr="other"),    # same transaction, another CSR
-        make_record(10, "tx-2"),                 # serial taken
-        make_record(13, "tx-1", key=KEY_B),      # same id, another requester
-    ])
-    assert outcomes == [
-        Recorded(first),
-        AlreadyIssued(first),
-        TransactionConflict(first),
-        SerialCollision(10),
-        Recorded(make_record(13, "tx-1", key=KEY_B)),
-    ]
-    assert ledger.count() == 2
-    assert ledger.find_transaction("tx-2", KEY_A) is None
-    assert ledger.find_transaction("tx-1", KEY_A) == first
-    assert [r.serial for r in ledger.iter_records()] == [10, 13]
-
-
-def test_memory_ledger_batch_is_all_or_nothing() -> None:
-    ledger = MemoryLedger()
-    with pytest.raises(TypeError):
-        ledger.commit([make_record(1, "a"), "not a record", make_record(2, "b")])  # type: ignore[list-item]
-    assert ledger.count() == 0
-    ledger.close()
-    with pytest.raises(LedgerError):
-        ledger.count()
 
 
 # --- JSON for the command line -----------------------------------------------
