@@ -82,6 +82,7 @@ __all__ = [
     "LedgerCorrupt",
     "LedgerError",
     "LedgerFull",
+    "LedgerUnavailable",
     "NotFound",
     "PendingRequest",
     "Recorded",
@@ -159,6 +160,15 @@ class LedgerFull(LedgerError):
     """The storage has no room left for the batch; nothing was written."""
 
 
+class LedgerUnavailable(LedgerError):
+    """The storage cannot be reached now (its database is down or restarting).
+
+    Whether a write that was under way when the connection broke reached the
+    storage is unknown; nothing of it may be answered as done. The caller
+    answers "come back later", and a resend then finds what was recorded.
+    """
+
+
 class NotFound(LedgerError):
     """The certificate or request named is not on record."""
 
@@ -180,10 +190,13 @@ def is_time(value: object) -> bool:
 
 def _check_text(*texts: str) -> None:
     # Encoding also refuses strings that are not valid Unicode (lone
-    # surrogates), which the ledger could not store.
+    # surrogates), which the ledger could not store; PostgreSQL's text cannot
+    # hold U+0000 either, so no ledger takes it.
     for text in texts:
         if len(text.encode()) > MAX_TEXT_BYTES:
             raise ValueError(f"a text field is longer than {MAX_TEXT_BYTES} bytes")
+        if "\x00" in text:
+            raise ValueError("a text field holds U+0000")
 
 
 def _check_transaction_id(transaction_id: object) -> None:
@@ -191,6 +204,7 @@ def _check_transaction_id(transaction_id: object) -> None:
         raise ValueError("transaction_id must be a non-empty str")
     if len(transaction_id.encode()) > MAX_TRANSACTION_ID_BYTES:
         raise ValueError(f"transaction_id longer than {MAX_TRANSACTION_ID_BYTES} bytes")
+    _check_text(transaction_id)
 
 
 def _check_digests(owner: object, *names: str) -> None:
@@ -252,9 +266,7 @@ class CertRecord:
         # surrogates), which the ledger could not store.
         if len(self.transaction_id.encode()) > MAX_TRANSACTION_ID_BYTES:
             raise ValueError(f"transaction_id longer than {MAX_TRANSACTION_ID_BYTES} bytes")
-        for text in (self.subject, self.profile, *self.sans):
-            if len(text.encode()) > MAX_TEXT_BYTES:
-                raise ValueError(f"a text field is longer than {MAX_TEXT_BYTES} bytes")
+        _check_text(self.transaction_id, self.subject, self.profile, *self.sans)
         for name in ("requester_key_sha256", "csr_sha256"):
             value = getattr(self, name)
             if not isinstance(value, bytes) or len(value) != _SHA256_LEN:

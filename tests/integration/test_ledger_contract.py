@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
+from scep_fast.runtime.ledger_pg import PgLedger, is_postgres_url, migrate
 from scep_fast.service.ledger import (
     AlreadyIssued,
     Challenge,
@@ -46,13 +47,16 @@ from tests.ledger_values import (
     random_serial,
     spend,
 )
+from tests.postgres import PostgresServer
 
-ADAPTERS = ["memory", "lmdb"]
-DURABLE = ["lmdb"]
+ADAPTERS = ["memory", "lmdb", "postgresql"]
+DURABLE = ["lmdb", "postgresql"]
 
 
 def open_ledger_at(target: str) -> Ledger:
-    """A new handle on the storage ``target`` names: ``lmdb:DIR`` or ``memory:``."""
+    """A new handle on the storage ``target`` names: ``lmdb:DIR``, a PostgreSQL URL, ``memory:``."""
+    if is_postgres_url(target):
+        return PgLedger(target)
     kind, _, where = target.partition(":")
     if kind == "lmdb":
         return LmdbLedger(where, map_size_bytes=256 * 1024 * 1024)
@@ -71,21 +75,28 @@ class Storage:
         return open_ledger_at(self.target)
 
 
-def _storage(kind: str, tmp_path: Path) -> Storage:
+def _storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    kind = request.param
     if kind == "lmdb":
         return Storage(f"lmdb:{tmp_path / 'ledger'}")
+    if kind == "postgresql":
+        # A database of its own for each test, with the schema.
+        server: PostgresServer = request.getfixturevalue("postgres")
+        url = server.url(server.new_database())
+        migrate(url)
+        return Storage(url)
     return Storage("memory:")
 
 
 @pytest.fixture(params=ADAPTERS)
 def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    with closing(_storage(request.param, tmp_path).open()) as opened:
+    with closing(_storage(request, tmp_path).open()) as opened:
         yield opened
 
 
 @pytest.fixture(params=DURABLE)
 def durable(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
-    return _storage(request.param, tmp_path)
+    return _storage(request, tmp_path)
 
 
 # --- commit ---------------------------------------------------------------------

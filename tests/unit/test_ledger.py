@@ -111,6 +111,10 @@ FORMAT_1_HEADER = 102
         {"transaction_id": ""},
         {"transaction_id": "x" * (MAX_TRANSACTION_ID_BYTES + 1)},
         {"subject": "CN=\udc80"},
+        # PostgreSQL's text cannot hold U+0000: no ledger takes it.
+        {"subject": "CN=a\x00b"},
+        {"sans": ("DNS:a\x00.example",)},
+        {"transaction_id": "tx\x00"},
         {"der": b""},
         {"status": "revoked"},                                  # no revoked_at
         {"revoked_at": 1_700_000_500.0},                        # status issued
@@ -160,6 +164,7 @@ def test_revocation_reasons_are_rfc_5280() -> None:
         {"decided_at": 1_700_000_200.0},                  # pending with decided_at
         {"reason": None},
         {"subject": "CN=\udc80"},
+        {"reason": "\x00"},
     ],
 )
 def test_invalid_pending_requests_are_refused(changes: dict[str, object]) -> None:
@@ -180,6 +185,7 @@ def test_invalid_pending_requests_are_refused(changes: dict[str, object]) -> Non
         {"profile": ""},
         {"subject_pattern": "CN=(unclosed"},
         {"label": None},
+        {"label": "batch\x00"},
     ],
 )
 def test_invalid_challenges_are_refused(changes: dict[str, object]) -> None:
