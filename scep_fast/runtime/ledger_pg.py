@@ -111,8 +111,10 @@ COMMIT_ATTEMPTS: Final = 8
 DEFAULT_POOL_SIZE: Final = 4
 CONNECT_TIMEOUT_SECONDS: Final = 5
 # How long a caller waits for a pooled connection before the database counts
-# as unavailable.
-POOL_WAIT_SECONDS: Final = 10.0
+# as unavailable. Short: a worker has few threads using the ledger at once
+# (fewer than the pool's connections), so a wait this long means the pool
+# cannot reconnect, and the batch is better answered 503 at once.
+POOL_WAIT_SECONDS: Final = 2.0
 _ITER_CHUNK: Final = 512
 _DIGEST_LEN: Final = 32
 
