@@ -144,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
     _with_dir(ledger_sub.add_parser(
         "migrate", help="create or check the schema of the configured ledger"))
+    ledger_copy = _with_dir(ledger_sub.add_parser(
+        "copy", help="copy the configured ledger into an empty one and check the copy "
+                     "(stop the servers first)"))
+    ledger_copy.option("--to", required=True,
+                       help="a postgresql:// URL (the schema is created if missing), "
+                            "or a directory for an LMDB ledger")
+    ledger_copy.option("--to-password-file", type=Path, default=None,
+                       help="the file holding the target database's password")
     return parser
 
 
@@ -433,11 +441,38 @@ def _migrate(config: Config) -> None:
     print(f"ledger {redacted(url)}: schema version {now} ({state})")
 
 
+def _copy(config: Config, to: str, password_file: Path | None) -> int:
+    from contextlib import ExitStack
+
+    from scep_fast.runtime.ledger_copy import CopyableLedger, copy_ledger
+    from scep_fast.runtime.ledger_lmdb import LmdbLedger
+    from scep_fast.runtime.ledger_pg import PgLedger, is_postgres_url, migrate, redacted
+    from scep_fast.runtime.server import open_ledger
+
+    with ExitStack() as stack:
+        source = open_ledger(config)
+        stack.callback(source.close)
+        target: CopyableLedger
+        if is_postgres_url(to):
+            migrate(to, password_file=password_file)
+            target = stack.enter_context(PgLedger(to, password_file=password_file))
+            where = redacted(to)
+        else:
+            target = stack.enter_context(LmdbLedger(
+                to, map_size_bytes=int(config.get("ledger", "map_size_bytes"))))
+            where = to
+        copied, _ = copy_ledger(source, target)
+    print(f"copied to {where}: {copied.line()}")
+    return 0
+
+
 def cmd_ledger(args: argparse.Namespace) -> int:
     from scep_fast.runtime.ledger_lmdb import LmdbLedger
     from scep_fast.runtime.server import LEDGER_DIR
 
     config = configuration.load(args.dir)
+    if args.ledger_command == "copy":
+        return _copy(config, args.to, args.to_password_file)
     if config.get("ledger", "url"):
         _migrate(config)
         return 0

@@ -569,15 +569,17 @@ class LmdbLedger:
             value = txn.get(digest, db=self._challenges)
         return None if value is None else decode_challenge(digest, value)
 
+    def _last_crl_number(self, txn: lmdb.Transaction[bytes]) -> int:
+        stored = txn.get(_CRL_NUMBER_KEY, db=self._meta)
+        if stored is None:
+            return 0
+        if len(stored) != _U64.size:
+            raise LedgerCorrupt(f"ledger {self._path}: unreadable CRL number")
+        return int(_U64.unpack(stored)[0])
+
     def next_crl_number(self) -> int:
         with self._write("next_crl_number") as txn:
-            stored = txn.get(_CRL_NUMBER_KEY, db=self._meta)
-            if stored is None:
-                number = 1
-            elif len(stored) != _U64.size:
-                raise LedgerCorrupt(f"ledger {self._path}: unreadable CRL number")
-            else:
-                number = _U64.unpack(stored)[0] + 1
+            number = self._last_crl_number(txn) + 1
             txn.put(_CRL_NUMBER_KEY, _U64.pack(number), db=self._meta)
         return number
 
@@ -600,6 +602,23 @@ class LmdbLedger:
     @property
     def path(self) -> str:
         return self._path
+
+    def last_crl_number(self) -> int:
+        """The last CRL number handed out (0 for none), without taking one."""
+        with self._begin() as txn:
+            return self._last_crl_number(txn)
+
+    def advance_crl_number(self, at_least: int) -> None:
+        """Makes the last CRL number at least ``at_least``; it never goes back."""
+        with self._write("advance_crl_number") as txn:
+            if self._last_crl_number(txn) < at_least:
+                txn.put(_CRL_NUMBER_KEY, _U64.pack(at_least), db=self._meta)
+
+    def iter_challenges(self) -> Iterator[Challenge]:
+        """Every challenge, in digest order."""
+        for chunk in self._chunks(self._challenges):
+            for key, value in chunk:
+                yield decode_challenge(key, value)
 
     def bulk_load(
         self, records: Iterable[CertRecord], *, records_per_transaction: int = 50_000

@@ -728,3 +728,24 @@ class PgLedger:
     def where(self) -> str:
         """The database, for messages: the URL without its password."""
         return self._where
+
+    def last_crl_number(self) -> int:
+        """The last CRL number handed out (0 for none), without taking one."""
+        return int(self._rows("SELECT last FROM crl_number")[0][0])
+
+    def advance_crl_number(self, at_least: int) -> None:
+        """Makes the last CRL number at least ``at_least``; it never goes back."""
+        with self._connection("advance_crl_number") as conn:
+            conn.execute(b"UPDATE crl_number SET last = greatest(last, %s)", (at_least,))
+
+    def iter_challenges(self) -> Iterator[Challenge]:
+        """Every challenge, in digest order."""
+        after = b""
+        while True:
+            rows = self._rows(f"SELECT {_CHALLENGE_COLUMNS} FROM challenges WHERE digest > %s "
+                              f"ORDER BY digest LIMIT {_ITER_CHUNK}", (after,))
+            for row in rows:
+                yield _challenge(row)
+            if len(rows) < _ITER_CHUNK:
+                return
+            after = bytes(rows[-1][0])
