@@ -18,14 +18,16 @@ database's own guarantees, never by a lock in this code:
   records what they were presented for; a miss rolls the batch back and it is
   decided again, so a single-use challenge is used once across every node.
 - Pending requests: ``request_id`` is the primary key and the requester's
-  transaction is unique; decisions and revocations are conditional updates
-  (``WHERE status = 'pending'``, ``WHERE status = 'issued'``).
+  transaction is unique; a decision locks its row (``SELECT ... FOR
+  UPDATE``) and is made once; a revocation is a conditional update
+  (``WHERE status = 'issued'``), so the first one's time and reason stay.
 - CRL numbers come from a counter row taken by one ``UPDATE ... RETURNING``:
   never handed out twice.
 
-``commit`` is one transaction per batch in three round trips (pipeline mode):
-one that reads what the batch's rules depend on, one with every write (one
-row per statement, sent together), and the ``COMMIT``, which returns only
+``commit`` is one transaction per batch in three round trips (pipeline mode),
+after the pool's check that its connection is alive (one more, an empty
+query): one that reads what the batch's rules depend on, one with every
+write (one row per statement, sent together), and the ``COMMIT``, which returns only
 once PostgreSQL has flushed it (``synchronous_commit`` is set ``on`` for
 every connection, whatever the server's default). A batch that conflicts
 with a concurrent one (a unique violation, a miss above, a deadlock) is
