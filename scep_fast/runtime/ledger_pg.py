@@ -22,7 +22,8 @@ database's own guarantees, never by a lock in this code:
   UPDATE``) and is made once; a revocation is a conditional update
   (``WHERE status = 'issued'``), so the first one's time and reason stay.
 - CRL numbers come from a counter row taken by one ``UPDATE ... RETURNING``:
-  never handed out twice.
+  never handed out twice. The newest CRL of each CA is kept in ``crls``, and
+  one node at a time writes CRLs (an advisory lock; see ``runtime.crl``).
 
 ``commit`` is one transaction per batch in three round trips (pipeline mode),
 after the pool's check that its connection is alive (one more, an empty
@@ -122,6 +123,8 @@ _DIGEST_LEN: Final = 32
 
 # One transaction at a time sets up the schema (two nodes started at once).
 _MIGRATION_LOCK: Final = 0x5CE9_FA57
+# One node at a time writes CRLs.
+_CRL_LOCK: Final = 0x5CE9_FA58
 
 _SCHEMA: Final = """
 CREATE TABLE schema_version (
@@ -187,6 +190,12 @@ CREATE TABLE crl_number (
     last bigint NOT NULL
 );
 INSERT INTO crl_number (last) VALUES (0);
+-- The newest CRL of each CA (by its name), shared by every node.
+CREATE TABLE crls (
+    name text PRIMARY KEY,
+    number bigint NOT NULL,
+    der bytea NOT NULL
+);
 """
 
 _CERT_COLUMNS: Final = ("serial, der, subject, sans, not_before, not_after, issued_at, "
@@ -373,10 +382,12 @@ class PgLedger:
         on_full: Callable[[str, LedgerFull], None] = lambda _what, _error: None,
     ) -> None:
         self._where = redacted(url)
+        self._url = url
+        self._kwargs = _connect_kwargs(password_file)
         self._on_full = on_full
         self._closed = True
         self._pool = ConnectionPool(
-            url, kwargs=_connect_kwargs(password_file), min_size=1, max_size=pool_size,
+            url, kwargs=self._kwargs, min_size=1, max_size=pool_size,
             open=False, timeout=POOL_WAIT_SECONDS, name="scep-fast-ledger",
             # A connection broken while it sat in the pool (the database
             # restarted) is replaced before it is handed out.
@@ -739,6 +750,38 @@ class PgLedger:
         """Makes the last CRL number at least ``at_least``; it never goes back."""
         with self._connection("advance_crl_number") as conn:
             conn.execute(b"UPDATE crl_number SET last = greatest(last, %s)", (at_least,))
+
+    @contextmanager
+    def crl_writer(self) -> Iterator[None]:
+        """Holds the database's CRL lock: one node at a time writes CRLs.
+
+        The lock lives on a connection of its own, outside the pool, which
+        the writer needs meanwhile; it goes when that connection closes,
+        also when this process dies.
+        """
+        if self._closed:
+            raise LedgerError("ledger is closed")
+        try:
+            conn = psycopg.connect(self._url, **self._kwargs)
+        except psycopg.Error as error:
+            raise _unavailable(self._where, error) from error
+        with conn:
+            try:
+                conn.execute(b"SELECT pg_advisory_lock(%s)", (_CRL_LOCK,))
+            except psycopg.Error as error:
+                raise _unavailable(self._where, error) from error
+            yield
+
+    def newest_crl(self, name: str) -> bytes | None:
+        rows = self._rows("SELECT der FROM crls WHERE name = %s", (name,))
+        return bytes(rows[0][0]) if rows else None
+
+    def store_crl(self, name: str, number: int, der: bytes) -> None:
+        with self._connection("store_crl") as conn:
+            conn.execute(b"INSERT INTO crls (name, number, der) VALUES (%s, %s, %s) "
+                         b"ON CONFLICT (name) DO UPDATE SET number = EXCLUDED.number, "
+                         b"der = EXCLUDED.der WHERE crls.number < EXCLUDED.number",
+                         (name, number, der))
 
     def iter_challenges(self) -> Iterator[Challenge]:
         """Every challenge, in digest order."""
