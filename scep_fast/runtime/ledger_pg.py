@@ -391,7 +391,11 @@ class PgLedger:
             open=False, timeout=POOL_WAIT_SECONDS, name="scep-fast-ledger",
             # A connection broken while it sat in the pool (the database
             # restarted) is replaced before it is handed out.
-            check=ConnectionPool.check_connection, reconnect_timeout=0)
+            check=ConnectionPool.check_connection,
+            # A failed connection attempt is not retried in the background
+            # with a growing backoff: the next caller that needs a connection
+            # makes a new attempt, so the node is back as soon as the database.
+            reconnect_timeout=0)
         try:
             self._pool.open(wait=True, timeout=POOL_WAIT_SECONDS)
         except PoolTimeout as error:
