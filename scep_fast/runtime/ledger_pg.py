@@ -58,6 +58,7 @@ libpq unchanged.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
@@ -67,6 +68,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import psycopg.errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from scep_fast.service.ledger import (
@@ -314,12 +316,22 @@ def _refuse_unknown(version: int, where: str) -> None:
             f"reads schema version {SCHEMA_VERSION} only (a newer scep-fast wrote it?)")
 
 
-def _connect_kwargs(password_file: Path | None) -> dict[str, Any]:
+def _connect_kwargs(url: str, password_file: Path | None) -> dict[str, Any]:
+    """What psycopg connects with besides ``url``; these win over the URL's own parameters."""
+    try:
+        given = conninfo_to_dict(url)
+    except psycopg.Error as error:
+        raise LedgerError(f"ledger {redacted(url)}: not a connection URI") from error
     # Autocommit: a read is one round trip; writes open their transaction
     # explicitly (BEGIN goes out in the same pipeline as the statements).
-    kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-                              # Durable on commit, whatever the server's default.
-                              "options": "-c synchronous_commit=on"}
+    kwargs: dict[str, Any] = {
+        "autocommit": True,
+        # Durable on commit, whatever the server's default; options the URL
+        # gives stay.
+        "options": f"{given.get('options') or ''} -c synchronous_commit=on".strip(),
+    }
+    if "connect_timeout" not in given and "PGCONNECT_TIMEOUT" not in os.environ:
+        kwargs["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
     if password_file is not None:
         try:
             kwargs["password"] = password_file.read_text().strip()
@@ -350,7 +362,7 @@ def migrate(url: str, *, password_file: Path | None = None) -> tuple[int | None,
     """
     where = redacted(url)
     try:
-        with psycopg.connect(url, **_connect_kwargs(password_file)) as conn, \
+        with psycopg.connect(url, **_connect_kwargs(url, password_file)) as conn, \
                 conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             found = _stored_version(conn)
@@ -383,7 +395,7 @@ class PgLedger:
     ) -> None:
         self._where = redacted(url)
         self._url = url
-        self._kwargs = _connect_kwargs(password_file)
+        self._kwargs = _connect_kwargs(url, password_file)
         self._on_full = on_full
         self._closed = True
         self._pool = ConnectionPool(

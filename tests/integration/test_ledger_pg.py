@@ -129,12 +129,19 @@ def test_a_password_file(postgres: PostgresServer, url: str, tmp_path: Path) -> 
         assert ledger.commit([record]) == [Recorded(record)]
 
 
-def test_commits_are_synchronous_whatever_the_server_default(url: str) -> None:
+def test_commits_are_synchronous_whatever_the_server_default_or_the_url(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         database = conn.info.dbname
         conn.execute(f"ALTER DATABASE {database} SET synchronous_commit = off")
     with PgLedger(url) as ledger, ledger._pool.connection() as conn:
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    # The URL's own parameters pass through to libpq, its options included.
+    tuned = (f"{url}?application_name=node-7&connect_timeout=3"
+             "&options=-c%20statement_timeout%3D5000")
+    with PgLedger(tuned) as ledger, ledger._pool.connection() as conn:
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("5s",)
+        assert conn.execute("SHOW application_name").fetchone() == ("node-7",)
 
 
 def test_a_database_down_is_unavailable_and_the_same_handle_reconnects() -> None:
