@@ -7,7 +7,9 @@ about each record, and the rules every adapter shares. The adapters:
 ``scep_fast.service.ledger_memory.MemoryLedger``, a reference implementation
 with the same rules, for tests of the layers above and as an executable
 statement of the semantics; ``scep_fast.runtime.ledger_lmdb``, the embedded
-default.
+default; ``scep_fast.runtime.ledger_pg``, a PostgreSQL database that several
+nodes share. One test suite of these rules runs against all three
+(``tests/integration/test_ledger_contract.py``).
 
 The rules of :meth:`Ledger.commit`, applied per record, in order, inside one
 write transaction for the whole batch:

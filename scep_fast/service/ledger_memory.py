@@ -1,7 +1,7 @@
 """The reference ledger: the rules of ``scep_fast.service.ledger`` in a dict.
 
 No durability; for tests of the layers above the ledger, and the reference
-the storage adapters are tested against (``tests/unit/test_ledger_contract.py``).
+the storage adapters are tested against (``tests/integration/test_ledger_contract.py``).
 """
 
 from __future__ import annotations
