@@ -37,7 +37,7 @@ def server_binaries() -> Path | None:
     """The directory holding ``initdb`` and ``postgres``, or None."""
     configured = os.environ.get("SCEP_FAST_PG_BIN")
     if configured:
-        return Path(configured)
+        return Path(configured) if (Path(configured) / "initdb").exists() else None
     if _DEBIAN_ROOT.is_dir():
         versions = sorted((p for p in _DEBIAN_ROOT.iterdir() if (p / "bin" / "initdb").exists()),
                           key=lambda p: int(p.name) if p.name.isdigit() else 0, reverse=True)
