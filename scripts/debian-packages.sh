@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages scep-fast needs, only those missing.
 #   debian-packages.sh build        compiler, OpenSSL 3 headers, Python headers and venv
-#   debian-packages.sh build test   plus the third-party SCEP peers and Prometheus the tests use,
+#   debian-packages.sh build test   plus the third-party SCEP peers, Prometheus and PostgreSQL the tests use,
 #                                   and clang with its libFuzzer and sanitizer runtimes (tests/fuzz)
 set -euo pipefail
 
@@ -17,7 +17,7 @@ for group in "$@"; do
             inc=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
             if [[ ! -f "$inc/Python.h" ]]; then want+=(python3-dev); fi
             ;;
-        test) want+=(scep certmonger prometheus iproute2 openssl clang libclang-rt-14-dev) ;;
+        test) want+=(scep certmonger prometheus iproute2 openssl clang libclang-rt-14-dev postgresql) ;;
         *) echo "debian-packages.sh: unknown group $group" >&2; exit 2 ;;
     esac
 done

@@ -1,7 +1,7 @@
 """Fixtures and hooks shared by every test directory.
 
 Peers (the Debian packages in PEERS.md's table: micromdm's scepclient and
-scepserver, certmonger's scep-submit, Prometheus) and root (for a private
+scepserver, certmonger's scep-submit, Prometheus, PostgreSQL) and root (for a private
 network namespace) are optional on a developer's machine: a test that lacks
 one is skipped with the reason. In CI they are not: with
 SCEP_FAST_REQUIRE_PEERS=1 in the environment (``.ci/run`` sets it) the same
@@ -29,7 +29,7 @@ REQUIRE_PEERS = "SCEP_FAST_REQUIRE_PEERS"
 # Directories whose tests talk to peers: under REQUIRE_PEERS none of their tests may skip.
 PEER_DIRECTORIES = frozenset({"interop", "integration"})
 _HOW_TO_GET_PEERS = ("install them with `make test-deps` (Debian packages scep, certmonger, "
-                     "prometheus) and run as root where a network namespace is needed")
+                     "prometheus, postgresql) and run as root where a network namespace is needed")
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +90,15 @@ def pytest_runtest_makereport(
         report.outcome = "failed"
         report.longrepr = (f"{reason}; {REQUIRE_PEERS}=1 forbids skipping tests in "
                            f"tests/{item.path.parent.name}: {_HOW_TO_GET_PEERS}")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Generator[object, None, None]:
+    """One real PostgreSQL server for the session (see ``tests/postgres.py``).
+
+    Tests that use it make a database each with ``postgres.new_database()``.
+    """
+    from tests.postgres import postgres_server
+
+    with postgres_server() as server:
+        yield server

@@ -39,6 +39,7 @@ from .errors import (
     RequestTimeout,
     ScepError,
     StorageFull,
+    StorageUnavailable,
     UnknownOperation,
 )
 from .messages import (
@@ -106,6 +107,7 @@ __all__ = [
     "ScepRequest",
     "ScepRequestMessage",
     "StorageFull",
+    "StorageUnavailable",
     "UnknownOperation",
     "from_raw_attributes",
     "parse_request",

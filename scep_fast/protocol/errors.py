@@ -13,6 +13,7 @@ short reason that is safe to send to the client.
         BodyTooLarge        413
         Overloaded          503 (Retry-After)
           StorageFull       503 (Retry-After): nowhere to record the answer
+          StorageUnavailable 503 (Retry-After): the ledger's database cannot be reached
       MessageError          signed CertRep FAILURE, HTTP 200
         BadAlg, BadMessageCheck, BadRequest, BadTime, BadCertId
       InternalError         500, generic body
@@ -40,6 +41,7 @@ __all__ = [
     "RequestError",
     "ScepError",
     "StorageFull",
+    "StorageUnavailable",
     "UnknownOperation",
 ]
 
@@ -189,6 +191,31 @@ class StorageFull(Overloaded):
 
 def _rebuild_storage_full(retry_after_seconds: int, detail: str) -> StorageFull:
     return StorageFull(retry_after_seconds, detail=detail)
+
+
+class StorageUnavailable(Overloaded):
+    """The ledger's database cannot be reached now, so no answer is given.
+
+    A database restarting or out of reach: the server reconnects by itself,
+    so the client is told to come back soon. Whatever was under way is never
+    answered as done; a resend finds what the database did record. ``detail``
+    is for the log only.
+    """
+
+    default_reason = "cannot record the request now, retry later"
+    DEFAULT_RETRY_AFTER_SECONDS: ClassVar[int] = 10
+
+    def __init__(self, retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS, *,
+                 detail: str = "") -> None:
+        super().__init__(retry_after_seconds)
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_storage_unavailable, (self.retry_after_seconds, self.detail))
+
+
+def _rebuild_storage_unavailable(retry_after_seconds: int, detail: str) -> StorageUnavailable:
+    return StorageUnavailable(retry_after_seconds, detail=detail)
 
 
 # --- Signed CertRep FAILURE ---------------------------------------------------

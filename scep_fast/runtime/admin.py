@@ -14,7 +14,6 @@ with the token from the directory's token file, compared in constant time.
 
 from __future__ import annotations
 
-import datetime
 import hmac
 import json
 import logging
@@ -25,36 +24,17 @@ from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from scep_fast.protocol import StorageFull
+from scep_fast.protocol import StorageFull, StorageUnavailable
 from scep_fast.runtime.http1 import StrictHttp1Handler
+from scep_fast.runtime.ledger_json import epoch_to_iso, pending_to_json, record_to_json
 from scep_fast.service.challenges import ChallengeRequestInvalid, mint_challenge
 from scep_fast.service.enrollment import EnrollmentService
-from scep_fast.service.ledger import (
-    Ledger,
-    LedgerError,
-    LedgerFull,
-    NotFound,
-    PendingRequest,
-    record_to_json,
-)
+from scep_fast.service.ledger import Ledger, LedgerError, LedgerFull, LedgerUnavailable, NotFound
 
 log = logging.getLogger("scep_fast.admin")
 
 MAX_BODY_BYTES = 64 * 1024
 _REQUEST_PATH = re.compile(r"/v1/requests/([0-9a-f]{16})/(approve|reject)")
-
-
-def _iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-def pending_to_json(p: PendingRequest) -> dict[str, object]:
-    return {"request_id": p.request_id, "status": p.status, "subject": p.subject,
-            "sans": list(p.sans), "profile": p.profile, "transaction_id": p.transaction_id,
-            "received_at": _iso(p.received_at), "decided_at": _iso(p.decided_at),
-            "reason": p.reason}
 
 
 class AdminApi:
@@ -90,7 +70,7 @@ class AdminApi:
             subject_pattern=body.get("subject_pattern", ""),
             san_pattern=body.get("san_pattern", ""), label=body.get("label", ""))
         c = minted.challenge
-        return {"challenge": minted.secret, "expires_at": _iso(c.expires_at),
+        return {"challenge": minted.secret, "expires_at": epoch_to_iso(c.expires_at),
                 "uses": c.uses_left, "profile": c.profile, "subject_pattern": c.subject_pattern,
                 "san_pattern": c.san_pattern, "label": c.label}
 
@@ -112,7 +92,8 @@ class _Handler(StrictHttp1Handler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         return  # one structured line per request below instead
 
-    def _send(self, status: int, payload: object) -> None:
+    def _send(self, status: int, payload: object, *,
+              retry_after: int = StorageFull.DEFAULT_RETRY_AFTER_SECONDS) -> None:
         body = (json.dumps(payload) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -120,7 +101,7 @@ class _Handler(StrictHttp1Handler):
         if status == 401:
             self.send_header("WWW-Authenticate", 'Bearer realm="scep-fast admin"')
         if status == 503:
-            self.send_header("Retry-After", str(StorageFull.DEFAULT_RETRY_AFTER_SECONDS))
+            self.send_header("Retry-After", str(retry_after))
         self.end_headers()
         self.wfile.write(body)
         log.info("admin request", extra={"fields": {
@@ -179,6 +160,9 @@ class _Handler(StrictHttp1Handler):
         except LedgerFull:
             # Logged and counted where the write failed.
             self._send(503, {"error": "the ledger is full"})
+        except LedgerUnavailable:
+            self._send(503, {"error": "the ledger is unavailable"},
+                       retry_after=StorageUnavailable.DEFAULT_RETRY_AFTER_SECONDS)
         except LedgerError as e:
             self._send(409, {"error": str(e)})
         except Exception:  # noqa: BLE001 - our fault; details in the log only

@@ -20,6 +20,7 @@ from scep_fast import __version__
 from scep_fast.runtime import config as configuration
 from scep_fast.runtime.config import CONFIG_NAME, Config, ConfigError
 from scep_fast.service.challenges import new_secret
+from scep_fast.service.ledger import LedgerError
 
 DEFAULT_DIR = "scep-data"
 
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.option("--challenge", default=None,
                 help="the static challenge password (default: generated and printed once)")
     init.option("--bind", default=None, help="HOST:PORT written to the config")
+    init.option("--ledger-url", default="",
+                help="a postgresql:// URL (no password in it): the ledger is that database, "
+                     "whose schema init creates (default: LMDB in DIR/ledger)")
+    init.option("--ledger-password-file", default="",
+                help="the file (relative to DIR) holding the database password")
 
     serve = _with_dir(sub.add_parser("serve", help="run the SCEP server"))
     serve.option("--bind", default=None, help="HOST:PORT (default from the config)")
@@ -133,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     ca_rollover.option("--ca-cn", default=None,
                        help='next CA common name (default: the current one + " G2", " G3"...)')
     _with_dir(ca_sub.add_parser("activate", help="switch over to the next CA"))
+
+    ledger = sub.add_parser("ledger", help="the ledger's storage")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    _with_dir(ledger_sub.add_parser(
+        "migrate", help="create or check the schema of the configured ledger"))
+    ledger_copy = _with_dir(ledger_sub.add_parser(
+        "copy", help="copy the configured ledger into an empty one and check the copy "
+                     "(stop the servers first)"))
+    ledger_copy.option("--to", required=True,
+                       help="a postgresql:// URL (the schema is created if missing), "
+                            "or a directory for an LMDB ledger")
+    ledger_copy.option("--to-password-file", type=Path, default=None,
+                       help="the file holding the target database's password")
     return parser
 
 
@@ -157,9 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_crl(args)
         if args.command == "ca":
             return cmd_ca(args)
+        if args.command == "ledger":
+            return cmd_ledger(args)
     except ConfigError as e:
         print(f"scep-fast: configuration error: {e}", file=sys.stderr)
         return 2
+    except LedgerError as e:
+        # Unreachable, an unknown schema, a corrupt record: the message says which.
+        print(f"scep-fast: {e}", file=sys.stderr)
+        return 1
     return 2
 
 
@@ -183,6 +208,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         values["server"]["bind"] = args.bind
     values["pki"]["mode"] = "ca" if args.ca_mode else "ra"
     values["profiles"]["default"] = configuration.default_profile()
+    values["ledger"]["url"] = args.ledger_url
+    values["ledger"]["password_file"] = args.ledger_password_file
+    # Checked before anything is written: a URL with a password in it is refused.
+    configuration.parse(configuration.render(values), directory)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = pki.new_key(args.ca_key)
     ca = pki.make_ca(ca_key, args.ca_cn, now)
@@ -201,7 +230,10 @@ def cmd_init(args: argparse.Namespace) -> int:
                      challenge.encode() + b"\n")
     # Checked like any config before it is written.
     text = configuration.render(values)
-    configuration.parse(text, directory)
+    config = configuration.parse(text, directory)
+    if args.ledger_url:
+        # The config is written only once its database holds the schema.
+        _migrate(config)
     (directory / CONFIG_NAME).write_text(text, encoding="utf-8")
     print(f"initialised {directory} ({args.ca_key} CA, {'CA' if args.ca_mode else 'RA'} mode)")
     if args.challenge is None:
@@ -263,10 +295,10 @@ def cmd_challenge(args: argparse.Namespace) -> int:
 
 
 def cmd_requests(args: argparse.Namespace) -> int:
-    from scep_fast.runtime.admin import pending_to_json
+    from scep_fast.runtime.ledger_json import pending_to_json, record_to_json
     from scep_fast.runtime.pki import load_material
     from scep_fast.runtime.server import build_service, open_ledger
-    from scep_fast.service.ledger import LedgerError, record_to_json
+    from scep_fast.service.ledger import LedgerError
 
     config = configuration.load(args.dir)
     with open_ledger(config) as ledger:
@@ -298,13 +330,11 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from scep_fast.runtime.ledger_lmdb import LmdbLedger
-    from scep_fast.runtime.server import LEDGER_DIR
-    from scep_fast.service.ledger import record_to_json
+    from scep_fast.runtime.ledger_json import record_to_json
+    from scep_fast.runtime.server import open_ledger
 
     config = configuration.load(args.dir)
-    with LmdbLedger(config.dir / LEDGER_DIR,
-                    map_size_bytes=int(config.get("ledger", "map_size_bytes"))) as ledger:
+    with open_ledger(config) as ledger:
         if args.certs_command == "list":
             for record in ledger.iter_records():
                 if args.json:
@@ -364,13 +394,11 @@ def _revoke(config: Config, ledger: Any, serial: int, reason_name: str) -> int:
 
 def cmd_crl(args: argparse.Namespace) -> int:
     from scep_fast.runtime.crl import refresh_all
-    from scep_fast.runtime.ledger_lmdb import LmdbLedger
     from scep_fast.runtime.pki import load_material
-    from scep_fast.runtime.server import LEDGER_DIR
+    from scep_fast.runtime.server import open_ledger
 
     config = configuration.load(args.dir)
-    with LmdbLedger(config.dir / LEDGER_DIR,
-                    map_size_bytes=int(config.get("ledger", "map_size_bytes"))) as ledger:
+    with open_ledger(config) as ledger:
         for path in refresh_all(config, ledger, load_material(config), force=True):
             print(path)
     return 0
@@ -379,8 +407,7 @@ def cmd_crl(args: argparse.Namespace) -> int:
 def cmd_ca(args: argparse.Namespace) -> int:
     from scep_fast.runtime import pki
     from scep_fast.runtime.crl import refresh_all
-    from scep_fast.runtime.ledger_lmdb import LmdbLedger
-    from scep_fast.runtime.server import LEDGER_DIR
+    from scep_fast.runtime.server import open_ledger
 
     config = configuration.load(args.dir)
     try:
@@ -395,13 +422,65 @@ def cmd_ca(args: argparse.Namespace) -> int:
         print(f"scep-fast: {e}", file=sys.stderr)
         return 1
     # The new CA's CRL exists before any certificate names it.
-    with LmdbLedger(config.dir / LEDGER_DIR,
-                    map_size_bytes=int(config.get("ledger", "map_size_bytes"))) as ledger:
+    with open_ledger(config) as ledger:
         refresh_all(config, ledger, pki.load_material(config))
     print(f"activated CA {new_id}" + (f"; CA {old_id} retired" if old_id else ""))
     print(_RELOAD_HINT)
     return 0
 
+# ---- ledger ---------------------------------------------------------------------------
+
+
+def _migrate(config: Config) -> None:
+    from scep_fast.runtime.ledger_pg import migrate, redacted
+    from scep_fast.runtime.server import ledger_password_file
+
+    url = str(config.get("ledger", "url"))
+    found, now = migrate(url, password_file=ledger_password_file(config))
+    state = "created" if found is None else "up to date"
+    print(f"ledger {redacted(url)}: schema version {now} ({state})")
+
+
+def _copy(config: Config, to: str, password_file: Path | None) -> int:
+    from contextlib import ExitStack
+
+    from scep_fast.runtime.ledger_copy import CopyableLedger, copy_ledger
+    from scep_fast.runtime.ledger_lmdb import LmdbLedger
+    from scep_fast.runtime.ledger_pg import PgLedger, is_postgres_url, migrate, redacted
+    from scep_fast.runtime.server import open_ledger
+
+    with ExitStack() as stack:
+        source = open_ledger(config)
+        stack.callback(source.close)
+        target: CopyableLedger
+        if is_postgres_url(to):
+            migrate(to, password_file=password_file)
+            target = stack.enter_context(PgLedger(to, password_file=password_file))
+            where = redacted(to)
+        else:
+            target = stack.enter_context(LmdbLedger(
+                to, map_size_bytes=int(config.get("ledger", "map_size_bytes"))))
+            where = to
+        copied, _ = copy_ledger(source, target)
+    print(f"copied to {where}: {copied.line()}")
+    return 0
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from scep_fast.runtime.ledger_lmdb import LmdbLedger
+    from scep_fast.runtime.server import LEDGER_DIR
+
+    config = configuration.load(args.dir)
+    if args.ledger_command == "copy":
+        return _copy(config, args.to, args.to_password_file)
+    if config.get("ledger", "url"):
+        _migrate(config)
+        return 0
+    # LMDB upgrades its schema in place when it is opened.
+    with LmdbLedger(config.dir / LEDGER_DIR,
+                    map_size_bytes=int(config.get("ledger", "map_size_bytes"))) as ledger:
+        print(f"ledger {ledger.path}: LMDB, {ledger.count()} certificates, schema up to date")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

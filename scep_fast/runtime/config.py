@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from scep_fast.service.profile import (
     EXTENDED_KEY_USAGES,
@@ -39,10 +40,23 @@ class _Key:
     default: Any
     check: Callable[[Any], bool] = lambda _v: True
     rule: str = ""
+    # The value may hold a secret (a URL with a password): errors never echo it.
+    secret: bool = False
 
 
 def _between(lo: float, hi: float) -> Callable[[Any], bool]:
     return lambda v: lo <= v <= hi
+
+
+def _ledger_url(url: str) -> bool:
+    if url == "":
+        return True
+    if not url.startswith(("postgresql://", "postgres://")):
+        return False
+    try:
+        return urlsplit(url).password is None and "password=" not in urlsplit(url).query
+    except ValueError:
+        return False
 
 
 # section -> key -> how it is checked. The defaults are what `init` writes.
@@ -110,6 +124,16 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         # LMDB reserves this much address space; about 3 KiB per certificate,
         # so the default holds well over a million records.
         "map_size_bytes": _Key(int, 8 * GIB, _between(16 * MIB, 1024 * GIB), "16 MiB to 1 TiB"),
+        # "": the embedded LMDB ledger in DIR/ledger. A postgresql:// URL: a
+        # PostgreSQL database that several nodes share. The password stays out
+        # of this file (which is read, copied and diffed): password_file, or
+        # libpq's PGPASSFILE / PGPASSWORD.
+        "url": _Key(str, "", _ledger_url, 'empty, or a postgresql:// URL without a password',
+                    secret=True),
+        # A file (relative to DIR, mode 0600) holding the database password.
+        "password_file": _Key(str, ""),
+        # Connections each process keeps to the database.
+        "pool_size": _Key(int, 4, _between(1, 64), "1 to 64"),
     },
     "batch": {
         "max_size": _Key(int, 32, _between(1, 1024), "1 to 1024"),
@@ -212,7 +236,8 @@ def _check_value(where: str, spec: _Key, value: Any) -> Any:
     if not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {spec.kind.__name__}, got {value!r}")
     if not spec.check(value):
-        raise ConfigError(f"{where}: {value!r} is out of range ({spec.rule})")
+        shown = "the value" if spec.secret else repr(value)
+        raise ConfigError(f"{where}: {shown} is out of range ({spec.rule})")
     return value
 
 

@@ -14,6 +14,14 @@ one rename: a reader sees the old CRL or the new one, never half of one.
 
 Workers read the files through :class:`CrlStore`, which keeps their bytes
 and re-reads a file only when its stat changes: one ``stat`` per request.
+
+Several nodes on one PostgreSQL ledger (a ledger with :class:`SharedCrls`)
+share their CRLs through it: a writer holds the database's CRL lock, so one
+node at a time writes; it first adopts the newest CRL of each CA from the
+database (if its number is above the file's) and stores every CRL it makes
+there. The supervisor of each node does this every few seconds (polling),
+so a revocation made on any node is in every node's files within seconds,
+and a CRL that one node refreshed in time is not made again by the others.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -84,6 +92,42 @@ class CrlLedger(Protocol):
     def iter_revoked(self) -> Iterator[CertRecord]: ...
 
     def next_crl_number(self) -> int: ...
+
+
+@runtime_checkable
+class SharedCrls(Protocol):
+    """A ledger that several nodes share keeps the CRLs for all of them."""
+
+    def crl_writer(self) -> contextlib.AbstractContextManager[None]:
+        """Holds the lock that makes one node at a time write CRLs."""
+        ...
+
+    def newest_crl(self, name: str) -> bytes | None: ...
+
+    def store_crl(self, name: str, number: int, der: bytes) -> None:
+        """Keeps ``der`` as CRL ``name`` unless one with a higher number is kept already."""
+        ...
+
+
+def crl_number(der: bytes) -> int:
+    """The CRLNumber of a DER CRL (0 if it has none)."""
+    try:
+        extension = x509.load_der_x509_crl(der).extensions.get_extension_for_class(
+            x509.CRLNumber)
+    except x509.ExtensionNotFound:
+        return 0
+    return int(extension.value.crl_number)
+
+
+def _adopt(store: CrlStore, shared: SharedCrls, name: str) -> Path | None:
+    """The database's CRL ``name`` into its file, if it is newer than the file's."""
+    newest = shared.newest_crl(name)
+    if newest is None:
+        return None
+    local = store.current(name)
+    if local is not None and crl_number(local) >= crl_number(newest):
+        return None
+    return store.write(name, newest)
 
 
 def reason_code(name: str) -> int:
@@ -327,15 +371,24 @@ def refresh_all(config: Config, ledger: CrlLedger, material: Material, force: bo
     store = CrlStore(config.dir)
     validity = int(config.get("crl", "validity_hours"))
     refresh = int(config.get("crl", "refresh_hours"))
+    shared = ledger if isinstance(ledger, SharedCrls) else None
     written: list[Path] = []
-    with store.writing():
+    with store.writing(), (
+            shared.crl_writer() if shared is not None else contextlib.nullcontext()):
         moment = now or datetime.datetime.now(datetime.UTC)
         for ca_cert, ca_key in _cas(material, moment):
             name = crl_name(ca_cert)
+            if shared is not None and (adopted := _adopt(store, shared, name)) is not None:
+                written.append(adopted)
+                log.info("CRL adopted", extra={"fields": {"crl": name}})
             if not force and not store.needs_refresh(name, refresh, moment,
                                                      validity_hours=validity):
                 continue
             der = generate_crl(ledger, ca_cert, ca_key, validity_hours=validity, now=moment)
+            if shared is not None:
+                shared.store_crl(name, crl_number(der), der)
+            if written and written[-1] == store.path(name):
+                written.pop()
             written.append(store.write(name, der))
             log.info("CRL written", extra={"fields": {"crl": name}})
     return written

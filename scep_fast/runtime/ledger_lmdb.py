@@ -25,56 +25,8 @@ Layout (schema version 2), seven named databases in one environment:
     SHA-256 of the challenge secret (32 octets) -> challenge. The secret
     itself is never stored.
 
-Record format 2 (the value in ``certs``), all integers big-endian::
-
-    u8   format version (2)
-    u8   status (1 issued, 2 revoked)
-    i64  not_before, epoch seconds
-    i64  not_after, epoch seconds
-    f64  issued_at, epoch seconds
-    32   requester key SHA-256
-    32   CSR SHA-256
-    u16  subject length     u16 transaction id length
-    u16  profile length     u16 number of SANs
-    u32  DER length
-    f64  revoked_at, epoch seconds (0 unless revoked)
-    u8   RFC 5280 CRLReason code (0 unless revoked)
-    subject, transaction id, profile (UTF-8)
-    per SAN: u16 length + UTF-8
-    DER
-
-Record format 1, written by schema version 1, is format 2 without the
-``revoked_at`` and reason fields (and never revoked); it still decodes, with
-``revoked_at`` None. Decoding refuses unknown versions, truncation and
-trailing bytes with :class:`LedgerCorrupt`.
-
-Pending request format 1 (the value in ``pending``)::
-
-    u8   format version (1)
-    u8   status (1 pending, 2 approved, 3 rejected)
-    f64  received_at       f64 decided_at (0 while pending)
-    32   requester key SHA-256
-    32   CSR SHA-256
-    u16  transaction id length   u16 subject length   u16 profile length
-    u16  number of SANs          u16 reason length    u32 CSR length
-    transaction id, subject, profile, reason (UTF-8)
-    per SAN: u16 length + UTF-8
-    CSR (DER)
-
-Challenge format 2 (the value in ``challenges``)::
-
-    u8   format version (2)
-    f64  created_at        f64 expires_at
-    u32  uses left
-    u16  profile length    u16 subject pattern length    u16 label length
-    u16  SAN pattern length
-    profile, subject pattern, label, SAN pattern (UTF-8)
-
-Challenge format 1 is format 2 without the SAN pattern. Its one pattern was
-matched against the common name and every SAN value, so it decodes with
-that pattern as both patterns: the SANs stay bound as they were, and the
-subject pattern, now matched against the whole subject, refuses what it
-does not describe.
+The values are encoded by ``scep_fast.runtime.ledger_lmdb_codec``, which
+documents their formats.
 
 Durability and concurrency: the environment is opened with ``sync=True``
 and ``metasync=True``, so every write (``commit``, ``revoke``, the pending,
@@ -126,6 +78,17 @@ from typing import Final
 
 import lmdb
 
+from scep_fast.runtime.ledger_lmdb_codec import (
+    SERIAL_KEY_BYTES,
+    decode_challenge,
+    decode_pending,
+    decode_record,
+    encode_challenge,
+    encode_pending,
+    encode_record,
+    serial_key,
+    transaction_key,
+)
 from scep_fast.service.ledger import (
     AlreadyIssued,
     CertRecord,
@@ -154,17 +117,8 @@ from scep_fast.service.ledger import (
 __all__ = [
     "DEFAULT_MAP_SIZE_BYTES",
     "DEFAULT_MAX_READERS",
-    "RECORD_FORMAT",
     "SCHEMA_VERSION",
     "LmdbLedger",
-    "decode_challenge",
-    "decode_pending",
-    "decode_record",
-    "encode_challenge",
-    "encode_pending",
-    "encode_record",
-    "serial_key",
-    "transaction_key",
 ]
 
 GIB: Final = 1024 * 1024 * 1024
@@ -178,11 +132,7 @@ MAX_DBS: Final = 16
 SCHEMA_VERSION: Final = 2
 # The schema versions this code opens; older ones are upgraded in place.
 _READABLE_SCHEMAS: Final = frozenset({1, 2})
-RECORD_FORMAT: Final = 2
-PENDING_FORMAT: Final = 1
-CHALLENGE_FORMAT: Final = 2
 
-SERIAL_KEY_BYTES: Final = 20
 _REQUEST_KEY_LEN: Final = 16
 _DIGEST_LEN: Final = 32
 
@@ -190,17 +140,6 @@ _SCHEMA_KEY: Final = b"schema_version"
 _CRL_NUMBER_KEY: Final = b"crl_number"
 _U64: Final = struct.Struct(">Q")
 _U32: Final = struct.Struct(">I")
-_U16: Final = struct.Struct(">H")
-_HEADER_V1: Final = struct.Struct(">BBqqd32s32sHHHHI")
-_HEADER: Final = struct.Struct(">BBqqd32s32sHHHHIdB")
-_PENDING_HEADER: Final = struct.Struct(">BBdd32s32sHHHHHI")
-_CHALLENGE_HEADER_V1: Final = struct.Struct(">BddIHHH")
-_CHALLENGE_HEADER: Final = struct.Struct(">BddIHHHH")
-
-_STATUS_CODES: Final = {"issued": 1, "revoked": 2}
-_STATUS_NAMES: Final = {code: name for name, code in _STATUS_CODES.items()}
-_PENDING_CODES: Final = {"pending": 1, "approved": 2, "rejected": 3}
-_PENDING_NAMES: Final = {code: name for name, code in _PENDING_CODES.items()}
 
 # An EIO from a write while the ledger's file system has less than this free
 # is the file system filling up: LMDB reports a short write as EIO.
@@ -213,287 +152,6 @@ _ITER_CHUNK: Final = 512
 
 _DATA_FILE_MODE: Final = 0o600
 _DIRECTORY_MODE: Final = 0o700
-
-
-# --- Encoding ----------------------------------------------------------------
-
-
-def serial_key(serial: int) -> bytes:
-    """The ``certs`` key of a serial number: 20 big-endian octets."""
-    return serial.to_bytes(SERIAL_KEY_BYTES, "big")
-
-
-def transaction_key(transaction_id: str, requester_key_sha256: bytes) -> bytes:
-    """The ``txids`` (and ``pending_txids``) key of a transaction of one requester."""
-    return requester_key_sha256 + transaction_id.encode()
-
-
-def _texts(*texts: str) -> list[bytes]:
-    return [text.encode() for text in texts]
-
-
-def _sans(sans: tuple[str, ...]) -> list[bytes]:
-    parts = []
-    for san in sans:
-        encoded = san.encode()
-        parts.append(_U16.pack(len(encoded)))
-        parts.append(encoded)
-    return parts
-
-
-class _Reader:
-    """Reads the variable part of a value, refusing truncation and leftovers."""
-
-    def __init__(self, value: bytes, offset: int, where: str) -> None:
-        self._value = value
-        self._view = memoryview(value)
-        self._offset = offset
-        self._where = where
-
-    def take(self, length: int) -> bytes:
-        end = self._offset + length
-        if end > len(self._value):
-            raise LedgerCorrupt(f"{self._where}: truncated")
-        chunk = bytes(self._view[self._offset:end])
-        self._offset = end
-        return chunk
-
-    def text(self, length: int) -> str:
-        try:
-            return self.take(length).decode()
-        except UnicodeDecodeError as error:
-            raise LedgerCorrupt(f"{self._where}: text is not UTF-8") from error
-
-    def sans(self, count: int) -> tuple[str, ...]:
-        sans = []
-        for _ in range(count):
-            (san_len,) = _U16.unpack(self.take(_U16.size))
-            sans.append(self.text(san_len))
-        return tuple(sans)
-
-    def finish(self) -> None:
-        if self._offset != len(self._value):
-            raise LedgerCorrupt(f"{self._where}: {len(self._value) - self._offset} trailing bytes")
-
-
-def encode_record(record: CertRecord) -> bytes:
-    """Record format 2 (see the module docstring)."""
-    subject, transaction_id, profile = _texts(
-        record.subject, record.transaction_id, record.profile
-    )
-    header = _HEADER.pack(
-        RECORD_FORMAT,
-        _STATUS_CODES[record.status],
-        record.not_before,
-        record.not_after,
-        float(record.issued_at),
-        record.requester_key_sha256,
-        record.csr_sha256,
-        len(subject),
-        len(transaction_id),
-        len(profile),
-        len(record.sans),
-        len(record.der),
-        0.0 if record.revoked_at is None else float(record.revoked_at),
-        record.revocation_reason,
-    )
-    return b"".join([header, subject, transaction_id, profile, *_sans(record.sans), record.der])
-
-
-def decode_record(key: bytes, value: bytes) -> CertRecord:
-    """Decode a ``certs`` entry of format 1 or 2, or raise :class:`LedgerCorrupt`."""
-    if len(key) != SERIAL_KEY_BYTES:
-        raise LedgerCorrupt(f"certs key of {len(key)} bytes, expected {SERIAL_KEY_BYTES}")
-    serial = int.from_bytes(key, "big")
-    where = f"record of serial {serial:x}"
-    if not value:
-        raise LedgerCorrupt(f"{where}: empty")
-    if value[0] not in (1, RECORD_FORMAT):
-        raise LedgerCorrupt(f"{where}: unknown record format {value[0]}")
-    header = _HEADER_V1 if value[0] == 1 else _HEADER
-    if len(value) < header.size:
-        raise LedgerCorrupt(f"{where}: truncated header ({len(value)} bytes)")
-    fields = header.unpack_from(value)
-    (
-        _version,
-        status_code,
-        not_before,
-        not_after,
-        issued_at,
-        requester_key_sha256,
-        csr_sha256,
-        subject_len,
-        transaction_id_len,
-        profile_len,
-        san_count,
-        der_len,
-    ) = fields[:12]
-    status = _STATUS_NAMES.get(status_code)
-    if status is None:
-        raise LedgerCorrupt(f"{where}: unknown status code {status_code}")
-    revoked_at: float | None = None
-    reason = 0
-    if value[0] == RECORD_FORMAT:
-        stored_at, reason = fields[12:]
-        if status == "revoked":
-            revoked_at = stored_at
-        elif stored_at != 0.0 or reason != 0:
-            raise LedgerCorrupt(f"{where}: revocation fields on a certificate not revoked")
-    reader = _Reader(value, header.size, where)
-    subject = reader.text(subject_len)
-    transaction_id = reader.text(transaction_id_len)
-    profile = reader.text(profile_len)
-    sans = reader.sans(san_count)
-    der = reader.take(der_len)
-    reader.finish()
-    try:
-        return CertRecord(
-            serial=serial,
-            der=der,
-            subject=subject,
-            sans=sans,
-            not_before=not_before,
-            not_after=not_after,
-            issued_at=issued_at,
-            transaction_id=transaction_id,
-            requester_key_sha256=requester_key_sha256,
-            csr_sha256=csr_sha256,
-            profile=profile,
-            status=status,
-            revoked_at=revoked_at,
-            revocation_reason=reason,
-        )
-    except ValueError as error:
-        raise LedgerCorrupt(f"{where}: {error}") from error
-
-
-def encode_pending(request: PendingRequest) -> bytes:
-    """Pending request format 1 (see the module docstring); the key holds the id."""
-    transaction_id, subject, profile, reason = _texts(
-        request.transaction_id, request.subject, request.profile, request.reason
-    )
-    header = _PENDING_HEADER.pack(
-        PENDING_FORMAT,
-        _PENDING_CODES[request.status],
-        float(request.received_at),
-        0.0 if request.decided_at is None else float(request.decided_at),
-        request.requester_key_sha256,
-        request.csr_sha256,
-        len(transaction_id),
-        len(subject),
-        len(profile),
-        len(request.sans),
-        len(reason),
-        len(request.csr_der),
-    )
-    return b"".join(
-        [header, transaction_id, subject, profile, reason, *_sans(request.sans), request.csr_der]
-    )
-
-
-def decode_pending(key: bytes, value: bytes) -> PendingRequest:
-    """Decode a ``pending`` entry, or raise :class:`LedgerCorrupt`."""
-    where = f"pending request {key.hex()}"
-    try:
-        request_id = key.decode("ascii")
-    except UnicodeDecodeError as error:
-        raise LedgerCorrupt(f"{where}: the key is not a request id") from error
-    where = f"pending request {request_id}"
-    if not value or value[0] != PENDING_FORMAT:
-        raise LedgerCorrupt(f"{where}: unknown format {value[:1].hex() or 'empty'}")
-    if len(value) < _PENDING_HEADER.size:
-        raise LedgerCorrupt(f"{where}: truncated header ({len(value)} bytes)")
-    (
-        _version,
-        status_code,
-        received_at,
-        decided_at,
-        requester_key_sha256,
-        csr_sha256,
-        transaction_id_len,
-        subject_len,
-        profile_len,
-        san_count,
-        reason_len,
-        csr_len,
-    ) = _PENDING_HEADER.unpack_from(value)
-    status = _PENDING_NAMES.get(status_code)
-    if status is None:
-        raise LedgerCorrupt(f"{where}: unknown status code {status_code}")
-    reader = _Reader(value, _PENDING_HEADER.size, where)
-    transaction_id = reader.text(transaction_id_len)
-    subject = reader.text(subject_len)
-    profile = reader.text(profile_len)
-    reason = reader.text(reason_len)
-    sans = reader.sans(san_count)
-    csr_der = reader.take(csr_len)
-    reader.finish()
-    try:
-        return PendingRequest(
-            request_id=request_id,
-            transaction_id=transaction_id,
-            requester_key_sha256=requester_key_sha256,
-            csr_sha256=csr_sha256,
-            csr_der=csr_der,
-            subject=subject,
-            sans=sans,
-            profile=profile,
-            received_at=received_at,
-            status=status,
-            decided_at=None if status == "pending" else decided_at,
-            reason=reason,
-        )
-    except ValueError as error:
-        raise LedgerCorrupt(f"{where}: {error}") from error
-
-
-def encode_challenge(challenge: Challenge) -> bytes:
-    """Challenge format 2 (see the module docstring); the key is the digest."""
-    profile, pattern, label, san_pattern = _texts(
-        challenge.profile, challenge.subject_pattern, challenge.label, challenge.san_pattern)
-    header = _CHALLENGE_HEADER.pack(
-        CHALLENGE_FORMAT,
-        float(challenge.created_at),
-        float(challenge.expires_at),
-        challenge.uses_left,
-        len(profile),
-        len(pattern),
-        len(label),
-        len(san_pattern),
-    )
-    return b"".join([header, profile, pattern, label, san_pattern])
-
-
-def decode_challenge(key: bytes, value: bytes) -> Challenge:
-    """Decode a ``challenges`` entry of format 1 or 2, or raise :class:`LedgerCorrupt`."""
-    where = f"challenge {key.hex()}"
-    version = value[0] if value else None
-    if version not in (1, CHALLENGE_FORMAT):
-        raise LedgerCorrupt(f"{where}: unknown format {value[:1].hex() or 'empty'}")
-    header = _CHALLENGE_HEADER_V1 if version == 1 else _CHALLENGE_HEADER
-    if len(value) < header.size:
-        raise LedgerCorrupt(f"{where}: truncated header ({len(value)} bytes)")
-    created_at, expires_at, uses_left, profile_len, pattern_len, label_len = \
-        header.unpack_from(value)[1:7]
-    reader = _Reader(value, header.size, where)
-    profile = reader.text(profile_len)
-    pattern = reader.text(pattern_len)
-    label = reader.text(label_len)
-    san_pattern = pattern if version == 1 else reader.text(header.unpack_from(value)[7])
-    reader.finish()
-    try:
-        return Challenge(
-            digest=key,
-            created_at=created_at,
-            expires_at=expires_at,
-            uses_left=uses_left,
-            profile=profile,
-            subject_pattern=pattern,
-            label=label,
-            san_pattern=san_pattern,
-        )
-    except ValueError as error:
-        raise LedgerCorrupt(f"{where}: {error}") from error
 
 
 # --- One environment per process ---------------------------------------------
@@ -911,15 +569,17 @@ class LmdbLedger:
             value = txn.get(digest, db=self._challenges)
         return None if value is None else decode_challenge(digest, value)
 
+    def _last_crl_number(self, txn: lmdb.Transaction[bytes]) -> int:
+        stored = txn.get(_CRL_NUMBER_KEY, db=self._meta)
+        if stored is None:
+            return 0
+        if len(stored) != _U64.size:
+            raise LedgerCorrupt(f"ledger {self._path}: unreadable CRL number")
+        return int(_U64.unpack(stored)[0])
+
     def next_crl_number(self) -> int:
         with self._write("next_crl_number") as txn:
-            stored = txn.get(_CRL_NUMBER_KEY, db=self._meta)
-            if stored is None:
-                number = 1
-            elif len(stored) != _U64.size:
-                raise LedgerCorrupt(f"ledger {self._path}: unreadable CRL number")
-            else:
-                number = _U64.unpack(stored)[0] + 1
+            number = self._last_crl_number(txn) + 1
             txn.put(_CRL_NUMBER_KEY, _U64.pack(number), db=self._meta)
         return number
 
@@ -942,6 +602,23 @@ class LmdbLedger:
     @property
     def path(self) -> str:
         return self._path
+
+    def last_crl_number(self) -> int:
+        """The last CRL number handed out (0 for none), without taking one."""
+        with self._begin() as txn:
+            return self._last_crl_number(txn)
+
+    def advance_crl_number(self, at_least: int) -> None:
+        """Makes the last CRL number at least ``at_least``; it never goes back."""
+        with self._write("advance_crl_number") as txn:
+            if self._last_crl_number(txn) < at_least:
+                txn.put(_CRL_NUMBER_KEY, _U64.pack(at_least), db=self._meta)
+
+    def iter_challenges(self) -> Iterator[Challenge]:
+        """Every challenge, in digest order."""
+        for chunk in self._chunks(self._challenges):
+            for key, value in chunk:
+                yield decode_challenge(key, value)
 
     def bulk_load(
         self, records: Iterable[CertRecord], *, records_per_transaction: int = 50_000

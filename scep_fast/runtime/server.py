@@ -13,6 +13,8 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -31,7 +33,13 @@ from scep_fast.runtime.pki import Material, load_material
 from scep_fast.service.enrollment import Answer, EnrollmentService, Policy, PreparedBatch
 from scep_fast.service.ledger import LedgerFull
 
+if TYPE_CHECKING:
+    from scep_fast.runtime.ledger_pg import PgLedger
+
 LEDGER_DIR = "ledger"
+# A process's own handle on the ledger: the embedded LMDB one, or a
+# PostgreSQL database shared by several nodes (``ledger.url``).
+OpenLedger: TypeAlias = "LmdbLedger | PgLedger"
 # How long a stopping worker may take to finish the requests it accepted.
 GRACEFUL_SECONDS = 30.0
 # hypercorn and trio allocate hundreds of short-lived objects per request, so
@@ -74,7 +82,7 @@ class Worker:
 
     config: Config
     material: Material
-    ledger: LmdbLedger
+    ledger: OpenLedger
     service: EnrollmentService
     batcher: Batcher[PreparedBatch, Answer]
     app: ScepApp
@@ -104,13 +112,26 @@ def _retry_after(refusal: Overloaded | None) -> int | None:
     return None if refusal is None else refusal.retry_after_seconds
 
 
-def open_ledger(config: Config) -> LmdbLedger:
+def ledger_password_file(config: Config) -> Path | None:
+    name = str(config.get("ledger", "password_file"))
+    return config.dir / name if name else None
+
+
+def open_ledger(config: Config) -> OpenLedger:
+    """This process's handle on the ledger the configuration names (LMDB or PostgreSQL)."""
+    url = str(config.get("ledger", "url"))
+    if url:
+        from scep_fast.runtime.ledger_pg import PgLedger
+
+        return PgLedger(url, password_file=ledger_password_file(config),
+                        pool_size=int(config.get("ledger", "pool_size")),
+                        on_full=_observe_full)
     return LmdbLedger(config.dir / LEDGER_DIR,
                       map_size_bytes=int(config.get("ledger", "map_size_bytes")),
                       on_full=_observe_full)
 
 
-def build_service(config: Config, material: Material, ledger: LmdbLedger) -> EnrollmentService:
+def build_service(config: Config, material: Material, ledger: OpenLedger) -> EnrollmentService:
     """The enrollment rules with this directory's keys, policy and profiles."""
     ctx = ScepContext(
         # Clients that still hold a retired RA certificate encrypt to it.

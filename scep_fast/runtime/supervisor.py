@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from cryptography import x509
@@ -43,8 +43,11 @@ from cryptography import x509
 from scep_fast import __version__
 from scep_fast.runtime.config import Config, ConfigError
 from scep_fast.runtime.http1 import StrictHttp1Handler
-from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
+from scep_fast.service.ledger import LedgerUnavailable
+
+if TYPE_CHECKING:
+    from scep_fast.runtime.server import OpenLedger
 
 log = logging.getLogger("scep_fast.supervisor")
 
@@ -217,6 +220,9 @@ class Supervisor:
                 self._material = load_material(self._config)
             refresh_all(self._config, self._ledger, self._material, force=force)
             self._revoked_seen = revoked
+        except LedgerUnavailable as e:
+            # The database is out of reach: no bug, the next check tries again.
+            log.warning("CRL refresh failed", extra={"fields": {"reason": str(e)}})
         except Exception:  # noqa: BLE001 - logged; the next check tries again
             log.exception("CRL refresh failed")
 
@@ -441,7 +447,7 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
         os.close(lock_fd)
 
 
-def _serve_admin(config: Config, ledger: LmdbLedger, bind: str) -> None:
+def _serve_admin(config: Config, ledger: OpenLedger, bind: str) -> None:
     from scep_fast.runtime.admin import AdminApi, serve_admin
     from scep_fast.runtime.server import build_service
 

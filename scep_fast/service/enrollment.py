@@ -58,6 +58,7 @@ from scep_fast.protocol import (
     ScepError,
     ScepRequestMessage,
     StorageFull,
+    StorageUnavailable,
     from_raw_attributes,
 )
 from scep_fast.service import approval, lookups
@@ -70,6 +71,7 @@ from scep_fast.service.ledger import (
     ChallengeUsedUp,
     Ledger,
     LedgerFull,
+    LedgerUnavailable,
     PendingRequest,
     Recorded,
     SerialCollision,
@@ -215,6 +217,7 @@ class EnrollmentService:
                         and i.answer.error is None]
             self._look_up([i for i in readable if i.request is not None
                            and i.request.message_type in _TRANSACTION_TYPES])
+            readable = [i for i in readable if i.answer.error is None]
             for item in readable:
                 with self._isolated(item, "decide"):
                     self._decide(item)
@@ -242,6 +245,9 @@ class EnrollmentService:
         except LedgerFull as e:
             # No room to record it: no bug, and the client may come back (503).
             self._refuse(item, StorageFull(detail=f"{stage}: {e}"))
+        except LedgerUnavailable as e:
+            # The database is out of reach for now: come back soon (503).
+            self._refuse(item, StorageUnavailable(detail=f"{stage}: {e}"))
         except Exception as e:  # noqa: BLE001 - one message must not fail its batch
             log.exception("%s failed for one message", stage)
             self._answer_failure(item, BadRequest("the request cannot be processed",
@@ -337,8 +343,15 @@ class EnrollmentService:
     def _look_up(self, items: list[_Item]) -> None:
         """What the ledger knows of each transaction, in one read for the batch."""
         keys = [(i.request.transaction_id, i.requester) for i in items if i.request is not None]
-        for item, (record, pending) in zip(items, self._ledger.find_transactions(keys),
-                                           strict=True):
+        try:
+            found = self._ledger.find_transactions(keys)
+        except LedgerUnavailable as e:
+            # Without the ledger nothing of these may be decided (a resend
+            # would be issued twice): come back soon (503).
+            for item in items:
+                self._refuse(item, StorageUnavailable(detail=f"look up: {e}"))
+            return
+        for item, (record, pending) in zip(items, found, strict=True):
             item.known_record, item.known_pending = record, pending
 
     def _decide(self, item: _Item) -> None:
@@ -488,6 +501,12 @@ class EnrollmentService:
             # Nothing was recorded, so nothing may leave; the client may come back (503).
             for item in items:
                 self._refuse(item, StorageFull(detail=f"ledger commit: {e}"))
+            return
+        except LedgerUnavailable as e:
+            # Recorded or not, nothing may leave: the client comes back (503),
+            # and its resend gets what the database recorded, if anything.
+            for item in items:
+                self._refuse(item, StorageUnavailable(detail=f"ledger commit: {e}"))
             return
         except Exception as e:  # noqa: BLE001 - nothing of this batch may leave
             for item in items:

@@ -1,10 +1,15 @@
 """The issuance ledger port: what the service needs from storage.
 
 Every certificate we issue is recorded here before it leaves the server.
-The service talks to storage only through :class:`Ledger`; the LMDB adapter
-lives in ``scep_fast.runtime.ledger_lmdb`` and :class:`MemoryLedger` below is
-a reference implementation with the same rules, for tests of the layers
-above and as an executable statement of the semantics.
+The service talks to storage only through :class:`Ledger`. This module holds
+the port, the values it stores (validated when built), what ``commit`` says
+about each record, and the rules every adapter shares. The adapters:
+``scep_fast.service.ledger_memory.MemoryLedger``, a reference implementation
+with the same rules, for tests of the layers above and as an executable
+statement of the semantics; ``scep_fast.runtime.ledger_lmdb``, the embedded
+default; ``scep_fast.runtime.ledger_pg``, a PostgreSQL database that several
+nodes share. One test suite of these rules runs against all three
+(``tests/integration/test_ledger_contract.py``).
 
 The rules of :meth:`Ledger.commit`, applied per record, in order, inside one
 write transaction for the whole batch:
@@ -55,10 +60,8 @@ The certificate lifecycle beyond issuance, every write durable on return:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import re
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -81,7 +84,7 @@ __all__ = [
     "LedgerCorrupt",
     "LedgerError",
     "LedgerFull",
-    "MemoryLedger",
+    "LedgerUnavailable",
     "NotFound",
     "PendingRequest",
     "Recorded",
@@ -89,11 +92,12 @@ __all__ = [
     "TransactionConflict",
     "UnsupportedSchema",
     "check_pending",
+    "check_decision",
     "check_revocation_reason",
     "commit_challenges",
     "decide",
     "good_at",
-    "record_to_json",
+    "is_time",
     "spent",
     "usable",
 ]
@@ -158,6 +162,15 @@ class LedgerFull(LedgerError):
     """The storage has no room left for the batch; nothing was written."""
 
 
+class LedgerUnavailable(LedgerError):
+    """The storage cannot be reached now (its database is down or restarting).
+
+    Whether a write that was under way when the connection broke reached the
+    storage is unknown; nothing of it may be answered as done. The caller
+    answers "come back later", and a resend then finds what was recorded.
+    """
+
+
 class NotFound(LedgerError):
     """The certificate or request named is not on record."""
 
@@ -173,16 +186,19 @@ def check_revocation_reason(reason: object) -> int:
     return reason
 
 
-def _is_time(value: object) -> bool:
+def is_time(value: object) -> bool:
     return type(value) in (int, float)
 
 
 def _check_text(*texts: str) -> None:
     # Encoding also refuses strings that are not valid Unicode (lone
-    # surrogates), which the ledger could not store.
+    # surrogates), which the ledger could not store; PostgreSQL's text cannot
+    # hold U+0000 either, so no ledger takes it.
     for text in texts:
         if len(text.encode()) > MAX_TEXT_BYTES:
             raise ValueError(f"a text field is longer than {MAX_TEXT_BYTES} bytes")
+        if "\x00" in text:
+            raise ValueError("a text field holds U+0000")
 
 
 def _check_transaction_id(transaction_id: object) -> None:
@@ -190,6 +206,7 @@ def _check_transaction_id(transaction_id: object) -> None:
         raise ValueError("transaction_id must be a non-empty str")
     if len(transaction_id.encode()) > MAX_TRANSACTION_ID_BYTES:
         raise ValueError(f"transaction_id longer than {MAX_TRANSACTION_ID_BYTES} bytes")
+    _check_text(transaction_id)
 
 
 def _check_digests(owner: object, *names: str) -> None:
@@ -251,9 +268,7 @@ class CertRecord:
         # surrogates), which the ledger could not store.
         if len(self.transaction_id.encode()) > MAX_TRANSACTION_ID_BYTES:
             raise ValueError(f"transaction_id longer than {MAX_TRANSACTION_ID_BYTES} bytes")
-        for text in (self.subject, self.profile, *self.sans):
-            if len(text.encode()) > MAX_TEXT_BYTES:
-                raise ValueError(f"a text field is longer than {MAX_TEXT_BYTES} bytes")
+        _check_text(self.transaction_id, self.subject, self.profile, *self.sans)
         for name in ("requester_key_sha256", "csr_sha256"):
             value = getattr(self, name)
             if not isinstance(value, bytes) or len(value) != _SHA256_LEN:
@@ -267,7 +282,7 @@ class CertRecord:
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {sorted(STATUSES)}")
         check_revocation_reason(self.revocation_reason)
-        if self.revoked_at is not None and not _is_time(self.revoked_at):
+        if self.revoked_at is not None and not is_time(self.revoked_at):
             raise ValueError("revoked_at must be epoch seconds or None")
         if (self.status == "revoked") != (self.revoked_at is not None):
             raise ValueError("status is revoked exactly when revoked_at is set")
@@ -311,11 +326,11 @@ class PendingRequest:
         _check_sans(self.sans)
         if not isinstance(self.profile, str) or not self.profile:
             raise ValueError("profile must be a non-empty str")
-        if not _is_time(self.received_at):
+        if not is_time(self.received_at):
             raise ValueError("received_at must be epoch seconds")
         if self.status not in PENDING_STATUSES:
             raise ValueError(f"status must be one of {sorted(PENDING_STATUSES)}")
-        if self.decided_at is not None and not _is_time(self.decided_at):
+        if self.decided_at is not None and not is_time(self.decided_at):
             raise ValueError("decided_at must be epoch seconds or None")
         if (self.status == "pending") != (self.decided_at is None):
             raise ValueError("decided_at is set exactly when the request is decided")
@@ -347,7 +362,7 @@ class Challenge:
 
     def __post_init__(self) -> None:
         _check_digests(self, "digest")
-        if not _is_time(self.created_at) or not _is_time(self.expires_at):
+        if not is_time(self.created_at) or not is_time(self.expires_at):
             raise ValueError("created_at and expires_at must be epoch seconds")
         if type(self.uses_left) is not int or not 0 <= self.uses_left <= MAX_USES:
             raise ValueError(f"uses_left must be an integer from 0 to {MAX_USES}")
@@ -523,211 +538,6 @@ class Ledger(Protocol):
         """Release the storage; the ledger is unusable afterwards."""
         ...
 
-
-class MemoryLedger:
-    """A :class:`Ledger` in a dict: the same rules, no durability.
-
-    For tests of the service layer, and the reference the LMDB adapter is
-    tested against. Safe to share between threads.
-    """
-
-    def __init__(self) -> None:
-        self._certs: dict[int, CertRecord] = {}
-        self._txids: dict[tuple[str, bytes], int] = {}
-        self._pending: dict[str, PendingRequest] = {}
-        self._pending_txids: dict[tuple[str, bytes], str] = {}
-        self._challenges: dict[bytes, Challenge] = {}
-        self._crl_number = 0
-        self._lock = threading.RLock()
-        self._closed = False
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise LedgerError("ledger is closed")
-
-    def find_transaction(
-        self, transaction_id: str, requester_key_sha256: bytes
-    ) -> CertRecord | None:
-        with self._lock:
-            self._check_open()
-            serial = self._txids.get((transaction_id, requester_key_sha256))
-            return None if serial is None else self._certs[serial]
-
-    def find_transactions(
-        self, keys: Sequence[tuple[str, bytes]]
-    ) -> list[tuple[CertRecord | None, PendingRequest | None]]:
-        with self._lock:
-            self._check_open()
-            found: list[tuple[CertRecord | None, PendingRequest | None]] = []
-            for key in keys:
-                serial = self._txids.get(key)
-                request_id = self._pending_txids.get(key)
-                found.append((None if serial is None else self._certs[serial],
-                              None if request_id is None else self._pending[request_id]))
-            return found
-
-    def commit(
-        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = ()
-    ) -> list[CommitOutcome]:
-        presented = commit_challenges(records, challenges)
-        with self._lock:
-            self._check_open()
-            # Work on copies so that a failure in the middle leaves nothing behind.
-            certs = dict(self._certs)
-            txids = dict(self._txids)
-            kept = dict(self._challenges)
-            outcomes: list[CommitOutcome] = []
-            for record, digest in zip(records, presented, strict=True):
-                key = (record.transaction_id, record.requester_key_sha256)
-                serial = txids.get(key)
-                existing = None if serial is None else certs[serial]
-                challenge = None if digest is None else kept.get(digest)
-                if existing is not None and good_at(existing, record.issued_at):
-                    if existing.csr_sha256 == record.csr_sha256:
-                        outcomes.append(AlreadyIssued(existing))
-                    else:
-                        outcomes.append(TransactionConflict(existing))
-                elif record.serial in certs:
-                    outcomes.append(SerialCollision(record.serial))
-                elif digest is not None and (
-                        challenge is None or not usable(challenge, record.issued_at)):
-                    outcomes.append(ChallengeRefused(digest))
-                else:
-                    if digest is not None and challenge is not None:
-                        kept[digest] = spent(challenge)
-                    certs[record.serial] = record
-                    txids[key] = record.serial
-                    outcomes.append(Recorded(record))
-            self._certs, self._txids, self._challenges = certs, txids, kept
-            return outcomes
-
-    def get(self, serial: int) -> CertRecord | None:
-        with self._lock:
-            self._check_open()
-            return self._certs.get(serial)
-
-    def iter_records(self) -> Iterator[CertRecord]:
-        with self._lock:
-            self._check_open()
-            records = [self._certs[serial] for serial in sorted(self._certs)]
-        yield from records
-
-    def count(self) -> int:
-        with self._lock:
-            self._check_open()
-            return len(self._certs)
-
-    def revoke(self, serial: int, reason: int, when: float) -> CertRecord:
-        check_revocation_reason(reason)
-        if not _is_time(when):
-            raise ValueError("when must be epoch seconds")
-        with self._lock:
-            self._check_open()
-            record = self._certs.get(serial)
-            if record is None:
-                raise NotFound(f"no certificate with serial {serial:x}")
-            if record.status == "revoked":
-                return record
-            revoked = dataclasses.replace(
-                record, status="revoked", revoked_at=when, revocation_reason=reason
-            )
-            self._certs[serial] = revoked
-            return revoked
-
-    def count_revoked(self) -> int:
-        with self._lock:
-            self._check_open()
-            return sum(1 for r in self._certs.values() if r.status == "revoked")
-
-    def iter_revoked(self) -> Iterator[CertRecord]:
-        with self._lock:
-            self._check_open()
-            records = [
-                self._certs[serial]
-                for serial in sorted(self._certs)
-                if self._certs[serial].status == "revoked"
-            ]
-        yield from records
-
-    def add_pending(self, p: PendingRequest, challenge: bytes | None = None) -> PendingRequest:
-        check_pending(p, challenge)
-        with self._lock:
-            self._check_open()
-            key = (p.transaction_id, p.requester_key_sha256)
-            existing = self._pending_txids.get(key)
-            if existing is not None:
-                return self._pending[existing]
-            if p.request_id in self._pending:
-                raise LedgerError(f"request id {p.request_id} is in use")
-            if challenge is not None:
-                presented = self._challenges.get(challenge)
-                if presented is None or not usable(presented, p.received_at):
-                    raise ChallengeUsedUp("the challenge is expired or used up")
-                self._challenges[challenge] = spent(presented)
-            self._pending[p.request_id] = p
-            self._pending_txids[key] = p.request_id
-            return p
-
-    def find_pending(
-        self, transaction_id: str, requester_key_sha256: bytes
-    ) -> PendingRequest | None:
-        with self._lock:
-            self._check_open()
-            request_id = self._pending_txids.get((transaction_id, requester_key_sha256))
-            return None if request_id is None else self._pending[request_id]
-
-    def get_pending(self, request_id: str) -> PendingRequest | None:
-        with self._lock:
-            self._check_open()
-            return self._pending.get(request_id)
-
-    def iter_pending(self) -> Iterator[PendingRequest]:
-        with self._lock:
-            self._check_open()
-            requests = [self._pending[rid] for rid in sorted(self._pending)]
-        yield from requests
-
-    def decide_pending(
-        self, request_id: str, status: str, when: float, reason: str = ""
-    ) -> PendingRequest:
-        _check_decision(status, when)
-        with self._lock:
-            self._check_open()
-            request = self._pending.get(request_id)
-            if request is None:
-                raise NotFound(f"no pending request {request_id}")
-            decided = decide(request, status, when, reason)
-            self._pending[request_id] = decided
-            return decided
-
-    def add_challenge(self, challenge: Challenge) -> None:
-        if not isinstance(challenge, Challenge):
-            raise TypeError("add_challenge takes a Challenge")
-        with self._lock:
-            self._check_open()
-            if challenge.digest in self._challenges:
-                raise LedgerError("a challenge with this digest is on record already")
-            self._challenges[challenge.digest] = challenge
-
-    def get_challenge(self, digest: bytes) -> Challenge | None:
-        with self._lock:
-            self._check_open()
-            return self._challenges.get(digest)
-
-    def next_crl_number(self) -> int:
-        with self._lock:
-            self._check_open()
-            self._crl_number += 1
-            return self._crl_number
-
-    def bulk_load(self, records: Iterable[CertRecord]) -> int:
-        outcomes = self.commit(list(records))
-        return sum(isinstance(outcome, Recorded) for outcome in outcomes)
-
-    def close(self) -> None:
-        self._closed = True
-
-
 # --- Rules the adapters share ------------------------------------------------
 
 
@@ -780,58 +590,16 @@ def check_pending(p: PendingRequest, challenge: bytes | None) -> None:
         _check_digest(challenge)
 
 
-def _check_decision(status: str, when: float) -> None:
+def check_decision(status: str, when: float) -> None:
     if status not in ("approved", "rejected"):
         raise ValueError('status must be "approved" or "rejected"')
-    if not _is_time(when):
+    if not is_time(when):
         raise ValueError("when must be epoch seconds")
 
 
 def decide(request: PendingRequest, status: str, when: float, reason: str) -> PendingRequest:
     """``request`` approved or rejected; :class:`LedgerError` if decided already."""
-    _check_decision(status, when)
+    check_decision(status, when)
     if request.status != "pending":
         raise LedgerError(f"request {request.request_id} is {request.status} already")
     return dataclasses.replace(request, status=status, decided_at=when, reason=reason)
-
-
-# --- What the command line prints --------------------------------------------
-
-
-def _iso8601_utc(epoch_seconds: float, *, fraction: bool) -> str:
-    moment = datetime.datetime.fromtimestamp(epoch_seconds, tz=datetime.UTC)
-    return moment.isoformat(timespec="milliseconds" if fraction else "seconds").replace(
-        "+00:00", "Z"
-    )
-
-
-def record_to_json(record: CertRecord) -> dict[str, object]:
-    """The JSON object ``scep-fast certs list --json`` prints for a record.
-
-    The serial is lower-case hex without a prefix; times are ISO 8601 in UTC
-    with a ``Z`` suffix (``issued_at`` and ``revoked_at`` to the
-    millisecond). ``revoked_at`` and ``revocation_reason`` (the RFC 5280
-    name, such as ``"keyCompromise"``) are null unless revoked. The DER is
-    left out: ``certs show`` prints the certificate itself.
-    """
-    revoked = record.revoked_at is not None
-    return {
-        "serial": format(record.serial, "x"),
-        "subject": record.subject,
-        "sans": list(record.sans),
-        "not_before": _iso8601_utc(record.not_before, fraction=False),
-        "not_after": _iso8601_utc(record.not_after, fraction=False),
-        "issued_at": _iso8601_utc(record.issued_at, fraction=True),
-        "status": record.status,
-        "revoked_at": (
-            None if record.revoked_at is None
-            else _iso8601_utc(record.revoked_at, fraction=True)
-        ),
-        "revocation_reason": (
-            REVOCATION_REASONS[record.revocation_reason] if revoked else None
-        ),
-        "transaction_id": record.transaction_id,
-        "profile": record.profile,
-        "requester_key_sha256": record.requester_key_sha256.hex(),
-        "csr_sha256": record.csr_sha256.hex(),
-    }

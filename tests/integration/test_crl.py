@@ -19,7 +19,8 @@ from scep_fast.client import build_get_crl, enroll, parse_cert_rep
 from scep_fast.protocol import PKIStatus
 from scep_fast.runtime import config as configuration
 from scep_fast.runtime import crl, pki
-from scep_fast.service.ledger import CertRecord, MemoryLedger
+from scep_fast.service.ledger import CertRecord
+from scep_fast.service.ledger_memory import MemoryLedger
 from tests.integration.conftest import CHALLENGE, Server, init_dir, scep_fast, set_config
 
 T0 = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)

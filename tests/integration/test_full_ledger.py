@@ -19,7 +19,8 @@ from scep_fast.client import build_pkcs_req, parse_cert_rep
 from scep_fast.protocol import PKIStatus
 from scep_fast.runtime.admin import AdminApi, serve_admin
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
-from scep_fast.service.ledger import Challenge, LedgerFull, MemoryLedger
+from scep_fast.service.ledger import Challenge, LedgerFull
+from scep_fast.service.ledger_memory import MemoryLedger
 from tests.integration.conftest import (
     CHALLENGE,
     Server,
@@ -28,8 +29,8 @@ from tests.integration.conftest import (
     set_config,
     start_server,
 )
-from tests.integration.test_ledger_lmdb import make_record
 from tests.integration.test_server import ca_certs
+from tests.ledger_values import make_record
 
 SMALL_MAP_BYTES = 16 * 1024 * 1024  # the smallest the configuration allows
 LARGER_MAP_BYTES = 64 * 1024 * 1024

@@ -53,7 +53,8 @@ from scep_fast.runtime import config as configuration
 from scep_fast.runtime import crl
 from scep_fast.runtime.pki import Material, load_material
 from scep_fast.service.enrollment import EnrollmentService, Policy
-from scep_fast.service.ledger import REVOCATION_REASONS, MemoryLedger
+from scep_fast.service.ledger import REVOCATION_REASONS
+from scep_fast.service.ledger_memory import MemoryLedger
 from scep_fast.service.profile import Profile
 from tests.integration.conftest import init_dir
 

@@ -33,7 +33,8 @@ from scep_fast.client.messages import (
     transaction_id_for,
 )
 from scep_fast.protocol import FailInfo, MessageType, PKIStatus
-from scep_fast.service.ledger import Ledger, MemoryLedger
+from scep_fast.service.ledger import Ledger
+from scep_fast.service.ledger_memory import MemoryLedger
 from tests.unit.harness import STATIC, Clock, Pki, Service
 
 

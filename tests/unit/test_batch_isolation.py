@@ -22,9 +22,9 @@ from scep_fast.client.messages import (
     parse_cert_rep,
 )
 from scep_fast.crypto import CertRepSpec, IssueRequest, ScepContext, Unwrapped
-from scep_fast.protocol import PKIStatus, StorageFull
+from scep_fast.protocol import PKIStatus, StorageFull, StorageUnavailable
 from scep_fast.service import authorization, enrollment
-from scep_fast.service.ledger import LedgerFull
+from scep_fast.service.ledger import LedgerFull, LedgerUnavailable
 from tests.unit.harness import STATIC, Service
 
 POISON_CN = "poisoned"
@@ -176,3 +176,21 @@ def test_a_full_ledger_answers_503_and_nothing_leaves(
                                              challenge=secret))
     assert isinstance(pending.error, StorageFull)
     assert service.uses_left(secret) == 1
+
+
+@pytest.mark.parametrize("failing", ["find_transactions", "commit"])
+def test_a_ledger_out_of_reach_answers_503_and_nothing_leaves(
+        service: Service, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    def unavailable(*_args: Any, **_kwargs: Any) -> Any:
+        raise LedgerUnavailable("the database is restarting")
+
+    monkeypatch.setattr(type(service.ledger), failing, unavailable)
+    answers = service.send(*[build_pkcs_req(service.pki.ra, cn=f"away-{i}", challenge=STATIC)
+                             for i in range(3)])
+    for answer in answers:
+        assert isinstance(answer.error, StorageUnavailable), answer.reason
+        assert answer.error.http_status == 503 and answer.error.retry_after_seconds >= 1
+        assert answer.body == b"" and answer.serial is None
+    monkeypatch.undo()
+    assert service.ledger.count() == 0
+

@@ -59,3 +59,24 @@ def test_overrides_are_checked_like_the_file() -> None:
         "server", "bind") == "127.0.0.1:8080"
     with pytest.raises(ConfigError, match="server.workers"):
         with_overrides(config, {("server", "workers"): 1000})
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://scep:hunter2@db.example/scep",
+    "postgresql://scep@db.example/scep?password=hunter2",
+    "mysql://scep@db.example/scep",
+    "host=db.example dbname=scep",
+])
+def test_a_ledger_url_is_postgresql_without_a_password_and_never_echoed(url: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse(f'[ledger]\nurl = "{url}"\n', DIR)
+    assert "ledger.url" in str(raised.value)
+    assert "hunter2" not in str(raised.value)
+
+
+def test_a_ledger_url_passes_libpq_parameters_through() -> None:
+    url = "postgresql://scep@db.example:5433/scep?sslmode=verify-full&sslrootcert=ca.pem"
+    config = parse(f'[ledger]\nurl = "{url}"\npassword_file = "db-password"\n', DIR)
+    assert config.get("ledger", "url") == url
+    assert parse("", DIR).get("ledger", "url") == ""
+

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL_DIR = ROOT / "scep_fast" / "protocol"
 
 # Only runtime/ may import these.
-IO_MODULES = ("trio", "hypercorn", "lmdb", "prometheus_client")
+IO_MODULES = ("trio", "hypercorn", "lmdb", "prometheus_client", "psycopg", "psycopg_pool")
 
 _PROBE = """
 import importlib, json, pkgutil, sys

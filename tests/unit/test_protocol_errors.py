@@ -22,6 +22,7 @@ from scep_fast.protocol import (
     RequestError,
     ScepError,
     StorageFull,
+    StorageUnavailable,
     UnknownOperation,
 )
 
@@ -113,6 +114,14 @@ def test_storage_full_is_a_503_with_retry_after_that_keeps_its_detail_to_itself(
     assert "map size" not in str(error)
 
 
+def test_storage_unavailable_is_a_503_with_a_shorter_retry_after() -> None:
+    error = StorageUnavailable(detail="ledger postgresql://db/scep is unavailable")
+    assert isinstance(error, Overloaded)
+    assert error.http_status == 503
+    assert 0 < error.retry_after_seconds < StorageFull.DEFAULT_RETRY_AFTER_SECONDS
+    assert "postgresql" not in str(error)
+
+
 def test_method_not_allowed_names_allowed_methods() -> None:
     assert MethodNotAllowed().allowed == ("GET", "POST")
     assert MethodNotAllowed(allowed=("GET",)).allowed == ("GET",)
@@ -126,6 +135,7 @@ def test_method_not_allowed_names_allowed_methods() -> None:
         BodyTooLarge(),
         Overloaded(7, "busy"),
         StorageFull(30, detail="disk full"),
+        StorageUnavailable(5, detail="database restarting"),
         MethodNotAllowed("no", allowed=("GET", "POST", "HEAD")),
         BadTime("clock"),
         InternalError("detail"),

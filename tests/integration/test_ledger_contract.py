@@ -1,0 +1,614 @@
+"""The Ledger contract: the rules of ``scep_fast.service.ledger``, against every adapter.
+
+Each test of the rules runs against ``MemoryLedger``, ``LmdbLedger`` and
+``PgLedger`` on a real PostgreSQL. Tests that need storage shared between
+handles and processes (reopening, several processes racing) run against the
+durable adapters only. What only one adapter has (an LMDB map that fills up,
+its file locking, its byte formats) is tested beside that adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import multiprocessing
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from scep_fast.runtime.ledger_lmdb import LmdbLedger
+from scep_fast.runtime.ledger_pg import PgLedger, is_postgres_url, migrate
+from scep_fast.service.ledger import (
+    AlreadyIssued,
+    Challenge,
+    ChallengeUsedUp,
+    Ledger,
+    LedgerError,
+    NotFound,
+    Recorded,
+    SerialCollision,
+    TransactionConflict,
+)
+from scep_fast.service.ledger_memory import MemoryLedger
+from tests.ledger_values import (
+    KEY_A,
+    KEY_B,
+    NOW,
+    digest,
+    make_challenge,
+    make_pending,
+    make_record,
+    random_serial,
+    spend,
+)
+from tests.postgres import PostgresServer
+
+ADAPTERS = ["memory", "lmdb", "postgresql"]
+DURABLE = ["lmdb", "postgresql"]
+
+
+def open_ledger_at(target: str) -> Ledger:
+    """A new handle on the storage ``target`` names: ``lmdb:DIR``, a PostgreSQL URL, ``memory:``."""
+    if is_postgres_url(target):
+        return PgLedger(target)
+    kind, _, where = target.partition(":")
+    if kind == "lmdb":
+        return LmdbLedger(where, map_size_bytes=256 * 1024 * 1024)
+    if kind == "memory":
+        return MemoryLedger()
+    raise ValueError(f"no ledger at {target!r}")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where one test's ledger lives; ``open()`` makes a handle on it (in any process)."""
+
+    target: str
+
+    def open(self) -> Ledger:
+        return open_ledger_at(self.target)
+
+
+def _storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    kind = request.param
+    if kind == "lmdb":
+        return Storage(f"lmdb:{tmp_path / 'ledger'}")
+    if kind == "postgresql":
+        # A database of its own for each test, with the schema.
+        server: PostgresServer = request.getfixturevalue("postgres")
+        url = server.url(server.new_database())
+        migrate(url)
+        return Storage(url)
+    return Storage("memory:")
+
+
+@pytest.fixture(params=ADAPTERS)
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    with closing(_storage(request, tmp_path).open()) as opened:
+        yield opened
+
+
+@pytest.fixture(params=DURABLE)
+def durable(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    return _storage(request, tmp_path)
+
+
+# --- commit ---------------------------------------------------------------------
+
+
+def test_round_trip(ledger: Ledger) -> None:
+    record = make_record(0xFEDC_BA98_7654_3210, "tx-round-trip")
+    assert ledger.commit([record]) == [Recorded(record)]
+    assert ledger.get(record.serial) == record
+    assert ledger.find_transaction("tx-round-trip", KEY_A) == record
+    assert ledger.find_transaction("tx-round-trip", KEY_B) is None
+    assert ledger.get(record.serial + 1) is None
+    assert list(ledger.iter_records()) == [record]
+    assert ledger.count() == 1
+    assert ledger.commit([]) == []
+
+
+def test_resend_is_already_issued_and_writes_nothing(ledger: Ledger) -> None:
+    first = make_record(1001, "tx-resend")
+    ledger.commit([first])
+    resend = make_record(1002, "tx-resend")  # same CSR, same signer key, fresh serial
+    assert ledger.commit([resend]) == [AlreadyIssued(first)]
+    assert ledger.get(1002) is None
+    assert ledger.count() == 1
+
+
+def test_resend_inside_one_batch(ledger: Ledger) -> None:
+    first, again = make_record(5, "tx-twice"), make_record(6, "tx-twice")
+    assert ledger.commit([first, again]) == [Recorded(first), AlreadyIssued(first)]
+    assert ledger.count() == 1
+
+
+def test_same_transaction_other_csr_is_a_conflict(ledger: Ledger) -> None:
+    first = make_record(2001, "tx-conflict", csr="one")
+    ledger.commit([first])
+    assert ledger.commit([make_record(2002, "tx-conflict", csr="two")]) == [
+        TransactionConflict(first)
+    ]
+    assert ledger.get(2002) is None
+    # Another requester may use the same transaction id.
+    other = make_record(2003, "tx-conflict", key=KEY_B, csr="two")
+    assert ledger.commit([other]) == [Recorded(other)]
+
+
+def test_serial_collision_is_refused(ledger: Ledger) -> None:
+    first = make_record(3001, "tx-first")
+    ledger.commit([first])
+    clash = make_record(3001, "tx-second")
+    after = make_record(3002, "tx-third")
+    assert ledger.commit([clash, after]) == [SerialCollision(3001), Recorded(after)]
+    assert ledger.get(3001) == first
+    assert ledger.find_transaction("tx-second", KEY_A) is None
+    assert ledger.count() == 2
+
+
+def test_thousand_records_in_one_commit(ledger: Ledger) -> None:
+    records = [make_record(random_serial(), f"tx-bulk-{i}") for i in range(1000)]
+    started = time.perf_counter()
+    outcomes = ledger.commit(records)
+    elapsed = time.perf_counter() - started
+    assert outcomes == [Recorded(r) for r in records]
+    assert ledger.count() == 1000
+    assert elapsed < 5.0, f"1,000 records took {elapsed:.2f} s"
+
+
+def test_the_commit_rules_in_one_batch(ledger: Ledger) -> None:
+    first = make_record(10, "tx-1", issued_at=NOW)
+    other_requester = make_record(13, "tx-1", key=KEY_B, issued_at=NOW)
+    outcomes = ledger.commit([
+        first,
+        make_record(11, "tx-1", issued_at=NOW),               # resend in the same batch
+        make_record(12, "tx-1", csr="other", issued_at=NOW),  # same transaction, another CSR
+        make_record(10, "tx-2", issued_at=NOW),               # serial taken
+        other_requester,                                      # same id, another requester
+    ])
+    assert outcomes == [
+        Recorded(first),
+        AlreadyIssued(first),
+        TransactionConflict(first),
+        SerialCollision(10),
+        Recorded(other_requester),
+    ]
+    assert ledger.count() == 2
+    assert ledger.find_transaction("tx-2", KEY_A) is None
+    assert ledger.find_transaction("tx-1", KEY_A) == first
+    assert [r.serial for r in ledger.iter_records()] == [10, 13]
+
+
+def test_a_batch_with_a_bad_value_writes_nothing(ledger: Ledger) -> None:
+    with pytest.raises(TypeError):
+        ledger.commit([make_record(1, "a"), "not a record", make_record(2, "b")])  # type: ignore[list-item]
+    assert ledger.count() == 0
+    ledger.close()
+    with pytest.raises(LedgerError):
+        ledger.count()
+
+
+# --- The certificate lifecycle --------------------------------------------------
+
+
+def test_revoke_round_trip_and_idempotence(ledger: Ledger) -> None:
+    records = [make_record(serial, f"tx-{serial}") for serial in (30, 10, 20, 40)]
+    ledger.commit(records)
+    revoked = ledger.revoke(20, 1, NOW)
+    assert revoked.serial == 20
+    assert revoked.status == "revoked"
+    assert revoked.revoked_at == NOW
+    assert revoked.revocation_reason == 1
+    assert ledger.get(20) == revoked
+    assert ledger.find_transaction("tx-20", KEY_A) == revoked
+    # Everything but the revocation is as issued.
+    assert revoked.der == records[2].der
+    assert revoked.issued_at == records[2].issued_at
+    # Revoking again changes nothing: the first time and reason stay.
+    assert ledger.revoke(20, 4, NOW + 100) == revoked
+    assert ledger.get(20) == revoked
+    assert ledger.count() == 4
+    assert [r.status for r in ledger.iter_records()] == [
+        "issued", "revoked", "issued", "issued"
+    ]
+
+
+def test_revoke_refuses_unknown_serials_and_reasons(ledger: Ledger) -> None:
+    record = make_record(5, "tx-5")
+    ledger.commit([record])
+    with pytest.raises(NotFound):
+        ledger.revoke(6, 0, NOW)
+    with pytest.raises(LedgerError):  # NotFound is a LedgerError
+        ledger.revoke(6, 0, NOW)
+    for reason in (7, 11, -1):
+        with pytest.raises(ValueError):
+            ledger.revoke(5, reason, NOW)
+    assert ledger.get(5) == record
+    assert list(ledger.iter_revoked()) == []
+
+
+def test_iter_revoked_yields_only_revoked_in_serial_order(ledger: Ledger) -> None:
+    serials = [random_serial() for _ in range(40)]
+    ledger.commit([make_record(s, f"tx-{i}") for i, s in enumerate(serials)])
+    chosen = sorted(serials[::3])
+    for offset, serial in enumerate(reversed(chosen)):
+        ledger.revoke(serial, offset % 6, NOW + offset)
+    listed = list(ledger.iter_revoked())
+    assert [r.serial for r in listed] == chosen
+    assert all(r.status == "revoked" and r.revoked_at is not None for r in listed)
+    # A record committed as revoked is in the index too.
+    extra = dataclasses.replace(make_record(1, "tx-extra"), status="revoked", revoked_at=NOW,
+                                revocation_reason=3)
+    assert ledger.commit([extra]) == [Recorded(extra)]
+    assert [r.serial for r in ledger.iter_revoked()] == [1, *chosen]
+
+
+def test_pending_requests(ledger: Ledger) -> None:
+    first = make_pending("00000000000000b2", "tx-wait", csr="one")
+    assert ledger.add_pending(first) == first
+    assert ledger.find_pending("tx-wait", KEY_A) == first
+    assert ledger.find_pending("tx-wait", KEY_B) is None
+    assert ledger.find_pending("tx-other", KEY_A) is None
+    assert ledger.get_pending("00000000000000b2") == first
+    assert ledger.get_pending("00000000000000b3") is None
+    assert ledger.get_pending("not an id") is None
+    # The same transaction again, even with another CSR or id: the one on record.
+    again = make_pending("00000000000000c3", "tx-wait", csr="two")
+    assert ledger.add_pending(again) == first
+    assert ledger.get_pending("00000000000000c3") is None
+    # Another requester may use the same transaction id.
+    other = make_pending("00000000000000a1", "tx-wait", key=KEY_B, received_at=NOW + 5)
+    assert ledger.add_pending(other) == other
+    # A request id belongs to one transaction.
+    with pytest.raises(LedgerError, match="in use"):
+        ledger.add_pending(make_pending("00000000000000a1", "tx-clash"))
+    assert ledger.find_pending("tx-clash", KEY_A) is None
+    with pytest.raises(ValueError):
+        ledger.add_pending(dataclasses.replace(
+            make_pending("00000000000000d4", "tx-d"), status="approved", decided_at=NOW
+        ))
+    assert list(ledger.iter_pending()) == [other, first]
+
+
+def test_deciding_pending_requests(ledger: Ledger) -> None:
+    waiting = [make_pending(f"{i:016x}", f"tx-{i}") for i in range(1, 4)]
+    for request in waiting:
+        ledger.add_pending(request)
+    approved = ledger.decide_pending(waiting[0].request_id, "approved", NOW + 60)
+    assert approved.status == "approved"
+    assert approved.decided_at == NOW + 60
+    assert approved.reason == ""
+    assert approved.csr_der == waiting[0].csr_der
+    rejected = ledger.decide_pending(waiting[1].request_id, "rejected", NOW + 70,
+                                         reason="unknown device")
+    assert (rejected.status, rejected.reason) == ("rejected", "unknown device")
+    assert ledger.get_pending(waiting[0].request_id) == approved
+    assert ledger.find_pending("tx-2", KEY_A) == rejected
+    # Only once, only from pending, only to approved or rejected.
+    for request_id in (waiting[0].request_id, waiting[1].request_id):
+        for status in ("approved", "rejected"):
+            with pytest.raises(LedgerError, match="already"):
+                ledger.decide_pending(request_id, status, NOW + 80)
+    for status in ("pending", "issued", ""):
+        with pytest.raises(ValueError):
+            ledger.decide_pending(waiting[2].request_id, status, NOW + 80)
+    with pytest.raises(NotFound):
+        ledger.decide_pending("00000000000000ff", "approved", NOW)
+    # A decided request still names its transaction: adding it again returns it.
+    assert ledger.add_pending(make_pending("0000000000000077", "tx-1")) == approved
+    assert [r.status for r in ledger.iter_pending()] == ["approved", "rejected", "pending"]
+
+
+def test_commit_ignores_pending_requests(ledger: Ledger) -> None:
+    waiting = make_pending("0000000000000abc", "tx-approve")
+    ledger.add_pending(waiting)
+    ledger.decide_pending(waiting.request_id, "approved", NOW)
+    record = make_record(77, "tx-approve")
+    assert ledger.commit([record]) == [Recorded(record)]
+    assert ledger.find_pending("tx-approve", KEY_A) is not None
+    assert ledger.find_transaction("tx-approve", KEY_A) == record
+
+
+def test_challenges(ledger: Ledger) -> None:
+    single = make_challenge("one", profile="wifi", subject_pattern=r"^CN=.*\.example$",
+                            label="batch 7")
+    ledger.add_challenge(single)
+    assert ledger.get_challenge(single.digest) == single
+    assert ledger.get_challenge(digest("unknown")) is None
+    with pytest.raises(LedgerError, match="on record"):
+        ledger.add_challenge(make_challenge("one", uses=5))
+    assert ledger.get_challenge(single.digest) == single
+    assert spend(ledger, single.digest, NOW)
+    stored = ledger.get_challenge(single.digest)
+    assert stored is not None and stored.uses_left == 0
+    assert not spend(ledger, single.digest, NOW)
+    assert not spend(ledger, digest("unknown"), NOW)
+    with pytest.raises(ValueError):
+        ledger.commit([make_record(random_serial(), "tx-short")], [b"short"])
+    with pytest.raises(ValueError):
+        ledger.commit([make_record(random_serial(), "tx-two")], [None, None])
+
+
+def test_challenge_expiry_and_uses(ledger: Ledger) -> None:
+    three = make_challenge("three", uses=3)
+    expiring = make_challenge("expiring", uses=10, expires_at=NOW)
+    spent = make_challenge("spent", uses=0)
+    for challenge in (three, expiring, spent):
+        ledger.add_challenge(challenge)
+    # Usable until, not at, expires_at.
+    assert spend(ledger, expiring.digest, NOW - 0.001)
+    assert not spend(ledger, expiring.digest, NOW)
+    assert not spend(ledger, expiring.digest, NOW + 1)
+    assert not spend(ledger, spent.digest, NOW)
+    assert [spend(ledger, three.digest, NOW) for _ in range(4)] == [True] * 3 + [False]
+    after = ledger.get_challenge(three.digest)
+    assert after is not None and after.uses_left == 0
+
+
+def test_uses_in_one_commit(ledger: Ledger) -> None:
+    single, double = make_challenge("single"), make_challenge("double", uses=2)
+    ledger.add_challenge(single)
+    ledger.add_challenge(double)
+    presented = [single.digest, double.digest, digest("nobody"), single.digest, double.digest,
+                 double.digest, None]
+    records = [make_record(100 + i, f"tx-use-{i}", issued_at=NOW)
+               for i in range(len(presented))]
+    outcomes = ledger.commit(records, presented)
+    assert [type(o).__name__ for o in outcomes] == [
+        "Recorded", "Recorded", "ChallengeRefused", "ChallengeRefused", "Recorded",
+        "ChallengeRefused", "Recorded"]
+    assert ledger.count() == 4
+
+
+def test_a_resend_spends_no_challenge(ledger: Ledger) -> None:
+    double = make_challenge("resent", uses=2)
+    ledger.add_challenge(double)
+    first = make_record(7, "tx-resent", issued_at=NOW)
+    assert ledger.commit([first], [double.digest]) == [Recorded(first)]
+    again = make_record(8, "tx-resent", issued_at=NOW)
+    assert ledger.commit([again], [double.digest]) == [AlreadyIssued(first)]
+    conflict = make_record(9, "tx-resent", csr="other", issued_at=NOW)
+    assert ledger.commit([conflict], [double.digest]) == [TransactionConflict(first)]
+    left = ledger.get_challenge(double.digest)
+    assert left is not None and left.uses_left == 1
+
+
+def test_a_revoked_or_expired_transaction_is_free_again(ledger: Ledger) -> None:
+    first = make_record(11, "tx-again", issued_at=NOW)
+    ledger.commit([first])
+    ledger.revoke(11, 1, NOW + 1)
+    # Same transaction and requester, another CSR: a new certificate.
+    second = make_record(12, "tx-again", csr="second", issued_at=NOW + 2)
+    assert ledger.commit([second]) == [Recorded(second)]
+    assert ledger.find_transaction("tx-again", KEY_A) == second
+    # Expired at the new record's time: free as well.
+    third = make_record(13, "tx-again", csr="third", issued_at=second.not_after + 1)
+    assert ledger.commit([third]) == [Recorded(third)]
+    assert [r.serial for r in ledger.iter_records()] == [11, 12, 13]
+    # While a certificate is good, the transaction stays its own.
+    fourth = make_record(14, "tx-again", csr="fourth", issued_at=NOW + 3)
+    assert ledger.commit([fourth]) == [TransactionConflict(third)]
+
+
+def test_pending_spends_its_challenge_once(ledger: Ledger) -> None:
+    single = make_challenge("pending-single")
+    ledger.add_challenge(single)
+    waiting = make_pending("00000000000000aa", "tx-wait")
+    assert ledger.add_pending(waiting, single.digest) == waiting
+    # The same transaction again: the request on record, nothing spent.
+    assert ledger.add_pending(make_pending("00000000000000ab", "tx-wait"),
+                                  single.digest) == waiting
+    with pytest.raises(ChallengeUsedUp):
+        ledger.add_pending(make_pending("00000000000000ac", "tx-other"), single.digest)
+    assert ledger.get_pending("00000000000000ac") is None
+    assert ledger.find_pending("tx-other", KEY_A) is None
+
+
+def test_crl_numbers(ledger: Ledger) -> None:
+    assert [ledger.next_crl_number() for _ in range(5)] == [1, 2, 3, 4, 5]
+
+
+# --- Durable storage: reopening, several processes ---------------------------
+
+
+def test_reopen_sees_the_data(durable: Storage) -> None:
+    records = [make_record(random_serial(), f"tx-{i}") for i in range(10)]
+    ledger = durable.open()
+    ledger.commit(records)
+    ledger.close()
+    with pytest.raises(LedgerError, match="closed"):
+        ledger.count()
+    with closing(durable.open()) as reopened:
+        assert reopened.count() == 10
+        assert list(reopened.iter_records()) == sorted(records, key=lambda r: r.serial)
+        assert reopened.find_transaction("tx-3", KEY_A) == records[3]
+
+
+def test_lifecycle_survives_reopening(durable: Storage) -> None:
+    with closing(durable.open()) as ledger:
+        ledger.commit([make_record(9, "tx-9"), make_record(8, "tx-8")])
+        revoked = ledger.revoke(9, 5, NOW)
+        waiting = ledger.add_pending(make_pending("0123456789abcdef", "tx-p"))
+        ledger.add_challenge(make_challenge("kept", uses=2))
+        assert spend(ledger, digest("kept"), NOW)
+        assert ledger.next_crl_number() == 1
+    with closing(durable.open()) as ledger:
+        assert list(ledger.iter_revoked()) == [revoked]
+        assert ledger.get_pending("0123456789abcdef") == waiting
+        assert ledger.find_pending("tx-p", KEY_A) == waiting
+        kept = ledger.get_challenge(digest("kept"))
+        assert kept is not None and kept.uses_left == 1
+        assert ledger.next_crl_number() == 2
+
+
+PROCESSES = 3
+BATCHES = 40
+SHARED_KEY = hashlib.sha256(b"requester of resends").digest()
+
+
+def _worker(target: str, index: int, barrier: object, results: object) -> None:
+    """One worker process: its own environment, batches of 8 records."""
+    outcomes: list[tuple[str, str, int]] = []
+    with closing(open_ledger_at(target)) as ledger:
+        barrier.wait()  # type: ignore[attr-defined]
+        key = hashlib.sha256(f"requester {index}".encode()).digest()
+        for batch in range(BATCHES):
+            records = [
+                make_record(random_serial(), f"own-{index}-{batch}-{i}", key=key)
+                for i in range(6)
+            ]
+            # The same request resent to every worker at once...
+            records.append(make_record(random_serial(), f"shared-{batch}", key=SHARED_KEY))
+            # ...and one transaction id reused with a different CSR by each.
+            records.append(make_record(random_serial(), f"conflict-{batch}", key=SHARED_KEY,
+                                       csr=f"csr of worker {index}"))
+            for outcome in ledger.commit(records):
+                if isinstance(outcome, Recorded | AlreadyIssued):
+                    record = outcome.record
+                elif isinstance(outcome, TransactionConflict):
+                    record = outcome.existing
+                else:
+                    raise AssertionError(f"unexpected {outcome}")
+                outcomes.append((type(outcome).__name__, record.transaction_id, record.serial))
+    results.put((index, outcomes))  # type: ignore[attr-defined]
+
+
+def test_processes_commit_concurrently(durable: Storage) -> None:
+    durable.open().close()
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(PROCESSES)
+    results = context.Queue()
+    workers = [
+        context.Process(target=_worker, args=(durable.target, i, barrier, results))
+        for i in range(PROCESSES)
+    ]
+    for worker in workers:
+        worker.start()
+    collected = dict(results.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0
+
+    kinds: dict[str, Counter[str]] = {}
+    winners: dict[str, set[int]] = {}
+    for outcomes in collected.values():
+        assert len(outcomes) == BATCHES * 8
+        for kind, txid, serial in outcomes:
+            kinds.setdefault(txid, Counter())[kind] += 1
+            winners.setdefault(txid, set()).add(serial)
+    for txid, counter in kinds.items():
+        # Exactly one worker recorded each transaction; every other worker
+        # was told about that same certificate.
+        assert counter["Recorded"] == 1, (txid, counter)
+        assert len(winners[txid]) == 1, txid
+        if txid.startswith("shared-"):
+            assert counter["AlreadyIssued"] == PROCESSES - 1
+        if txid.startswith("conflict-"):
+            assert counter["TransactionConflict"] == PROCESSES - 1
+
+    expected = PROCESSES * BATCHES * 6 + 2 * BATCHES
+    with closing(durable.open()) as ledger:
+        assert ledger.count() == expected
+        records = list(ledger.iter_records())
+        assert len(records) == expected
+        pairs = [(r.transaction_id, r.requester_key_sha256) for r in records]
+        assert len(set(pairs)) == expected
+        for record in records:
+            assert winners[record.transaction_id] == {record.serial}
+            found = ledger.find_transaction(record.transaction_id, record.requester_key_sha256)
+            assert found == record
+
+
+RACE_PROCESSES = 2
+RACE_THREADS = 25
+CRL_NUMBERS_PER_PROCESS = 30
+
+
+def _racer(target: str, barrier: object, results: object) -> None:
+    """One worker process: 25 threads at once use each challenge once."""
+    single, triple = digest("single use"), digest("three uses")
+    won: dict[str, int] = {"single": 0, "triple": 0}
+    lock = threading.Lock()
+    with closing(open_ledger_at(target)) as ledger:
+        start = threading.Barrier(RACE_THREADS)
+
+        def attempt() -> None:
+            start.wait()
+            for name, challenge_digest in (("single", single), ("triple", triple)):
+                if spend(ledger, challenge_digest, time.time()):
+                    with lock:
+                        won[name] += 1
+
+        barrier.wait()  # type: ignore[attr-defined]
+        threads = [threading.Thread(target=attempt) for _ in range(RACE_THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        barrier.wait()  # type: ignore[attr-defined]
+        numbers = [ledger.next_crl_number() for _ in range(CRL_NUMBERS_PER_PROCESS)]
+    results.put((won, numbers))  # type: ignore[attr-defined]
+
+
+def _run_processes(
+    target: Callable[..., None], storage: Storage, count: int
+) -> list[tuple[dict[str, int], list[int]]]:
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(count)
+    results = context.Queue()
+    workers = [
+        context.Process(target=target, args=(storage.target, barrier, results))
+        for _ in range(count)
+    ]
+    for worker in workers:
+        worker.start()
+    collected: list[tuple[dict[str, int], list[int]]] = [
+        results.get(timeout=120) for _ in workers
+    ]
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0
+    return collected
+
+
+def test_processes_race_for_challenges_and_crl_numbers(durable: Storage) -> None:
+    now = time.time()
+    with closing(durable.open()) as ledger:
+        ledger.add_challenge(Challenge(digest=digest("single use"), created_at=now,
+                                       expires_at=now + 600, uses_left=1))
+        ledger.add_challenge(Challenge(digest=digest("three uses"), created_at=now,
+                                       expires_at=now + 600, uses_left=3))
+    collected = _run_processes(_racer, durable, RACE_PROCESSES)
+
+    won = Counter[str]()
+    numbers: list[int] = []
+    for process_won, process_numbers in collected:
+        won.update(process_won)
+        # Strictly increasing within a process...
+        assert process_numbers == sorted(set(process_numbers))
+        numbers.extend(process_numbers)
+    # ...and never handed out twice across processes.
+    total = RACE_PROCESSES * CRL_NUMBERS_PER_PROCESS
+    assert sorted(numbers) == list(range(1, total + 1))
+    # 50 attempts on each: a single-use challenge is used once, a 3-use one three times.
+    assert won == {"single": 1, "triple": 3}
+    with closing(durable.open()) as ledger:
+        for secret in ("single use", "three uses"):
+            stored = ledger.get_challenge(digest(secret))
+            assert stored is not None and stored.uses_left == 0
+        assert ledger.next_crl_number() == total + 1
+
+
+def test_find_transactions_reads_records_and_pending_requests_at_once(ledger: Ledger) -> None:
+    issued = make_record(random_serial(), "tx-issued")
+    ledger.commit([issued])
+    waiting = ledger.add_pending(make_pending("aa00aa00aa00aa00", "tx-waiting"))
+    found = ledger.find_transactions([("tx-issued", KEY_A), ("tx-waiting", KEY_A),
+                                      ("tx-unknown", KEY_A), ("tx-issued", KEY_B)])
+    assert found == [(issued, None), (None, waiting), (None, None), (None, None)]
