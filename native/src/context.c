@@ -91,8 +91,10 @@ static void keypair_clear(scep_keypair *kp)
 {
     X509_free(kp->cert);
     EVP_PKEY_free(kp->key);
+    scep_key_free(kp->owner);
     kp->cert = NULL;
     kp->key = NULL;
+    kp->owner = NULL;
 }
 
 void scep_ctx_free(scep_ctx *ctx)
@@ -125,15 +127,18 @@ void scep_ctx_free(scep_ctx *ctx)
     free(ctx);
 }
 
-/* Parses a DER certificate and DER private key and checks that they belong together. */
+/* Parses a DER certificate, takes a private key (DER, or a key object whose
+   key may live in a token) and checks that they belong together. Either way
+   the keypair ends up holding one EVP_PKEY: the batch paths never ask where. */
 static int load_keypair(scep_keypair *kp, const unsigned char *cert, size_t cert_len,
-                        const unsigned char *key, size_t key_len, char *err, size_t err_len)
+                        const unsigned char *key, size_t key_len, scep_key *owner,
+                        char *err, size_t err_len)
 {
     const unsigned char *p;
     X509 *x = NULL;
     EVP_PKEY *k = NULL;
 
-    if (!scep_input_ok(cert, cert_len) || !scep_input_ok(key, key_len)) {
+    if (!scep_input_ok(cert, cert_len) || (owner == NULL && !scep_input_ok(key, key_len))) {
         scep_set_error(err, err_len, "empty or oversized certificate or key");
         return 0;
     }
@@ -143,11 +148,20 @@ static int load_keypair(scep_keypair *kp, const unsigned char *cert, size_t cert
         scep_set_error(err, err_len, "cannot parse the certificate (DER expected)");
         goto err;
     }
-    p = key;
-    k = d2i_AutoPrivateKey(NULL, &p, (long)key_len);
-    if (k == NULL || p != key + key_len) {
-        scep_set_error(err, err_len, "cannot parse the private key (DER expected)");
-        goto err;
+    if (owner != NULL) {
+        k = scep_key_get0_pkey(owner);
+        if (k == NULL || !EVP_PKEY_up_ref(k)) {
+            k = NULL;
+            scep_set_error(err, err_len, "the key object holds no key");
+            goto err;
+        }
+    } else {
+        p = key;
+        k = d2i_AutoPrivateKey(NULL, &p, (long)key_len);
+        if (k == NULL || p != key + key_len) {
+            scep_set_error(err, err_len, "cannot parse the private key (DER expected)");
+            goto err;
+        }
     }
     if (X509_check_private_key(x, k) != 1) {
         scep_set_error(err, err_len, "the private key does not match the certificate");
@@ -156,6 +170,7 @@ static int load_keypair(scep_keypair *kp, const unsigned char *cert, size_t cert
     keypair_clear(kp);
     kp->cert = x;
     kp->key = k;
+    kp->owner = scep_key_hold(owner);
     ERR_clear_error();
     return 1;
 err:
@@ -164,16 +179,17 @@ err:
     return 0;
 }
 
-int scep_ctx_add_recipient(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
-                           const unsigned char *key, size_t key_len, char *err, size_t err_len)
+static int add_recipient(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                         const unsigned char *key, size_t key_len, scep_key *owner,
+                         char *err, size_t err_len)
 {
-    scep_keypair kp = {NULL, NULL};
+    scep_keypair kp = {NULL, NULL, NULL};
 
     if (ctx->n_recipients >= SCEP_MAX_RECIPIENTS) {
         scep_set_error(err, err_len, "too many decryption keys");
         return 0;
     }
-    if (!load_keypair(&kp, cert, cert_len, key, key_len, err, err_len))
+    if (!load_keypair(&kp, cert, cert_len, key, key_len, owner, err, err_len))
         return 0;
     if (EVP_PKEY_get_base_id(kp.key) != EVP_PKEY_RSA) {
         keypair_clear(&kp);
@@ -184,10 +200,27 @@ int scep_ctx_add_recipient(scep_ctx *ctx, const unsigned char *cert, size_t cert
     return 1;
 }
 
-int scep_ctx_set_signer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
-                        const unsigned char *key, size_t key_len, char *err, size_t err_len)
+int scep_ctx_add_recipient(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                           const unsigned char *key, size_t key_len, char *err, size_t err_len)
 {
-    if (!load_keypair(&ctx->signer, cert, cert_len, key, key_len, err, err_len))
+    return add_recipient(ctx, cert, cert_len, key, key_len, NULL, err, err_len);
+}
+
+int scep_ctx_add_recipient_key(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                               scep_key *key, char *err, size_t err_len)
+{
+    if (key == NULL) {
+        scep_set_error(err, err_len, "no key object");
+        return 0;
+    }
+    return add_recipient(ctx, cert, cert_len, NULL, 0, key, err, err_len);
+}
+
+static int set_signer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                      const unsigned char *key, size_t key_len, scep_key *owner,
+                      char *err, size_t err_len)
+{
+    if (!load_keypair(&ctx->signer, cert, cert_len, key, key_len, owner, err, err_len))
         return 0;
     if (!scep_prepare_signer(ctx)) {
         scep_set_error(err, err_len, "cannot prepare the signer key for SHA-256 signatures");
@@ -195,6 +228,22 @@ int scep_ctx_set_signer(scep_ctx *ctx, const unsigned char *cert, size_t cert_le
         return 0;
     }
     return 1;
+}
+
+int scep_ctx_set_signer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                        const unsigned char *key, size_t key_len, char *err, size_t err_len)
+{
+    return set_signer(ctx, cert, cert_len, key, key_len, NULL, err, err_len);
+}
+
+int scep_ctx_set_signer_key(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                            scep_key *key, char *err, size_t err_len)
+{
+    if (key == NULL) {
+        scep_set_error(err, err_len, "no key object");
+        return 0;
+    }
+    return set_signer(ctx, cert, cert_len, NULL, 0, key, err, err_len);
 }
 
 /* authorityKeyIdentifier for certificates we issue: the CA's own key identifier. */
@@ -224,12 +273,13 @@ static X509_EXTENSION *make_akid(X509 *ca)
     return ext;
 }
 
-int scep_ctx_set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
-                        const unsigned char *key, size_t key_len, char *err, size_t err_len)
+static int set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                      const unsigned char *key, size_t key_len, scep_key *owner,
+                      char *err, size_t err_len)
 {
     const char *md_name;
 
-    if (!load_keypair(&ctx->issuer, cert, cert_len, key, key_len, err, err_len))
+    if (!load_keypair(&ctx->issuer, cert, cert_len, key, key_len, owner, err, err_len))
         return 0;
     /* SHA-384 matches the strength of P-384; SHA-256 serves RSA and P-256. */
     md_name = EVP_PKEY_get_base_id(ctx->issuer.key) == EVP_PKEY_EC
@@ -252,4 +302,20 @@ int scep_ctx_set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_le
         return 0;
     }
     return 1;
+}
+
+int scep_ctx_set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                        const unsigned char *key, size_t key_len, char *err, size_t err_len)
+{
+    return set_issuer(ctx, cert, cert_len, key, key_len, NULL, err, err_len);
+}
+
+int scep_ctx_set_issuer_key(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                            scep_key *key, char *err, size_t err_len)
+{
+    if (key == NULL) {
+        scep_set_error(err, err_len, "no key object");
+        return 0;
+    }
+    return set_issuer(ctx, cert, cert_len, NULL, 0, key, err, err_len);
 }
