@@ -14,12 +14,16 @@ import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scep_fast import __version__
 from scep_fast.runtime import config as configuration
 from scep_fast.runtime.config import CONFIG_NAME, Config, ConfigError
+from scep_fast.runtime.keys import KeyLoadError
 from scep_fast.service.challenges import new_secret
+
+if TYPE_CHECKING:
+    from scep_fast.crypto import NativeKey
 
 DEFAULT_DIR = "scep-data"
 
@@ -68,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     init.option("--challenge", default=None,
                 help="the static challenge password (default: generated and printed once)")
     init.option("--bind", default=None, help="HOST:PORT written to the config")
+    init.option("--ca-key-uri", default=None,
+                help="the CA key is in a PKCS#11 token: its RFC 7512 URI "
+                     "(pkcs11:token=...;object=...)")
+    init.option("--ra-key-uri", default=None, help="the RA key is in a PKCS#11 token: its URI")
+    init.option("--pkcs11-module", default=None,
+                help="the PKCS#11 module (shared library) of the token, an absolute path")
+    init.option("--pkcs11-pin-file", default=None,
+                help="file holding the token's user PIN, mode 0600 (relative to --dir or "
+                     "absolute)")
+    init.option("--generate-in-token", action="store_true",
+                help="generate the key pairs named by --ca-key-uri and --ra-key-uri inside "
+                     "the token (the CA one of type --ca-key, the RA one RSA-2048)")
 
     serve = _with_dir(sub.add_parser("serve", help="run the SCEP server"))
     serve.option("--bind", default=None, help="HOST:PORT (default from the config)")
@@ -160,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"scep-fast: configuration error: {e}", file=sys.stderr)
         return 2
+    except KeyLoadError as e:
+        print(f"scep-fast: cannot use a key: {e}", file=sys.stderr)
+        return 2
     return 2
 
 
@@ -184,14 +203,27 @@ def cmd_init(args: argparse.Namespace) -> int:
     values["pki"]["mode"] = "ca" if args.ca_mode else "ra"
     values["profiles"]["default"] = configuration.default_profile()
     now = datetime.datetime.now(datetime.UTC)
-    ca_key = pki.new_key(args.ca_key)
+    try:
+        token_keys = _token_keys(args, directory, values)
+    except (KeyLoadError, ValueError) as e:
+        print(f"scep-fast: {e}", file=sys.stderr)
+        return 1
+    ca_key: pki.SigningKey
+    if "ca_key" in token_keys:
+        ca_key = token_keys["ca_key"]
+    else:
+        ca_key = pki.new_key(args.ca_key)
+        pki.write_secret(directory / values["pki"]["ca_key"], pki.key_pem(ca_key))
     ca = pki.make_ca(ca_key, args.ca_cn, now)
-    pki.write_secret(directory / values["pki"]["ca_key"], pki.key_pem(ca_key))
     pki.write_public(directory / values["pki"]["ca_cert"], pki.cert_pem(ca))
     if not args.ca_mode:
-        ra_key = pki.new_rsa_key(2048)
+        ra_key: pki.SigningKey
+        if "ra_key" in token_keys:
+            ra_key = token_keys["ra_key"]
+        else:
+            ra_key = pki.new_rsa_key(2048)
+            pki.write_secret(directory / values["pki"]["ra_key"], pki.key_pem(ra_key))
         ra = pki.make_ra(ra_key, args.ra_cn, ca, ca_key, now)
-        pki.write_secret(directory / values["pki"]["ra_key"], pki.key_pem(ra_key))
         pki.write_public(directory / values["pki"]["ra_cert"], pki.cert_pem(ra))
     # The bearer token of the admin API (one-time challenges, approvals).
     pki.write_secret(directory / values["admin"]["token_file"],
@@ -203,12 +235,67 @@ def cmd_init(args: argparse.Namespace) -> int:
     text = configuration.render(values)
     configuration.parse(text, directory)
     (directory / CONFIG_NAME).write_text(text, encoding="utf-8")
-    print(f"initialised {directory} ({args.ca_key} CA, {'CA' if args.ca_mode else 'RA'} mode)")
+    where = " in the token" if token_keys else ""
+    kind = "token-held" if "ca_key" in token_keys and not args.generate_in_token else args.ca_key
+    print(f"initialised {directory} ({kind} CA{where}, {'CA' if args.ca_mode else 'RA'} mode)")
     if args.challenge is None:
         print("challenge password (shown once; also in "
               f"{directory / values['enrollment']['challenge_file']}):")
         print(challenge)
     return 0
+
+
+def _token_keys(args: argparse.Namespace, directory: Path,
+                values: dict[str, dict[str, Any]]) -> dict[str, NativeKey]:
+    """The CA and RA keys that live in a token, by config key; generated there if asked.
+
+    Everything about the token is checked before any file is written.
+    """
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from scep_fast.crypto.x509sign import public_key
+    from scep_fast.runtime import keys
+
+    uris = {"ca_key": args.ca_key_uri}
+    if not args.ca_mode:
+        uris["ra_key"] = args.ra_key_uri
+    uris = {name: uri for name, uri in uris.items() if uri}
+    if not uris:
+        if args.generate_in_token:
+            raise ValueError("--generate-in-token needs --ca-key-uri or --ra-key-uri")
+        return {}
+    if not args.pkcs11_module or not args.pkcs11_pin_file:
+        raise ValueError("a key in a token needs --pkcs11-module and --pkcs11-pin-file")
+    values["pki"]["pkcs11_module"] = args.pkcs11_module
+    values["pki"]["pkcs11_pin_file"] = args.pkcs11_pin_file
+    refs = {name: keys.TokenKey(uri=uri, module=args.pkcs11_module,
+                                pin_file=directory / args.pkcs11_pin_file)
+            for name, uri in uris.items()}
+    for name, ref in refs.items():
+        keys.check_uri(ref.uri)
+        values["pki"][name] = ref.uri
+    keys.read_pin(directory / args.pkcs11_pin_file)
+    if args.generate_in_token:
+        for ref in refs.values():
+            if _token_has(ref):
+                raise ValueError(f"{ref.uri} exists in the token; not generating another")
+        for name, ref in refs.items():
+            keys.generate_in_token(ref, args.ca_key if name == "ca_key" else "rsa2048")
+    loaded = {name: keys.native_key(ref) for name, ref in refs.items()}
+    if (args.ca_mode or "ra_key" in loaded) and not isinstance(
+            public_key(loaded.get("ra_key") or loaded["ca_key"]), rsa.RSAPublicKey):
+        raise ValueError("the key that decrypts requests (RA, or the CA in CA mode) must be RSA")
+    return loaded
+
+
+def _token_has(ref: Any) -> bool:
+    from scep_fast.runtime.keys import KeyLoadError, native_key
+
+    try:
+        native_key(ref)
+    except KeyLoadError:
+        return False
+    return True
 
 
 # ---- serve ------------------------------------------------------------------------

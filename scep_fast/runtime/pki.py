@@ -21,14 +21,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from scep_fast.crypto import der_certificate, der_private_key
+from scep_fast.crypto import NativeKey, der_certificate, der_private_key
+from scep_fast.crypto.x509sign import public_key, sign_certificate
 from scep_fast.runtime.config import Config
+from scep_fast.runtime.keys import KeyRef, TokenKey, is_token_uri
 
 CA_KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "p256", "p384")
 CA_VALIDITY_DAYS = 3650
 RA_VALIDITY_DAYS = 730
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+# A key that signs what init and rollover build: held by this process, or by
+# the native core (a token key, whose private part never leaves the token).
+SigningKey = PrivateKey | NativeKey
 
 
 def new_rsa_key(bits: int) -> rsa.RSAPrivateKey:
@@ -53,14 +58,24 @@ def _serial() -> int:
     return secrets.randbits(127) | 1
 
 
-def make_ca(key: PrivateKey, cn: str, now: datetime.datetime) -> x509.Certificate:
+def _public(key: SigningKey) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    return public_key(key) if isinstance(key, NativeKey) else key.public_key()
+
+
+def _signed(builder: x509.CertificateBuilder, key: SigningKey) -> x509.Certificate:
+    if isinstance(key, NativeKey):
+        return sign_certificate(builder, key)
+    return builder.sign(key, _signature_hash(key))
+
+
+def make_ca(key: SigningKey, cn: str, now: datetime.datetime) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    return (
+    ski = x509.SubjectKeyIdentifier.from_public_key(_public(key))
+    return _signed(
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
-        .public_key(key.public_key())
+        .public_key(_public(key))
         .serial_number(_serial())
         .not_valid_before(now - datetime.timedelta(minutes=10))
         .not_valid_after(now + datetime.timedelta(days=CA_VALIDITY_DAYS))
@@ -71,20 +86,23 @@ def make_ca(key: PrivateKey, cn: str, now: datetime.datetime) -> x509.Certificat
                           key_cert_sign=True, crl_sign=True, encipher_only=False,
                           decipher_only=False),
             critical=True)
-        .add_extension(ski, critical=False)
-        .sign(key, _signature_hash(key))
+        .add_extension(ski, critical=False),
+        key,
     )
 
 
-def make_ra(key: rsa.RSAPrivateKey, cn: str, ca: x509.Certificate, ca_key: PrivateKey,
+def make_ra(key: SigningKey, cn: str, ca: x509.Certificate, ca_key: SigningKey,
             now: datetime.datetime) -> x509.Certificate:
     """An RA certificate: RSA, digitalSignature + keyEncipherment (clients check both)."""
+    ra_public = _public(key)
+    if not isinstance(ra_public, rsa.RSAPublicKey):
+        raise ValueError("the RA key must be RSA (SCEP clients encrypt to it)")
     ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
+    return _signed(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
         .issuer_name(ca.subject)
-        .public_key(key.public_key())
+        .public_key(ra_public)
         .serial_number(_serial())
         .not_valid_before(now - datetime.timedelta(minutes=10))
         .not_valid_after(now + datetime.timedelta(days=RA_VALIDITY_DAYS))
@@ -96,10 +114,10 @@ def make_ra(key: rsa.RSAPrivateKey, cn: str, ca: x509.Certificate, ca_key: Priva
                           decipher_only=False),
             critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ra_public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                       critical=False)
-        .sign(ca_key, _signature_hash(ca_key))
+                       critical=False),
+        ca_key,
     )
 
 
@@ -139,13 +157,17 @@ class PreviousCa:
 
 @dataclass(frozen=True, slots=True)
 class Material:
-    """DER certificates and keys as the native core loads them."""
+    """DER certificates, and keys as DER or as references into a token.
+
+    A token key is not opened here: whoever needs it (a worker, the CRL
+    writer) opens it in its own process with ``keys.open_key``.
+    """
 
     mode: str
     ca_cert: bytes
-    ca_key: bytes
+    ca_key: KeyRef
     ra_cert: bytes
-    ra_key: bytes
+    ra_key: KeyRef
     challenge: bytes
     # Retired CAs, newest first: their CRLs are still signed, and their RA
     # keys still decrypt requests from clients holding the old RA certificate.
@@ -154,19 +176,33 @@ class Material:
     next_message: bytes | None = None
 
     @property
-    def signer(self) -> tuple[bytes, bytes]:
+    def signer(self) -> tuple[bytes, KeyRef]:
         return (self.ca_cert, self.ca_key) if self.mode == "ca" else (self.ra_cert, self.ra_key)
+
+
+def uses_token(config: Config) -> bool:
+    """Whether the CA or RA key of the directory lives in a PKCS#11 token."""
+    return any(is_token_uri(str(config.get("pki", name))) for name in ("ca_key", "ra_key"))
+
+
+def key_ref(config: Config, name: str) -> KeyRef:
+    """``pki.<name>``: the DER of a key file, or a reference to a key in a token."""
+    value = str(config.get("pki", name))
+    if is_token_uri(value):
+        return TokenKey(uri=value, module=str(config.get("pki", "pkcs11_module")),
+                        pin_file=config.path("pki", "pkcs11_pin_file"))
+    return der_private_key((config.dir / value).read_bytes())
 
 
 def load_material(config: Config) -> Material:
     mode = str(config.get("pki", "mode"))
     ca_cert = der_certificate(config.path("pki", "ca_cert").read_bytes())
-    ca_key = der_private_key(config.path("pki", "ca_key").read_bytes())
+    ca_key = key_ref(config, "ca_key")
     if mode == "ca":
         ra_cert, ra_key = ca_cert, ca_key
     else:
         ra_cert = der_certificate(config.path("pki", "ra_cert").read_bytes())
-        ra_key = der_private_key(config.path("pki", "ra_key").read_bytes())
+        ra_key = key_ref(config, "ra_key")
     challenge_path = config.path("enrollment", "challenge_file")
     challenge = challenge_path.read_bytes().strip() if challenge_path.exists() else b""
     signer = (ca_cert, ca_key) if mode == "ca" else (ra_cert, ra_key)
@@ -249,7 +285,7 @@ def next_ca_certificates(config: Config) -> tuple[bytes, ...]:
     return tuple(certs)
 
 
-def next_ca_message(config: Config, signer: tuple[bytes, bytes],
+def next_ca_message(config: Config, signer: tuple[bytes, KeyRef],
                     ca_cert: bytes) -> bytes | None:
     """The GetNextCACert body, or None while no next CA exists.
 
@@ -265,6 +301,8 @@ def next_ca_message(config: Config, signer: tuple[bytes, bytes],
     certs = next_ca_certificates(config)
     if not certs:
         return None
+    if not isinstance(signer[1], bytes):
+        raise RolloverError("GetNextCACert with a signer key in a token is not supported yet")
     signer_cert = x509.load_der_x509_certificate(signer[0])
     signer_key = serialization.load_der_private_key(signer[1], password=None)
     if not isinstance(signer_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
@@ -295,6 +333,8 @@ def rollover(config: Config, ca_key_type: str, now: datetime.datetime, *,
     """Makes the next CA (and RA) in DIR/next; refuses when one exists already."""
     if ca_key_type not in CA_KEY_TYPES:
         raise RolloverError(f"unknown CA key type {ca_key_type!r}")
+    if uses_token(config):
+        raise RolloverError("ca rollover with keys in a PKCS#11 token is not supported yet")
     mode = str(config.get("pki", "mode"))
     if mode == "ca" and not ca_key_type.startswith("rsa"):
         raise RolloverError("CA mode needs an RSA CA key (it decrypts requests)")
@@ -346,6 +386,8 @@ def activate(config: Config) -> tuple[str, str]:
     exists, the current CA certificate is still the old one.
     """
     source = config.dir / NEXT_DIR
+    if uses_token(config):
+        raise RolloverError("ca activate with keys in a PKCS#11 token is not supported yet")
     if not source.is_dir():
         raise RolloverError("no next CA: run `scep-fast ca rollover` first")
     targets = {_CA_KEY: config.path("pki", "ca_key"), _CA_CERT: config.path("pki", "ca_cert")}

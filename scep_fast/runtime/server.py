@@ -26,6 +26,7 @@ from scep_fast.runtime.config import Config
 from scep_fast.runtime.crl import CrlStore, crl_url
 from scep_fast.runtime.fast_refusal import FastRefusal
 from scep_fast.runtime.http_server import serve as serve_http
+from scep_fast.runtime.keys import open_key
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
 from scep_fast.service.enrollment import Answer, EnrollmentService, Policy, PreparedBatch
@@ -112,11 +113,16 @@ def open_ledger(config: Config) -> LmdbLedger:
 
 def build_service(config: Config, material: Material, ledger: LmdbLedger) -> EnrollmentService:
     """The enrollment rules with this directory's keys, policy and profiles."""
+    # A token key is opened here, in the process that uses it; a file key
+    # goes to the core as DER. The core takes either where it takes the other.
+    signer_key = open_key(material.signer[1])
+    issuer_key = signer_key if material.mode == "ca" else open_key(material.ca_key)
+    signer = (material.signer[0], signer_key)
     ctx = ScepContext(
         # Clients that still hold a retired RA certificate encrypt to it.
-        recipients=[material.signer, *[(p.ra_cert, p.ra_key) for p in material.previous]],
-        signer=material.signer,
-        issuer=(material.ca_cert, material.ca_key),
+        recipients=[signer, *[(p.ra_cert, p.ra_key) for p in material.previous]],
+        signer=signer,
+        issuer=(material.ca_cert, issuer_key),
         allow_legacy=bool(config.get("enrollment", "allow_legacy_algorithms")),
         refuse_sha1=bool(config.get("enrollment", "refuse_sha1")),
         refuse_3des=bool(config.get("enrollment", "refuse_3des")),

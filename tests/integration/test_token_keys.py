@@ -1,0 +1,225 @@
+"""A running server whose CA and RA keys live in a SoftHSM2 token.
+
+`scep-fast init --generate-in-token` has the token generate both key pairs
+and signs the CA and RA certificates with them through the core; `serve`
+then opens a PKCS#11 session in each worker. Enrollment (POST and GET),
+revocation with a CRL signed by the token's CA key, served over HTTP and
+GetCRL, all as with file keys; and nothing of either private key on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from scep_fast.client import build_get_crl, enroll, parse_cert_rep
+from scep_fast.protocol import PKIStatus
+from scep_fast.runtime import crl
+from tests import softhsm
+from tests.integration.conftest import (
+    CHALLENGE,
+    Server,
+    scep_fast,
+    set_config,
+    start_server,
+)
+from tests.integration.test_crl import fetch_crl, openssl_crl_verify
+
+CA_OBJECT = "scep-ca"
+RA_OBJECT = "scep-ra"
+
+
+@dataclass
+class TokenServer:
+    server: Server
+    token: softhsm.Token
+    pin_file: Path
+
+    @property
+    def directory(self) -> Path:
+        return self.server.directory
+
+
+def init_with_token(token: softhsm.Token, directory: Path, pin_file: Path,
+                    *extra: str) -> subprocess.CompletedProcess[str]:
+    return scep_fast("init", "--dir", str(directory), "--challenge", CHALLENGE,
+                     "--ca-key-uri", f"pkcs11:token={token.label};object={CA_OBJECT}",
+                     "--ra-key-uri", f"pkcs11:token={token.label};object={RA_OBJECT}",
+                     "--pkcs11-module", token.module, "--pkcs11-pin-file", str(pin_file),
+                     *extra, env={"SOFTHSM2_CONF": str(token.conf)})
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServer]:
+    softhsm.require()
+    base = tmp_path_factory.mktemp("token-server")
+    token = softhsm.make_token(base / "softhsm")
+    pin_file = token.write_pin_file(base / "pin")
+    directory = base / "scep"
+    done = init_with_token(token, directory, pin_file, "--generate-in-token")
+    assert done.returncode == 0, done.stderr
+    set_config(directory, "server", "workers", "2")
+    server = start_server(directory, env={"SOFTHSM2_CONF": str(token.conf)})
+    yield TokenServer(server, token, pin_file)
+    server.stop()
+
+
+def test_init_leaves_the_keys_in_the_token(token_server: TokenServer) -> None:
+    directory = token_server.directory
+    assert not (directory / "ca.key").exists() and not (directory / "ra.key").exists()
+    config = (directory / "scep-fast.toml").read_text()
+    assert f'ca_key = "pkcs11:token={token_server.token.label};object={CA_OBJECT}"' in config
+    assert f'ra_key = "pkcs11:token={token_server.token.label};object={RA_OBJECT}"' in config
+    for label in (CA_OBJECT, RA_OBJECT):
+        access = token_server.token.private_key_access(label).split(", ")
+        assert "sensitive" in access and "never extractable" in access
+        assert "extractable" not in access
+    ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    ra = x509.load_pem_x509_certificate((directory / "ra.pem").read_bytes())
+    ca.verify_directly_issued_by(ca)
+    ra.verify_directly_issued_by(ca)
+    assert isinstance(ra.public_key(), rsa.RSAPublicKey)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+@pytest.mark.parametrize("use_get", [False, True], ids=["post", "get"])
+@pytest.mark.parametrize("cipher", ["aes256", "des3"])
+def test_enrollment_with_token_keys(token_server: TokenServer, use_get: bool,
+                                    cipher: str) -> None:
+    ca = x509.load_pem_x509_certificate((token_server.directory / "ca.pem").read_bytes())
+    result = enroll(token_server.server.url, CHALLENGE, f"device-{cipher}-{use_get}",
+                    use_get=use_get, cipher=cipher).raise_for_status()  # type: ignore[arg-type]
+    assert result.cert is not None
+    # The client verified the CertRep's signature with the RA certificate and
+    # opened the envelope; the certificate itself was signed by the token's CA key.
+    result.cert.verify_directly_issued_by(ca)
+
+
+def test_oaep_enrollment_with_token_keys(token_server: TokenServer) -> None:
+    result = enroll(token_server.server.url, CHALLENGE, "device-oaep",
+                    key_transport="oaep-sha256").raise_for_status()  # type: ignore[arg-type]
+    assert result.cert is not None
+
+
+def test_revocation_and_crl_signed_by_the_token(token_server: TokenServer,
+                                                tmp_path: Path) -> None:
+    server = token_server.server
+    directory = token_server.directory
+    ca_pem = directory / "ca.pem"
+    name = crl.crl_name(x509.load_pem_x509_certificate(ca_pem.read_bytes()).public_bytes(
+        serialization.Encoding.DER))
+    # The supervisor wrote the first CRL at start, signed by the token.
+    assert "verify OK" in openssl_crl_verify(fetch_crl(server, name), ca_pem, tmp_path)
+
+    kept = enroll(server.url, CHALLENGE, "kept-device").raise_for_status()
+    gone = enroll(server.url, CHALLENGE, "gone-device").raise_for_status()
+    assert kept.cert is not None and gone.cert is not None
+    done = scep_fast("certs", "revoke", format(gone.cert.serial_number, "x"),
+                     "--reason", "keyCompromise", "--dir", str(directory),
+                     env={"SOFTHSM2_CONF": str(token_server.token.conf)})
+    assert done.returncode == 0, done.stderr
+
+    der = fetch_crl(server, name)
+    assert "verify OK" in openssl_crl_verify(der, ca_pem, tmp_path)
+    listed = x509.load_der_x509_crl(der)
+    assert listed.get_revoked_certificate_by_serial_number(gone.cert.serial_number) is not None
+    assert listed.get_revoked_certificate_by_serial_number(kept.cert.serial_number) is None
+
+    # GetCRL: the same CRL inside a CertRep signed by the token's RA key.
+    assert isinstance(kept.key, rsa.RSAPrivateKey)
+    request = build_get_crl(kept.ca_certs.ra, issuer=kept.cert.issuer,
+                            serial=kept.cert.serial_number, signer_key=kept.key,
+                            signer_cert=kept.cert)
+    response = server.request("POST", "/scep?operation=PKIOperation", body=request.message)
+    assert response.status == 200
+    reply = parse_cert_rep(response.read_body, request)  # type: ignore[attr-defined]
+    assert reply.status is PKIStatus.SUCCESS, reply
+    (via_scep,) = reply.crls
+    assert via_scep.get_revoked_certificate_by_serial_number(gone.cert.serial_number) is not None
+
+
+_PEM_PRIVATE = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+
+
+def _holds_private_key(data: bytes) -> bool:
+    if _PEM_PRIVATE.search(data):
+        return True
+    try:
+        serialization.load_der_private_key(data, password=None)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def test_no_private_key_on_disk(token_server: TokenServer) -> None:
+    """Neither key appears anywhere in the data directory, after init, serving and a CRL."""
+    # One more enrollment first, so that the ledger has been written to.
+    enroll(token_server.server.url, CHALLENGE, "disk-check").raise_for_status()
+    seen = 0
+    for path in token_server.directory.rglob("*"):
+        if path.is_file():
+            seen += 1
+            assert not _holds_private_key(path.read_bytes()), path
+    assert seen >= 5
+    pin = softhsm.PIN.encode()
+    for path in token_server.directory.rglob("*"):
+        if path.is_file():
+            assert pin not in path.read_bytes(), f"the PIN is in {path}"
+    assert softhsm.PIN not in token_server.server.log()
+
+
+def test_group_readable_pin_file_is_refused(tmp_path: Path) -> None:
+    softhsm.require()
+    token = softhsm.make_token(tmp_path / "softhsm")
+    loose = token.write_pin_file(tmp_path / "pin", mode=0o640)
+    done = init_with_token(token, tmp_path / "scep", loose, "--generate-in-token")
+    assert done.returncode == 1
+    assert "0640" in done.stderr and "0600" in done.stderr
+    assert softhsm.PIN not in done.stderr + done.stdout
+    assert not (tmp_path / "scep" / "scep-fast.toml").exists()
+
+
+def test_existing_token_keys_are_used_as_they_are(tmp_path: Path) -> None:
+    """Keys that already live in the token: init only makes the certificates."""
+    softhsm.require()
+    token = softhsm.make_token(tmp_path / "softhsm")
+    token.generate_rsa(CA_OBJECT, "0a")
+    token.generate_rsa(RA_OBJECT, "0b")
+    pin_file = token.write_pin_file(tmp_path / "pin")
+    done = init_with_token(token, tmp_path / "scep", pin_file)
+    assert done.returncode == 0, done.stderr
+    # Generating again under the same names is refused: the keys exist.
+    again = init_with_token(token, tmp_path / "again", pin_file, "--generate-in-token")
+    assert again.returncode == 1 and "exists in the token" in again.stderr
+    listing = token.tool("--list-objects", "--type", "privkey").stdout
+    assert listing.count("Private Key Object") == 2
+    server = start_server(tmp_path / "scep", env={"SOFTHSM2_CONF": str(token.conf)})
+    try:
+        result = enroll(server.url, CHALLENGE, "device-existing").raise_for_status()
+        assert result.cert is not None
+    finally:
+        server.stop()
+
+
+def test_worker_cannot_start_without_the_token(tmp_path: Path) -> None:
+    """A PIN file that went loose after init: workers refuse to log in; nothing is served."""
+    softhsm.require()
+    token = softhsm.make_token(tmp_path / "softhsm")
+    pin_file = token.write_pin_file(tmp_path / "pin")
+    done = init_with_token(token, tmp_path / "scep", pin_file, "--generate-in-token")
+    assert done.returncode == 0, done.stderr
+    os.chmod(pin_file, 0o644)
+    check = scep_fast("crl", "--dir", str(tmp_path / "scep"),
+                      env={"SOFTHSM2_CONF": str(token.conf)})
+    assert check.returncode == 2
+    assert "cannot use a key" in check.stderr and "0644" in check.stderr
+    assert "Traceback" not in check.stderr and softhsm.PIN not in check.stderr
