@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,19 +58,27 @@ def init_with_token(token: softhsm.Token, directory: Path, pin_file: Path,
                      *extra, env={"SOFTHSM2_CONF": str(token.conf)})
 
 
-@pytest.fixture(scope="module")
-def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServer]:
+def start_token_server(base: Path,
+                       configure: Callable[[Path], None] | None = None) -> TokenServer:
+    """A fresh token with both keys generated in it, and a server (two workers) using them."""
     softhsm.require()
-    base = tmp_path_factory.mktemp("token-server")
     token = softhsm.make_token(base / "softhsm")
     pin_file = token.write_pin_file(base / "pin")
     directory = base / "scep"
     done = init_with_token(token, directory, pin_file, "--generate-in-token")
     assert done.returncode == 0, done.stderr
     set_config(directory, "server", "workers", "2")
+    if configure is not None:
+        configure(directory)
     server = start_server(directory, env={"SOFTHSM2_CONF": str(token.conf)})
-    yield TokenServer(server, token, pin_file)
-    server.stop()
+    return TokenServer(server, token, pin_file)
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServer]:
+    running = start_token_server(tmp_path_factory.mktemp("token-server"))
+    yield running
+    running.server.stop()
 
 
 def test_init_leaves_the_keys_in_the_token(token_server: TokenServer) -> None:
