@@ -224,6 +224,7 @@ int scep_key_public_der(const scep_key *k, scep_bytes *out, char *err, size_t er
 int scep_key_sign(const scep_key *k, const char *md_name, scep_buf data, scep_bytes *out,
                   char *err, size_t err_len)
 {
+    EVP_MD *md = NULL;
     EVP_MD_CTX *mctx = NULL;
     unsigned char *sig = NULL;
     size_t sig_len = 0;
@@ -233,9 +234,16 @@ int scep_key_sign(const scep_key *k, const char *md_name, scep_buf data, scep_by
         scep_set_error(err, err_len, "a key, a digest name and data to sign are needed");
         return 0;
     }
+    /* Fetched first: for an engine key, EVP_DigestSignInit_ex would take an
+       unknown name for the key type's default digest instead of failing. */
+    md = EVP_MD_fetch(NULL, md_name, NULL);
+    if (md == NULL) {
+        scep_set_error(err, err_len, "unknown digest");
+        goto end;
+    }
     mctx = EVP_MD_CTX_new();
     if (mctx == NULL
-        || EVP_DigestSignInit_ex(mctx, NULL, md_name, NULL, NULL, k->pkey, NULL) != 1
+        || EVP_DigestSignInit_ex(mctx, NULL, EVP_MD_get0_name(md), NULL, NULL, k->pkey, NULL) != 1
         || EVP_DigestSign(mctx, NULL, &sig_len, data.data, data.len) != 1) {
         scep_set_error(err, err_len, "cannot prepare the signature");
         goto end;
@@ -258,5 +266,6 @@ int scep_key_sign(const scep_key *k, const char *md_name, scep_buf data, scep_by
 end:
     OPENSSL_free(sig);
     EVP_MD_CTX_free(mctx);
+    EVP_MD_free(md);
     return ok;
 }

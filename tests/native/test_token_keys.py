@@ -28,6 +28,7 @@ from scep_fast.crypto import (
     DecryptFailed,
     InvalidArgument,
     IssueRequest,
+    NativeInternalError,
     NativeKey,
     Pkcs11Module,
     ScepContext,
@@ -168,3 +169,24 @@ def test_same_key_object_from_der_signs_alike(ca):
     pub = cert.public_key()
     assert isinstance(pub, rsa.RSAPublicKey)
     pub.verify(signature, b"abc", padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_error_paths_free_what_they_took(module, token, ca):
+    """Each refusal of the key store, run under the sanitizers by sanitize.sh (LSan)."""
+    key = module.load_key(token.uri("ca"))
+    with pytest.raises(NativeInternalError, match="unknown digest"):
+        key.sign("NO-SUCH-DIGEST", b"data")
+    with pytest.raises(NativeInternalError, match="needed"):
+        key.sign("SHA256", b"")
+    with pytest.raises(InvalidArgument, match="pkcs11: URI"):
+        module.load_key("file:///etc/passwd")
+    with pytest.raises(InvalidArgument, match="cannot parse the private key"):
+        NativeKey.from_der(ca[1][:-3])
+    with pytest.raises(InvalidArgument, match="cannot parse the private key"):
+        NativeKey.from_der(ca[0])
+    with pytest.raises(InvalidArgument, match="module path and a PIN"):
+        Pkcs11Module(token.module, b"")
+    # The context keeps its own reference: the key object may go first.
+    ctx = ScepContext(recipients=[(ca[0], key)], signer=(ca[0], key), issuer=(ca[0], key))
+    del key
+    assert ctx.unwrap_batch([b"\x30\x00"])[0].error is not None
