@@ -191,6 +191,29 @@ def _rebuild_storage_full(retry_after_seconds: int, detail: str) -> StorageFull:
     return StorageFull(retry_after_seconds, detail=detail)
 
 
+class KeysUnavailable(Overloaded):
+    """The CA or RA key cannot be used now (its token is gone): nothing is signed or recorded.
+
+    Not the client's fault: the client is told to come back, as for a full
+    queue, while the server waits for its keys. ``detail`` is for the log.
+    """
+
+    default_reason = "signing keys unavailable, retry later"
+    DEFAULT_RETRY_AFTER_SECONDS: ClassVar[int] = 10
+
+    def __init__(self, retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS, *,
+                 detail: str = "") -> None:
+        super().__init__(retry_after_seconds)
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_keys_unavailable, (self.retry_after_seconds, self.detail))
+
+
+def _rebuild_keys_unavailable(retry_after_seconds: int, detail: str) -> KeysUnavailable:
+    return KeysUnavailable(retry_after_seconds, detail=detail)
+
+
 # --- Signed CertRep FAILURE ---------------------------------------------------
 
 

@@ -333,6 +333,17 @@ def refresh_all(config: Config, ledger: CrlLedger, material: Material, force: bo
     return written
 
 
+def refresh_due(config: Config, material: Material, *,
+                now: datetime.datetime | None = None) -> bool:
+    """Whether ``refresh_all`` would write any CRL now (one missing or near its nextUpdate)."""
+    store = CrlStore(config.dir)
+    validity = int(config.get("crl", "validity_hours"))
+    refresh = int(config.get("crl", "refresh_hours"))
+    moment = now or datetime.datetime.now(datetime.UTC)
+    return any(store.needs_refresh(crl_name(ca_cert), refresh, moment, validity_hours=validity)
+               for ca_cert, _key in _cas(material, moment))
+
+
 def revoke(config: Config, ledger: CrlLedger, material: Material, serial: int, reason: int,
            *, now: datetime.datetime | None = None) -> tuple[CertRecord, list[Path]]:
     """Revokes a certificate and writes fresh CRLs at once."""

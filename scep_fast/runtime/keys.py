@@ -15,18 +15,23 @@ is released, which would end every other session of the process.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import subprocess
 import threading
+import time
 import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     # Imported where used: the command line reads this module without the core.
-    from scep_fast.crypto import KeyMaterial, NativeKey, Pkcs11Module
+    from scep_fast.crypto import KeyMaterial, NativeKey, Pkcs11Module, ScepContext
+
+log = logging.getLogger("scep_fast.keys")
 
 PKCS11_SCHEME = "pkcs11:"
 # The PIN and the module come from the config and the PIN file, never from the URI.
@@ -109,6 +114,7 @@ def read_pin(path: Path) -> bytes:
 
 _lock = threading.Lock()
 _modules: dict[tuple[int, str], Pkcs11Module] = {}
+_pin_refused: set[tuple[int, str]] = set()
 
 
 def token_module(module: str, pin_file: Path) -> Pkcs11Module:
@@ -148,11 +154,18 @@ def native_key(ref: KeyRef) -> NativeKey:
 
 def _load(ref: TokenKey) -> NativeKey:
     check_uri(ref.uri)
+    refused = (os.getpid(), ref.module)
+    if refused in _pin_refused:
+        # Every try counts down the token's PIN tries until it locks.
+        raise KeyLoadError("the token refused the PIN before; not trying again in this "
+                           "process (fix the PIN file, then restart)")
     try:
         return token_module(ref.module, ref.pin_file).load_key(ref.uri)
     except KeyLoadError:
         raise
     except Exception as e:
+        if any(refusal in str(e) for refusal in _PIN_REFUSALS):
+            _pin_refused.add(refused)
         raise KeyLoadError(str(e)) from None
 
 
@@ -188,3 +201,88 @@ def generate_in_token(ref: TokenKey, key_type: str) -> None:
     if result.returncode != 0:
         raise KeyLoadError(f"the token did not generate {label!r}: "
                            f"{result.stderr.strip() or result.stdout.strip()}")
+
+
+# What a token says when the PIN itself is refused: retrying would only count
+# down the token's PIN tries until it locks.
+_PIN_REFUSALS = ("PIN incorrect", "PIN locked", "PIN len range", "PIN expired", "PIN invalid")
+
+
+class TokenKeySource:
+    """The keys of one worker process when some of them live in a token.
+
+    ``build`` opens the keys and makes the native context; it returns the
+    context and the token keys in it. While it fails (the token is not
+    there) the worker answers PKIOperations with 503 and tries again every
+    ``retry_seconds``. When a private-key operation fails, ``lost`` asks the
+    token to sign a probe: if it cannot, the keys are gone for this process
+    (libp11 and the module keep stale handles, and PKCS#11 allows one
+    initialisation per process), so the process is replaced (``on_lost``)
+    and its successor opens a new session as soon as the token is back.
+    """
+
+    def __init__(self, build: Callable[[], tuple[ScepContext, Sequence[NativeKey]]], *,
+                 on_lost: Callable[[], None] = lambda: None, retry_seconds: float = 2.0,
+                 probe_interval_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._build = build
+        self._on_lost = on_lost
+        self._retry_seconds = retry_seconds
+        self._probe_interval = probe_interval_seconds
+        self._clock = clock
+        self._ctx: ScepContext | None = None
+        self._keys: Sequence[NativeKey] = ()
+        self._next_try = 0.0
+        self._last_good_probe = -probe_interval_seconds
+        self._given_up = False
+        self._last_reason = ""
+
+    def context(self) -> ScepContext | None:
+        if self._ctx is not None or self._given_up:
+            return self._ctx
+        if self._clock() < self._next_try:
+            return None
+        return self.open()
+
+    def open(self) -> ScepContext | None:
+        """Tries to open the keys now, whenever the last try was."""
+        if self._ctx is not None or self._given_up:
+            return self._ctx
+        now = self._clock()
+        try:
+            self._ctx, self._keys = self._build()
+        except Exception as e:  # noqa: BLE001 - the reason is logged; we try again
+            reason = str(e)
+            self._next_try = now + self._retry_seconds
+            if any(refusal in reason for refusal in _PIN_REFUSALS):
+                self._given_up = True
+                log.error("the token refused the PIN; not trying again",
+                          extra={"fields": {"reason": reason, "pid": os.getpid()}})
+            elif reason != self._last_reason:
+                log.warning("token keys unavailable; trying again",
+                            extra={"fields": {"reason": reason, "pid": os.getpid(),
+                                              "retry_seconds": self._retry_seconds}})
+            self._last_reason = reason
+            return None
+        log.info("token keys opened", extra={"fields": {"pid": os.getpid()}})
+        self._last_reason = ""
+        return self._ctx
+
+    def lost(self) -> bool:
+        if self._ctx is None:
+            return True
+        now = self._clock()
+        if now - self._last_good_probe < self._probe_interval:
+            return False
+        try:
+            for key in self._keys:
+                key.sign("SHA256", b"scep-fast: is the token still there?")
+        except Exception as e:  # noqa: BLE001 - that is the answer
+            log.error("token keys lost; replacing this worker process",
+                      extra={"fields": {"reason": str(e), "pid": os.getpid()}})
+            self._ctx, self._keys = None, ()
+            self._given_up = True
+            self._on_lost()
+            return True
+        self._last_good_probe = now
+        return False

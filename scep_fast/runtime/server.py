@@ -12,12 +12,14 @@ import gc
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from scep_fast.crypto import ScepContext, certs_only
+from scep_fast.crypto import NativeKey, ScepContext, certs_only
 from scep_fast.protocol import Capabilities, Overloaded
 from scep_fast.runtime import metrics
 from scep_fast.runtime.app import CT_CA_CERT, CT_CA_RA_CERT, CaCertificates, ScepApp
@@ -26,7 +28,7 @@ from scep_fast.runtime.config import Config
 from scep_fast.runtime.crl import CrlStore, crl_url
 from scep_fast.runtime.fast_refusal import FastRefusal
 from scep_fast.runtime.http_server import serve as serve_http
-from scep_fast.runtime.keys import open_key
+from scep_fast.runtime.keys import TokenKey, TokenKeySource, open_key
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material
 from scep_fast.service.enrollment import Answer, EnrollmentService, Policy, PreparedBatch
@@ -111,10 +113,16 @@ def open_ledger(config: Config) -> LmdbLedger:
                       on_full=_observe_full)
 
 
-def build_service(config: Config, material: Material, ledger: LmdbLedger) -> EnrollmentService:
-    """The enrollment rules with this directory's keys, policy and profiles."""
-    # A token key is opened here, in the process that uses it; a file key
-    # goes to the core as DER. The core takes either where it takes the other.
+STARTUP_KEY_TRIES = 5
+STARTUP_KEY_PAUSE_SECONDS = 0.2
+
+
+def _context(config: Config, material: Material) -> tuple[ScepContext, list[NativeKey]]:
+    """The native context of this directory's keys, and those of its keys held in a token.
+
+    A token key is opened here, in the process that uses it; a file key goes
+    to the core as DER. The core takes either where it takes the other.
+    """
     signer_key = open_key(material.signer[1])
     issuer_key = signer_key if material.mode == "ca" else open_key(material.ca_key)
     signer = (material.signer[0], signer_key)
@@ -127,6 +135,28 @@ def build_service(config: Config, material: Material, ledger: LmdbLedger) -> Enr
         refuse_sha1=bool(config.get("enrollment", "refuse_sha1")),
         refuse_3des=bool(config.get("enrollment", "refuse_3des")),
     )
+    return ctx, [k for k in (signer_key, issuer_key) if isinstance(k, NativeKey)]
+
+
+def build_service(config: Config, material: Material, ledger: LmdbLedger, *,
+                  on_keys_lost: Callable[[], None] = lambda: None) -> EnrollmentService:
+    """The enrollment rules with this directory's keys, policy and profiles.
+
+    File keys are loaded now, once. Token keys are opened now too when the
+    token is there, and otherwise as soon as it is (see ``TokenKeySource``);
+    ``on_keys_lost`` is called when they go away.
+    """
+    keys: ScepContext | TokenKeySource
+    if isinstance(material.ca_key, TokenKey) or isinstance(material.ra_key, TokenKey):
+        keys = TokenKeySource(lambda: _context(config, material), on_lost=on_keys_lost)
+        # A few quick tries before serving without keys: a token may refuse a
+        # login for a moment while other processes open their sessions.
+        for _ in range(STARTUP_KEY_TRIES):
+            if keys.open() is not None:
+                break
+            time.sleep(STARTUP_KEY_PAUSE_SECONDS)
+    else:
+        keys = _context(config, material)[0]
     policy = Policy(
         static_challenge=material.challenge,
         default_profile=str(config.get("enrollment", "default_profile")),
@@ -134,7 +164,7 @@ def build_service(config: Config, material: Material, ledger: LmdbLedger) -> Enr
         revoke_on_replace=bool(config.get("enrollment", "revoke_on_replace")),
     )
     profiles = config.profiles(crl_url(str(config.get("crl", "public_url")), material.ca_cert))
-    return EnrollmentService(ctx, ledger, policy, profiles,
+    return EnrollmentService(keys, ledger, policy, profiles,
                              [material.ca_cert, *[p.ca_cert for p in material.previous]],
                              crl_source=CrlStore(config.dir).by_issuer,
                              on_commit=_observe_commit)
@@ -143,7 +173,10 @@ def build_service(config: Config, material: Material, ledger: LmdbLedger) -> Enr
 def build_worker(config: Config) -> Worker:
     material = load_material(config)
     ledger = open_ledger(config)
-    service = build_service(config, material, ledger)
+    # Keys lost from their token: this process drains and exits like on
+    # SIGTERM, and the supervisor starts a new one with a new session.
+    service = build_service(config, material, ledger,
+                            on_keys_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
     batcher: Batcher[PreparedBatch, Answer] = Batcher(
         service.prepare_batch,
         service.finish_batch,

@@ -44,7 +44,7 @@ from scep_fast import __version__
 from scep_fast.runtime.config import Config, ConfigError
 from scep_fast.runtime.http1 import StrictHttp1Handler
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
-from scep_fast.runtime.pki import Material, load_material
+from scep_fast.runtime.pki import Material, load_material, uses_token
 
 log = logging.getLogger("scep_fast.supervisor")
 
@@ -57,6 +57,9 @@ STOP_GRACE_SECONDS = 40.0
 # How often the supervisor checks whether a CRL needs rewriting.
 # How often the supervisor looks for a CRL to rewrite (a cheap check).
 CRL_CHECK_SECONDS = 2.0
+# After a failed CRL signing with a token key (the token is away), the pause
+# before the next child process tries.
+TOKEN_CRL_RETRY_SECONDS = 15.0
 # During a reload, a fresh worker runs this long before the next one is replaced.
 RELOAD_SETTLE_SECONDS = 1.0
 
@@ -146,6 +149,7 @@ class Supervisor:
         self._ledger: Any = ledger
         self._own_ledger: Any = None
         self._revoked_seen: int | None = None
+        self._token_crl_retry_at = 0.0
         self._material: Material | None = None
         self._crl_check_at = 0.0
         # Every worker inherits the read end of this pipe; only the supervisor
@@ -204,7 +208,7 @@ class Supervisor:
         from workers revoking a certificate a renewal replaced; the count of
         revoked certificates, cheap to read, tells when there is a new one.
         """
-        from scep_fast.runtime.crl import refresh_all
+        from scep_fast.runtime.crl import refresh_all, refresh_due
         from scep_fast.runtime.server import open_ledger
 
         try:
@@ -215,10 +219,38 @@ class Supervisor:
             if self._material is None:
                 # Loaded again after a reload: `ca activate` changes the CAs.
                 self._material = load_material(self._config)
-            refresh_all(self._config, self._ledger, self._material, force=force)
+            if uses_token(self._config):
+                # A revocation counts as seen only once its CRL is written.
+                if (force or refresh_due(self._config, self._material)) and (
+                        time.monotonic() < self._token_crl_retry_at
+                        or not self._refresh_crls_in_child()):
+                    return
+            else:
+                refresh_all(self._config, self._ledger, self._material, force=force)
             self._revoked_seen = revoked
         except Exception:  # noqa: BLE001 - logged; the next check tries again
             log.exception("CRL refresh failed")
+
+    def _refresh_crls_in_child(self) -> bool:
+        """CRLs signed by a token key, in a process of their own (`scep-fast crl`).
+
+        The supervisor never opens a PKCS#11 session: one that outlived its
+        token would stay broken for the life of the process (see
+        ``keys.TokenKeySource``), while a short-lived child opens a new one
+        each time. A failure is logged and tried again after a pause.
+        """
+        done = subprocess.run(
+            [sys.executable, "-m", "scep_fast.runtime.cli", "crl", "--dir", str(self._config.dir)],
+            capture_output=True, text=True, timeout=120)
+        if done.returncode == 0:
+            for path in done.stdout.split():
+                log.info("CRL written", extra={"fields": {"path": path}})
+            return True
+        self._token_crl_retry_at = time.monotonic() + TOKEN_CRL_RETRY_SECONDS
+        log.warning("CRL signing with the token failed; trying again later",
+                    extra={"fields": {"reason": done.stderr.strip()[-500:],
+                                      "retry_seconds": TOKEN_CRL_RETRY_SECONDS}})
+        return False
 
     def _tick_reload(self) -> None:
         from prometheus_client import multiprocess

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from scep_fast.client import build_get_crl, enroll, parse_cert_rep
+from scep_fast.client import build_get_crl, build_pkcs_req, enroll, parse_cert_rep
 from scep_fast.protocol import PKIStatus
 from scep_fast.runtime import crl
 from tests import softhsm
@@ -97,6 +98,30 @@ def test_init_leaves_the_keys_in_the_token(token_server: TokenServer) -> None:
     ra.verify_directly_issued_by(ca)
     assert isinstance(ra.public_key(), rsa.RSAPublicKey)
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_sessions_are_per_worker_never_in_the_supervisor(token_server: TokenServer) -> None:
+    """Each worker opened the module itself; the supervisor (which signs CRLs in a child
+    process) never loaded it, so no session crosses a fork or outlives its token there."""
+    supervisor = token_server.server.process.pid
+    module = Path(token_server.token.module).name
+    # An enrollment first, so that the workers are up (they start after the first CRL).
+    enroll(token_server.server.url, CHALLENGE, "session-check").raise_for_status()
+    deadline = time.monotonic() + 15
+    while True:
+        children = [int(pid) for task in Path(f"/proc/{supervisor}/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
+        workers = [pid for pid in children if module in _maps(pid)]
+        if len(workers) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(workers) >= 2, "every worker holds its own session"
+    assert module not in _maps(supervisor)
+    assert "pkcs11.so" not in _maps(supervisor)
 
 
 @pytest.mark.parametrize("use_get", [False, True], ids=["post", "get"])
@@ -231,3 +256,81 @@ def test_worker_cannot_start_without_the_token(tmp_path: Path) -> None:
     assert check.returncode == 2
     assert "cannot use a key" in check.stderr and "0644" in check.stderr
     assert "Traceback" not in check.stderr and softhsm.PIN not in check.stderr
+
+
+def _post(server: Server, message: bytes) -> tuple[int, str | None]:
+    response = server.request("POST", "/scep?operation=PKIOperation", body=message,
+                              headers={"Content-Type": "application/x-pki-message"})
+    return response.status, response.getheader("Retry-After")
+
+
+def test_token_that_goes_away_and_comes_back(tmp_path: Path) -> None:
+    """Requests while the token is gone get 503 with Retry-After (never 500), and the
+    workers open new sessions once it is back."""
+    running = start_token_server(tmp_path)
+    server = running.server
+    try:
+        ra = x509.load_pem_x509_certificate((server.directory / "ra.pem").read_bytes())
+        assert enroll(server.url, CHALLENGE, "before").raise_for_status().cert is not None
+
+        away = running.token.token_dir.with_name("tokens-away")
+        running.token.token_dir.rename(away)
+        statuses = []
+        deadline = time.monotonic() + 6
+        i = 0
+        while time.monotonic() < deadline:
+            request = build_pkcs_req(ra, cn=f"while-away-{i}", challenge=CHALLENGE)
+            statuses.append(_post(server, request.message))
+            i += 1
+            time.sleep(0.2)
+        assert statuses and all(status == 503 and retry is not None and int(retry) > 0
+                                for status, retry in statuses), statuses
+        away.rename(running.token.token_dir)
+
+        # Back: every worker serves again within a few retries (each tries every 2 s),
+        # and until then answers 503 too.
+        deadline = time.monotonic() + 30
+        in_a_row = n = 0
+        while in_a_row < 10:
+            assert time.monotonic() < deadline, \
+                f"no steady enrollment once the token was back:\n{server.log()[-3000:]}"
+            request = build_pkcs_req(ra, cn=f"after-{n}", challenge=CHALLENGE)
+            status, _ = _post(server, request.message)
+            assert status in (200, 503), status
+            in_a_row = in_a_row + 1 if status == 200 else 0
+            n += 1
+            if status == 503:
+                time.sleep(0.3)
+        assert enroll(server.url, CHALLENGE, "after").raise_for_status().cert is not None
+        assert server.process.poll() is None, "the server itself kept running"
+        log = server.log()
+        assert '"outcome": "HTTP 500"' not in log and "Traceback" not in log, log[-3000:]
+        assert "token keys lost" in log
+    finally:
+        server.stop()
+
+
+def test_a_refused_pin_is_not_tried_again(tmp_path: Path) -> None:
+    """A wrong PIN would count down the token's tries: each worker logs in once, then answers
+    503 until an operator fixes the PIN file and restarts the server."""
+
+    def wrong_pin(directory: Path) -> None:
+        pin_file = tmp_path / "pin"
+        os.chmod(pin_file, 0o600)
+        pin_file.write_text("0000-0000\n")
+
+    running = start_token_server(tmp_path, wrong_pin)
+    server = running.server
+    try:
+        ra = x509.load_pem_x509_certificate((server.directory / "ra.pem").read_bytes())
+        for n in range(6):
+            status, retry = _post(server, build_pkcs_req(ra, cn=f"pin-{n}",
+                                                         challenge=CHALLENGE).message)
+            assert status == 503 and retry is not None
+            time.sleep(0.5)
+        log = server.log()
+        assert log.count("the token refused the PIN; not trying again") == 2, log[-3000:]
+        assert "trying again\"" not in log.replace("not trying again", "")
+        assert "0000-0000" not in log
+    finally:
+        server.stop()
