@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     requests_approve = _with_dir(requests_sub.add_parser(
         "approve", help="issue the certificate; the device gets it at its next poll"))
     requests_approve.parser.add_argument("request_id")
+    requests_approve.option("--json", action="store_true",
+                            help="print the issued certificate's record as JSON")
     requests_reject = _with_dir(requests_sub.add_parser("reject", help="refuse the request"))
     requests_reject.parser.add_argument("request_id")
     requests_reject.option("--reason", default="", help="sent to the device as failInfoText")
@@ -350,10 +352,16 @@ def cmd_challenge(args: argparse.Namespace) -> int:
 
 
 def cmd_requests(args: argparse.Namespace) -> int:
-    from scep_fast.runtime.admin import pending_to_json
+    from scep_fast.protocol import KeysUnavailable
+    from scep_fast.runtime.admin import (
+        APPROVE_KEYS_UNAVAILABLE,
+        APPROVE_LEDGER_FULL,
+        APPROVE_NOT_FOUND,
+        pending_to_json,
+    )
     from scep_fast.runtime.pki import load_material
     from scep_fast.runtime.server import build_service, open_ledger
-    from scep_fast.service.ledger import LedgerError, record_to_json
+    from scep_fast.service.ledger import LedgerError, LedgerFull, NotFound, record_to_json
 
     config = configuration.load(args.dir)
     with open_ledger(config) as ledger:
@@ -370,14 +378,23 @@ def cmd_requests(args: argparse.Namespace) -> int:
         try:
             if args.requests_command == "approve":
                 record = record_to_json(service.approve(args.request_id))
-                print(f"approved {args.request_id}: serial {record['serial']} "
-                      f"for {record['subject']}")
+                if args.json:
+                    print(json.dumps(record))
+                else:
+                    print(f"approved {args.request_id}: serial {record['serial']} "
+                          f"for {record['subject']}")
             else:
                 service.reject(args.request_id, args.reason)
                 print(f"rejected {args.request_id}")
         except LedgerError as e:
             print(f"scep-fast: {e}", file=sys.stderr)
-            return 1
+            # Told apart for the admin API, which approves in this command
+            # when the keys live in a token (admin.approve_in_child).
+            return (APPROVE_NOT_FOUND if isinstance(e, NotFound)
+                    else APPROVE_LEDGER_FULL if isinstance(e, LedgerFull) else 1)
+        except KeysUnavailable as e:
+            print(f"scep-fast: {e.reason}: {e.detail}", file=sys.stderr)
+            return APPROVE_KEYS_UNAVAILABLE
     return 0
 
 

@@ -484,6 +484,7 @@ def _serve_admin(config: Config, ledger: LmdbLedger, bind: str) -> None:
         log.warning("admin API off: no token file", extra={"fields": {"path": str(token_path)}})
         return
     api = AdminApi(ledger, lambda: build_service(config, load_material(config), ledger),
-                   list(config.values["profiles"]), token)
+                   list(config.values["profiles"]), token,
+                   approve_in=config.dir if uses_token(config) else None)
     host, port = split_host_port(bind)
     serve_admin(api, host, port, backlog=int(config.get("server", "listen_backlog")))

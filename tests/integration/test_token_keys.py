@@ -22,7 +22,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from scep_fast.client import build_get_crl, build_pkcs_req, enroll, parse_cert_rep
+from scep_fast.client import (
+    build_cert_poll,
+    build_get_crl,
+    build_pkcs_req,
+    enroll,
+    parse_cert_rep,
+)
 from scep_fast.protocol import PKIStatus
 from scep_fast.runtime import crl
 from tests import softhsm
@@ -332,5 +338,40 @@ def test_a_refused_pin_is_not_tried_again(tmp_path: Path) -> None:
         assert log.count("the token refused the PIN; not trying again") == 2, log[-3000:]
         assert "trying again\"" not in log.replace("not trying again", "")
         assert "0000-0000" not in log
+    finally:
+        server.stop()
+
+
+def test_admin_approval_with_token_keys(tmp_path: Path) -> None:
+    """Approving through the admin API signs with the token's CA key in a child process:
+    the supervisor that serves the API still never loads the module."""
+    from tests.integration.test_lifecycle import (
+        admin,
+        approval_request,
+        ca_certs,
+        send,
+        with_profiles,
+    )
+
+    running = start_token_server(tmp_path, with_profiles)
+    server = running.server
+    try:
+        request = approval_request(server, "approve-me")
+        assert send(server, request).status is PKIStatus.PENDING
+        status, listed = admin(server, "GET", "/v1/requests")
+        assert status == 200
+        request_id = next(p["request_id"] for p in listed
+                          if p["transaction_id"] == request.transaction_id)
+        status, record = admin(server, "POST", f"/v1/requests/{request_id}/approve")
+        assert status == 200, record
+        reply = send(server, build_cert_poll(request, ca_certs(server).ca))
+        assert reply.status is PKIStatus.SUCCESS
+        cert = reply.certificates[0]
+        assert format(cert.serial_number, "x") == record["serial"]
+        cert.verify_directly_issued_by(ca_certs(server).ca)
+        # Decided already: refused by the ledger, as with file keys.
+        assert admin(server, "POST", f"/v1/requests/{request_id}/approve")[0] == 409
+        assert admin(server, "POST", f"/v1/requests/{'0' * 16}/approve")[0] == 404
+        assert Path(running.token.module).name not in _maps(server.process.pid)
     finally:
         server.stop()
