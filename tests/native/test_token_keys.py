@@ -190,3 +190,33 @@ def test_error_paths_free_what_they_took(module, token, ca):
     ctx = ScepContext(recipients=[(ca[0], key)], signer=(ca[0], key), issuer=(ca[0], key))
     del key
     assert ctx.unwrap_batch([b"\x30\x00"])[0].error is not None
+
+
+def test_bad_key_padding_and_bad_content_padding_are_refused_alike(token_ctx, ctx):
+    """The token-held RA key refuses a broken envelope as the file key does: a content key
+    whose RSA padding is wrong and content whose CBC padding is wrong both come out as
+    DecryptFailed with the same words for the client, and a good envelope opens."""
+    from asn1crypto import cms
+
+    from tests.native.hostile_helpers import Device
+
+    device = Device.load()
+    csr = device.csr()
+    envelope = device.envelope(csr)
+    env = cms.ContentInfo.load(envelope)["content"]
+    wrapped_key = env["recipient_infos"][0].chosen["encrypted_key"].contents
+    bad_key = envelope.replace(wrapped_key, bytes(len(wrapped_key)))
+    ciphertext = env["encrypted_content_info"]["encrypted_content"].contents
+    damaged = bytearray(ciphertext)
+    damaged[-17] ^= 16 - len(csr) % 16
+    bad_content = envelope.replace(ciphertext, bytes(damaged))
+    messages = [device.pkcsreq(e) for e in (envelope, bad_key, bad_content)]
+    for context in (ctx, token_ctx):
+        good, key_refused, content_refused = context.unwrap_batch(messages)
+        assert good.error is None and good.content == csr
+        assert isinstance(key_refused.error, DecryptFailed)
+        assert isinstance(content_refused.error, DecryptFailed)
+        assert key_refused.error.summary == content_refused.error.summary
+    token_results = token_ctx.unwrap_batch(messages[1:])
+    file_results = ctx.unwrap_batch(messages[1:])
+    assert [r.error.summary for r in token_results] == [r.error.summary for r in file_results]
