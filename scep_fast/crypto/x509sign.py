@@ -14,7 +14,10 @@ The throw-away signature is discarded; the private key never leaves the core.
 from __future__ import annotations
 
 import functools
+import hashlib
 
+from asn1crypto import algos, cms, core
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -100,3 +103,47 @@ def sign_crl(builder: x509.CertificateRevocationListBuilder,
              key: NativeKey) -> x509.CertificateRevocationList:
     """The CRL ``builder`` describes, signed by the CA's ``key``."""
     return x509.load_der_x509_crl(_sign(builder, key, signature_digest(public_key(key))))
+
+
+def signed_data(content: bytes, signer_cert: bytes, key: NativeKey,
+                extra_certs: tuple[bytes, ...] = ()) -> bytes:
+    """A CMS SignedData ContentInfo (RFC 5652) over ``content`` (id-data), signed by ``key``.
+
+    One SignerInfo named by issuer and serial number, SHA-256 (SHA-384 for the
+    larger curves), with the contentType and messageDigest signed attributes
+    (section 5.3); the signature is over the DER SET OF those attributes
+    (section 5.4), made by the core. The certificates are the signer's, then
+    ``extra_certs``.
+    """
+    cert = asn1_x509.Certificate.load(signer_cert)
+    pub = public_key(key)
+    digest = signature_digest(pub)
+    digest_name = digest.lower()
+    message_digest = hashlib.new(digest_name, content).digest()
+    attrs = cms.CMSAttributes([
+        cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
+        cms.CMSAttribute({"type": "message_digest", "values": [message_digest]}),
+    ])
+    signature = key.sign(digest, attrs.dump(force=True))
+    if isinstance(pub, rsa.RSAPublicKey):
+        signature_algorithm = {"algorithm": "rsassa_pkcs1v15"}
+    else:
+        signature_algorithm = {"algorithm": f"{digest_name}_ecdsa"}
+    signer_info = cms.SignerInfo({
+        "version": "v1",
+        "sid": cms.SignerIdentifier({"issuer_and_serial_number": cms.IssuerAndSerialNumber({
+            "issuer": cert.issuer, "serial_number": cert.serial_number})}),
+        "digest_algorithm": algos.DigestAlgorithm({"algorithm": digest_name}),
+        "signed_attrs": attrs,
+        "signature_algorithm": algos.SignedDigestAlgorithm(signature_algorithm),
+        "signature": core.OctetString(signature),
+    })
+    certificates = [cert, *(asn1_x509.Certificate.load(c) for c in extra_certs)]
+    data = cms.SignedData({
+        "version": "v1",
+        "digest_algorithms": [algos.DigestAlgorithm({"algorithm": digest_name})],
+        "encap_content_info": {"content_type": "data", "content": content},
+        "certificates": certificates,
+        "signer_infos": [signer_info],
+    })
+    return bytes(cms.ContentInfo({"content_type": "signed_data", "content": data}).dump())

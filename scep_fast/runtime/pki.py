@@ -18,13 +18,12 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from scep_fast.crypto import NativeKey, der_certificate, der_private_key
-from scep_fast.crypto.x509sign import public_key, sign_certificate
+from scep_fast.crypto.x509sign import public_key, sign_certificate, signed_data
 from scep_fast.runtime.config import Config
-from scep_fast.runtime.keys import KeyRef, TokenKey, is_token_uri
+from scep_fast.runtime.keys import KeyRef, TokenKey, is_token_uri, native_key
 
 CA_KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "p256", "p384")
 CA_VALIDITY_DAYS = 3650
@@ -301,19 +300,9 @@ def next_ca_message(config: Config, signer: tuple[bytes, KeyRef],
     certs = next_ca_certificates(config)
     if not certs:
         return None
-    if not isinstance(signer[1], bytes):
-        raise RolloverError("GetNextCACert with a signer key in a token is not supported yet")
-    signer_cert = x509.load_der_x509_certificate(signer[0])
-    signer_key = serialization.load_der_private_key(signer[1], password=None)
-    if not isinstance(signer_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise RolloverError("the current signer key is neither RSA nor EC")
-    builder = (pkcs7.PKCS7SignatureBuilder()
-               .set_data(certs_only(list(certs)))
-               .add_signer(signer_cert, signer_key, hashes.SHA256()))
-    if signer[0] != ca_cert:
-        builder = builder.add_certificate(x509.load_der_x509_certificate(ca_cert))
-    # Binary: the content is DER, never to be turned into canonical MIME text.
-    return builder.sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+    # Signed by the core, whether the signer key is a file or in a token.
+    extra = (ca_cert,) if signer[0] != ca_cert else ()
+    return signed_data(certs_only(list(certs)), signer[0], native_key(signer[1]), extra)
 
 
 def _next_cn(current: x509.Certificate) -> str:
