@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         "rollover", help="make the next CA (and RA), offered by GetNextCACert"))
     ca_rollover.option("--ca-key", choices=CA_KEY_TYPES, default="rsa2048",
                        help="next CA key type")
+    ca_rollover.option("--ca-key-uri", default=None,
+                       help="the next CA key is in the token (pki.pkcs11_module): its URI")
+    ca_rollover.option("--ra-key-uri", default=None,
+                       help="the next RA key is in the token: its URI")
+    ca_rollover.option("--generate-in-token", action="store_true",
+                       help="generate the next key pairs named by the URIs inside the token")
     ca_rollover.option("--ca-cn", default=None,
                        help='next CA common name (default: the current one + " G2", " G3"...)')
     _with_dir(ca_sub.add_parser("activate", help="switch over to the next CA"))
@@ -490,7 +496,9 @@ def cmd_ca(args: argparse.Namespace) -> int:
     try:
         if args.ca_command == "rollover":
             path = pki.rollover(config, args.ca_key, datetime.datetime.now(datetime.UTC),
-                                ca_cn=args.ca_cn)
+                                ca_cn=args.ca_cn, ca_key_uri=args.ca_key_uri,
+                                ra_key_uri=args.ra_key_uri,
+                                generate_in_token=args.generate_in_token)
             print(f"next CA in {path}; GetNextCACert offers it once servers reload")
             print(_RELOAD_HINT)
             return 0
@@ -498,6 +506,8 @@ def cmd_ca(args: argparse.Namespace) -> int:
     except pki.RolloverError as e:
         print(f"scep-fast: {e}", file=sys.stderr)
         return 1
+    # Activation may have named other keys in the config.
+    config = configuration.load(args.dir)
     # The new CA's CRL exists before any certificate names it.
     with LmdbLedger(config.dir / LEDGER_DIR,
                     map_size_bytes=int(config.get("ledger", "map_size_bytes"))) as ledger:

@@ -126,32 +126,37 @@ def _context(config: Config, material: Material) -> tuple[ScepContext, list[Nati
     signer_key = open_key(material.signer[1])
     issuer_key = signer_key if material.mode == "ca" else open_key(material.ca_key)
     signer = (material.signer[0], signer_key)
+    # Clients that still hold a retired RA certificate encrypt to it.
+    retired = [(p.ra_cert, open_key(p.ra_key)) for p in material.previous]
     ctx = ScepContext(
-        # Clients that still hold a retired RA certificate encrypt to it.
-        recipients=[signer, *[(p.ra_cert, p.ra_key) for p in material.previous]],
+        recipients=[signer, *retired],
         signer=signer,
         issuer=(material.ca_cert, issuer_key),
         allow_legacy=bool(config.get("enrollment", "allow_legacy_algorithms")),
         refuse_sha1=bool(config.get("enrollment", "refuse_sha1")),
         refuse_3des=bool(config.get("enrollment", "refuse_3des")),
     )
-    return ctx, [k for k in (signer_key, issuer_key) if isinstance(k, NativeKey)]
+    return ctx, [k for k in (signer_key, issuer_key, *(key for _, key in retired))
+                 if isinstance(k, NativeKey)]
 
 
 def build_service(config: Config, material: Material, ledger: LmdbLedger, *,
-                  on_keys_lost: Callable[[], None] = lambda: None) -> EnrollmentService:
+                  on_keys_lost: Callable[[], None] = lambda: None,
+                  open_keys_now: bool = True) -> EnrollmentService:
     """The enrollment rules with this directory's keys, policy and profiles.
 
     File keys are loaded now, once. Token keys are opened now too when the
     token is there, and otherwise as soon as it is (see ``TokenKeySource``);
-    ``on_keys_lost`` is called when they go away.
+    ``on_keys_lost`` is called when they go away. With ``open_keys_now``
+    false, a token is opened only by an operation that signs.
     """
     keys: ScepContext | TokenKeySource
-    if isinstance(material.ca_key, TokenKey) or isinstance(material.ra_key, TokenKey):
+    if any(isinstance(key, TokenKey) for key in (
+            material.ca_key, material.ra_key, *(p.ra_key for p in material.previous))):
         keys = TokenKeySource(lambda: _context(config, material), on_lost=on_keys_lost)
         # A few quick tries before serving without keys: a token may refuse a
         # login for a moment while other processes open their sessions.
-        for _ in range(STARTUP_KEY_TRIES):
+        for _ in range(STARTUP_KEY_TRIES if open_keys_now else 0):
             if keys.open() is not None:
                 break
             time.sleep(STARTUP_KEY_PAUSE_SECONDS)

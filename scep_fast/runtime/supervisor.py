@@ -42,6 +42,7 @@ from cryptography import x509
 
 from scep_fast import __version__
 from scep_fast.runtime.config import Config, ConfigError
+from scep_fast.runtime.config import load as load_config
 from scep_fast.runtime.http1 import StrictHttp1Handler
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import Material, load_material, uses_token
@@ -218,7 +219,7 @@ class Supervisor:
             force = self._revoked_seen is not None and revoked != self._revoked_seen
             if self._material is None:
                 # Loaded again after a reload: `ca activate` changes the CAs.
-                self._material = load_material(self._config)
+                self._material = load_material(self._config, next_message=False)
             if uses_token(self._config):
                 # A revocation counts as seen only once its CRL is written.
                 if (force or refresh_due(self._config, self._material)) and (
@@ -258,12 +259,18 @@ class Supervisor:
         if self._reload_requested:
             self._reload_requested = False
             try:
+                # `ca activate` may have named other keys in [pki] (keys in a
+                # token); the rest of the config keeps what serve was started with.
+                fresh = load_config(self._config.dir)
+                config = Config(dir=self._config.dir,
+                                values={**self._config.values, "pki": fresh.values["pki"]})
                 # Never replace working workers with ones that cannot load their keys.
-                load_material(self._config)
-                _set_expiry_gauges(self._config)
+                load_material(config, next_message=False)
+                _set_expiry_gauges(config)
             except Exception:  # noqa: BLE001 - the running workers stay
                 log.exception("reload refused: the CA material does not load")
                 return
+            self._config = config
             self._material = None
             log.info("reloading workers", extra={"fields": {"workers": len(self._slots)}})
             self._reload_queue = [slot.index for slot in self._slots]
@@ -375,7 +382,7 @@ def _serve_metrics(bind: str, backlog: int) -> None:
 def _set_expiry_gauges(config: Config) -> None:
     from scep_fast.runtime import metrics
 
-    material = load_material(config)
+    material = load_material(config, next_message=False)
     for name, der in (("ca", material.ca_cert), ("ra", material.signer[0])):
         not_after = x509.load_der_x509_certificate(der).not_valid_after_utc
         metrics.CERT_EXPIRY.labels(name).set(not_after.timestamp())
@@ -483,7 +490,11 @@ def _serve_admin(config: Config, ledger: LmdbLedger, bind: str) -> None:
     except FileNotFoundError:
         log.warning("admin API off: no token file", extra={"fields": {"path": str(token_path)}})
         return
-    api = AdminApi(ledger, lambda: build_service(config, load_material(config), ledger),
+    # Built per decision; with keys in a token, approvals happen in a child
+    # process and a rejection needs no key, so the token stays closed here.
+    api = AdminApi(ledger,
+                   lambda: build_service(config, load_material(config, next_message=False),
+                                         ledger, open_keys_now=False),
                    list(config.values["profiles"]), token,
                    approve_in=config.dir if uses_token(config) else None)
     host, port = split_host_port(bind)

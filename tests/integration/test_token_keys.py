@@ -372,6 +372,89 @@ def test_admin_approval_with_token_keys(tmp_path: Path) -> None:
         # Decided already: refused by the ledger, as with file keys.
         assert admin(server, "POST", f"/v1/requests/{request_id}/approve")[0] == 409
         assert admin(server, "POST", f"/v1/requests/{'0' * 16}/approve")[0] == 404
+        refused = approval_request(server, "reject-me")
+        assert send(server, refused).status is PKIStatus.PENDING
+        refused_id = next(p["request_id"] for p in admin(server, "GET", "/v1/requests")[1]
+                          if p["transaction_id"] == refused.transaction_id)
+        status, decided = admin(server, "POST", f"/v1/requests/{refused_id}/reject", {})
+        assert status == 200 and decided["status"] == "rejected"
         assert Path(running.token.module).name not in _maps(server.process.pid)
+    finally:
+        server.stop()
+
+
+def test_rollover_with_token_keys(tmp_path: Path) -> None:
+    """`ca rollover` generates the next CA and RA keys in the token; GetNextCACert is signed
+    by the current RA key in the token; after `ca activate` the new CA issues, and the retired
+    CA's keys, still in the token, sign its CRL and open requests sent to the old RA."""
+    from tests.integration.test_rollover import openssl, reload_until
+
+    running = start_token_server(tmp_path)
+    server, token = running.server, running.token
+    env = {"SOFTHSM2_CONF": str(token.conf)}
+    directory = server.directory
+    old_ca_pem = tmp_path / "old-ca.pem"
+    old_ca_pem.write_bytes((directory / "ca.pem").read_bytes())
+    old_ca = x509.load_pem_x509_certificate(old_ca_pem.read_bytes())
+    old_ra = x509.load_pem_x509_certificate((directory / "ra.pem").read_bytes())
+    try:
+        before = enroll(server.url, CHALLENGE, "before-rollover").raise_for_status()
+        assert before.cert is not None
+        next_ca_uri = f"pkcs11:token={token.label};object=scep-ca-g2"
+        next_ra_uri = f"pkcs11:token={token.label};object=scep-ra-g2"
+        done = scep_fast("ca", "rollover", "--dir", str(directory), "--ca-key-uri",
+                         next_ca_uri, "--ra-key-uri", next_ra_uri, "--generate-in-token",
+                         env=env)
+        assert done.returncode == 0, done.stderr
+        nxt = directory / "next"
+        assert sorted(p.name for p in nxt.iterdir()) == ["ca.pem", "ca.uri", "ra.pem", "ra.uri"]
+        for label in ("scep-ca-g2", "scep-ra-g2"):
+            assert "never extractable" in token.private_key_access(label)
+
+        reload_until(server, wanted=True)
+        response = server.request("GET", "/scep?operation=GetNextCACert")
+        assert response.status == 200
+        message = tmp_path / "next.p7"
+        message.write_bytes(response.read_body)  # type: ignore[attr-defined]
+        signers = tmp_path / "signers.pem"
+        verified = openssl("cms", "-verify", "-inform", "DER", "-in", str(message), "-binary",
+                           "-CAfile", str(old_ca_pem), "-purpose", "any", "-out", "/dev/null",
+                           "-signer", str(signers))
+        assert verified.returncode == 0, verified.stderr
+        assert x509.load_pem_x509_certificate(signers.read_bytes()) == old_ra
+
+        done = scep_fast("ca", "activate", "--dir", str(directory), env=env)
+        assert done.returncode == 0, done.stderr
+        config = (directory / "scep-fast.toml").read_text()
+        assert f'ca_key = "{next_ca_uri}"' in config and f'ra_key = "{next_ra_uri}"' in config
+        old_id = crl.crl_name(old_ca.public_bytes(serialization.Encoding.DER))
+        archive = directory / "previous" / old_id
+        assert (archive / "ca.uri").read_text().strip().endswith("object=scep-ca")
+        assert not list(directory.rglob("*.key")), "no key file anywhere"
+        reload_until(server, wanted=False)
+
+        new_ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+        after = enroll(server.url, CHALLENGE, "after-activate").raise_for_status()
+        assert after.cert is not None and after.cert.issuer == new_ca.subject
+        after.cert.verify_directly_issued_by(new_ca)
+        # A client that still holds the old RA certificate: the retired RA key opens it.
+        late = build_pkcs_req(old_ra, cn="late-client", challenge=CHALLENGE)
+        response = server.request("POST", "/scep?operation=PKIOperation", body=late.message)
+        assert response.status == 200
+        reply = parse_cert_rep(response.read_body, late,  # type: ignore[attr-defined]
+                               ra_certs=[after.ca_certs.ra])
+        assert reply.status is PKIStatus.SUCCESS
+
+        # Both CAs' CRLs, each signed by its own key in the token.
+        done = scep_fast("certs", "revoke", format(before.cert.serial_number, "x"),
+                         "--dir", str(directory), env=env)
+        assert done.returncode == 0, done.stderr
+        for ca, ca_pem in ((old_ca, old_ca_pem), (new_ca, tmp_path / "new-ca.pem")):
+            ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+            der = fetch_crl(server, crl.crl_name(ca.public_bytes(serialization.Encoding.DER)))
+            assert "verify OK" in openssl_crl_verify(der, ca_pem, tmp_path)
+        old_crl = x509.load_der_x509_crl(fetch_crl(server, old_id))
+        assert old_crl.get_revoked_certificate_by_serial_number(before.cert.serial_number)
+        assert Path(token.module).name not in _maps(server.process.pid)
     finally:
         server.stop()
