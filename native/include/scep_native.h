@@ -90,8 +90,11 @@ typedef struct scep_pkcs11 scep_pkcs11;
 scep_pkcs11 *scep_pkcs11_open(const char *module_path, const char *pin, char *err,
                               size_t err_len);
 void scep_pkcs11_free(scep_pkcs11 *p);
-/* The private key named by an RFC 7512 URI (pkcs11:token=...;object=...). */
-scep_key *scep_pkcs11_load_key(scep_pkcs11 *p, const char *uri, char *err, size_t err_len);
+/* The private key named by an RFC 7512 URI (pkcs11:token=...;object=...), and,
+   when public_uri is not NULL, the public key object it names (EC keys need it
+   for their public point; a missing one is no error). */
+scep_key *scep_pkcs11_load_key(scep_pkcs11 *p, const char *uri, const char *public_uri,
+                               char *err, size_t err_len);
 scep_key *scep_key_from_der(const unsigned char *der, size_t len, char *err, size_t err_len);
 void scep_key_free(scep_key *k);
 /* The key's SubjectPublicKeyInfo, DER. */

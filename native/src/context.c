@@ -127,6 +127,34 @@ void scep_ctx_free(scep_ctx *ctx)
     free(ctx);
 }
 
+/* Whether priv signs what pub verifies. For a key in a token OpenSSL cannot
+   compare the private half (an EC private key object does not even carry its
+   public point), so the pair is proven by one signature instead. */
+static int signs_for(EVP_PKEY *priv, EVP_PKEY *pub)
+{
+    static const unsigned char probe[] = "scep-fast: does this key belong to the certificate?";
+    EVP_MD_CTX *s = EVP_MD_CTX_new();
+    EVP_MD_CTX *v = EVP_MD_CTX_new();
+    unsigned char *sig = NULL;
+    size_t sig_len = 0;
+    int ok = 0;
+
+    if (s == NULL || v == NULL || pub == NULL
+        || EVP_DigestSignInit_ex(s, NULL, "SHA256", NULL, NULL, priv, NULL) != 1
+        || EVP_DigestSign(s, NULL, &sig_len, probe, sizeof(probe)) != 1)
+        goto end;
+    sig = OPENSSL_malloc(sig_len > 0 ? sig_len : 1);
+    if (sig == NULL || EVP_DigestSign(s, sig, &sig_len, probe, sizeof(probe)) != 1)
+        goto end;
+    ok = EVP_DigestVerifyInit_ex(v, NULL, "SHA256", NULL, NULL, pub, NULL) == 1
+         && EVP_DigestVerify(v, sig, sig_len, probe, sizeof(probe)) == 1;
+end:
+    OPENSSL_free(sig);
+    EVP_MD_CTX_free(v);
+    EVP_MD_CTX_free(s);
+    return ok;
+}
+
 /* Parses a DER certificate, takes a private key (DER, or a key object whose
    key may live in a token) and checks that they belong together. Either way
    the keypair ends up holding one EVP_PKEY: the batch paths never ask where. */
@@ -163,7 +191,7 @@ static int load_keypair(scep_keypair *kp, const unsigned char *cert, size_t cert
             goto err;
         }
     }
-    if (X509_check_private_key(x, k) != 1) {
+    if (owner != NULL ? !signs_for(k, X509_get0_pubkey(x)) : X509_check_private_key(x, k) != 1) {
         scep_set_error(err, err_len, "the private key does not match the certificate");
         goto err;
     }
@@ -278,12 +306,15 @@ static int set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
                       char *err, size_t err_len)
 {
     const char *md_name;
+    EVP_PKEY *cert_key;
 
     if (!load_keypair(&ctx->issuer, cert, cert_len, key, key_len, owner, err, err_len))
         return 0;
-    /* SHA-384 matches the strength of P-384; SHA-256 serves RSA and P-256. */
-    md_name = EVP_PKEY_get_base_id(ctx->issuer.key) == EVP_PKEY_EC
-                      && EVP_PKEY_get_bits(ctx->issuer.key) >= 384
+    /* SHA-384 matches the strength of P-384; SHA-256 serves RSA and P-256. Read
+       from the certificate: a token's EC private key need not know its size. */
+    cert_key = X509_get0_pubkey(ctx->issuer.cert);
+    md_name = cert_key != NULL && EVP_PKEY_get_base_id(cert_key) == EVP_PKEY_EC
+                      && EVP_PKEY_get_bits(cert_key) >= 384
                   ? "SHA384"
                   : "SHA256";
     EVP_MD_free(ctx->issuer_md);

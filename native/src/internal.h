@@ -80,8 +80,10 @@ EVP_MD_CTX *scep_signer_sign_ctx_new(const scep_ctx *ctx, int md_nid);
 int scep_sign_certrep(const scep_ctx *ctx, const scep_wrap_item *item, int md_nid,
                       const scep_bytes *content, scep_bytes *out);
 
-/* keystore.c: a key object's EVP_PKEY, and another reference to the object. */
+/* keystore.c: a key object's EVP_PKEY, its public half (the token's public key
+   object when there is one), and another reference to the object. */
 EVP_PKEY *scep_key_get0_pkey(const scep_key *k);
+EVP_PKEY *scep_key_get0_public(const scep_key *k);
 scep_key *scep_key_hold(scep_key *k);
 
 /* errors.c: writes "what: reasons from OpenSSL's queue" into buf and empties the queue. */

@@ -34,6 +34,7 @@ struct scep_pkcs11 {
 
 struct scep_key {
     EVP_PKEY *pkey;
+    EVP_PKEY *pub;       /* the token's public key object, or NULL: pkey has it all */
     ENGINE *engine;      /* functional reference while a token key lives; NULL from DER */
     atomic_int refs;
 };
@@ -113,13 +114,16 @@ static scep_key *key_new(EVP_PKEY *pkey, ENGINE *engine)
     return k;
 }
 
-scep_key *scep_pkcs11_load_key(scep_pkcs11 *p, const char *uri, char *err, size_t err_len)
+scep_key *scep_pkcs11_load_key(scep_pkcs11 *p, const char *uri, const char *public_uri,
+                               char *err, size_t err_len)
 {
     EVP_PKEY *pkey = NULL;
+    EVP_PKEY *pub = NULL;
     scep_key *k = NULL;
     int held = 0;
 
-    if (p == NULL || !text_ok(uri) || strncmp(uri, "pkcs11:", 7) != 0) {
+    if (p == NULL || !text_ok(uri) || strncmp(uri, "pkcs11:", 7) != 0
+        || (public_uri != NULL && (!text_ok(public_uri) || strncmp(public_uri, "pkcs11:", 7)))) {
         scep_set_error(err, err_len, "a pkcs11: URI (RFC 7512) is needed");
         return NULL;
     }
@@ -127,6 +131,13 @@ scep_key *scep_pkcs11_load_key(scep_pkcs11 *p, const char *uri, char *err, size_
     if (pkey == NULL) {
         scep_set_error(err, err_len, "cannot load the private key from the token");
         goto err;
+    }
+    if (public_uri != NULL) {
+        /* A token's EC private key object carries no public point (PKCS#11
+           keeps CKA_EC_POINT on the public key object): load that one too.
+           Optional: an RSA private key object has its modulus. */
+        pub = ENGINE_load_public_key(p->engine, public_uri, NULL, NULL);
+        ERR_clear_error();
     }
     /* The key lives as long as its session: it holds the engine initialised. */
     if (!ENGINE_init(p->engine)) {
@@ -139,11 +150,13 @@ scep_key *scep_pkcs11_load_key(scep_pkcs11 *p, const char *uri, char *err, size_
         scep_set_error(err, err_len, "out of memory");
         goto err;
     }
+    k->pub = pub;
     ERR_clear_error();
     return k;
 err:
     if (held)
         ENGINE_finish(p->engine);
+    EVP_PKEY_free(pub);
     EVP_PKEY_free(pkey);
     return NULL;
 }
@@ -186,10 +199,18 @@ EVP_PKEY *scep_key_get0_pkey(const scep_key *k)
     return k != NULL ? k->pkey : NULL;
 }
 
+EVP_PKEY *scep_key_get0_public(const scep_key *k)
+{
+    if (k == NULL)
+        return NULL;
+    return k->pub != NULL ? k->pub : k->pkey;
+}
+
 void scep_key_free(scep_key *k)
 {
     if (k == NULL || atomic_fetch_sub(&k->refs, 1) != 1)
         return;
+    EVP_PKEY_free(k->pub);
     EVP_PKEY_free(k->pkey);
     if (k->engine != NULL)
         ENGINE_finish(k->engine);
@@ -206,7 +227,7 @@ int scep_key_public_der(const scep_key *k, scep_bytes *out, char *err, size_t er
         scep_set_error(err, err_len, "no key");
         return 0;
     }
-    len = i2d_PUBKEY(k->pkey, &der);
+    len = i2d_PUBKEY(scep_key_get0_public(k), &der);
     if (len <= 0) {
         scep_set_error(err, err_len, "cannot encode the public key");
         return 0;

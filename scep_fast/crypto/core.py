@@ -214,12 +214,27 @@ class Pkcs11Module:
         self._ptr = ffi.gc(ptr, lib.scep_pkcs11_free)
 
     def load_key(self, uri: str) -> NativeKey:
-        """The private key an RFC 7512 URI names; it never leaves the token."""
+        """The private key an RFC 7512 URI names; it never leaves the token.
+
+        The public key object of the same name is loaded beside it when there
+        is one (an EC private key object has no public point).
+        """
         err = ffi.new("char[]", lib.SCEP_ERROR_TEXT_LEN)
-        ptr = lib.scep_pkcs11_load_key(self._ptr, uri.encode(), err, len(err))
+        ptr = lib.scep_pkcs11_load_key(self._ptr, uri.encode(), _public_uri(uri).encode(),
+                                       err, len(err))
         if ptr == ffi.NULL:
             raise InvalidArgument(f"{uri}: {_text(err)}")
         return NativeKey(ptr, self)
+
+
+def _public_uri(uri: str) -> str:
+    """The URI of the public key object beside the private key ``uri`` names."""
+    path, sep, query = uri.partition("?")
+    parts = [p for p in path.split(";") if p and not p.lower().startswith("type=")]
+    if parts and parts[0].lower().startswith("pkcs11:type="):
+        parts[0] = "pkcs11:"
+    public = ";".join(parts).replace("pkcs11:;", "pkcs11:", 1) + ";type=public"
+    return public.replace("pkcs11:;", "pkcs11:", 1) + sep + query
 
 
 class NativeKey:

@@ -21,6 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from scep_fast.client import (
     build_cert_poll,
@@ -456,5 +457,32 @@ def test_rollover_with_token_keys(tmp_path: Path) -> None:
         old_crl = x509.load_der_x509_crl(fetch_crl(server, old_id))
         assert old_crl.get_revoked_certificate_by_serial_number(before.cert.serial_number)
         assert Path(token.module).name not in _maps(server.process.pid)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("curve", ["p256", "p384"])
+def test_ec_ca_key_in_the_token(tmp_path: Path, curve: str) -> None:
+    """An EC CA key generated in the token (its private key object has no public point; the
+    core takes it from the public key object) issues certificates and signs the CRL."""
+    softhsm.require()
+    token = softhsm.make_token(tmp_path / "softhsm")
+    pin_file = token.write_pin_file(tmp_path / "pin")
+    done = init_with_token(token, tmp_path / "scep", pin_file, "--generate-in-token",
+                           "--ca-key", curve)
+    assert done.returncode == 0, done.stderr
+    ca_pem = tmp_path / "scep" / "ca.pem"
+    ca = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+    ca.verify_directly_issued_by(ca)
+    server = start_server(tmp_path / "scep", env={"SOFTHSM2_CONF": str(token.conf)})
+    try:
+        result = enroll(server.url, CHALLENGE, f"ec-{curve}").raise_for_status()
+        assert result.cert is not None
+        result.cert.verify_directly_issued_by(ca)
+        expected = (SignatureAlgorithmOID.ECDSA_WITH_SHA384 if curve == "p384"
+                    else SignatureAlgorithmOID.ECDSA_WITH_SHA256)
+        assert result.cert.signature_algorithm_oid == expected
+        name = crl.crl_name(ca.public_bytes(serialization.Encoding.DER))
+        assert "verify OK" in openssl_crl_verify(fetch_crl(server, name), ca_pem, tmp_path)
     finally:
         server.stop()
