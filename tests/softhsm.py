@@ -99,6 +99,10 @@ class Token:
         self.tool("--keypairgen", "--key-type", f"rsa:{bits}", "--label", label, "--id", key_id,
                   "--sensitive")
 
+    def generate_ec(self, label: str, key_id: str, curve: str = "prime256v1") -> None:
+        self.tool("--keypairgen", "--key-type", f"EC:{curve}", "--label", label, "--id", key_id,
+                  "--sensitive")
+
     def import_private_key(self, der: Path, label: str, key_id: str) -> None:
         """A key made outside the token (test vectors): extractable by nature, tests only."""
         self.tool("--write-object", str(der), "--type", "privkey", "--label", label,

@@ -51,6 +51,7 @@ def token(tmp_path_factory: pytest.TempPathFactory, vectors: Path) -> Iterator[s
         token.import_private_key(der, name, key_id)
         der.unlink()
     token.generate_rsa("generated", "03")
+    token.generate_ec("ec-ca", "04", "secp384r1")
     # SoftHSM2 reads SOFTHSM2_CONF once, when this process first opens the module.
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(token.conf)
@@ -220,3 +221,41 @@ def test_bad_key_padding_and_bad_content_padding_are_refused_alike(token_ctx, ct
     token_results = token_ctx.unwrap_batch(messages[1:])
     file_results = ctx.unwrap_batch(messages[1:])
     assert [r.error.summary for r in token_results] == [r.error.summary for r in file_results]
+
+
+def test_ec_key_in_the_token_issues(module, token, build_request):
+    """An EC private key object has no public point: the core takes it from the public key
+    object, proves the pair by a signature, and issues with SHA-384 for P-384."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = module.load_key(token.uri("ec-ca"))
+    pub = public_key(key)
+    assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.key_size == 384
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token EC CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    ca_cert = sign_certificate(
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pub)
+        .serial_number(9).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False), key)
+    ca_cert.verify_directly_issued_by(ca_cert)
+    ca_der = ca_cert.public_bytes(serialization.Encoding.DER)
+    ra = (Path(__file__).resolve().parents[1] / "vectors")
+    from scep_fast.crypto import der_certificate
+
+    ra_cert = der_certificate((ra / "ra.pem").read_bytes())
+    ra_key = der_private_key((ra / "ra.key").read_bytes())
+    ec_ctx = ScepContext(recipients=[(ra_cert, ra_key)], signer=(ra_cert, ra_key),
+                         issuer=(ca_der, key))
+    unwrapped = ec_ctx.unwrap(build_request())
+    now_s = int(time.time())
+    issued = x509.load_der_x509_certificate(ec_ctx.issue(IssueRequest(
+        request=unwrapped, serial=0xEC, not_before=now_s - 60, not_after=now_s + 3600)))
+    issued.verify_directly_issued_by(ca_cert)
+    assert issued.signature_hash_algorithm is not None
+    assert issued.signature_hash_algorithm.name == "sha384"
+    # Another key's certificate is refused by the same proof.
+    other = module.load_key(token.uri("generated"))
+    with pytest.raises(InvalidArgument, match="does not match"):
+        ScepContext(recipients=[(ra_cert, ra_key)], signer=(ra_cert, ra_key),
+                    issuer=(ca_der, other))
