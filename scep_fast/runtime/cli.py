@@ -243,9 +243,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     text = configuration.render(values)
     configuration.parse(text, directory)
     (directory / CONFIG_NAME).write_text(text, encoding="utf-8")
-    where = " in the token" if token_keys else ""
+    in_token = " and ".join(name[:2].upper() for name in token_keys)
     kind = "token-held" if "ca_key" in token_keys and not args.generate_in_token else args.ca_key
-    print(f"initialised {directory} ({kind} CA{where}, {'CA' if args.ca_mode else 'RA'} mode)")
+    print(f"initialised {directory} ({kind} CA, {'CA' if args.ca_mode else 'RA'} mode"
+          + (f"; {in_token} key in the token)" if in_token else ")"))
     if args.challenge is None:
         print("challenge password (shown once; also in "
               f"{directory / values['enrollment']['challenge_file']}):")
