@@ -16,7 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SCEP_NATIVE_ABI 1
+#define SCEP_NATIVE_ABI 2
 
 /* Result status codes, shared by every entry point. */
 #define SCEP_OK 0

@@ -30,6 +30,7 @@
 
 struct scep_pkcs11 {
     ENGINE *engine;      /* functional reference */
+    char *pin;           /* given again before each load: libp11 forgets it after a failure */
 };
 
 struct scep_key {
@@ -77,8 +78,9 @@ scep_pkcs11 *scep_pkcs11_open(const char *module_path, const char *pin, char *er
         goto err;
     }
     initialised = 1;
-    if (!ENGINE_ctrl_cmd_string(e, "PIN", pin, 0)) {
-        scep_set_error(err, err_len, "the pkcs11 engine refused the PIN");
+    p->pin = OPENSSL_strdup(pin);
+    if (p->pin == NULL) {
+        scep_set_error(err, err_len, "out of memory");
         goto err;
     }
     /* Keep the functional reference only. */
@@ -99,6 +101,7 @@ void scep_pkcs11_free(scep_pkcs11 *p)
     if (p == NULL)
         return;
     ENGINE_finish(p->engine);
+    OPENSSL_clear_free(p->pin, strlen(p->pin));
     free(p);
 }
 
@@ -125,6 +128,14 @@ scep_key *scep_pkcs11_load_key(scep_pkcs11 *p, const char *uri, const char *publ
     if (p == NULL || !text_ok(uri) || strncmp(uri, "pkcs11:", 7) != 0
         || (public_uri != NULL && (!text_ok(public_uri) || strncmp(public_uri, "pkcs11:", 7)))) {
         scep_set_error(err, err_len, "a pkcs11: URI (RFC 7512) is needed");
+        return NULL;
+    }
+    /* libp11 erases its copy of the PIN when a login fails (even for a reason
+       other than the PIN, such as a token busy with another process), so a
+       later try would prompt for one: give it again each time. The caller
+       stops trying after the token refused the PIN itself. */
+    if (!ENGINE_ctrl_cmd_string(p->engine, "PIN", p->pin, 0)) {
+        scep_set_error(err, err_len, "the pkcs11 engine refused the PIN");
         return NULL;
     }
     pkey = ENGINE_load_private_key(p->engine, uri, NULL, NULL);

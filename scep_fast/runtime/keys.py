@@ -214,7 +214,10 @@ class TokenKeySource:
     ``build`` opens the keys and makes the native context; it returns the
     context and the token keys in it. While it fails (the token is not
     there) the worker answers PKIOperations with 503 and tries again every
-    ``retry_seconds``. When a private-key operation fails, ``lost`` asks the
+    ``retry_seconds``; still failing after ``replace_after_seconds``, the
+    process is replaced (``on_lost``), since what the module saw of a busy
+    or absent token may stay in the process. When a private-key operation
+    fails, ``lost`` asks the
     token to sign a probe: if it cannot, the keys are gone for this process
     (libp11 and the module keep stale handles, and PKCS#11 allows one
     initialisation per process), so the process is replaced (``on_lost``)
@@ -223,11 +226,13 @@ class TokenKeySource:
 
     def __init__(self, build: Callable[[], tuple[ScepContext, Sequence[NativeKey]]], *,
                  on_lost: Callable[[], None] = lambda: None, retry_seconds: float = 2.0,
-                 probe_interval_seconds: float = 1.0,
+                 replace_after_seconds: float = 6.0, probe_interval_seconds: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._build = build
         self._on_lost = on_lost
         self._retry_seconds = retry_seconds
+        self._replace_after = replace_after_seconds
+        self._unavailable_since: float | None = None
         self._probe_interval = probe_interval_seconds
         self._clock = clock
         self._ctx: ScepContext | None = None
@@ -254,10 +259,21 @@ class TokenKeySource:
         except Exception as e:  # noqa: BLE001 - the reason is logged; we try again
             reason = str(e)
             self._next_try = now + self._retry_seconds
+            if self._unavailable_since is None:
+                self._unavailable_since = now
             if any(refusal in reason for refusal in _PIN_REFUSALS):
                 self._given_up = True
                 log.error("the token refused the PIN; not trying again",
                           extra={"fields": {"reason": reason, "pid": os.getpid()}})
+            elif now - self._unavailable_since >= self._replace_after:
+                # What the module saw while the token was busy or away may stay
+                # in this process (SoftHSM keeps an object it could not read as
+                # missing): a new process starts afresh. Past the supervisor's
+                # quick-death threshold, so it is replaced at once.
+                self._given_up = True
+                log.warning("token keys still unavailable; replacing this worker process",
+                            extra={"fields": {"reason": reason, "pid": os.getpid()}})
+                self._on_lost()
             elif reason != self._last_reason:
                 log.warning("token keys unavailable; trying again",
                             extra={"fields": {"reason": reason, "pid": os.getpid(),
@@ -266,6 +282,7 @@ class TokenKeySource:
             return None
         log.info("token keys opened", extra={"fields": {"pid": os.getpid()}})
         self._last_reason = ""
+        self._unavailable_since = None
         return self._ctx
 
     def lost(self) -> bool:

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from scep_fast.runtime import config as configuration
 from scep_fast.runtime.config import ConfigError
-from scep_fast.runtime.keys import KeyLoadError, check_uri, read_pin, uri_attributes
+from scep_fast.runtime.keys import (
+    KeyLoadError,
+    TokenKeySource,
+    check_uri,
+    read_pin,
+    uri_attributes,
+)
 
 URI = "pkcs11:token=scep;object=ca-key;type=private"
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -86,3 +93,60 @@ def test_pin_file_must_hold_a_pin_and_be_a_file(tmp_path: Path) -> None:
         read_pin(link)
     with pytest.raises(KeyLoadError, match="cannot open"):
         read_pin(tmp_path / "absent")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _source(outcomes: list[object], clock: _Clock, lost: list[int]) -> TokenKeySource:
+    """A key source whose ``build`` raises or returns each of ``outcomes`` in turn."""
+
+    def build() -> Any:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome, ()
+
+    return TokenKeySource(build, on_lost=lambda: lost.append(1), retry_seconds=2.0,
+                          replace_after_seconds=6.0, clock=clock)
+
+
+def test_keys_that_come_later_are_used_and_tries_are_spaced() -> None:
+    clock, lost = _Clock(), []
+    context = object()
+    source = _source([KeyLoadError("General Error"), context], clock, lost)
+    assert source.context() is None
+    clock.now += 1.0
+    assert source.context() is None, "no new try before retry_seconds"
+    clock.now += 1.5
+    assert source.context() is context
+    assert source.context() is context and lost == []
+
+
+def test_a_refused_pin_is_tried_once() -> None:
+    clock, lost = _Clock(), []
+    outcomes: list[object] = [KeyLoadError("error:418000A0:PKCS#11 module::PIN incorrect")]
+    source = _source(outcomes, clock, lost)
+    assert source.context() is None
+    for _ in range(5):
+        clock.now += 10
+        assert source.context() is None
+    assert lost == [], "a new process would try the PIN again"
+
+
+def test_keys_still_missing_replace_the_process_once() -> None:
+    clock, lost = _Clock(), []
+    outcomes: list[object] = [KeyLoadError("object not found") for _ in range(10)]
+    source = _source(outcomes, clock, lost)
+    for _ in range(3):
+        assert source.context() is None
+        clock.now += 2.5
+    assert source.context() is None
+    assert lost == [1]
+    clock.now += 10
+    assert source.context() is None and lost == [1]
