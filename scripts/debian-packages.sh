@@ -17,7 +17,8 @@ for group in "$@"; do
             inc=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
             if [[ ! -f "$inc/Python.h" ]]; then want+=(python3-dev); fi
             ;;
-        test) want+=(scep certmonger prometheus iproute2 openssl clang libclang-rt-14-dev postgresql) ;;
+        test) want+=(scep certmonger prometheus iproute2 openssl clang libclang-rt-14-dev postgresql
+                     softhsm2 libengine-pkcs11-openssl opensc) ;;
         *) echo "debian-packages.sh: unknown group $group" >&2; exit 2 ;;
     esac
 done

@@ -29,7 +29,8 @@ REQUIRE_PEERS = "SCEP_FAST_REQUIRE_PEERS"
 # Directories whose tests talk to peers: under REQUIRE_PEERS none of their tests may skip.
 PEER_DIRECTORIES = frozenset({"interop", "integration"})
 _HOW_TO_GET_PEERS = ("install them with `make test-deps` (Debian packages scep, certmonger, "
-                     "prometheus, postgresql) and run as root where a network namespace is needed")
+                     "prometheus, postgresql, softhsm2, libengine-pkcs11-openssl, opensc) and run "
+                     "as root where a network namespace is needed")
 
 
 @pytest.fixture(scope="session")

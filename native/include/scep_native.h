@@ -16,7 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SCEP_NATIVE_ABI 1
+#define SCEP_NATIVE_ABI 2
 
 /* Result status codes, shared by every entry point. */
 #define SCEP_OK 0
@@ -75,6 +75,42 @@ int scep_ctx_set_signer(scep_ctx *ctx, const unsigned char *cert, size_t cert_le
 /* The CA certificate and key that sign issued certificates. */
 int scep_ctx_set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
                         const unsigned char *key, size_t key_len, char *err, size_t err_len);
+
+/* ---- keys by reference (keystore.c) ----------------------------------- */
+
+/* A private key, from DER or held in a PKCS#11 token; reference-counted. A
+   context that takes one keeps its own reference, so the caller may free its
+   own at any time. */
+typedef struct scep_key scep_key;
+/* One PKCS#11 module, opened once per process through libp11's engine, with
+   the PIN that logs in to its token. Free it only after every key loaded
+   from it is gone. */
+typedef struct scep_pkcs11 scep_pkcs11;
+
+scep_pkcs11 *scep_pkcs11_open(const char *module_path, const char *pin, char *err,
+                              size_t err_len);
+void scep_pkcs11_free(scep_pkcs11 *p);
+/* The private key named by an RFC 7512 URI (pkcs11:token=...;object=...), and,
+   when public_uri is not NULL, the public key object it names (EC keys need it
+   for their public point; a missing one is no error). */
+scep_key *scep_pkcs11_load_key(scep_pkcs11 *p, const char *uri, const char *public_uri,
+                               char *err, size_t err_len);
+scep_key *scep_key_from_der(const unsigned char *der, size_t len, char *err, size_t err_len);
+void scep_key_free(scep_key *k);
+/* The key's SubjectPublicKeyInfo, DER. */
+int scep_key_public_der(const scep_key *k, scep_bytes *out, char *err, size_t err_len);
+/* Signs data (a TBSCertificate, a TBSCertList) with md_name ("SHA256"): PKCS#1
+   v1.5 for RSA, a DER ECDSA-Sig-Value for EC. */
+int scep_key_sign(const scep_key *k, const char *md_name, scep_buf data, scep_bytes *out,
+                  char *err, size_t err_len);
+
+/* The same as the three above, with a key object instead of DER. */
+int scep_ctx_add_recipient_key(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                               scep_key *key, char *err, size_t err_len);
+int scep_ctx_set_signer_key(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                            scep_key *key, char *err, size_t err_len);
+int scep_ctx_set_issuer_key(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                            scep_key *key, char *err, size_t err_len);
 
 /* ---- unwrap: pkiMessage in, verified attributes and plaintext out ---- */
 

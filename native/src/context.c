@@ -91,8 +91,10 @@ static void keypair_clear(scep_keypair *kp)
 {
     X509_free(kp->cert);
     EVP_PKEY_free(kp->key);
+    scep_key_free(kp->owner);
     kp->cert = NULL;
     kp->key = NULL;
+    kp->owner = NULL;
 }
 
 void scep_ctx_free(scep_ctx *ctx)
@@ -125,15 +127,46 @@ void scep_ctx_free(scep_ctx *ctx)
     free(ctx);
 }
 
-/* Parses a DER certificate and DER private key and checks that they belong together. */
+/* Whether priv signs what pub verifies. For a key in a token OpenSSL cannot
+   compare the private half (an EC private key object does not even carry its
+   public point), so the pair is proven by one signature instead. */
+static int signs_for(EVP_PKEY *priv, EVP_PKEY *pub)
+{
+    static const unsigned char probe[] = "scep-fast: does this key belong to the certificate?";
+    EVP_MD_CTX *s = EVP_MD_CTX_new();
+    EVP_MD_CTX *v = EVP_MD_CTX_new();
+    unsigned char *sig = NULL;
+    size_t sig_len = 0;
+    int ok = 0;
+
+    if (s == NULL || v == NULL || pub == NULL
+        || EVP_DigestSignInit_ex(s, NULL, "SHA256", NULL, NULL, priv, NULL) != 1
+        || EVP_DigestSign(s, NULL, &sig_len, probe, sizeof(probe)) != 1)
+        goto end;
+    sig = OPENSSL_malloc(sig_len > 0 ? sig_len : 1);
+    if (sig == NULL || EVP_DigestSign(s, sig, &sig_len, probe, sizeof(probe)) != 1)
+        goto end;
+    ok = EVP_DigestVerifyInit_ex(v, NULL, "SHA256", NULL, NULL, pub, NULL) == 1
+         && EVP_DigestVerify(v, sig, sig_len, probe, sizeof(probe)) == 1;
+end:
+    OPENSSL_free(sig);
+    EVP_MD_CTX_free(v);
+    EVP_MD_CTX_free(s);
+    return ok;
+}
+
+/* Parses a DER certificate, takes a private key (DER, or a key object whose
+   key may live in a token) and checks that they belong together. Either way
+   the keypair ends up holding one EVP_PKEY: the batch paths never ask where. */
 static int load_keypair(scep_keypair *kp, const unsigned char *cert, size_t cert_len,
-                        const unsigned char *key, size_t key_len, char *err, size_t err_len)
+                        const unsigned char *key, size_t key_len, scep_key *owner,
+                        char *err, size_t err_len)
 {
     const unsigned char *p;
     X509 *x = NULL;
     EVP_PKEY *k = NULL;
 
-    if (!scep_input_ok(cert, cert_len) || !scep_input_ok(key, key_len)) {
+    if (!scep_input_ok(cert, cert_len) || (owner == NULL && !scep_input_ok(key, key_len))) {
         scep_set_error(err, err_len, "empty or oversized certificate or key");
         return 0;
     }
@@ -143,19 +176,29 @@ static int load_keypair(scep_keypair *kp, const unsigned char *cert, size_t cert
         scep_set_error(err, err_len, "cannot parse the certificate (DER expected)");
         goto err;
     }
-    p = key;
-    k = d2i_AutoPrivateKey(NULL, &p, (long)key_len);
-    if (k == NULL || p != key + key_len) {
-        scep_set_error(err, err_len, "cannot parse the private key (DER expected)");
-        goto err;
+    if (owner != NULL) {
+        k = scep_key_get0_pkey(owner);
+        if (k == NULL || !EVP_PKEY_up_ref(k)) {
+            k = NULL;
+            scep_set_error(err, err_len, "the key object holds no key");
+            goto err;
+        }
+    } else {
+        p = key;
+        k = d2i_AutoPrivateKey(NULL, &p, (long)key_len);
+        if (k == NULL || p != key + key_len) {
+            scep_set_error(err, err_len, "cannot parse the private key (DER expected)");
+            goto err;
+        }
     }
-    if (X509_check_private_key(x, k) != 1) {
+    if (owner != NULL ? !signs_for(k, X509_get0_pubkey(x)) : X509_check_private_key(x, k) != 1) {
         scep_set_error(err, err_len, "the private key does not match the certificate");
         goto err;
     }
     keypair_clear(kp);
     kp->cert = x;
     kp->key = k;
+    kp->owner = scep_key_hold(owner);
     ERR_clear_error();
     return 1;
 err:
@@ -164,16 +207,17 @@ err:
     return 0;
 }
 
-int scep_ctx_add_recipient(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
-                           const unsigned char *key, size_t key_len, char *err, size_t err_len)
+static int add_recipient(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                         const unsigned char *key, size_t key_len, scep_key *owner,
+                         char *err, size_t err_len)
 {
-    scep_keypair kp = {NULL, NULL};
+    scep_keypair kp = {NULL, NULL, NULL};
 
     if (ctx->n_recipients >= SCEP_MAX_RECIPIENTS) {
         scep_set_error(err, err_len, "too many decryption keys");
         return 0;
     }
-    if (!load_keypair(&kp, cert, cert_len, key, key_len, err, err_len))
+    if (!load_keypair(&kp, cert, cert_len, key, key_len, owner, err, err_len))
         return 0;
     if (EVP_PKEY_get_base_id(kp.key) != EVP_PKEY_RSA) {
         keypair_clear(&kp);
@@ -184,10 +228,27 @@ int scep_ctx_add_recipient(scep_ctx *ctx, const unsigned char *cert, size_t cert
     return 1;
 }
 
-int scep_ctx_set_signer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
-                        const unsigned char *key, size_t key_len, char *err, size_t err_len)
+int scep_ctx_add_recipient(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                           const unsigned char *key, size_t key_len, char *err, size_t err_len)
 {
-    if (!load_keypair(&ctx->signer, cert, cert_len, key, key_len, err, err_len))
+    return add_recipient(ctx, cert, cert_len, key, key_len, NULL, err, err_len);
+}
+
+int scep_ctx_add_recipient_key(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                               scep_key *key, char *err, size_t err_len)
+{
+    if (key == NULL) {
+        scep_set_error(err, err_len, "no key object");
+        return 0;
+    }
+    return add_recipient(ctx, cert, cert_len, NULL, 0, key, err, err_len);
+}
+
+static int set_signer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                      const unsigned char *key, size_t key_len, scep_key *owner,
+                      char *err, size_t err_len)
+{
+    if (!load_keypair(&ctx->signer, cert, cert_len, key, key_len, owner, err, err_len))
         return 0;
     if (!scep_prepare_signer(ctx)) {
         scep_set_error(err, err_len, "cannot prepare the signer key for SHA-256 signatures");
@@ -195,6 +256,22 @@ int scep_ctx_set_signer(scep_ctx *ctx, const unsigned char *cert, size_t cert_le
         return 0;
     }
     return 1;
+}
+
+int scep_ctx_set_signer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                        const unsigned char *key, size_t key_len, char *err, size_t err_len)
+{
+    return set_signer(ctx, cert, cert_len, key, key_len, NULL, err, err_len);
+}
+
+int scep_ctx_set_signer_key(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                            scep_key *key, char *err, size_t err_len)
+{
+    if (key == NULL) {
+        scep_set_error(err, err_len, "no key object");
+        return 0;
+    }
+    return set_signer(ctx, cert, cert_len, NULL, 0, key, err, err_len);
 }
 
 /* authorityKeyIdentifier for certificates we issue: the CA's own key identifier. */
@@ -224,16 +301,20 @@ static X509_EXTENSION *make_akid(X509 *ca)
     return ext;
 }
 
-int scep_ctx_set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
-                        const unsigned char *key, size_t key_len, char *err, size_t err_len)
+static int set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                      const unsigned char *key, size_t key_len, scep_key *owner,
+                      char *err, size_t err_len)
 {
     const char *md_name;
+    EVP_PKEY *cert_key;
 
-    if (!load_keypair(&ctx->issuer, cert, cert_len, key, key_len, err, err_len))
+    if (!load_keypair(&ctx->issuer, cert, cert_len, key, key_len, owner, err, err_len))
         return 0;
-    /* SHA-384 matches the strength of P-384; SHA-256 serves RSA and P-256. */
-    md_name = EVP_PKEY_get_base_id(ctx->issuer.key) == EVP_PKEY_EC
-                      && EVP_PKEY_get_bits(ctx->issuer.key) >= 384
+    /* SHA-384 matches the strength of P-384; SHA-256 serves RSA and P-256. Read
+       from the certificate: a token's EC private key need not know its size. */
+    cert_key = X509_get0_pubkey(ctx->issuer.cert);
+    md_name = cert_key != NULL && EVP_PKEY_get_base_id(cert_key) == EVP_PKEY_EC
+                      && EVP_PKEY_get_bits(cert_key) >= 384
                   ? "SHA384"
                   : "SHA256";
     EVP_MD_free(ctx->issuer_md);
@@ -252,4 +333,20 @@ int scep_ctx_set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_le
         return 0;
     }
     return 1;
+}
+
+int scep_ctx_set_issuer(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                        const unsigned char *key, size_t key_len, char *err, size_t err_len)
+{
+    return set_issuer(ctx, cert, cert_len, key, key_len, NULL, err, err_len);
+}
+
+int scep_ctx_set_issuer_key(scep_ctx *ctx, const unsigned char *cert, size_t cert_len,
+                            scep_key *key, char *err, size_t err_len)
+{
+    if (key == NULL) {
+        scep_set_error(err, err_len, "no key object");
+        return 0;
+    }
+    return set_issuer(ctx, cert, cert_len, NULL, 0, key, err, err_len);
 }

@@ -22,6 +22,7 @@
 typedef struct {
     X509 *cert;
     EVP_PKEY *key;
+    scep_key *owner;    /* the key object behind key (keeps a token session), or NULL */
 } scep_keypair;
 
 /* What an unwrap result keeps for wrap and issue (scep_unwrap_result.priv). */
@@ -78,6 +79,12 @@ EVP_MD_CTX *scep_signer_sign_ctx_new(const scep_ctx *ctx, int md_nid);
 /* certrep_sign.c: the CertRep SignedData around content (empty for PENDING and FAILURE). */
 int scep_sign_certrep(const scep_ctx *ctx, const scep_wrap_item *item, int md_nid,
                       const scep_bytes *content, scep_bytes *out);
+
+/* keystore.c: a key object's EVP_PKEY, its public half (the token's public key
+   object when there is one), and another reference to the object. */
+EVP_PKEY *scep_key_get0_pkey(const scep_key *k);
+EVP_PKEY *scep_key_get0_public(const scep_key *k);
+scep_key *scep_key_hold(scep_key *k);
 
 /* errors.c: writes "what: reasons from OpenSSL's queue" into buf and empties the queue. */
 void scep_set_error(char *buf, size_t len, const char *what);

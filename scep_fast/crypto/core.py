@@ -15,9 +15,14 @@ from typing import Any
 
 from scep_fast import __version__
 from scep_fast._native import ffi, lib
-from scep_fast.crypto.errors import InvalidArgument, NativeError, error_for
+from scep_fast.crypto.errors import (
+    InvalidArgument,
+    NativeError,
+    NativeInternalError,
+    error_for,
+)
 
-NATIVE_ABI = 1
+NATIVE_ABI = 2
 
 # Named as scep_fast.protocol.KeyTransport values.
 KEY_TRANSPORT_NAMES = {1: "rsa-pkcs1-v1_5", 2: "rsa-oaep"}
@@ -190,19 +195,114 @@ def _results(ptrs: Any, produced: int, wanted: int, free: Any) -> list[Any]:
     return owned
 
 
+class Pkcs11Module:
+    """A PKCS#11 module opened through libp11's engine, logged in with a PIN.
+
+    PKCS#11 allows one initialisation of a module per process, and libp11
+    finalises the module when its engine is released: open one per process
+    and module (``scep_fast.runtime.keys`` keeps that cache), and keep it
+    while any of its keys is in use.
+    """
+
+    __slots__ = ("_ptr",)
+
+    def __init__(self, module_path: str, pin: bytes) -> None:
+        err = ffi.new("char[]", lib.SCEP_ERROR_TEXT_LEN)
+        ptr = lib.scep_pkcs11_open(module_path.encode(), pin, err, len(err))
+        if ptr == ffi.NULL:
+            raise InvalidArgument(_text(err))
+        self._ptr = ffi.gc(ptr, lib.scep_pkcs11_free)
+
+    def load_key(self, uri: str) -> NativeKey:
+        """The private key an RFC 7512 URI names; it never leaves the token.
+
+        The public key object of the same name is loaded beside it when there
+        is one (an EC private key object has no public point).
+        """
+        err = ffi.new("char[]", lib.SCEP_ERROR_TEXT_LEN)
+        ptr = lib.scep_pkcs11_load_key(self._ptr, uri.encode(), _public_uri(uri).encode(),
+                                       err, len(err))
+        if ptr == ffi.NULL:
+            raise InvalidArgument(f"{uri}: {_text(err)}")
+        return NativeKey(ptr, self)
+
+
+def _public_uri(uri: str) -> str:
+    """The URI of the public key object beside the private key ``uri`` names."""
+    path, sep, query = uri.partition("?")
+    parts = [p for p in path.split(";") if p and not p.lower().startswith("type=")]
+    if parts and parts[0].lower().startswith("pkcs11:type="):
+        parts[0] = "pkcs11:"
+    public = ";".join(parts).replace("pkcs11:;", "pkcs11:", 1) + ";type=public"
+    return public.replace("pkcs11:;", "pkcs11:", 1) + sep + query
+
+
+class NativeKey:
+    """A private key held by the core: parsed from DER, or a handle into a token.
+
+    The context takes it where it takes a DER key; ``sign`` signs what the
+    callers of the core build themselves (self-signed CA certificates, CRLs).
+    """
+
+    __slots__ = ("_ptr", "_module")
+
+    def __init__(self, ptr: Any, module: Pkcs11Module | None = None) -> None:
+        self._ptr = ffi.gc(ptr, lib.scep_key_free)
+        # The module outlives its keys.
+        self._module = module
+
+    @classmethod
+    def from_der(cls, der: bytes) -> NativeKey:
+        err = ffi.new("char[]", lib.SCEP_ERROR_TEXT_LEN)
+        ptr = lib.scep_key_from_der(der, len(der), err, len(err))
+        if ptr == ffi.NULL:
+            raise InvalidArgument(_text(err))
+        return cls(ptr)
+
+    def public_key_der(self) -> bytes:
+        """The SubjectPublicKeyInfo, DER."""
+        out = ffi.new("scep_bytes *")
+        err = ffi.new("char[]", lib.SCEP_ERROR_TEXT_LEN)
+        if not lib.scep_key_public_der(self._ptr, out, err, len(err)):
+            raise InvalidArgument(_text(err))
+        try:
+            return _bytes(out)
+        finally:
+            lib.scep_bytes_free(out)
+
+    def sign(self, digest: str, data: bytes) -> bytes:
+        """A signature over data with ``digest`` ("SHA256"): PKCS#1 v1.5 or DER ECDSA."""
+        keep = _Inputs()
+        buf = ffi.new("scep_buf *")
+        keep.fill(buf, data)
+        out = ffi.new("scep_bytes *")
+        err = ffi.new("char[]", lib.SCEP_ERROR_TEXT_LEN)
+        if not lib.scep_key_sign(self._ptr, digest.encode(), buf[0], out, err, len(err)):
+            raise NativeInternalError(_text(err))
+        try:
+            return _bytes(out)
+        finally:
+            lib.scep_bytes_free(out)
+
+
+KeyMaterial = bytes | NativeKey
+"""A private key as the context takes it: DER, or a key the core already holds."""
+
+
 class ScepContext:
     """The keys and algorithm policy of one worker, loaded once into the core.
 
-    Certificates and keys are DER. After construction the context is only read,
-    so its batch methods may run on several threads at once.
+    Certificates are DER; a key is DER or a :class:`NativeKey` (which may live
+    in a token). After construction the context is only read, so its batch
+    methods may run on several threads at once.
     """
 
     def __init__(
         self,
         *,
-        recipients: Sequence[tuple[bytes, bytes]],
-        signer: tuple[bytes, bytes],
-        issuer: tuple[bytes, bytes] | None = None,
+        recipients: Sequence[tuple[bytes, KeyMaterial]],
+        signer: tuple[bytes, KeyMaterial],
+        issuer: tuple[bytes, KeyMaterial] | None = None,
         allow_legacy: bool = False,
         refuse_sha1: bool = False,
         refuse_3des: bool = False,
@@ -220,13 +320,22 @@ class ScepContext:
         if not recipients:
             raise InvalidArgument("at least one decryption certificate and key are needed")
         for cert, key in recipients:
-            self._load(lib.scep_ctx_add_recipient, cert, key, err)
-        self._load(lib.scep_ctx_set_signer, signer[0], signer[1], err)
+            self._load(lib.scep_ctx_add_recipient, lib.scep_ctx_add_recipient_key, cert, key,
+                       err)
+        self._load(lib.scep_ctx_set_signer, lib.scep_ctx_set_signer_key, signer[0], signer[1],
+                   err)
         if issuer is not None:
-            self._load(lib.scep_ctx_set_issuer, issuer[0], issuer[1], err)
+            self._load(lib.scep_ctx_set_issuer, lib.scep_ctx_set_issuer_key, issuer[0],
+                       issuer[1], err)
 
-    def _load(self, fn: Any, cert: bytes, key: bytes, err: Any) -> None:
-        if not fn(self._ctx, cert, len(cert), key, len(key), err, len(err)):
+    def _load(self, from_der: Any, from_key: Any, cert: bytes, key: KeyMaterial,
+              err: Any) -> None:
+        # One entry per kind of key, one keypair in the core either way.
+        if isinstance(key, NativeKey):
+            ok = from_key(self._ctx, cert, len(cert), key._ptr, err, len(err))
+        else:
+            ok = from_der(self._ctx, cert, len(cert), key, len(key), err, len(err))
+        if not ok:
             raise InvalidArgument(_text(err))
 
     def unwrap_batch(self, messages: Sequence[bytes]) -> list[Unwrapped]:

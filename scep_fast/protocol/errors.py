@@ -168,54 +168,52 @@ class Overloaded(RequestError):
         return (Overloaded, (self.retry_after_seconds, self.reason))
 
 
-class StorageFull(Overloaded):
-    """The ledger has no room to record the answer, so none is given (nothing was recorded).
+class _Unavailable(Overloaded):
+    """A part of the server is out of service, so no answer is given (nothing was recorded).
 
-    Not the client's fault and not a bug: the server is out of room until an
-    operator makes some (a larger map size, disk space), so the client is
-    told to come back, as for a full queue. ``detail`` says which room ran
-    out, for the log only.
+    Not the client's fault and not a bug: the client is told to come back,
+    as for a full queue. ``detail`` says what gave way, for the log only.
     """
+
+    DEFAULT_RETRY_AFTER_SECONDS: ClassVar[int] = 10
+
+    def __init__(self, retry_after_seconds: int | None = None, *, detail: str = "") -> None:
+        super().__init__(self.DEFAULT_RETRY_AFTER_SECONDS if retry_after_seconds is None
+                         else retry_after_seconds)
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_unavailable, (type(self), self.retry_after_seconds, self.detail))
+
+
+def _rebuild_unavailable(kind: type[_Unavailable], retry_after_seconds: int,
+                         detail: str) -> _Unavailable:
+    return kind(retry_after_seconds, detail=detail)
+
+
+class StorageFull(_Unavailable):
+    """The ledger has no room to record the answer: the server is out of room until an
+    operator makes some (a larger map size, disk space)."""
 
     default_reason = "no room to record the request, retry later"
     DEFAULT_RETRY_AFTER_SECONDS: ClassVar[int] = 60
 
-    def __init__(self, retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS, *,
-                 detail: str = "") -> None:
-        super().__init__(retry_after_seconds)
-        self.detail = detail
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_storage_full, (self.retry_after_seconds, self.detail))
+class StorageUnavailable(_Unavailable):
+    """The ledger's database cannot be reached now (restarting, out of reach).
 
-
-def _rebuild_storage_full(retry_after_seconds: int, detail: str) -> StorageFull:
-    return StorageFull(retry_after_seconds, detail=detail)
-
-
-class StorageUnavailable(Overloaded):
-    """The ledger's database cannot be reached now, so no answer is given.
-
-    A database restarting or out of reach: the server reconnects by itself,
-    so the client is told to come back soon. Whatever was under way is never
-    answered as done; a resend finds what the database did record. ``detail``
-    is for the log only.
+    The server reconnects by itself. Whatever was under way is never
+    answered as done; a resend finds what the database did record.
     """
 
     default_reason = "cannot record the request now, retry later"
-    DEFAULT_RETRY_AFTER_SECONDS: ClassVar[int] = 10
-
-    def __init__(self, retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS, *,
-                 detail: str = "") -> None:
-        super().__init__(retry_after_seconds)
-        self.detail = detail
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_storage_unavailable, (self.retry_after_seconds, self.detail))
 
 
-def _rebuild_storage_unavailable(retry_after_seconds: int, detail: str) -> StorageUnavailable:
-    return StorageUnavailable(retry_after_seconds, detail=detail)
+class KeysUnavailable(_Unavailable):
+    """The CA or RA key cannot be used now (its token is gone): nothing is signed or
+    recorded while the server waits for its keys."""
+
+    default_reason = "signing keys unavailable, retry later"
 
 
 # --- Signed CertRep FAILURE ---------------------------------------------------

@@ -18,13 +18,16 @@ import hmac
 import json
 import logging
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from scep_fast.protocol import StorageFull, StorageUnavailable
+from scep_fast.protocol import KeysUnavailable, StorageFull, StorageUnavailable
 from scep_fast.runtime.http1 import StrictHttp1Handler
 from scep_fast.runtime.ledger_json import epoch_to_iso, pending_to_json, record_to_json
 from scep_fast.service.challenges import ChallengeRequestInvalid, mint_challenge
@@ -34,6 +37,10 @@ from scep_fast.service.ledger import Ledger, LedgerError, LedgerFull, LedgerUnav
 log = logging.getLogger("scep_fast.admin")
 
 MAX_BODY_BYTES = 64 * 1024
+# Exit codes of `scep-fast requests approve` beyond 0 (done) and 1 (refused by the ledger).
+APPROVE_NOT_FOUND = 3
+APPROVE_LEDGER_FULL = 4
+APPROVE_KEYS_UNAVAILABLE = 5
 _REQUEST_PATH = re.compile(r"/v1/requests/([0-9a-f]{16})/(approve|reject)")
 
 
@@ -41,7 +48,7 @@ class AdminApi:
     """The operations behind the endpoints; shared by the HTTP handler and tests."""
 
     def __init__(self, ledger: Ledger, service: Callable[[], EnrollmentService],
-                 profiles: list[str], token: bytes) -> None:
+                 profiles: list[str], token: bytes, *, approve_in: Path | None = None) -> None:
         if len(token) < 16:
             raise ValueError("the admin token must be at least 16 bytes")
         self.ledger = ledger
@@ -49,6 +56,10 @@ class AdminApi:
         # rare, and after `ca activate` they must come from the new CA.
         self.service = service
         self.profiles = profiles
+        # With keys in a token: approve in a `scep-fast requests approve`
+        # process for this directory, so that the supervisor, which serves this
+        # API, never opens a PKCS#11 session (see keys.TokenKeySource).
+        self.approve_in = approve_in
         self._token = token
         # One approval at a time: each issues and commits on its own.
         self._lock = threading.Lock()
@@ -80,8 +91,32 @@ class AdminApi:
     def decide(self, request_id: str, action: str, body: dict[str, Any]) -> dict[str, object]:
         with self._lock:
             if action == "approve":
+                if self.approve_in is not None:
+                    return approve_in_child(self.approve_in, request_id)
                 return record_to_json(self.service().approve(request_id))
             return pending_to_json(self.service().reject(request_id, str(body.get("reason", ""))))
+
+
+def approve_in_child(directory: Path, request_id: str) -> dict[str, object]:
+    """Approves in a child process; its exit code says which refusal it was."""
+    done = subprocess.run(
+        [sys.executable, "-m", "scep_fast.runtime.cli", "requests", "approve", request_id,
+         "--json", "--dir", str(directory)],
+        capture_output=True, text=True, timeout=120)
+    if done.returncode == 0:
+        record: dict[str, object] = json.loads(done.stdout)
+        return record
+    reason = done.stderr.strip().splitlines()[-1:] or ["no reason given"]
+    text = reason[0].removeprefix("scep-fast: ")
+    if done.returncode == APPROVE_NOT_FOUND:
+        raise NotFound(text)
+    if done.returncode == APPROVE_LEDGER_FULL:
+        raise LedgerFull(text)
+    if done.returncode == APPROVE_KEYS_UNAVAILABLE:
+        raise KeysUnavailable(detail=text)
+    if done.returncode == 1:
+        raise LedgerError(text)
+    raise RuntimeError(f"approval process failed ({done.returncode}): {text}")
 
 
 class _Handler(StrictHttp1Handler):
@@ -163,6 +198,8 @@ class _Handler(StrictHttp1Handler):
         except LedgerUnavailable:
             self._send(503, {"error": "the ledger is unavailable"},
                        retry_after=StorageUnavailable.DEFAULT_RETRY_AFTER_SECONDS)
+        except KeysUnavailable:
+            self._send(503, {"error": "the signing keys are unavailable"})
         except LedgerError as e:
             self._send(409, {"error": str(e)})
         except Exception:  # noqa: BLE001 - our fault; details in the log only

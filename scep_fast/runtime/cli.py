@@ -14,13 +14,17 @@ import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scep_fast import __version__
 from scep_fast.runtime import config as configuration
 from scep_fast.runtime.config import CONFIG_NAME, Config, ConfigError
+from scep_fast.runtime.keys import KeyLoadError
 from scep_fast.service.challenges import new_secret
 from scep_fast.service.ledger import LedgerError
+
+if TYPE_CHECKING:
+    from scep_fast.crypto import NativeKey
 
 DEFAULT_DIR = "scep-data"
 
@@ -74,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "whose schema init creates (default: LMDB in DIR/ledger)")
     init.option("--ledger-password-file", default="",
                 help="the file (relative to DIR) holding the database password")
+    init.option("--ca-key-uri", default=None,
+                help="the CA key is in a PKCS#11 token: its RFC 7512 URI "
+                     "(pkcs11:token=...;object=...)")
+    init.option("--ra-key-uri", default=None, help="the RA key is in a PKCS#11 token: its URI")
+    init.option("--pkcs11-module", default=None,
+                help="the PKCS#11 module (shared library) of the token, an absolute path")
+    init.option("--pkcs11-pin-file", default=None,
+                help="file holding the token's user PIN, mode 0600 (relative to --dir or "
+                     "absolute)")
+    init.option("--generate-in-token", action="store_true",
+                help="generate the key pairs named by --ca-key-uri and --ra-key-uri inside "
+                     "the token (the CA one of type --ca-key, the RA one RSA-2048)")
 
     serve = _with_dir(sub.add_parser("serve", help="run the SCEP server"))
     serve.option("--bind", default=None, help="HOST:PORT (default from the config)")
@@ -110,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     requests_approve = _with_dir(requests_sub.add_parser(
         "approve", help="issue the certificate; the device gets it at its next poll"))
     requests_approve.parser.add_argument("request_id")
+    requests_approve.option("--json", action="store_true",
+                            help="print the issued certificate's record as JSON")
     requests_reject = _with_dir(requests_sub.add_parser("reject", help="refuse the request"))
     requests_reject.parser.add_argument("request_id")
     requests_reject.option("--reason", default="", help="sent to the device as failInfoText")
@@ -136,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "rollover", help="make the next CA (and RA), offered by GetNextCACert"))
     ca_rollover.option("--ca-key", choices=CA_KEY_TYPES, default="rsa2048",
                        help="next CA key type")
+    ca_rollover.option("--ca-key-uri", default=None,
+                       help="the next CA key is in the token (pki.pkcs11_module): its URI")
+    ca_rollover.option("--ra-key-uri", default=None,
+                       help="the next RA key is in the token: its URI")
+    ca_rollover.option("--generate-in-token", action="store_true",
+                       help="generate the next key pairs named by the URIs inside the token")
     ca_rollover.option("--ca-cn", default=None,
                        help='next CA common name (default: the current one + " G2", " G3"...)')
     _with_dir(ca_sub.add_parser("activate", help="switch over to the next CA"))
@@ -185,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Unreachable, an unknown schema, a corrupt record: the message says which.
         print(f"scep-fast: {e}", file=sys.stderr)
         return 1
+    except KeyLoadError as e:
+        print(f"scep-fast: cannot use a key: {e}", file=sys.stderr)
+        return 2
     return 2
 
 
@@ -213,14 +240,27 @@ def cmd_init(args: argparse.Namespace) -> int:
     # Checked before anything is written: a URL with a password in it is refused.
     configuration.parse(configuration.render(values), directory)
     now = datetime.datetime.now(datetime.UTC)
-    ca_key = pki.new_key(args.ca_key)
+    try:
+        token_keys = _token_keys(args, directory, values)
+    except (KeyLoadError, ValueError) as e:
+        print(f"scep-fast: {e}", file=sys.stderr)
+        return 1
+    ca_key: pki.SigningKey
+    if "ca_key" in token_keys:
+        ca_key = token_keys["ca_key"]
+    else:
+        ca_key = pki.new_key(args.ca_key)
+        pki.write_secret(directory / values["pki"]["ca_key"], pki.key_pem(ca_key))
     ca = pki.make_ca(ca_key, args.ca_cn, now)
-    pki.write_secret(directory / values["pki"]["ca_key"], pki.key_pem(ca_key))
     pki.write_public(directory / values["pki"]["ca_cert"], pki.cert_pem(ca))
     if not args.ca_mode:
-        ra_key = pki.new_rsa_key(2048)
+        ra_key: pki.SigningKey
+        if "ra_key" in token_keys:
+            ra_key = token_keys["ra_key"]
+        else:
+            ra_key = pki.new_rsa_key(2048)
+            pki.write_secret(directory / values["pki"]["ra_key"], pki.key_pem(ra_key))
         ra = pki.make_ra(ra_key, args.ra_cn, ca, ca_key, now)
-        pki.write_secret(directory / values["pki"]["ra_key"], pki.key_pem(ra_key))
         pki.write_public(directory / values["pki"]["ra_cert"], pki.cert_pem(ra))
     # The bearer token of the admin API (one-time challenges, approvals).
     pki.write_secret(directory / values["admin"]["token_file"],
@@ -235,12 +275,68 @@ def cmd_init(args: argparse.Namespace) -> int:
         # The config is written only once its database holds the schema.
         _migrate(config)
     (directory / CONFIG_NAME).write_text(text, encoding="utf-8")
-    print(f"initialised {directory} ({args.ca_key} CA, {'CA' if args.ca_mode else 'RA'} mode)")
+    in_token = " and ".join(name[:2].upper() for name in token_keys)
+    kind = "token-held" if "ca_key" in token_keys and not args.generate_in_token else args.ca_key
+    print(f"initialised {directory} ({kind} CA, {'CA' if args.ca_mode else 'RA'} mode"
+          + (f"; {in_token} key in the token)" if in_token else ")"))
     if args.challenge is None:
         print("challenge password (shown once; also in "
               f"{directory / values['enrollment']['challenge_file']}):")
         print(challenge)
     return 0
+
+
+def _token_keys(args: argparse.Namespace, directory: Path,
+                values: dict[str, dict[str, Any]]) -> dict[str, NativeKey]:
+    """The CA and RA keys that live in a token, by config key; generated there if asked.
+
+    Everything about the token is checked before any file is written.
+    """
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from scep_fast.crypto.x509sign import public_key
+    from scep_fast.runtime import keys
+
+    uris = {"ca_key": args.ca_key_uri}
+    if not args.ca_mode:
+        uris["ra_key"] = args.ra_key_uri
+    uris = {name: uri for name, uri in uris.items() if uri}
+    if not uris:
+        if args.generate_in_token:
+            raise ValueError("--generate-in-token needs --ca-key-uri or --ra-key-uri")
+        return {}
+    if not args.pkcs11_module or not args.pkcs11_pin_file:
+        raise ValueError("a key in a token needs --pkcs11-module and --pkcs11-pin-file")
+    values["pki"]["pkcs11_module"] = args.pkcs11_module
+    values["pki"]["pkcs11_pin_file"] = args.pkcs11_pin_file
+    refs = {name: keys.TokenKey(uri=uri, module=args.pkcs11_module,
+                                pin_file=directory / args.pkcs11_pin_file)
+            for name, uri in uris.items()}
+    for name, ref in refs.items():
+        keys.check_uri(ref.uri)
+        values["pki"][name] = ref.uri
+    keys.read_pin(directory / args.pkcs11_pin_file)
+    if args.generate_in_token:
+        for ref in refs.values():
+            if _token_has(ref):
+                raise ValueError(f"{ref.uri} exists in the token; not generating another")
+        for name, ref in refs.items():
+            keys.generate_in_token(ref, args.ca_key if name == "ca_key" else "rsa2048")
+    loaded = {name: keys.native_key(ref) for name, ref in refs.items()}
+    if (args.ca_mode or "ra_key" in loaded) and not isinstance(
+            public_key(loaded.get("ra_key") or loaded["ca_key"]), rsa.RSAPublicKey):
+        raise ValueError("the key that decrypts requests (RA, or the CA in CA mode) must be RSA")
+    return loaded
+
+
+def _token_has(ref: Any) -> bool:
+    from scep_fast.runtime.keys import KeyLoadError, native_key
+
+    try:
+        native_key(ref)
+    except KeyLoadError:
+        return False
+    return True
 
 
 # ---- serve ------------------------------------------------------------------------
@@ -295,10 +391,16 @@ def cmd_challenge(args: argparse.Namespace) -> int:
 
 
 def cmd_requests(args: argparse.Namespace) -> int:
+    from scep_fast.protocol import KeysUnavailable
+    from scep_fast.runtime.admin import (
+        APPROVE_KEYS_UNAVAILABLE,
+        APPROVE_LEDGER_FULL,
+        APPROVE_NOT_FOUND,
+    )
     from scep_fast.runtime.ledger_json import pending_to_json, record_to_json
     from scep_fast.runtime.pki import load_material
     from scep_fast.runtime.server import build_service, open_ledger
-    from scep_fast.service.ledger import LedgerError
+    from scep_fast.service.ledger import LedgerError, LedgerFull, NotFound
 
     config = configuration.load(args.dir)
     with open_ledger(config) as ledger:
@@ -315,14 +417,23 @@ def cmd_requests(args: argparse.Namespace) -> int:
         try:
             if args.requests_command == "approve":
                 record = record_to_json(service.approve(args.request_id))
-                print(f"approved {args.request_id}: serial {record['serial']} "
-                      f"for {record['subject']}")
+                if args.json:
+                    print(json.dumps(record))
+                else:
+                    print(f"approved {args.request_id}: serial {record['serial']} "
+                          f"for {record['subject']}")
             else:
                 service.reject(args.request_id, args.reason)
                 print(f"rejected {args.request_id}")
         except LedgerError as e:
             print(f"scep-fast: {e}", file=sys.stderr)
-            return 1
+            # Told apart for the admin API, which approves in this command
+            # when the keys live in a token (admin.approve_in_child).
+            return (APPROVE_NOT_FOUND if isinstance(e, NotFound)
+                    else APPROVE_LEDGER_FULL if isinstance(e, LedgerFull) else 1)
+        except KeysUnavailable as e:
+            print(f"scep-fast: {e.reason}: {e.detail}", file=sys.stderr)
+            return APPROVE_KEYS_UNAVAILABLE
     return 0
 
 
@@ -413,7 +524,9 @@ def cmd_ca(args: argparse.Namespace) -> int:
     try:
         if args.ca_command == "rollover":
             path = pki.rollover(config, args.ca_key, datetime.datetime.now(datetime.UTC),
-                                ca_cn=args.ca_cn)
+                                ca_cn=args.ca_cn, ca_key_uri=args.ca_key_uri,
+                                ra_key_uri=args.ra_key_uri,
+                                generate_in_token=args.generate_in_token)
             print(f"next CA in {path}; GetNextCACert offers it once servers reload")
             print(_RELOAD_HINT)
             return 0
@@ -421,6 +534,8 @@ def cmd_ca(args: argparse.Namespace) -> int:
     except pki.RolloverError as e:
         print(f"scep-fast: {e}", file=sys.stderr)
         return 1
+    # Activation may have named other keys in the config.
+    config = configuration.load(args.dir)
     # The new CA's CRL exists before any certificate names it.
     with open_ledger(config) as ledger:
         refresh_all(config, ledger, pki.load_material(config))

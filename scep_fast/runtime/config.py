@@ -85,9 +85,16 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         # "ca": the CA certificate does both (an RSA CA only).
         "mode": _Key(str, "ra", lambda v: v in ("ra", "ca"), '"ra" or "ca"'),
         "ca_cert": _Key(str, "ca.pem"),
+        # A key is a file in the directory, or an RFC 7512 URI naming a private
+        # key in a PKCS#11 token ("pkcs11:token=scep;object=ca-key").
         "ca_key": _Key(str, "ca.key"),
         "ra_cert": _Key(str, "ra.pem"),
         "ra_key": _Key(str, "ra.key"),
+        # Token keys: the PKCS#11 module (a shared library) and the file, mode
+        # 0600, holding the PIN that logs in to the token.
+        "pkcs11_module": _Key(str, "", lambda v: v == "" or v.startswith("/"),
+                              "an absolute path"),
+        "pkcs11_pin_file": _Key(str, ""),
     },
     "enrollment": {
         # The static challenge password lives in its own 0600 file, so the
@@ -291,11 +298,33 @@ def parse(text: str, directory: Path) -> Config:
             if key not in SCHEMA[section]:
                 raise ConfigError(f"{section}.{key}: unknown key")
             values[section][key] = _check(section, key, value)
+    _check_token_keys(values["pki"])
     values["profiles"].setdefault("default", default_profile())
     default = values["enrollment"]["default_profile"]
     if default not in values["profiles"]:
         raise ConfigError(f"enrollment.default_profile: no [profiles.{default}] table")
     return Config(dir=directory, values=values)
+
+
+def _check_token_keys(pki: dict[str, Any]) -> None:
+    """A key URI needs the module and the PIN file, and must name a private key alone."""
+    from scep_fast.runtime.keys import KeyLoadError, check_uri, is_token_uri
+
+    names = ("ca_key", "ra_key") if pki["mode"] == "ra" else ("ca_key",)
+    uses_token = False
+    for name in names:
+        value = str(pki[name])
+        if not is_token_uri(value):
+            continue
+        uses_token = True
+        try:
+            check_uri(value)
+        except KeyLoadError as e:
+            raise ConfigError(f"pki.{name}: {e}") from None
+    if uses_token:
+        for name in ("pkcs11_module", "pkcs11_pin_file"):
+            if not pki[name]:
+                raise ConfigError(f"pki.{name}: needed when a key is a pkcs11: URI")
 
 
 def load(directory: Path) -> Config:

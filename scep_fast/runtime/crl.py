@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import serialization
 
+from scep_fast.crypto.x509sign import public_key, sign_crl
 from scep_fast.runtime.config import Config
+from scep_fast.runtime.keys import KeyRef, native_key
 from scep_fast.runtime.pki import CA_ID, Material, ca_id
 from scep_fast.service.ledger import REVOCATION_REASONS, CertRecord
 
@@ -151,14 +152,6 @@ def crl_url(public_url: str, ca_cert_der: bytes) -> str | None:
     return f"{public_url.rstrip('/')}/crl/{crl_name(ca_cert_der)}.crl"
 
 
-def _signature_hash(
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
-) -> hashes.SHA256 | hashes.SHA384:
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
-        return hashes.SHA384()
-    return hashes.SHA256()
-
-
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate, ca_ski: bytes | None) -> bool:
     if cert.issuer != ca.subject:
         return False
@@ -171,7 +164,7 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate, ca_ski: bytes | Non
     return aki.key_identifier is None or aki.key_identifier == ca_ski
 
 
-def generate_crl(ledger: CrlLedger, ca_cert_der: bytes, ca_key_der: bytes, *,
+def generate_crl(ledger: CrlLedger, ca_cert_der: bytes, ca_key: KeyRef, *,
                  validity_hours: int, now: datetime.datetime) -> bytes:
     """A DER CRL of the certificates this CA issued and the ledger says are revoked.
 
@@ -180,11 +173,11 @@ def generate_crl(ledger: CrlLedger, ca_cert_der: bytes, ca_key_der: bytes, *,
     (RFC 5280 section 5.2.3). Entries carry their revocation time and,
     unless it is unspecified, their reason code (section 5.3.1: absent
     rather than unspecified).
+
+    The core signs it, with a key from a file or from a token alike.
     """
     ca = x509.load_der_x509_certificate(ca_cert_der)
-    key = serialization.load_der_private_key(ca_key_der, password=None)
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise ValueError("the CA key is neither RSA nor EC")
+    key = native_key(ca_key)
     try:
         ski: bytes | None = ca.extensions.get_extension_for_class(
             x509.SubjectKeyIdentifier).value.digest
@@ -193,7 +186,7 @@ def generate_crl(ledger: CrlLedger, ca_cert_der: bytes, ca_key_der: bytes, *,
     aki = (x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
                x509.SubjectKeyIdentifier(ski))
            if ski is not None else x509.AuthorityKeyIdentifier.from_issuer_public_key(
-               key.public_key()))
+               public_key(key)))
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     builder = (x509.CertificateRevocationListBuilder()
@@ -217,8 +210,7 @@ def generate_crl(ledger: CrlLedger, ca_cert_der: bytes, ca_key_der: bytes, *,
         builder = builder.add_revoked_certificate(entry.build())
     # The number is taken last: a CRL that failed to build wastes none.
     builder = builder.add_extension(x509.CRLNumber(ledger.next_crl_number()), critical=False)
-    crl = builder.sign(key, _signature_hash(key))
-    return crl.public_bytes(serialization.Encoding.DER)
+    return sign_crl(builder, key).public_bytes(serialization.Encoding.DER)
 
 
 @dataclass(slots=True)
@@ -352,9 +344,9 @@ class CrlStore:
         return next_update - now < datetime.timedelta(hours=margin)
 
 
-def _cas(material: Material, now: datetime.datetime) -> list[tuple[bytes, bytes]]:
+def _cas(material: Material, now: datetime.datetime) -> list[tuple[bytes, KeyRef]]:
     """The current CA, then every retired CA whose certificate has not expired."""
-    cas = [(material.ca_cert, material.ca_key)]
+    cas: list[tuple[bytes, KeyRef]] = [(material.ca_cert, material.ca_key)]
     for previous in material.previous:
         not_after = x509.load_der_x509_certificate(previous.ca_cert).not_valid_after_utc
         if not_after > now:
@@ -392,6 +384,17 @@ def refresh_all(config: Config, ledger: CrlLedger, material: Material, force: bo
             written.append(store.write(name, der))
             log.info("CRL written", extra={"fields": {"crl": name}})
     return written
+
+
+def refresh_due(config: Config, material: Material, *,
+                now: datetime.datetime | None = None) -> bool:
+    """Whether ``refresh_all`` would write any CRL now (one missing or near its nextUpdate)."""
+    store = CrlStore(config.dir)
+    validity = int(config.get("crl", "validity_hours"))
+    refresh = int(config.get("crl", "refresh_hours"))
+    moment = now or datetime.datetime.now(datetime.UTC)
+    return any(store.needs_refresh(crl_name(ca_cert), refresh, moment, validity_hours=validity)
+               for ca_cert, _key in _cas(material, moment))
 
 
 def revoke(config: Config, ledger: CrlLedger, material: Material, serial: int, reason: int,

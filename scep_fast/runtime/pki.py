@@ -18,17 +18,21 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from scep_fast.crypto import der_certificate, der_private_key
+from scep_fast.crypto import NativeKey, der_certificate, der_private_key
+from scep_fast.crypto.x509sign import public_key, sign_certificate, signed_data
 from scep_fast.runtime.config import Config
+from scep_fast.runtime.keys import KeyRef, TokenKey, is_token_uri, native_key
 
 CA_KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "p256", "p384")
 CA_VALIDITY_DAYS = 3650
 RA_VALIDITY_DAYS = 730
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+# A key that signs what init and rollover build: held by this process, or by
+# the native core (a token key, whose private part never leaves the token).
+SigningKey = PrivateKey | NativeKey
 
 
 def new_rsa_key(bits: int) -> rsa.RSAPrivateKey:
@@ -53,14 +57,24 @@ def _serial() -> int:
     return secrets.randbits(127) | 1
 
 
-def make_ca(key: PrivateKey, cn: str, now: datetime.datetime) -> x509.Certificate:
+def _public(key: SigningKey) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    return public_key(key) if isinstance(key, NativeKey) else key.public_key()
+
+
+def _signed(builder: x509.CertificateBuilder, key: SigningKey) -> x509.Certificate:
+    if isinstance(key, NativeKey):
+        return sign_certificate(builder, key)
+    return builder.sign(key, _signature_hash(key))
+
+
+def make_ca(key: SigningKey, cn: str, now: datetime.datetime) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    return (
+    ski = x509.SubjectKeyIdentifier.from_public_key(_public(key))
+    return _signed(
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
-        .public_key(key.public_key())
+        .public_key(_public(key))
         .serial_number(_serial())
         .not_valid_before(now - datetime.timedelta(minutes=10))
         .not_valid_after(now + datetime.timedelta(days=CA_VALIDITY_DAYS))
@@ -71,20 +85,23 @@ def make_ca(key: PrivateKey, cn: str, now: datetime.datetime) -> x509.Certificat
                           key_cert_sign=True, crl_sign=True, encipher_only=False,
                           decipher_only=False),
             critical=True)
-        .add_extension(ski, critical=False)
-        .sign(key, _signature_hash(key))
+        .add_extension(ski, critical=False),
+        key,
     )
 
 
-def make_ra(key: rsa.RSAPrivateKey, cn: str, ca: x509.Certificate, ca_key: PrivateKey,
+def make_ra(key: SigningKey, cn: str, ca: x509.Certificate, ca_key: SigningKey,
             now: datetime.datetime) -> x509.Certificate:
     """An RA certificate: RSA, digitalSignature + keyEncipherment (clients check both)."""
+    ra_public = _public(key)
+    if not isinstance(ra_public, rsa.RSAPublicKey):
+        raise ValueError("the RA key must be RSA (SCEP clients encrypt to it)")
     ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
+    return _signed(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
         .issuer_name(ca.subject)
-        .public_key(key.public_key())
+        .public_key(ra_public)
         .serial_number(_serial())
         .not_valid_before(now - datetime.timedelta(minutes=10))
         .not_valid_after(now + datetime.timedelta(days=RA_VALIDITY_DAYS))
@@ -96,10 +113,10 @@ def make_ra(key: rsa.RSAPrivateKey, cn: str, ca: x509.Certificate, ca_key: Priva
                           decipher_only=False),
             critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ra_public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                       critical=False)
-        .sign(ca_key, _signature_hash(ca_key))
+                       critical=False),
+        ca_key,
     )
 
 
@@ -132,20 +149,24 @@ class PreviousCa:
     """A retired CA (DIR/previous/<id>/), DER; in CA mode ra_* repeat ca_*."""
 
     ca_cert: bytes
-    ca_key: bytes
+    ca_key: KeyRef
     ra_cert: bytes
-    ra_key: bytes
+    ra_key: KeyRef
 
 
 @dataclass(frozen=True, slots=True)
 class Material:
-    """DER certificates and keys as the native core loads them."""
+    """DER certificates, and keys as DER or as references into a token.
+
+    A token key is not opened here: whoever needs it (a worker, the CRL
+    writer) opens it in its own process with ``keys.open_key``.
+    """
 
     mode: str
     ca_cert: bytes
-    ca_key: bytes
+    ca_key: KeyRef
     ra_cert: bytes
-    ra_key: bytes
+    ra_key: KeyRef
     challenge: bytes
     # Retired CAs, newest first: their CRLs are still signed, and their RA
     # keys still decrypt requests from clients holding the old RA certificate.
@@ -154,25 +175,51 @@ class Material:
     next_message: bytes | None = None
 
     @property
-    def signer(self) -> tuple[bytes, bytes]:
+    def signer(self) -> tuple[bytes, KeyRef]:
         return (self.ca_cert, self.ca_key) if self.mode == "ca" else (self.ra_cert, self.ra_key)
 
 
-def load_material(config: Config) -> Material:
+def uses_token(config: Config) -> bool:
+    """Whether a CA or RA key of the directory, current or retired, lives in a PKCS#11 token."""
+    if any(is_token_uri(str(config.get("pki", name))) for name in ("ca_key", "ra_key")):
+        return True
+    return any((config.dir / PREVIOUS_DIR).glob(f"*/*{_URI_SUFFIX}"))
+
+
+def _token_key(config: Config, uri: str) -> TokenKey:
+    return TokenKey(uri=uri, module=str(config.get("pki", "pkcs11_module")),
+                    pin_file=config.path("pki", "pkcs11_pin_file"))
+
+
+def key_ref(config: Config, name: str) -> KeyRef:
+    """``pki.<name>``: the DER of a key file, or a reference to a key in a token."""
+    value = str(config.get("pki", name))
+    if is_token_uri(value):
+        return _token_key(config, value)
+    return der_private_key((config.dir / value).read_bytes())
+
+
+def load_material(config: Config, *, next_message: bool = True) -> Material:
+    """The directory's CA and RA material.
+
+    ``next_message=False`` leaves out the GetNextCACert body, which needs the
+    signer key: the supervisor, which never opens a token, asks that way.
+    """
     mode = str(config.get("pki", "mode"))
     ca_cert = der_certificate(config.path("pki", "ca_cert").read_bytes())
-    ca_key = der_private_key(config.path("pki", "ca_key").read_bytes())
+    ca_key = key_ref(config, "ca_key")
     if mode == "ca":
         ra_cert, ra_key = ca_cert, ca_key
     else:
         ra_cert = der_certificate(config.path("pki", "ra_cert").read_bytes())
-        ra_key = der_private_key(config.path("pki", "ra_key").read_bytes())
+        ra_key = key_ref(config, "ra_key")
     challenge_path = config.path("enrollment", "challenge_file")
     challenge = challenge_path.read_bytes().strip() if challenge_path.exists() else b""
     signer = (ca_cert, ca_key) if mode == "ca" else (ra_cert, ra_key)
     return Material(mode=mode, ca_cert=ca_cert, ca_key=ca_key, ra_cert=ra_cert, ra_key=ra_key,
                     challenge=challenge, previous=load_previous(config),
-                    next_message=next_ca_message(config, signer, ca_cert))
+                    next_message=next_ca_message(config, signer, ca_cert) if next_message
+                    else None)
 
 
 # ---- CA rollover ---------------------------------------------------------------
@@ -186,6 +233,9 @@ def load_material(config: Config) -> Material:
 NEXT_DIR = "next"
 PREVIOUS_DIR = "previous"
 _CA_CERT, _CA_KEY, _RA_CERT, _RA_KEY = "ca.pem", "ca.key", "ra.pem", "ra.key"
+# A key in a token is kept in next/ and previous/<id>/ as its URI: ca.uri, ra.uri.
+_URI_SUFFIX = ".uri"
+_SLOTS = {"ca_key": "ca", "ra_key": "ra"}
 CA_ID = re.compile(r"[0-9a-f]{16,128}")
 
 
@@ -212,9 +262,16 @@ def ca_id(ca_cert_der: bytes) -> str:
     return hashlib.sha1(spki, usedforsecurity=False).hexdigest()
 
 
-def _read_pair(directory: Path, cert_name: str, key_name: str) -> tuple[bytes, bytes]:
-    return (der_certificate((directory / cert_name).read_bytes()),
-            der_private_key((directory / key_name).read_bytes()))
+def _read_pair(config: Config, directory: Path, cert_name: str,
+               key_name: str) -> tuple[bytes, KeyRef]:
+    """A certificate and its key: a key file, or the URI of a key in a token."""
+    uri_file = directory / key_name.replace(".key", _URI_SUFFIX)
+    key: KeyRef
+    if uri_file.exists():
+        key = _token_key(config, uri_file.read_text().strip())
+    else:
+        key = der_private_key((directory / key_name).read_bytes())
+    return der_certificate((directory / cert_name).read_bytes()), key
 
 
 def load_previous(config: Config) -> tuple[PreviousCa, ...]:
@@ -227,9 +284,9 @@ def load_previous(config: Config) -> tuple[PreviousCa, ...]:
         # Half-written archives (a crash in `ca activate`) end in ".tmp".
         if not entry.is_dir() or CA_ID.fullmatch(entry.name) is None:
             continue
-        ca_cert, ca_key = _read_pair(entry, _CA_CERT, _CA_KEY)
+        ca_cert, ca_key = _read_pair(config, entry, _CA_CERT, _CA_KEY)
         if (entry / _RA_CERT).exists():
-            ra_cert, ra_key = _read_pair(entry, _RA_CERT, _RA_KEY)
+            ra_cert, ra_key = _read_pair(config, entry, _RA_CERT, _RA_KEY)
         else:
             ra_cert, ra_key = ca_cert, ca_key
         not_before = x509.load_der_x509_certificate(ca_cert).not_valid_before_utc
@@ -249,7 +306,7 @@ def next_ca_certificates(config: Config) -> tuple[bytes, ...]:
     return tuple(certs)
 
 
-def next_ca_message(config: Config, signer: tuple[bytes, bytes],
+def next_ca_message(config: Config, signer: tuple[bytes, KeyRef],
                     ca_cert: bytes) -> bytes | None:
     """The GetNextCACert body, or None while no next CA exists.
 
@@ -265,17 +322,9 @@ def next_ca_message(config: Config, signer: tuple[bytes, bytes],
     certs = next_ca_certificates(config)
     if not certs:
         return None
-    signer_cert = x509.load_der_x509_certificate(signer[0])
-    signer_key = serialization.load_der_private_key(signer[1], password=None)
-    if not isinstance(signer_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise RolloverError("the current signer key is neither RSA nor EC")
-    builder = (pkcs7.PKCS7SignatureBuilder()
-               .set_data(certs_only(list(certs)))
-               .add_signer(signer_cert, signer_key, hashes.SHA256()))
-    if signer[0] != ca_cert:
-        builder = builder.add_certificate(x509.load_der_x509_certificate(ca_cert))
-    # Binary: the content is DER, never to be turned into canonical MIME text.
-    return builder.sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+    # Signed by the core, whether the signer key is a file or in a token.
+    extra = (ca_cert,) if signer[0] != ca_cert else ()
+    return signed_data(certs_only(list(certs)), signer[0], native_key(signer[1]), extra)
 
 
 def _next_cn(current: x509.Certificate) -> str:
@@ -291,32 +340,70 @@ def _next_cn(current: x509.Certificate) -> str:
 
 
 def rollover(config: Config, ca_key_type: str, now: datetime.datetime, *,
-             ca_cn: str | None = None) -> Path:
-    """Makes the next CA (and RA) in DIR/next; refuses when one exists already."""
+             ca_cn: str | None = None, ca_key_uri: str | None = None,
+             ra_key_uri: str | None = None, generate_in_token: bool = False) -> Path:
+    """Makes the next CA (and RA) in DIR/next; refuses when one exists already.
+
+    New keys are files, generated here; or, for ``ca_key_uri`` / ``ra_key_uri``,
+    keys in the directory's token (generated there with ``generate_in_token``),
+    kept in DIR/next as their URIs.
+    """
+    from scep_fast.runtime import keys
+
     if ca_key_type not in CA_KEY_TYPES:
         raise RolloverError(f"unknown CA key type {ca_key_type!r}")
     mode = str(config.get("pki", "mode"))
-    if mode == "ca" and not ca_key_type.startswith("rsa"):
+    uris = {"ca_key": ca_key_uri}
+    if mode == "ra":
+        uris["ra_key"] = ra_key_uri
+    token_uris = {name: uri for name, uri in uris.items() if uri}
+    if generate_in_token and not token_uris:
+        raise RolloverError("--generate-in-token needs --ca-key-uri or --ra-key-uri")
+    if mode == "ca" and not ca_key_type.startswith("rsa") and (
+            not ca_key_uri or generate_in_token):
         raise RolloverError("CA mode needs an RSA CA key (it decrypts requests)")
     target = config.dir / NEXT_DIR
     if target.exists():
         raise RolloverError(f"{target} exists: activate it (`scep-fast ca activate`) first")
+    refs: dict[str, TokenKey] = {}
+    if token_uris:
+        if not config.get("pki", "pkcs11_module") or not config.get("pki", "pkcs11_pin_file"):
+            raise RolloverError("keys in a token need pki.pkcs11_module and "
+                                "pki.pkcs11_pin_file in the config")
+        for name, uri in token_uris.items():
+            keys.check_uri(uri)
+            if uri == str(config.get("pki", name)):
+                raise RolloverError(f"{uri} is the current key; name the next one")
+            refs[name] = _token_key(config, uri)
+    try:
+        if generate_in_token:
+            for ref in refs.values():
+                if _token_has(ref):
+                    raise RolloverError(f"{ref.uri} exists in the token; not generating another")
+            for name, ref in refs.items():
+                keys.generate_in_token(ref, ca_key_type if name == "ca_key" else "rsa2048")
+        loaded = {name: native_key(ref) for name, ref in refs.items()}
+    except keys.KeyLoadError as e:
+        raise RolloverError(str(e)) from None
+    decrypting = loaded.get("ra_key") or (loaded.get("ca_key") if mode == "ca" else None)
+    if decrypting is not None and not isinstance(public_key(decrypting), rsa.RSAPublicKey):
+        raise RolloverError("the key that decrypts requests (RA, or the CA in CA mode) must be RSA")
     current = x509.load_der_x509_certificate(
         der_certificate(config.path("pki", "ca_cert").read_bytes()))
-    ca_key = new_key(ca_key_type)
+    ca_key: SigningKey = loaded["ca_key"] if "ca_key" in loaded else new_key(ca_key_type)
     ca = make_ca(ca_key, ca_cn or _next_cn(current), now)
     staging = config.dir / f"{NEXT_DIR}.{secrets.token_hex(4)}.tmp"
     staging.mkdir(mode=0o700)
     try:
-        write_secret(staging / _CA_KEY, key_pem(ca_key))
+        _write_key(staging, _CA_KEY, ca_key, refs.get("ca_key"))
         write_public(staging / _CA_CERT, cert_pem(ca))
         if mode == "ra":
             ra_names = x509.load_der_x509_certificate(der_certificate(
                 config.path("pki", "ra_cert").read_bytes())).subject.get_attributes_for_oid(
                     NameOID.COMMON_NAME)
             ra_cn = str(ra_names[0].value) if ra_names else "scep-fast RA"
-            ra_key = new_rsa_key(2048)
-            write_secret(staging / _RA_KEY, key_pem(ra_key))
+            ra_key: SigningKey = loaded["ra_key"] if "ra_key" in loaded else new_rsa_key(2048)
+            _write_key(staging, _RA_KEY, ra_key, refs.get("ra_key"))
             write_public(staging / _RA_CERT, cert_pem(make_ra(ra_key, ra_cn, ca, ca_key, now)))
         _fsync_dir(staging)
         # One rename: DIR/next appears complete or not at all.
@@ -326,6 +413,26 @@ def rollover(config: Config, ca_key_type: str, now: datetime.datetime, *,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _token_has(ref: TokenKey) -> bool:
+    from scep_fast.runtime.keys import KeyLoadError
+
+    try:
+        native_key(ref)
+    except KeyLoadError:
+        return False
+    return True
+
+
+def _write_key(directory: Path, name: str, key: SigningKey, ref: TokenKey | None) -> None:
+    """A new key file (0600), or for a key in a token its URI."""
+    if ref is not None:
+        write_public(directory / name.replace(".key", _URI_SUFFIX), ref.uri.encode() + b"\n")
+    elif isinstance(key, NativeKey):
+        raise RolloverError("a key held by the core has no file")
+    else:
+        write_secret(directory / name, key_pem(key))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -340,20 +447,23 @@ def activate(config: Config) -> tuple[str, str]:
     """Makes the next CA the current one; returns (old id, new id).
 
     The current CA and RA are first copied to DIR/previous/<id> (built
-    aside, then renamed into place), then the next files replace the
-    current ones one rename each, the CA certificate last. A crash in
+    aside, then renamed into place; a key in a token as its URI), then the
+    next files replace the current ones one rename each, the CA certificate
+    last. A next key in a token, or a next key file where the current key is
+    in a token, changes ``pki.ca_key`` / ``pki.ra_key`` in scep-fast.toml,
+    which is replaced in one rename before the certificates. A crash in
     between is repaired by running activate again: while DIR/next/ca.pem
     exists, the current CA certificate is still the old one.
     """
     source = config.dir / NEXT_DIR
     if not source.is_dir():
         raise RolloverError("no next CA: run `scep-fast ca rollover` first")
-    targets = {_CA_KEY: config.path("pki", "ca_key"), _CA_CERT: config.path("pki", "ca_cert")}
-    if str(config.get("pki", "mode")) == "ra":
-        targets[_RA_KEY] = config.path("pki", "ra_key")
-        targets[_RA_CERT] = config.path("pki", "ra_cert")
+    names = ["ca_key"] + (["ra_key"] if str(config.get("pki", "mode")) == "ra" else [])
+    cert_targets = {_CA_CERT: config.path("pki", "ca_cert")}
+    if "ra_key" in names:
+        cert_targets[_RA_CERT] = config.path("pki", "ra_cert")
     if (source / _CA_CERT).exists():
-        old_cert = der_certificate(targets[_CA_CERT].read_bytes())
+        old_cert = der_certificate(cert_targets[_CA_CERT].read_bytes())
         new_cert = der_certificate((source / _CA_CERT).read_bytes())
         old_id, new_id = ca_id(old_cert), ca_id(new_cert)
         archive = config.dir / PREVIOUS_DIR / old_id
@@ -362,20 +472,64 @@ def activate(config: Config) -> tuple[str, str]:
             staging = archive.with_name(f"{old_id}.tmp")
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(mode=0o700)
-            for name, path in targets.items():
-                data = path.read_bytes()
-                (write_secret if name.endswith(".key") else write_public)(staging / name, data)
+            for cert_name, path in cert_targets.items():
+                write_public(staging / cert_name, path.read_bytes())
+            for name in names:
+                value = str(config.get("pki", name))
+                file_name = f"{_SLOTS[name]}.key"
+                if is_token_uri(value):
+                    write_public(staging / file_name.replace(".key", _URI_SUFFIX),
+                                 value.encode() + b"\n")
+                else:
+                    write_secret(staging / file_name, (config.dir / value).read_bytes())
             _fsync_dir(staging)
             os.rename(staging, archive)
             _fsync_dir(archive.parent)
     else:
         # Only the empty directory is left of an interrupted activation.
-        new_id = ca_id(der_certificate(targets[_CA_CERT].read_bytes()))
+        new_id = ca_id(der_certificate(cert_targets[_CA_CERT].read_bytes()))
         old_id = ""
-    for name in (_CA_KEY, _RA_KEY, _RA_CERT, _CA_CERT):
-        if name in targets and (source / name).exists():
-            os.replace(source / name, targets[name])
+    values = {section: dict(table) for section, table in config.values.items()}
+    values["profiles"] = config.values["profiles"]
+    retired_files: list[Path] = []
+    for name in names:
+        value = str(config.get("pki", name))
+        uri_file = source / f"{_SLOTS[name]}{_URI_SUFFIX}"
+        key_file = source / f"{_SLOTS[name]}.key"
+        if uri_file.exists():
+            values["pki"][name] = uri_file.read_text().strip()
+            if not is_token_uri(value):
+                retired_files.append(config.dir / value)  # archived above
+        elif key_file.exists():
+            target_name = f"{_SLOTS[name]}.key" if is_token_uri(value) else value
+            os.replace(key_file, config.dir / target_name)
+            values["pki"][name] = target_name
+    if values["pki"] != config.values["pki"]:
+        _replace_config(config, values)
     _fsync_dir(config.dir)
+    for cert_name in (_RA_CERT, _CA_CERT):
+        if cert_name in cert_targets and (source / cert_name).exists():
+            os.replace(source / cert_name, cert_targets[cert_name])
+    _fsync_dir(config.dir)
+    for path in retired_files:
+        # A key file whose successor is in a token: kept only in the archive.
+        path.unlink(missing_ok=True)
     shutil.rmtree(source)
     _fsync_dir(config.dir)
     return old_id, new_id
+
+
+def _replace_config(config: Config, values: dict[str, dict[str, object]]) -> None:
+    """scep-fast.toml with new values, checked, then replaced in one rename."""
+    from scep_fast.runtime import config as configuration
+
+    text = configuration.render(values)
+    configuration.parse(text, config.dir)
+    path = config.dir / configuration.CONFIG_NAME
+    staging = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staging, path)

@@ -12,6 +12,8 @@ import gc
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, TypeAlias
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from scep_fast.crypto import ScepContext, certs_only
+from scep_fast.crypto import NativeKey, ScepContext, certs_only
 from scep_fast.protocol import Capabilities, Overloaded
 from scep_fast.runtime import metrics
 from scep_fast.runtime.app import CT_CA_CERT, CT_CA_RA_CERT, CaCertificates, ScepApp
@@ -28,6 +30,7 @@ from scep_fast.runtime.config import Config
 from scep_fast.runtime.crl import CrlStore, crl_url
 from scep_fast.runtime.fast_refusal import FastRefusal
 from scep_fast.runtime.http_server import serve as serve_http
+from scep_fast.runtime.keys import TokenKey, TokenKeySource, open_key
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.loop_share import keep_loop_share
 from scep_fast.runtime.pki import Material, load_material
@@ -132,17 +135,55 @@ def open_ledger(config: Config) -> OpenLedger:
                       on_full=_observe_full)
 
 
-def build_service(config: Config, material: Material, ledger: OpenLedger) -> EnrollmentService:
-    """The enrollment rules with this directory's keys, policy and profiles."""
+STARTUP_KEY_TRIES = 5
+STARTUP_KEY_PAUSE_SECONDS = 0.2
+
+
+def _context(config: Config, material: Material) -> tuple[ScepContext, list[NativeKey]]:
+    """The native context of this directory's keys, and those of its keys held in a token.
+
+    A token key is opened here, in the process that uses it; a file key goes
+    to the core as DER. The core takes either where it takes the other.
+    """
+    signer_key = open_key(material.signer[1])
+    issuer_key = signer_key if material.mode == "ca" else open_key(material.ca_key)
+    signer = (material.signer[0], signer_key)
+    # Clients that still hold a retired RA certificate encrypt to it.
+    retired = [(p.ra_cert, open_key(p.ra_key)) for p in material.previous]
     ctx = ScepContext(
-        # Clients that still hold a retired RA certificate encrypt to it.
-        recipients=[material.signer, *[(p.ra_cert, p.ra_key) for p in material.previous]],
-        signer=material.signer,
-        issuer=(material.ca_cert, material.ca_key),
+        recipients=[signer, *retired],
+        signer=signer,
+        issuer=(material.ca_cert, issuer_key),
         allow_legacy=bool(config.get("enrollment", "allow_legacy_algorithms")),
         refuse_sha1=bool(config.get("enrollment", "refuse_sha1")),
         refuse_3des=bool(config.get("enrollment", "refuse_3des")),
     )
+    return ctx, [k for k in (signer_key, issuer_key, *(key for _, key in retired))
+                 if isinstance(k, NativeKey)]
+
+
+def build_service(config: Config, material: Material, ledger: OpenLedger, *,
+                  on_keys_lost: Callable[[], None] = lambda: None,
+                  open_keys_now: bool = True) -> EnrollmentService:
+    """The enrollment rules with this directory's keys, policy and profiles.
+
+    File keys are loaded now, once. Token keys are opened now too when the
+    token is there, and otherwise as soon as it is (see ``TokenKeySource``);
+    ``on_keys_lost`` is called when they go away. With ``open_keys_now``
+    false, a token is opened only by an operation that signs.
+    """
+    keys: ScepContext | TokenKeySource
+    if any(isinstance(key, TokenKey) for key in (
+            material.ca_key, material.ra_key, *(p.ra_key for p in material.previous))):
+        keys = TokenKeySource(lambda: _context(config, material), on_lost=on_keys_lost)
+        # A few quick tries before serving without keys: a token may refuse a
+        # login for a moment while other processes open their sessions.
+        for _ in range(STARTUP_KEY_TRIES if open_keys_now else 0):
+            if keys.open() is not None:
+                break
+            time.sleep(STARTUP_KEY_PAUSE_SECONDS)
+    else:
+        keys = _context(config, material)[0]
     policy = Policy(
         static_challenge=material.challenge,
         default_profile=str(config.get("enrollment", "default_profile")),
@@ -150,7 +191,7 @@ def build_service(config: Config, material: Material, ledger: OpenLedger) -> Enr
         revoke_on_replace=bool(config.get("enrollment", "revoke_on_replace")),
     )
     profiles = config.profiles(crl_url(str(config.get("crl", "public_url")), material.ca_cert))
-    return EnrollmentService(ctx, ledger, policy, profiles,
+    return EnrollmentService(keys, ledger, policy, profiles,
                              [material.ca_cert, *[p.ca_cert for p in material.previous]],
                              crl_source=CrlStore(config.dir).by_issuer,
                              on_commit=_observe_commit)
@@ -159,7 +200,10 @@ def build_service(config: Config, material: Material, ledger: OpenLedger) -> Enr
 def build_worker(config: Config) -> Worker:
     material = load_material(config)
     ledger = open_ledger(config)
-    service = build_service(config, material, ledger)
+    # Keys lost from their token: this process drains and exits like on
+    # SIGTERM, and the supervisor starts a new one with a new session.
+    service = build_service(config, material, ledger,
+                            on_keys_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
     batcher: Batcher[PreparedBatch, Answer] = Batcher(
         service.prepare_batch,
         service.finish_batch,

@@ -42,8 +42,9 @@ from cryptography import x509
 
 from scep_fast import __version__
 from scep_fast.runtime.config import Config, ConfigError
+from scep_fast.runtime.config import load as load_config
 from scep_fast.runtime.http1 import StrictHttp1Handler
-from scep_fast.runtime.pki import Material, load_material
+from scep_fast.runtime.pki import Material, load_material, uses_token
 from scep_fast.service.ledger import LedgerUnavailable
 
 if TYPE_CHECKING:
@@ -60,6 +61,9 @@ STOP_GRACE_SECONDS = 40.0
 # How often the supervisor checks whether a CRL needs rewriting.
 # How often the supervisor looks for a CRL to rewrite (a cheap check).
 CRL_CHECK_SECONDS = 2.0
+# After a failed CRL signing with a token key (the token is away), the pause
+# before the next child process tries.
+TOKEN_CRL_RETRY_SECONDS = 15.0
 # During a reload, a fresh worker runs this long before the next one is replaced.
 RELOAD_SETTLE_SECONDS = 1.0
 
@@ -149,6 +153,7 @@ class Supervisor:
         self._ledger: Any = ledger
         self._own_ledger: Any = None
         self._revoked_seen: int | None = None
+        self._token_crl_retry_at = 0.0
         self._material: Material | None = None
         self._crl_check_at = 0.0
         # Every worker inherits the read end of this pipe; only the supervisor
@@ -207,7 +212,7 @@ class Supervisor:
         from workers revoking a certificate a renewal replaced; the count of
         revoked certificates, cheap to read, tells when there is a new one.
         """
-        from scep_fast.runtime.crl import refresh_all
+        from scep_fast.runtime.crl import refresh_all, refresh_due
         from scep_fast.runtime.server import open_ledger
 
         try:
@@ -217,8 +222,15 @@ class Supervisor:
             force = self._revoked_seen is not None and revoked != self._revoked_seen
             if self._material is None:
                 # Loaded again after a reload: `ca activate` changes the CAs.
-                self._material = load_material(self._config)
-            refresh_all(self._config, self._ledger, self._material, force=force)
+                self._material = load_material(self._config, next_message=False)
+            if uses_token(self._config):
+                # A revocation counts as seen only once its CRL is written.
+                if (force or refresh_due(self._config, self._material)) and (
+                        time.monotonic() < self._token_crl_retry_at
+                        or not self._refresh_crls_in_child()):
+                    return
+            else:
+                refresh_all(self._config, self._ledger, self._material, force=force)
             self._revoked_seen = revoked
         except LedgerUnavailable as e:
             # The database is out of reach: no bug, the next check tries again.
@@ -226,18 +238,45 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - logged; the next check tries again
             log.exception("CRL refresh failed")
 
+    def _refresh_crls_in_child(self) -> bool:
+        """CRLs signed by a token key, in a process of their own (`scep-fast crl`).
+
+        The supervisor never opens a PKCS#11 session: one that outlived its
+        token would stay broken for the life of the process (see
+        ``keys.TokenKeySource``), while a short-lived child opens a new one
+        each time. A failure is logged and tried again after a pause.
+        """
+        done = subprocess.run(
+            [sys.executable, "-m", "scep_fast.runtime.cli", "crl", "--dir", str(self._config.dir)],
+            capture_output=True, text=True, timeout=120)
+        if done.returncode == 0:
+            for path in done.stdout.split():
+                log.info("CRL written", extra={"fields": {"path": path}})
+            return True
+        self._token_crl_retry_at = time.monotonic() + TOKEN_CRL_RETRY_SECONDS
+        log.warning("CRL signing with the token failed; trying again later",
+                    extra={"fields": {"reason": done.stderr.strip()[-500:],
+                                      "retry_seconds": TOKEN_CRL_RETRY_SECONDS}})
+        return False
+
     def _tick_reload(self) -> None:
         from prometheus_client import multiprocess
 
         if self._reload_requested:
             self._reload_requested = False
             try:
+                # `ca activate` may have named other keys in [pki] (keys in a
+                # token); the rest of the config keeps what serve was started with.
+                fresh = load_config(self._config.dir)
+                config = Config(dir=self._config.dir,
+                                values={**self._config.values, "pki": fresh.values["pki"]})
                 # Never replace working workers with ones that cannot load their keys.
-                load_material(self._config)
-                _set_expiry_gauges(self._config)
+                load_material(config, next_message=False)
+                _set_expiry_gauges(config)
             except Exception:  # noqa: BLE001 - the running workers stay
                 log.exception("reload refused: the CA material does not load")
                 return
+            self._config = config
             self._material = None
             log.info("reloading workers", extra={"fields": {"workers": len(self._slots)}})
             self._reload_queue = [slot.index for slot in self._slots]
@@ -349,7 +388,7 @@ def _serve_metrics(bind: str, backlog: int) -> None:
 def _set_expiry_gauges(config: Config) -> None:
     from scep_fast.runtime import metrics
 
-    material = load_material(config)
+    material = load_material(config, next_message=False)
     for name, der in (("ca", material.ca_cert), ("ra", material.signer[0])):
         not_after = x509.load_der_x509_certificate(der).not_valid_after_utc
         metrics.CERT_EXPIRY.labels(name).set(not_after.timestamp())
@@ -457,7 +496,12 @@ def _serve_admin(config: Config, ledger: OpenLedger, bind: str) -> None:
     except FileNotFoundError:
         log.warning("admin API off: no token file", extra={"fields": {"path": str(token_path)}})
         return
-    api = AdminApi(ledger, lambda: build_service(config, load_material(config), ledger),
-                   list(config.values["profiles"]), token)
+    # Built per decision; with keys in a token, approvals happen in a child
+    # process and a rejection needs no key, so the token stays closed here.
+    api = AdminApi(ledger,
+                   lambda: build_service(config, load_material(config, next_message=False),
+                                         ledger, open_keys_now=False),
+                   list(config.values["profiles"]), token,
+                   approve_in=config.dir if uses_token(config) else None)
     host, port = split_host_port(bind)
     serve_admin(api, host, port, backlog=int(config.get("server", "listen_backlog")))

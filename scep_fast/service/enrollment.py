@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from scep_fast.crypto import (
     AlgorithmRefused,
@@ -51,6 +51,7 @@ from scep_fast.protocol import (
     BadRequest,
     FailInfo,
     InternalError,
+    KeysUnavailable,
     MalformedRequest,
     MessageError,
     MessageType,
@@ -139,6 +140,11 @@ class PreparedBatch:
     issued_at: float
 
 
+def _unavailable(detail: str) -> Answer:
+    error = KeysUnavailable(detail=detail)
+    return Answer(error=error, status=f"HTTP {error.http_status}", reason=detail)
+
+
 def _each(call: Callable[[Sequence[_In]], Sequence[_Out]],
           inputs: Sequence[_In], what: str) -> list[_Out | Exception]:
     """One call for a whole batch; if it raises, one call per input, so only the culprit fails.
@@ -161,12 +167,43 @@ def _each(call: Callable[[Sequence[_In]], Sequence[_Out]],
     return results
 
 
+class KeySource(Protocol):
+    """The native context, for keys that may go away for a while (keys in a token).
+
+    The service asks for the context at the start of each batch, and, when a
+    private-key operation failed, whether the keys are gone: then nothing of
+    the batch is answered but 503 (KeysUnavailable), since a decrypt or a
+    signature that failed for want of its key says nothing about the request.
+    """
+
+    def context(self) -> ScepContext | None:
+        """The context, or None while the keys cannot be used."""
+
+    def lost(self) -> bool:
+        """Whether the keys are gone; asked after a private-key operation failed."""
+
+
+class _FixedKeys:
+    """Keys read from files: loaded once, never gone."""
+
+    def __init__(self, ctx: ScepContext) -> None:
+        self._ctx = ctx
+
+    def context(self) -> ScepContext:
+        return self._ctx
+
+    def lost(self) -> bool:
+        return False
+
+
 class EnrollmentService:
     """Request handling for one worker: keys in the native context, records in the ledger."""
 
+    _ctx: ScepContext  # the keys' context for the batch being handled (set under _native)
+
     def __init__(
         self,
-        ctx: ScepContext,
+        ctx: ScepContext | KeySource,
         ledger: Ledger,
         policy: Policy,
         profiles: Mapping[str, Profile],
@@ -176,7 +213,7 @@ class EnrollmentService:
         clock: Callable[[], float] = time.time,
         on_commit: Callable[[float, int], None] = lambda _seconds, _issued: None,
     ) -> None:
-        self._ctx = ctx
+        self._keys: KeySource = _FixedKeys(ctx) if isinstance(ctx, ScepContext) else ctx
         # The native context serves one call at a time: prepare_batch holds it
         # throughout, finish_batch only to sign a reply again.
         self._native = threading.Lock()
@@ -199,6 +236,11 @@ class EnrollmentService:
 
     def prepare_batch(self, messages: Sequence[bytes]) -> PreparedBatch:
         with self._native:
+            ctx = self._keys.context()
+            if ctx is None:
+                return PreparedBatch([], [_unavailable("no key context") for _ in messages],
+                                     self._clock())
+            self._ctx = ctx
             answers: list[Answer] = []
             items: list[_Item] = []
             for unwrapped in _each(self._ctx.unwrap_batch, messages, "unwrap"):
@@ -228,12 +270,32 @@ class EnrollmentService:
             issued_at = self._clock()
             self._issue([i for i in items if i.issue is not None], issued_at)
             self._wrap([i for i in items if i.reply is not None])
+            self._unless_keys_lost(items)
         return PreparedBatch(items, answers, issued_at)
 
     def finish_batch(self, batch: PreparedBatch) -> list[Answer]:
         """Records the batch's certificates; only then are its answers final."""
         self._commit([i for i in batch.items if i.record is not None], batch.issued_at)
+        self._unless_keys_lost(batch.items)
         return batch.answers
+
+    def _unless_keys_lost(self, items: list[_Item]) -> None:
+        """When a private-key operation failed because the keys are gone, every answer waits.
+
+        A failed decrypt or signature is normally the message's own fault (a
+        wrong recipient) or a bug (500); when the key source says the keys
+        are gone, it was neither, and the client is asked to come back (503).
+        Whatever was committed stays committed: the same request again gets
+        the same certificate.
+        """
+        if not any(isinstance(i.unwrapped.error, DecryptFailed)
+                   or isinstance(i.answer.error, InternalError) for i in items):
+            return
+        if not self._keys.lost():
+            return
+        for item in items:
+            self._refuse(item, KeysUnavailable(detail="a private-key operation failed and "
+                                                      "the keys are unavailable"))
 
     @contextmanager
     def _isolated(self, item: _Item, stage: str) -> Iterator[None]:
@@ -274,7 +336,10 @@ class EnrollmentService:
 
     def _issue_one(self, issue: IssueRequest) -> bytes:
         with self._native:
-            return self._ctx.issue(issue)
+            ctx = self._keys.context()
+            if ctx is None:
+                raise KeysUnavailable(detail="no key context")
+            return ctx.issue(issue)
 
     # ---- step 1: authenticate -----------------------------------------------
 

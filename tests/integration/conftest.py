@@ -92,8 +92,11 @@ class Server:
 
 
 def start_server(directory: Path, *extra: str, cwd: Path | None = None,
-                 port: int | None = None) -> Server:
-    """``scep-fast serve`` on loopback; with ``cwd``, the installed console script run there."""
+                 port: int | None = None, env: dict[str, str] | None = None) -> Server:
+    """``scep-fast serve`` on loopback; with ``cwd``, the installed console script run there.
+
+    ``env`` is laid over this process's environment (SOFTHSM2_CONF, say).
+    """
     port = port or free_port()
     metrics_port = free_port()
     admin_port = free_port()
@@ -105,7 +108,8 @@ def start_server(directory: Path, *extra: str, cwd: Path | None = None,
         [*command, "serve", "--dir", str(directory),
          "--bind", f"127.0.0.1:{port}", "--metrics-bind", f"127.0.0.1:{metrics_port}",
          "--admin-bind", f"127.0.0.1:{admin_port}", *extra],
-        stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+        env={**os.environ, **env} if env is not None else None)
     server = Server(directory, port, process, log_path, metrics_port, admin_port)
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
