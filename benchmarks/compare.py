@@ -4,6 +4,8 @@
     python benchmarks/compare.py --quick    # a small subset (1 to 2 minutes)
     python benchmarks/compare.py --concurrency 64 --methods post --ca-keys rsa2048 \\
         --ledgers empty,1m --no-micromdm
+    python benchmarks/compare.py --no-micromdm --ca-keys rsa2048 --methods post \\
+        --concurrency 64 --ledgers pg,pg2      # the PostgreSQL ledger against LMDB
 
 Runs as root (micromdm's scepserver needs a private network namespace, see
 ``PEERS.md`` of the shared notes). Every run gets a fresh server: scep-fast on
@@ -18,6 +20,22 @@ pinned. Only verified SUCCESS replies with distinct serials count. The
 preloaded ledger is compared with an empty one over ``--ledger-pairs``
 alternating pairs of runs at the headline concurrency (the ratio of the
 medians): one run against one other moves by several percent.
+
+The PostgreSQL ledger (``--ledgers pg,pg2``, never by default): a PostgreSQL
+server on this machine, started once for the whole command in a temporary
+directory the way the tests start theirs (``tests/postgres.py``), with a
+fresh database for every run. ``--pg-rounds`` rounds at the headline
+concurrency, POST, each of three runs in turn: one node on LMDB (an empty
+ledger), one node on PostgreSQL (``pg``), two nodes on PostgreSQL (``pg2``:
+two ``serve`` processes with separate directories, the same CA and RA
+material and configuration, one database; the load generator spreads its
+connections over both). The two nodes get half the workers of one node each
+(one each on two cores), so every run has the same worker processes on the
+same cores. Besides the server's CPU, each PostgreSQL run reports the
+database server's (utime + stime of the postmaster's whole process tree,
+over the same interval), the ledger commit time per batch (the servers'
+``scep_ledger_commit_seconds`` histogram, before and after), and the
+database's transactions and WAL (``pg_stat_database``, ``pg_stat_wal``).
 
 The floor is ``openssl speed -seconds 3``: a PKCSReq costs at least three
 private-key operations (open the request envelope with the RA key, sign the
@@ -48,6 +66,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +77,8 @@ from cryptography import x509
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
+# tests.postgres: the tests' PostgreSQL launcher, which the PostgreSQL runs share.
+sys.path.insert(1, str(ROOT))
 
 import loadgen  # noqa: E402
 
@@ -73,6 +94,11 @@ MICROMDM_PORT = 8080  # free by construction: the namespace is private
 SCEP_FAST = Path(sys.executable).with_name("scep-fast")
 SCEPSERVER = shutil.which("scepserver") or "/usr/bin/scepserver"
 HEADLINE_CONCURRENCY = 64
+# The database of the PostgreSQL runs: the tests' settings but PostgreSQL's own
+# default shared_buffers (the tests use 32 MB), and WAL sync timing on, so
+# pg_stat_wal says how long the commits' flushes took.
+PG_SETTINGS = {"shared_buffers": "128MB", "track_wal_io_timing": "on"}
+PG_PASSWORD_FILE = "db-password"
 
 
 @dataclass(frozen=True)
@@ -81,14 +107,20 @@ class Scenario:
     ca_key: str  # rsa2048, rsa4096, p256
     method: str  # post or get
     concurrency: int
-    ledger: str = "empty"  # or "1m"
+    ledger: str = "empty"  # LMDB: "empty" or "1m"; "pg": PostgreSQL, an empty database
     # 0: the main grid; 1..N: the empty-against-1m pairs, run alternately.
     pair: int = 0
+    # 0 elsewhere; 1..N: the rounds of the PostgreSQL comparison (LMDB, PostgreSQL
+    # with one node, with two nodes, in turn).
+    pg_round: int = 0
+    nodes: int = 1  # serve processes sharing the ledger (PostgreSQL only)
 
     @property
     def name(self) -> str:
         return (f"{self.server}-{self.ca_key}-{self.method}-c{self.concurrency}"
-                f"-{self.ledger}" + (f"-pair{self.pair}" if self.pair else ""))
+                f"-{self.ledger}" + (f"-{self.nodes}nodes" if self.nodes > 1 else "")
+                + (f"-pair{self.pair}" if self.pair else "")
+                + (f"-round{self.pg_round}" if self.pg_round else ""))
 
 
 # ------------------------------------------------------------------ helpers
@@ -196,9 +228,9 @@ def floors(ca_keys: list[str], seconds: int) -> dict[str, Any]:
 KEY_FILES = ("ca.key", "ca.pem", "ra.key", "ra.pem")
 
 
-def scep_fast_init(path: Path, ca_key: str) -> None:
+def scep_fast_init(path: Path, ca_key: str, *options: str) -> None:
     subprocess.run([str(SCEP_FAST), "init", "--dir", str(path), "--challenge", CHALLENGE,
-                    "--ca-key", ca_key], check=True, capture_output=True)
+                    "--ca-key", ca_key, *options], check=True, capture_output=True)
 
 
 def scep_fast_template(ca_key: str) -> Path:
@@ -290,22 +322,33 @@ def preloaded_ledger(records: int = LEDGER_1M_RECORDS) -> Path:
     return LEDGER_1M_DIR
 
 
+def scep_fast_dir(path: Path, scenario: Scenario, *init_options: str) -> None:
+    """A server directory with the cached keys (the cached requests are encrypted to its RA)."""
+    template = scep_fast_template(scenario.ca_key)
+    scep_fast_init(path, scenario.ca_key, *init_options)
+    for name in KEY_FILES:
+        shutil.copyfile(template / name, path / name)
+    _private_ports(path / "scep-fast.toml")
+    if scenario.ledger == "1m":
+        source = preloaded_ledger()
+        (path / "ledger").mkdir(mode=0o700)
+        shutil.copyfile(source / "data.mdb", path / "ledger" / "data.mdb")
+    # Flush the copies now: otherwise the server's first ledger sync writes
+    # back 1.4 GB of someone else's dirty pages, on its own CPU time.
+    os.sync()
+
+
 class ScepFastServer:
+    """``scep-fast serve`` on a fresh directory (``run_dir/server``), or on ``directory``."""
+
     def __init__(self, scenario: Scenario, workers: int | None, run_dir: Path,
-                 cpus: Sequence[int] | None = None) -> None:
-        self.dir = run_dir / "server"
-        template = scep_fast_template(scenario.ca_key)
-        scep_fast_init(self.dir, scenario.ca_key)
-        for name in KEY_FILES:
-            shutil.copyfile(template / name, self.dir / name)
-        _private_ports(self.dir / "scep-fast.toml")
-        if scenario.ledger == "1m":
-            source = preloaded_ledger()
-            (self.dir / "ledger").mkdir(mode=0o700)
-            shutil.copyfile(source / "data.mdb", self.dir / "ledger" / "data.mdb")
-        # Flush the copies now: otherwise the server's first ledger sync writes
-        # back 1.4 GB of someone else's dirty pages, on its own CPU time.
-        os.sync()
+                 cpus: Sequence[int] | None = None, *, directory: Path | None = None,
+                 log_name: str | None = None) -> None:
+        if directory is None:
+            self.dir = run_dir / "server"
+            scep_fast_dir(self.dir, scenario)
+        else:
+            self.dir = directory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/scep"
         command = [str(SCEP_FAST), "serve", "--dir", str(self.dir),
@@ -314,11 +357,14 @@ class ScepFastServer:
             command += ["--workers", str(workers)]
         if cpus:  # taskset execs the server: the pid stays the server's
             command = ["taskset", "-c", ",".join(str(cpu) for cpu in cpus), *command]
+        self.metrics_url: str | None = None
         if _serve_has_metrics():
             # Metrics stay on, as in production, on a port of their own.
-            command += ["--metrics-bind", f"127.0.0.1:{free_port()}"]
+            metrics_port = free_port()
+            command += ["--metrics-bind", f"127.0.0.1:{metrics_port}"]
+            self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOG_DIR / f"{scenario.name}.log"
+        self.log_path = LOG_DIR / f"{log_name or scenario.name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=run_dir)
@@ -378,10 +424,124 @@ def network_namespace() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+# -------------------------------------------------------------- PostgreSQL
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[Any]:
+    """The PostgreSQL server of every PostgreSQL run, stopped and removed at the end."""
+    from tests.postgres import postgres_server, server_binaries
+
+    if server_binaries() is None:
+        sys.exit("PostgreSQL is not installed (Debian package `postgresql`): "
+                 "leave pg and pg2 out of --ledgers")
+    with postgres_server(PG_SETTINGS) as server:
+        log(f"PostgreSQL on 127.0.0.1:{server.port}, pid {server.process.pid}")
+        yield server
+
+
+def pg_nodes(scenario: Scenario, workers: int | None, run_dir: Path, pg: Any,
+             database: str) -> list[ScepFastServer]:
+    """``scenario.nodes`` servers on one database, as an operator sets them up.
+
+    The first directory is made by ``init --ledger-url`` (which creates the
+    schema); every other is a copy of it (the same keys and configuration)
+    with its own metrics and admin ports.
+    """
+    first = run_dir / "node-1"
+    first.mkdir(mode=0o700)
+    (first / PG_PASSWORD_FILE).write_text(pg.password + "\n")
+    (first / PG_PASSWORD_FILE).chmod(0o600)
+    scep_fast_dir(first, scenario, "--ledger-url", pg.url(database, with_password=False),
+                  "--ledger-password-file", PG_PASSWORD_FILE)
+    directories = [first]
+    for node in range(2, scenario.nodes + 1):
+        directory = run_dir / f"node-{node}"
+        shutil.copytree(first, directory, ignore=shutil.ignore_patterns("ledger", "crl"))
+        _private_ports(directory / "scep-fast.toml")
+        directories.append(directory)
+    servers: list[ScepFastServer] = []
+    try:
+        for node, directory in enumerate(directories, 1):
+            name = scenario.name + (f"-node{node}" if scenario.nodes > 1 else "")
+            servers.append(ScepFastServer(scenario, workers, run_dir, directory=directory,
+                                          log_name=name))
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus text page: each sample (name with its labels) -> value."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+COMMIT_METRIC = "scep_ledger_commit_seconds"
+
+
+def commit_stats(before: list[dict[str, float]], after: list[dict[str, float]]) -> dict[str, Any]:
+    """Ledger commits (one per batch) between two scrapes of every node, added up."""
+    def delta(name: str) -> float:
+        return sum(a.get(name, 0.0) - b.get(name, 0.0) for b, a in zip(before, after,
+                                                                         strict=True))
+
+    commits = delta(f"{COMMIT_METRIC}_count")
+    if not commits:
+        return {"commits": 0}
+    buckets = sorted(
+        (float(found.group(1)), delta(name)) for name in after[0]
+        if (found := re.fullmatch(rf'{COMMIT_METRIC}_bucket\{{le="([^"]+)"\}}', name)))
+    # The histogram's buckets are coarse (1, 2, 5, 10 ms...): an upper bound.
+    p99 = next((le for le, cumulative in buckets if cumulative >= 0.99 * commits), math.inf)
+    return {
+        "commits": commits,
+        "commit_ms_mean": delta(f"{COMMIT_METRIC}_sum") / commits * 1000,
+        "commit_ms_p99_at_most": p99 * 1000,
+        "records_per_commit": delta("scep_certificates_issued_total") / commits,
+    }
+
+
+def pg_counters(pg: Any, database: str) -> dict[str, float]:
+    """The database's transactions and the cluster's WAL, as PostgreSQL counts them."""
+    xact = pg.admin("SELECT xact_commit, xact_rollback FROM pg_stat_database "
+                    "WHERE datname = %s", database)[0]
+    wal = pg.admin("SELECT wal_records, wal_bytes, wal_write, wal_sync, wal_sync_time "
+                   "FROM pg_stat_wal")[0]
+    names = ("xact_commit", "xact_rollback", "wal_records", "wal_bytes", "wal_write",
+             "wal_sync", "wal_sync_time_ms")
+    return {name: float(value) for name, value in zip(names, (*xact, *wal), strict=True)}
+
+
+def database_stats(before: dict[str, float], after: dict[str, float], enrollments: int,
+                   commits: float) -> dict[str, Any]:
+    delta = {name: after[name] - before[name] for name in before}
+    out: dict[str, Any] = {"counters": delta}
+    if enrollments:
+        out["xact_per_enroll"] = delta["xact_commit"] / enrollments
+        out["wal_bytes_per_enroll"] = delta["wal_bytes"] / enrollments
+    if commits:
+        out["wal_syncs_per_commit"] = delta["wal_sync"] / commits
+    if delta["wal_sync"]:
+        out["wal_sync_ms_mean"] = delta["wal_sync_time_ms"] / delta["wal_sync"]
+    return out
+
+
 # -------------------------------------------------------------------- runs
 
 
-def run_scenario(scenario: Scenario, args: argparse.Namespace, netns: str | None) -> dict[str, Any]:
+def run_scenario(scenario: Scenario, args: argparse.Namespace, netns: str | None,
+                 pg: Any = None) -> dict[str, Any]:
+    if scenario.ledger == "pg":
+        return run_pg_scenario(scenario, args, pg)
     count = args.micromdm_count if scenario.server == "micromdm" else args.count
     with tempfile.TemporaryDirectory(prefix="scep-bench-") as tmp:
         run_dir = Path(tmp)
@@ -392,28 +552,92 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, netns: str | None
         else:
             server = ScepFastServer(scenario, args.workers, run_dir)
         try:
-            out = run_dir / "run.json"
-            command = [sys.executable, str(BENCH_DIR / "loadgen.py"), "run", server.url,
-                       "--challenge", CHALLENGE, "--count", str(count),
-                       "--concurrency", str(scenario.concurrency), "--method", scenario.method,
-                       "--duration", str(args.duration), "--timeout", str(args.timeout),
-                       "--server-pid", str(server.proc.pid), "--verify", args.verify,
-                       "--label", scenario.name, "--json-out", str(out), "--quiet"]
-            if server.netns is not None:
-                command = ["ip", "netns", "exec", server.netns, *command]
-            limit = args.duration + args.timeout + 300
-            done = subprocess.run(command, capture_output=True, text=True, timeout=limit,
-                                  cwd=ROOT)
-            if done.returncode != 0 or not out.exists():
-                raise RuntimeError(f"the load generator failed ({done.returncode}): "
-                                   f"{done.stderr[-2000:]}")
-            result: dict[str, Any] = json.loads(out.read_text())
-            if server.proc.poll() is not None:
-                result["errors"]["server exited"] = server.proc.returncode
-            if isinstance(server, ScepFastServer):
-                result["server_workers"] = server.workers
+            before = _scrape_all([server]) if scenario.pg_round else None
+            result = run_loadgen(scenario, args, count, run_dir, [server])
+            if before is not None:  # the LMDB run of the PostgreSQL comparison
+                result["ledger_commit"] = commit_stats(before, _scrape_all([server]))
         finally:
             server.stop()
+    result["scenario"] = asdict(scenario)
+    return result
+
+
+def run_loadgen(scenario: Scenario, args: argparse.Namespace, count: int, run_dir: Path,
+                servers: Sequence[ScepFastServer | MicromdmServer],
+                db_pid: int | None = None) -> dict[str, Any]:
+    """The load generator against every server of the run (nodes of one CA); its summary."""
+    out = run_dir / "run.json"
+    command = [sys.executable, str(BENCH_DIR / "loadgen.py"), "run",
+               *(server.url for server in servers),
+               "--challenge", CHALLENGE, "--count", str(count),
+               "--concurrency", str(scenario.concurrency), "--method", scenario.method,
+               "--duration", str(args.duration), "--timeout", str(args.timeout),
+               *(option for server in servers
+                 for option in ("--server-pid", str(server.proc.pid))),
+               "--verify", args.verify,
+               "--label", scenario.name, "--json-out", str(out), "--quiet"]
+    if db_pid is not None:
+        command += ["--db-pid", str(db_pid)]
+    if servers[0].netns is not None:
+        command = ["ip", "netns", "exec", servers[0].netns, *command]
+    limit = args.duration + args.timeout + 300
+    done = subprocess.run(command, capture_output=True, text=True, timeout=limit,
+                          cwd=ROOT)
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"the load generator failed ({done.returncode}): "
+                           f"{done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    for server in servers:
+        if server.proc.poll() is not None:
+            result["errors"]["server exited"] = server.proc.returncode
+    fast = [server for server in servers if isinstance(server, ScepFastServer)]
+    if fast:
+        workers = [server.workers for server in fast]
+        result["server_workers"] = sum(workers) if None not in workers else None
+        if len(fast) > 1:
+            result["node_workers"] = workers
+    return result
+
+
+def _scrape_all(servers: Sequence[ScepFastServer]) -> list[dict[str, float]]:
+    return [scrape(server.metrics_url) if server.metrics_url else {} for server in servers]
+
+
+def run_pg_scenario(scenario: Scenario, args: argparse.Namespace, pg: Any) -> dict[str, Any]:
+    """One run on a fresh PostgreSQL database, with one node or several."""
+    if pg is None:
+        raise RuntimeError("no PostgreSQL server for a PostgreSQL run")
+    workers = args.workers
+    if scenario.nodes > 1:
+        # The same worker processes in all as one node: half each (one each on two cores).
+        workers = max(1, (args.workers or os.cpu_count() or 1) // scenario.nodes)
+    import psycopg
+
+    try:
+        database = pg.new_database()
+    except psycopg.Error as exc:
+        raise RuntimeError(f"PostgreSQL: {exc}") from exc
+    try:
+        with tempfile.TemporaryDirectory(prefix="scep-bench-") as tmp:
+            run_dir = Path(tmp)
+            servers = pg_nodes(scenario, workers, run_dir, pg, database)
+            try:
+                metrics_before = _scrape_all(servers)
+                db_before = pg_counters(pg, database)
+                result = run_loadgen(scenario, args, args.count, run_dir, servers,
+                                     db_pid=pg.process.pid)
+                result["ledger_commit"] = commit_stats(metrics_before, _scrape_all(servers))
+                result["database"] = database_stats(
+                    db_before, pg_counters(pg, database), result["enrollments"],
+                    result["ledger_commit"]["commits"])
+            except psycopg.Error as exc:
+                raise RuntimeError(f"PostgreSQL: {exc}") from exc
+            finally:
+                for server in servers:
+                    server.stop()
+    finally:
+        # FORCE: a connection a stopped node left behind does not keep it.
+        pg.admin(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
     result["scenario"] = asdict(scenario)
     return result
 
@@ -440,6 +664,16 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
         for pair in range(1, args.ledger_pairs + 1):
             out.append(Scenario("scep-fast", "rsa2048", "post", at, "empty", pair))
             out.append(Scenario("scep-fast", "rsa2048", "post", at, "1m", pair))
+    if "pg" in args.ledgers or "pg2" in args.ledgers:
+        # The same for PostgreSQL: rounds of LMDB, one node, two nodes, in turn.
+        for pg_round in range(1, args.pg_rounds + 1):
+            out.append(Scenario("scep-fast", "rsa2048", "post", at, "empty", pg_round=pg_round))
+            if "pg" in args.ledgers:
+                out.append(Scenario("scep-fast", "rsa2048", "post", at, "pg",
+                                    pg_round=pg_round))
+            if "pg2" in args.ledgers:
+                out.append(Scenario("scep-fast", "rsa2048", "post", at, "pg",
+                                    pg_round=pg_round, nodes=2))
     return out
 
 
@@ -473,7 +707,7 @@ def _num(value: Any, digits: int = 0) -> str:
 def headline(results: list[dict[str, Any]], floor: dict[str, Any]) -> dict[str, Any]:
     concurrencies = sorted({r["scenario"]["concurrency"] for r in results})
     at = HEADLINE_CONCURRENCY if HEADLINE_CONCURRENCY in concurrencies else max(concurrencies)
-    base = dict(ca_key="rsa2048", method="post", ledger="empty", pair=0)
+    base = dict(ca_key="rsa2048", method="post", ledger="empty", pair=0, pg_round=0)
     ours = _find(results, server="scep-fast", concurrency=at, **base)
     theirs = _find(results, server="micromdm", concurrency=at, **base)
     floor_ms = floor["floor_ms_per_enroll"]["rsa2048"]
@@ -517,7 +751,58 @@ def headline(results: list[dict[str, Any]], floor: dict[str, Any]) -> dict[str, 
                                                   and c256["duplicate_serials"] == 0)
     if "ledger_1m_ratio" in out:
         checks["ledger_1m_at_least_90_percent"] = out["ledger_1m_ratio"] >= 0.9
+    pg = pg_summary(results)
+    if pg:
+        out["postgresql"] = pg
+        if "pg_vs_lmdb" in pg:
+            checks["pg_at_least_80_percent_of_lmdb"] = pg["pg_vs_lmdb"] >= 0.8
     out["checks"] = checks
+    return out
+
+
+PG_SERIES = (("lmdb", "empty", 1), ("pg", "pg", 1), ("pg2", "pg", 2))
+
+
+def _median(values: list[Any]) -> float | None:
+    present = [v for v in values if v is not None and not (isinstance(v, float)
+                                                            and math.isnan(v))]
+    return statistics.median(present) if present else None
+
+
+def pg_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The PostgreSQL comparison: per series (lmdb, pg, pg2), medians over its rounds."""
+    out: dict[str, Any] = {}
+    for label, ledger, nodes in PG_SERIES:
+        runs = [r for r in results if r["scenario"].get("pg_round")
+                and r["scenario"]["ledger"] == ledger and r["scenario"].get("nodes", 1) == nodes]
+        if not runs:
+            continue
+        commit = [r.get("ledger_commit") or {} for r in runs]
+        database = [r.get("database") or {} for r in runs]
+        series = {
+            "rounds": len(runs),
+            "enroll_per_s": _median([r["enroll_per_s"] for r in runs]),
+            "p99_ms": _median([r["latency_ms"]["p99"] for r in runs]),
+            "server_cpu_ms_per_enroll": _median([r["cpu_ms_per_enroll"] for r in runs]),
+            "commit_ms_mean": _median([c.get("commit_ms_mean") for c in commit]),
+            "records_per_commit": _median([c.get("records_per_commit") for c in commit]),
+            "failures": sum(r["failures"] for r in runs),
+            "duplicate_serials": sum(r["duplicate_serials"] for r in runs),
+        }
+        if ledger == "pg":
+            series["db_cpu_ms_per_enroll"] = _median(
+                [r.get("db_cpu_ms_per_enroll") for r in runs])
+            series["total_cpu_ms_per_enroll"] = _median(
+                [r["cpu_ms_per_enroll"] + r["db_cpu_ms_per_enroll"] for r in runs
+                 if r["cpu_ms_per_enroll"] is not None
+                 and r.get("db_cpu_ms_per_enroll") is not None])
+            series["xact_per_enroll"] = _median([d.get("xact_per_enroll") for d in database])
+            series["wal_bytes_per_enroll"] = _median(
+                [d.get("wal_bytes_per_enroll") for d in database])
+        out[label] = series
+    for label in ("pg", "pg2"):
+        if "lmdb" in out and label in out and out["lmdb"]["enroll_per_s"]:
+            out[f"{label}_vs_lmdb"] = out[label]["enroll_per_s"] / out["lmdb"]["enroll_per_s"]
     return out
 
 
@@ -548,8 +833,7 @@ def write_markdown(path: Path, results: list[dict[str, Any]], floor: dict[str, A
         cpu = r["cpu_ms_per_enroll"]
         lat = r["latency_ms"]
         lines.append(
-            f"| {s['server']} | {s['ca_key']} | {s['method'].upper()} | {s['ledger']}"
-            + (f" (pair {s['pair']})" if s["pair"] else "") + " "
+            f"| {s['server']} | {s['ca_key']} | {s['method'].upper()} | {_ledger_text(s)} "
             f"| {s['concurrency']} | {_num(r['enroll_per_s'])} | {_num(lat['p50'], 1)} "
             f"| {_num(lat['p90'], 1)} | {_num(lat['p99'], 1)} | {_num(cpu, 2)} "
             f"| {_num(cpu / fl if cpu and fl else None, 2)} | {r['failures']} "
@@ -560,11 +844,71 @@ def write_markdown(path: Path, results: list[dict[str, Any]], floor: dict[str, A
         for s, errs in errors:
             text = ", ".join(f"{k}: {v}" for k, v in sorted(errs.items()))
             lines.append(f"- {Scenario(**s).name}: {text}")
+    lines += pg_markdown(results)
     lines += ["", "Headline (concurrency {c}, RSA-2048 CA, POST, empty ledger):".format(
         c=head["concurrency"]), "", "```json", json.dumps(head, indent=2), "```", "",
         "![throughput and p99 against concurrency](plot.png)", "",
         "Command: `" + meta["command"] + "`", ""]
     path.write_text("\n".join(lines))
+
+
+def _ledger_text(s: dict[str, Any]) -> str:
+    text = "PostgreSQL" if s["ledger"] == "pg" else s["ledger"]
+    if s.get("nodes", 1) > 1:
+        text += f", {s['nodes']} nodes"
+    if s["pair"]:
+        text += f" (pair {s['pair']})"
+    if s.get("pg_round"):
+        text += f" (PostgreSQL comparison, round {s['pg_round']})"
+    return text
+
+
+PG_COLUMNS = (
+    "| ledger | round | nodes x workers | enroll/s | p99 ms | server CPU ms/enroll "
+    "| DB CPU ms/enroll | total CPU ms/enroll | commit ms mean | commit ms p99 <= "
+    "| records/commit | DB xact/enroll | WAL syncs/commit | WAL sync ms | WAL bytes/enroll "
+    "| failures | dup. serials |",
+    "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+)
+
+
+def pg_markdown(results: list[dict[str, Any]]) -> list[str]:
+    """The PostgreSQL comparison's own table, with the database's cost per enrollment."""
+    runs = [r for r in results if r["scenario"].get("pg_round")]
+    if not runs:
+        return []
+    lines = ["", "PostgreSQL ledger against LMDB (POST, RSA-2048 CA, concurrency "
+             f"{runs[0]['scenario']['concurrency']}; the database on this machine; two nodes "
+             "get half the workers of one node each, so every run has the same worker "
+             "processes):", "", *PG_COLUMNS]
+    for r in runs:
+        s = r["scenario"]
+        commit = r.get("ledger_commit") or {}
+        database = r.get("database") or {}
+        workers = r.get("node_workers") or [r.get("server_workers")]
+        server_cpu, db_cpu = r["cpu_ms_per_enroll"], r.get("db_cpu_ms_per_enroll")
+        total = server_cpu + (db_cpu or 0.0) if server_cpu is not None else None
+        wal = database.get("wal_bytes_per_enroll")
+        lines.append(
+            f"| {'PostgreSQL' if s['ledger'] == 'pg' else 'LMDB'} | {s['pg_round']} "
+            f"| {len(workers)} x {workers[0] if workers[0] is not None else '?'} "
+            f"| {_num(r['enroll_per_s'])} | {_num(r['latency_ms']['p99'], 1)} "
+            f"| {_num(server_cpu, 3)} | {_num(db_cpu, 3)} | {_num(total, 3)} "
+            f"| {_num(commit.get('commit_ms_mean'), 2)} "
+            f"| {_num(commit.get('commit_ms_p99_at_most'), 0)} "
+            f"| {_num(commit.get('records_per_commit'), 1)} "
+            f"| {_num(database.get('xact_per_enroll'), 3)} "
+            f"| {_num(database.get('wal_syncs_per_commit'), 2)} "
+            f"| {_num(database.get('wal_sync_ms_mean'), 2)} | {_num(wal, 0)} "
+            f"| {r['failures']} | {r['duplicate_serials']} |")
+    summary = pg_summary(results)
+    ratios = [f"{label} {summary[f'{label}_vs_lmdb']:.0%} of LMDB"
+              for label in ("pg", "pg2") if f"{label}_vs_lmdb" in summary]
+    if ratios:
+        rounds = summary["lmdb"]["rounds"]
+        lines += ["", "Throughput, " + ("medians over " + f"{rounds} rounds" if rounds > 1
+                                         else "one round") + ": " + ", ".join(ratios) + "."]
+    return lines
 
 
 def write_plot(path: Path, results: list[dict[str, Any]]) -> bool:
@@ -579,11 +923,14 @@ def write_plot(path: Path, results: list[dict[str, Any]]) -> bool:
     series: dict[str, list[tuple[int, float, float]]] = {}
     for r in results:
         s = r["scenario"]
-        if s["ca_key"] != "rsa2048" or s["ledger"] != "empty" or s["pair"]:
+        if s["ca_key"] != "rsa2048" or s["ledger"] != "empty" or s["pair"] or s["pg_round"]:
             continue
         key = f"{s['server']} {s['method'].upper()}"
         series.setdefault(key, []).append(
             (s["concurrency"], r["enroll_per_s"], r["latency_ms"]["p99"]))
+    if not series:
+        log("no run of the main grid: no plot")
+        return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, points in sorted(series.items()):
         points.sort()
@@ -624,7 +971,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated (default 1,16,64,256)")
     parser.add_argument("--methods", type=_list, help="post,get")
     parser.add_argument("--ca-keys", type=_list, help="rsa2048,rsa4096,p256")
-    parser.add_argument("--ledgers", type=_list, help="empty,1m")
+    parser.add_argument("--ledgers", type=_list,
+                        help="empty,1m (LMDB, default both; --quick: empty), pg,pg2 (never by "
+                        "default: the PostgreSQL ledger with one node, with two nodes, each "
+                        "against LMDB in the same round)")
     parser.add_argument("--no-micromdm", action="store_true")
     parser.add_argument("--count", type=int, help="requests per scep-fast run (at most)")
     parser.add_argument("--micromdm-count", type=int, help="requests per micromdm run")
@@ -637,6 +987,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--speed-seconds", type=int, default=3)
     parser.add_argument("--ledger-pairs", type=int, default=3,
                         help="alternating empty and 1m runs compared (default 3)")
+    parser.add_argument("--pg-rounds", type=int, default=3,
+                        help="rounds of LMDB, pg and pg2 runs in turn, compared by their "
+                        "medians (default 3)")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {
@@ -653,7 +1006,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     for name, allowed in (("methods", {"post", "get"}),
                           ("ca_keys", {"rsa2048", "rsa4096", "p256"}),
-                          ("ledgers", {"empty", "1m"})):
+                          ("ledgers", {"empty", "1m", "pg", "pg2"})):
         unknown = set(getattr(args, name)) - allowed
         if unknown:
             parser.error(f"unknown {name}: {', '.join(sorted(unknown))}")
@@ -683,11 +1036,13 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     namespace = network_namespace() if any(s.server == "micromdm" for s in scenarios) \
         else contextlib.nullcontext(None)
-    with namespace as netns:
+    database = postgres_cluster() if any(s.ledger == "pg" for s in scenarios) \
+        else contextlib.nullcontext(None)
+    with namespace as netns, database as pg:
         for scenario in scenarios:
             log(f"run {scenario.name} ...")
             try:
-                result = run_scenario(scenario, args, netns)
+                result = run_scenario(scenario, args, netns, pg)
             except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
                 log(f"  failed: {exc}")
                 result = {"scenario": asdict(scenario), "enroll_per_s": 0.0,
@@ -701,6 +1056,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"ms/enroll  failures {result['failures']}  "
                 f"dup {result['duplicate_serials']}"
                 + (f"  errors {result['errors']}" if result["errors"] else ""))
+            if "ledger_commit" in result:
+                commit = result["ledger_commit"]
+                log(f"  commits {_num(commit.get('commits'))}  "
+                    f"{_num(commit.get('commit_ms_mean'), 2)} ms mean  "
+                    f"{_num(commit.get('records_per_commit'), 1)} records/commit"
+                    + (f"  DB CPU {_num(result.get('db_cpu_ms_per_enroll'), 3)} ms/enroll"
+                       if "db_cpu_s" in result else ""))
 
     head = headline(results, floor)
     workers = sorted({r["server_workers"] for r in results if r.get("server_workers")})
@@ -716,8 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (RESULTS_DIR / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_markdown(RESULTS_DIR / "results.md", results, floor, head, meta)
-    write_plot(RESULTS_DIR / "plot.png", results)
-    log(f"wrote {RESULTS_DIR / 'results.md'}, plot.png and summary.json")
+    plotted = write_plot(RESULTS_DIR / "plot.png", results)
+    log(f"wrote {RESULTS_DIR / 'results.md'}, {'plot.png, ' if plotted else ''}summary.json")
     print(json.dumps(head))
     return 0
 

@@ -4,6 +4,8 @@
     python benchmarks/loadgen.py run http://127.0.0.1:8080/scep --challenge S \\
         --count 10000 --concurrency 64 [--method get] [--duration 15] \\
         [--server-pid PID] [--verify all|N] [--json-out run.json]
+    python benchmarks/loadgen.py run URL1 URL2 --server-pid PID1 --server-pid PID2 \\
+        --db-pid PID ...    # several nodes of one CA, one database
 
 Requests are built before anything is timed and cached on disk under
 ``benchmarks/results/cache/``, keyed by the SHA-256 of the RA certificate
@@ -24,6 +26,13 @@ device key, the certificate for our key and CN and signed by the CA.
 Only a verified SUCCESS with a serial not seen before counts as an
 enrollment. Server CPU is read from /proc/PID/stat (utime + stime, and the
 children's) for the server process and all its descendants, before and after.
+
+Several URLs (nodes that share the CA and RA material and one ledger): the
+connections are spread over them in turn (connection k goes to URL k mod n),
+each request goes to whichever connection takes it next, and the CPU of every
+``--server-pid`` tree is added up. ``--db-pid`` names a database server (the
+PostgreSQL postmaster): its tree's CPU over the same interval is reported
+apart (``db_cpu_s``).
 
 Each run is bounded: at most ``--count`` requests and no new request after
 ``--duration`` seconds; a request waits at most ``--timeout`` seconds.
@@ -395,6 +404,7 @@ class Exchange:
     error: str = ""  # transport error kind, when there was no answer
     latency: float = 0.0
     body: bytes = b""
+    target: int = 0  # which URL of the run answered
 
 
 def build_wire(reqset: RequestSet, indices: Sequence[int], host: str, port: int, path: str,
@@ -416,24 +426,29 @@ def build_wire(reqset: RequestSet, indices: Sequence[int], host: str, port: int,
     return out
 
 
-async def _fire(host: str, port: int, wire: list[bytes], concurrency: int, duration: float,
+async def _fire(targets: Sequence[tuple[str, int]], wires: Sequence[list[bytes]],
+                concurrency: int, duration: float,
                 request_timeout: float) -> tuple[list[Exchange], float]:
+    """Connection k goes to ``targets[k % n]`` and sends ``wires[k % n][i]`` for request i."""
     loop = asyncio.get_running_loop()
-    results = [Exchange(error="not sent") for _ in wire]
+    results = [Exchange(error="not sent") for _ in wires[0]]
     next_index = 0
 
-    async def connect() -> _Connection:
+    async def connect(target: int) -> _Connection:
+        host, port = targets[target]
         _, conn = await loop.create_connection(_Connection, host, port)
         return conn
 
     # Connections are opened before the clock starts.
-    conns = await asyncio.gather(*(connect() for _ in range(concurrency)))
+    placed = [k % len(targets) for k in range(concurrency)]
+    conns = await asyncio.gather(*(connect(target) for target in placed))
     started = time.perf_counter()
     stop_at = started + duration
     finished_at = started
 
-    async def worker(conn: _Connection) -> None:
+    async def worker(conn: _Connection, target: int) -> None:
         nonlocal next_index, finished_at
+        wire = wires[target]
         while True:
             i = next_index
             if i >= len(wire) or time.perf_counter() >= stop_at:
@@ -441,9 +456,10 @@ async def _fire(host: str, port: int, wire: list[bytes], concurrency: int, durat
             next_index += 1
             t0 = time.perf_counter()
             result = results[i]
+            result.target = target
             try:
                 if conn.closed:
-                    conn = await connect()
+                    conn = await connect(target)
                 future = conn.send(wire[i])
                 timer = loop.call_later(request_timeout, _expire, future)
                 try:
@@ -469,7 +485,7 @@ async def _fire(host: str, port: int, wire: list[bytes], concurrency: int, durat
                     conn.transport.close()
                 conn.closed = True
 
-    await asyncio.gather(*(worker(c) for c in conns))
+    await asyncio.gather(*(worker(c, t) for c, t in zip(conns, placed, strict=True)))
     for conn in conns:
         if conn.transport is not None:
             conn.transport.close()
@@ -584,8 +600,8 @@ def _stat(pid: int) -> tuple[int, int] | None:
     return int(fields[1]), sum(int(v) for v in fields[11:15])
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds of a process and all its descendants, including reaped children."""
+def tree_cpu_seconds(root: int | Iterable[int]) -> float:
+    """CPU seconds of a process (or several) and all descendants, including reaped children."""
     stats: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -595,7 +611,7 @@ def tree_cpu_seconds(root: int) -> float:
     children: dict[int, list[int]] = collections.defaultdict(list)
     for pid, (ppid, _) in stats.items():
         children[ppid].append(pid)
-    total, todo = 0, [root]
+    total, todo = 0, [root] if isinstance(root, int) else list(root)
     while todo:
         pid = todo.pop()
         if pid in stats:
@@ -615,29 +631,37 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank]
 
 
-def run(url: str, reqset: RequestSet, *, ra_ders: list[bytes], ca_der: bytes | None,
-        count: int, concurrency: int, method: str = "post", duration: float = 30.0,
-        timeout: float = 30.0, offset: int = 0, server_pid: int | None = None,
+def run(url: str | Sequence[str], reqset: RequestSet, *, ra_ders: list[bytes],
+        ca_der: bytes | None, count: int, concurrency: int, method: str = "post",
+        duration: float = 30.0, timeout: float = 30.0, offset: int = 0,
+        server_pid: int | Sequence[int] | None = None, db_pid: int | None = None,
         verify_sample: int | None = None, label: str = "", quiet: bool = False,
         seed: int = 1) -> dict[str, Any]:
     """One bounded run; returns the summary (see the module docstring)."""
-    parts = urllib.parse.urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    path = parts.path or "/"
+    urls = [url] if isinstance(url, str) else list(url)
     if offset + count > len(reqset.items):
         raise ValueError(f"the request set holds {len(reqset.items)} requests, "
                          f"not {offset + count}")
     indices = list(range(offset, offset + count))
-    wire = build_wire(reqset, indices, host, port, path, method)
+    targets, wires = [], []
+    for one in urls:
+        parts = urllib.parse.urlsplit(one)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        targets.append((host, port))
+        wires.append(build_wire(reqset, indices, host, port, parts.path or "/", method))
+    server_pids = [server_pid] if isinstance(server_pid, int) else list(server_pid or ())
 
-    cpu_before = tree_cpu_seconds(server_pid) if server_pid else None
+    cpu_before = tree_cpu_seconds(server_pids) if server_pids else None
+    db_before = tree_cpu_seconds(db_pid) if db_pid else None
     self_before = resource.getrusage(resource.RUSAGE_SELF)
-    results, elapsed = asyncio.run(_fire(host, port, wire, concurrency, duration, timeout))
+    results, elapsed = asyncio.run(_fire(targets, wires, concurrency, duration, timeout))
     self_after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_after = tree_cpu_seconds(server_pid) if server_pid else None
+    cpu_after = tree_cpu_seconds(server_pids) if server_pids else None
+    db_after = tree_cpu_seconds(db_pid) if db_pid else None
 
     errors: collections.Counter[str] = collections.Counter()
     answered: list[tuple[int, bytes]] = []
+    answered_per_url = [0] * len(urls)
     latencies: list[float] = []
     sent = 0
     for index, result in zip(indices, results, strict=True):
@@ -651,6 +675,7 @@ def run(url: str, reqset: RequestSet, *, ra_ders: list[bytes], ca_der: bytes | N
         else:
             latencies.append(result.latency)
             answered.append((index, result.body))
+            answered_per_url[result.target] += 1
 
     to_verify = answered
     if verify_sample is not None and verify_sample < len(answered):
@@ -675,11 +700,13 @@ def run(url: str, reqset: RequestSet, *, ra_ders: list[bytes], ca_der: bytes | N
         good = round(len(answered) * distinct_ok / len(to_verify)) if to_verify else 0
     server_cpu = (cpu_after - cpu_before) if cpu_before is not None and cpu_after is not None \
         else None
+    db_cpu = (db_after - db_before) if db_before is not None and db_after is not None \
+        else None
     client_cpu = (self_after.ru_utime + self_after.ru_stime
                   - self_before.ru_utime - self_before.ru_stime)
     return {
         "label": label,
-        "url": url,
+        "url": urls[0] if len(urls) == 1 else urls,
         "method": method,
         "concurrency": concurrency,
         "requests": count,
@@ -703,6 +730,10 @@ def run(url: str, reqset: RequestSet, *, ra_ders: list[bytes], ca_der: bytes | N
         "server_cpu_s": server_cpu,
         "cpu_ms_per_enroll": server_cpu / good * 1000 if server_cpu is not None and good
         else None,
+        **({"answered_per_url": answered_per_url} if len(urls) > 1 else {}),
+        **({"db_cpu_s": db_cpu,
+            "db_cpu_ms_per_enroll": db_cpu / good * 1000 if db_cpu is not None and good
+            else None} if db_pid else {}),
         "client_cpu_s": client_cpu,
         "client_cpu_ms_per_request": client_cpu / sent * 1000 if sent else None,
     }
@@ -746,7 +777,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     prep.add_argument("--ra-cert", type=Path, required=True, help="PEM or DER RA certificate")
     _add_request_options(prep)
     go = sub.add_parser("run", help="fire cached requests at a server, then verify")
-    go.add_argument("url", help="http://HOST:PORT/scep")
+    go.add_argument("url", nargs="+",
+                    help="http://HOST:PORT/scep; several (nodes of one CA): the connections "
+                    "are spread over them in turn")
     _add_request_options(go)
     go.add_argument("--concurrency", type=int, default=64)
     go.add_argument("--method", choices=["post", "get"], default="post")
@@ -754,7 +787,11 @@ def main(argv: Iterable[str] | None = None) -> int:
                     help="no new request after this many seconds")
     go.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     go.add_argument("--offset", type=int, default=0, help="first request of the set to send")
-    go.add_argument("--server-pid", type=int, help="measure this process tree's CPU time")
+    go.add_argument("--server-pid", type=int, action="append",
+                    help="measure this process tree's CPU time (repeat for several nodes: "
+                    "added up)")
+    go.add_argument("--db-pid", type=int,
+                    help="measure this database server's process tree apart (db_cpu_s)")
     go.add_argument("--verify", default="all", help="'all' or a sample size")
     go.add_argument("--label", default="")
     go.add_argument("--json-out", type=Path, help="also write the summary here")
@@ -771,14 +808,15 @@ def main(argv: Iterable[str] | None = None) -> int:
                           "requests": len(reqset.items)}))
         return 0
 
-    ra_ders, ca_der = fetch_ca(args.url)
+    ra_ders, ca_der = fetch_ca(args.url[0])
     reqset = prepare(ra_ders[0], args.offset + args.count, _params(args),
                      cache_dir=args.cache_dir, quiet=args.quiet)
     sample = None if args.verify == "all" else int(args.verify)
     summary = run(args.url, reqset, ra_ders=ra_ders, ca_der=ca_der, count=args.count,
                   concurrency=args.concurrency, method=args.method, duration=args.duration,
                   timeout=args.timeout, offset=args.offset, server_pid=args.server_pid,
-                  verify_sample=sample, label=args.label, quiet=args.quiet)
+                  db_pid=args.db_pid, verify_sample=sample, label=args.label,
+                  quiet=args.quiet)
     text = json.dumps(summary)
     if args.json_out:
         args.json_out.write_text(text + "\n")

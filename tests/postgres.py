@@ -6,6 +6,9 @@ password (SCRAM) for TCP connections. As root, both run as an unprivileged
 user (``postgres`` if it exists, else ``nobody``), which owns the directory:
 PostgreSQL refuses to run as root. A missing PostgreSQL goes through
 ``missing_peer``: skipped on a developer's machine, a failure in CI.
+
+The benchmarks start their database with this module too (``benchmarks/compare.py``),
+so it does not import pytest: they check ``server_binaries()`` first.
 """
 
 from __future__ import annotations
@@ -20,17 +23,17 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from tests.conftest import missing_peer
 
 # Where Debian's `postgresql` package puts the server binaries, newest first.
 _DEBIAN_ROOT = Path("/usr/lib/postgresql")
 SUPERUSER = "scep_test"
 START_TIMEOUT_SECONDS = 60
+# What the tests run with; postgres_server(settings=...) overrides or adds to it.
+DEFAULT_SETTINGS = {"max_connections": "200", "shared_buffers": "32MB"}
 
 
 def server_binaries() -> Path | None:
@@ -59,6 +62,8 @@ class PostgresServer:
     port: int
     password: str
     process: subprocess.Popen[bytes]
+    # Server settings (-c NAME=VALUE) beside the address, kept for a restart.
+    settings: Mapping[str, str]
 
     def url(self, database: str = "postgres", *, with_password: bool = True) -> str:
         secret = f":{self.password}" if with_password else ""
@@ -89,7 +94,7 @@ class PostgresServer:
 
     def start(self) -> None:
         """Starts the server again on the same directory and port."""
-        self.process = _launch(self.directory, self.port)
+        self.process = _launch(self.directory, self.port, self.settings)
         _wait_ready(self)
 
 
@@ -109,14 +114,15 @@ def _run_as() -> dict[str, Any]:
                                     "extra_groups": []}
 
 
-def _launch(directory: Path, port: int) -> subprocess.Popen[bytes]:
+def _launch(directory: Path, port: int, settings: Mapping[str, str]) -> subprocess.Popen[bytes]:
     binaries = server_binaries()
     assert binaries is not None
     log = (directory / "server.log").open("ab")
+    options = [arg for name, value in settings.items() for arg in ("-c", f"{name}={value}")]
     return subprocess.Popen(
         [str(binaries / "postgres"), "-D", str(directory / "data"), "-p", str(port),
          "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={directory}",
-         "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
+         *options],
         stdout=log, stderr=subprocess.STDOUT, cwd=directory, **_run_as())
 
 
@@ -138,10 +144,15 @@ def _wait_ready(server: PostgresServer) -> None:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
-    """A fresh cluster for the duration of the block, then stopped and removed."""
+def postgres_server(settings: Mapping[str, str] | None = None) -> Iterator[PostgresServer]:
+    """A fresh cluster for the duration of the block, then stopped and removed.
+
+    ``settings`` override or add to DEFAULT_SETTINGS.
+    """
     binaries = server_binaries()
     if binaries is None:
+        from tests.conftest import missing_peer  # the tests' only: it needs pytest
+
         missing_peer("PostgreSQL is not installed (Debian package `postgresql`)")
     directory = Path(tempfile.mkdtemp(prefix="scep-fast-pg-"))
     try:
@@ -162,7 +173,9 @@ def postgres_server() -> Iterator[PostgresServer]:
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
         port = _free_port()
-        server = PostgresServer(directory, port, password, _launch(directory, port))
+        chosen = {**DEFAULT_SETTINGS, **(settings or {})}
+        server = PostgresServer(directory, port, password, _launch(directory, port, chosen),
+                                chosen)
         try:
             _wait_ready(server)
             yield server
