@@ -111,7 +111,6 @@ class Batcher(Generic[P, T]):
         # When the connection loop let each request through that has not been
         # submitted yet (see early_refusal): ahead of any request judged now.
         self._incoming: collections.deque[float] = collections.deque()
-        self._last_shed = -math.inf
         # Refused and admitted PKIOperations: this window's and the last one's.
         self._window_start = time.monotonic()
         self._counts = [0, 0]          # refused, admitted in this window
@@ -152,7 +151,6 @@ class Batcher(Generic[P, T]):
         return min(MAX_RETRY_AFTER_SECONDS, max(1, math.ceil(max(wait, backlog))))
 
     def _shed(self, reason: str, wait: float) -> Overloaded:
-        self._last_shed = time.monotonic()
         self._on_shed(reason)
         self._count(refused=True)
         return Overloaded(self.retry_after(wait))
@@ -165,11 +163,6 @@ class Batcher(Generic[P, T]):
             if expected > self._max_wait * (1 + slack):
                 return self._shed("expected_wait", expected)
         return None
-
-    def shedding(self) -> bool:
-        """A batch is being prepared while requests are being refused for load
-        (within the last second): the batch should have the CPU (see loop_share)."""
-        return self._preparing_now > 0 and time.monotonic() - self._last_shed < 1.0
 
     def early_refusal(self) -> Overloaded | None:
         """``refusal`` for the connection loop, as a request's bytes arrive: a request

@@ -151,9 +151,6 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         # A request that would wait longer than this for its batch gets 503
         # + Retry-After at once; 0 bounds the queue by queue_size only.
         "max_wait_seconds": _Key(float, 1.0, _between(0, 60), "0 to 60"),
-        # While it refuses requests for load, a worker's connection loop takes
-        # at most this share of the CPU when a batch wants it (1: no bound).
-        "loop_share_under_load": _Key(float, 0.3, _between(0.05, 1), "0.05 to 1"),
     },
 }
 

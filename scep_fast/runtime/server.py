@@ -32,7 +32,6 @@ from scep_fast.runtime.fast_refusal import FastRefusal
 from scep_fast.runtime.http_server import serve as serve_http
 from scep_fast.runtime.keys import TokenKey, TokenKeySource, open_key
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
-from scep_fast.runtime.loop_share import keep_loop_share
 from scep_fast.runtime.pki import Material, load_material
 from scep_fast.service.enrollment import Answer, EnrollmentService, Policy, PreparedBatch
 from scep_fast.service.ledger import LedgerFull
@@ -276,16 +275,8 @@ async def serve_worker(worker: Worker, hc: HypercornConfig,
             await shutdown.wait()
             watchers.cancel_scope.cancel()
 
-    async def batches() -> None:
-        share = float(worker.config.get("batch", "loop_share_under_load"))
-        async with trio.open_nursery() as batching:
-            if share < 1:
-                batching.start_soon(keep_loop_share, share, worker.batcher.shedding)
-            await worker.batcher.run()
-            batching.cancel_scope.cancel()  # drained: nothing left to yield to
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(batches)
+        nursery.start_soon(worker.batcher.run)
         nursery.start_soon(watch)
         await serve_http(worker.app, hc, shutdown_trigger=wait_for_shutdown,
                          fast_refusal=FastRefusal(

@@ -291,17 +291,3 @@ def test_retry_after_grows_with_the_crowd_that_was_refused() -> None:
     for _ in range(100_000):
         batcher._count(refused=True)
     assert batcher.retry_after(0.2) == 120  # bounded
-
-
-def test_shedding_means_refusing_for_load_while_a_batch_is_prepared() -> None:
-    batcher: Batcher[list[bytes], bytes] = Batcher(list, _as_is, max_size=1, window_seconds=0,
-                                                   queue_size=100, max_wait_seconds=0.05)
-    batcher._preparing_now = 4
-    assert not batcher.shedding()  # busy, but nobody was refused
-    batcher._cost["prepare"] = 0.1
-    for _ in range(3):
-        batcher._send.send_nowait(_Pending(b"x"))
-    assert batcher.early_refusal() is not None
-    assert batcher.shedding()
-    batcher._preparing_now = 0
-    assert not batcher.shedding()  # nothing to yield the CPU to
