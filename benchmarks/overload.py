@@ -230,7 +230,9 @@ def write_markdown(path: Path, capacity: dict[str, Any], runs: list[dict[str, An
         f"cores {meta['server_cpus']} ({meta['workers']} workers), the load generator on "
         f"{meta['client_cpus']}; batch.max_wait_seconds {meta['max_wait_s']}.", "",
         f"Capacity C (closed loop, c=64): **{capacity['enroll_per_s']:.0f} enrollments/s**, "
-        f"p99 {capacity['latency_ms']['p99']:.0f} ms.", "",
+        f"p99 {capacity['latency_ms']['p99']:.0f} ms. The bound for admitted requests: the "
+        f"target plus one batch of {BATCH} at C per worker = "
+        f"**{_admitted_bound_ms(capacity, meta):.0f} ms**.", "",
         "| load | clients | arrivals/s | goodput/s | goodput/C | admitted p50 ms | "
         "admitted p99 ms | 503s | gave up | unanswered | server CPU s | client CPU s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -277,6 +279,14 @@ def write_plot(path: Path, capacity: dict[str, Any], runs: list[dict[str, Any]])
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+BATCH = 32  # batch.max_size of the default configuration
+
+
+def _admitted_bound_ms(capacity: dict[str, Any], meta: dict[str, Any]) -> float:
+    per_worker = capacity["enroll_per_s"] / meta["workers"]
+    return 1000 * (meta["max_wait_s"] + BATCH / per_worker)
 
 
 def _cpu_model() -> str:

@@ -7,9 +7,8 @@ before anything is spent on it. The expected wait is the number of messages
 ahead of it times the recent cost of preparing one (a moving average of the
 batches' own timing); a message that waited past the target anyway (a burst
 the estimate did not foresee) is shed when its batch forms rather than
-served late. (Both bounds at submission are the target plus a quarter, see
-``SUBMIT_SLACK``; the connection loop's early refusal uses the target.) So
-under overload the worker keeps serving at capacity, and every admitted
+served late. (The connection loop's early refusal uses a lower bound, see
+``EARLY_SHARE``.) So under overload the worker keeps serving at capacity, and every admitted
 request is answered within about the target plus one batch,
 instead of every request waiting in a long queue. A full channel is refused
 the same way. One task collects up to ``max_size`` messages (waiting at
@@ -57,12 +56,12 @@ _COST_SMOOTHING = 0.2
 _DEMAND_WINDOW_SECONDS = 2.0
 MAX_RETRY_AFTER_SECONDS = 120
 # A request is judged twice: by the connection loop as its bytes arrive
-# (``refusal``, the cheap 503) and again when it is submitted. In between,
-# the requests ahead of it in the loop may have filled the queue past the
-# target, and a 503 given that late costs the whole HTTP path, several
-# times the early one, for nothing saved. So at submission the bound is the
-# target plus this share of it.
-SUBMIT_SLACK = 0.25
+# (``early_refusal``, the cheap 503) and again when it is submitted. In
+# between, the requests ahead of it in the loop may have filled the queue
+# past the target, and a 503 given that late costs the whole HTTP path,
+# several times the early one, for nothing saved. So the early judgement
+# refuses at this share of the target, leaving room for those.
+EARLY_SHARE = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,12 +154,12 @@ class Batcher(Generic[P, T]):
         self._count(refused=True)
         return Overloaded(self.retry_after(wait))
 
-    def refusal(self, slack: float = 0.0) -> Overloaded | None:
-        """The 503 for a message that would wait longer than the target (plus ``slack``
-        of it) for its batch to start, or None."""
+    def refusal(self, share: float = 1.0) -> Overloaded | None:
+        """The 503 for a message that would wait longer than ``share`` of the target
+        for its batch to start, or None."""
         if self._max_wait > 0:
             expected = self.expected_wait()
-            if expected > self._max_wait * (1 + slack):
+            if expected > self._max_wait * share:
                 return self._shed("expected_wait", expected)
         return None
 
@@ -169,7 +168,7 @@ class Batcher(Generic[P, T]):
         it lets through counts as queued from now until it is submitted, so a
         crowd arriving faster than the loop parses it is not all let through
         on the length of the queue before it."""
-        refused = self.refusal()
+        refused = self.refusal(EARLY_SHARE)
         if refused is None and self._max_wait > 0:
             self._incoming.append(time.monotonic())
         return refused
@@ -188,7 +187,7 @@ class Batcher(Generic[P, T]):
     async def submit(self, message: bytes) -> T:
         if self._incoming:
             self._incoming.popleft()
-        refused = self.refusal(SUBMIT_SLACK)
+        refused = self.refusal()
         if refused is not None:
             raise refused
         pending: _Pending[T] = _Pending(message, queued_at=time.perf_counter())
@@ -263,7 +262,7 @@ class Batcher(Generic[P, T]):
         fresh = []
         for pending in batch:
             waited = now - pending.queued_at
-            if waited > self._max_wait * (1 + SUBMIT_SLACK):
+            if waited > self._max_wait:
                 _fail([pending], self._shed("waited_too_long", self.expected_wait()))
             else:
                 fresh.append(pending)

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from scep_fast.protocol import Overloaded
-from scep_fast.runtime.batcher import SUBMIT_SLACK, Batcher, BatchStats, _Pending
+from scep_fast.runtime.batcher import Batcher, BatchStats, _Pending
 
 
 def _as_is(answers: list[bytes]) -> list[bytes]:
@@ -247,20 +247,20 @@ def test_without_a_time_bound_only_the_count_bounds_the_queue() -> None:
     assert trio.run(main) == 50
 
 
-def test_the_connection_loop_refuses_at_the_target_and_submission_past_its_slack() -> None:
+def test_the_connection_loop_refuses_early_and_submission_at_the_target() -> None:
     # The loop's early check and submission look at the same queue a moment
-    # apart; a request the loop let through is refused late only when the
-    # wait grew past the target by more than the slack.
+    # apart; the loop refuses below the target, so that a request it let
+    # through is refused late only when the wait grew past the target itself.
     batcher: Batcher[list[bytes], bytes] = Batcher(list, _as_is, max_size=1, window_seconds=0,
                                                    queue_size=100, max_wait_seconds=1.0)
     batcher._cost["prepare"] = 0.1
-    for _ in range(11):  # 11 queued x 0.1 s: over the target, within the slack
+    for _ in range(9):  # 9 queued x 0.1 s: past the early bound, within the target
+        batcher._send.send_nowait(_Pending(b"x"))
+    assert batcher.early_refusal() is not None
+    assert batcher.refusal() is None
+    for _ in range(2):  # 11 x 0.1 s: past the target too
         batcher._send.send_nowait(_Pending(b"x"))
     assert batcher.refusal() is not None
-    assert batcher.refusal(SUBMIT_SLACK) is None
-    for _ in range(2):  # 13 x 0.1 s: past the slack too
-        batcher._send.send_nowait(_Pending(b"x"))
-    assert batcher.refusal(SUBMIT_SLACK) is not None
 
 
 def test_requests_the_connection_loop_let_through_count_before_they_are_submitted() -> None:
@@ -271,8 +271,8 @@ def test_requests_the_connection_loop_let_through_count_before_they_are_submitte
                                                    queue_size=100, max_wait_seconds=0.05)
     batcher._cost["prepare"] = 0.005
     verdicts = [batcher.early_refusal() for _ in range(30)]
-    assert verdicts[:10] == [None] * 10  # about the target's worth let through
-    assert all(v is not None for v in verdicts[12:])
+    assert verdicts[:8] == [None] * 8  # about the early bound's worth let through
+    assert all(v is not None for v in verdicts[10:])
     # Ones that never arrive (the client went away) stop counting after the target.
     time.sleep(0.06)
     assert batcher.early_refusal() is None
