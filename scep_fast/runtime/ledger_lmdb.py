@@ -73,6 +73,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -90,10 +91,8 @@ from scep_fast.runtime.ledger_lmdb_codec import (
     transaction_key,
 )
 from scep_fast.service.ledger import (
-    AlreadyIssued,
     CertRecord,
     Challenge,
-    ChallengeRefused,
     ChallengeUsedUp,
     CommitOutcome,
     LedgerCorrupt,
@@ -102,14 +101,12 @@ from scep_fast.service.ledger import (
     NotFound,
     PendingRequest,
     Recorded,
-    SerialCollision,
-    TransactionConflict,
     UnsupportedSchema,
     check_pending,
     check_revocation_reason,
     commit_challenges,
     decide,
-    good_at,
+    refusal_of,
     spent,
     usable,
 )
@@ -408,19 +405,16 @@ class LmdbLedger:
         outcomes: list[CommitOutcome] = []
         certs, txids = self._certs, self._txids
         with self._write("commit") as txn:
+            def serial_in_use(serial: int) -> bool:
+                return txn.get(serial_key(serial), db=certs) is not None
+
             for record, skey, tkey, value, digest in prepared:
                 existing_key = txn.get(tkey, db=txids)
-                existing = None if existing_key is None else self._record_at(txn, existing_key)
-                if existing is not None and good_at(existing, record.issued_at):
-                    if existing.csr_sha256 == record.csr_sha256:
-                        outcomes.append(AlreadyIssued(existing))
-                    else:
-                        outcomes.append(TransactionConflict(existing))
-                elif txn.get(skey, db=certs) is not None:
-                    outcomes.append(SerialCollision(record.serial))
-                elif digest is not None and not self._spend_challenge(txn, digest,
-                                                                      record.issued_at):
-                    outcomes.append(ChallengeRefused(digest))
+                holder = None if existing_key is None else self._record_at(txn, existing_key)
+                refused = refusal_of(record, digest, holder, serial_in_use,
+                                     partial(self._spend_challenge, txn))
+                if refused is not None:
+                    outcomes.append(refused)
                 else:
                     txn.put(skey, value, db=certs)
                     txn.put(tkey, skey, db=txids)

@@ -73,10 +73,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from scep_fast.service.ledger import (
     MAX_SERIAL,
-    AlreadyIssued,
     CertRecord,
     Challenge,
-    ChallengeRefused,
     ChallengeUsedUp,
     CommitOutcome,
     LedgerCorrupt,
@@ -86,16 +84,14 @@ from scep_fast.service.ledger import (
     NotFound,
     PendingRequest,
     Recorded,
-    SerialCollision,
-    TransactionConflict,
     UnsupportedSchema,
     check_decision,
     check_pending,
     check_revocation_reason,
     commit_challenges,
     decide,
-    good_at,
     is_time,
+    refusal_of,
     usable,
 )
 
@@ -534,26 +530,23 @@ class PgLedger:
             outcomes: list[CommitOutcome] = []
             written: list[CertRecord] = []
             spent: dict[bytes, tuple[int, float]] = {}
+
+            def take_use(digest: bytes, issued_at: float) -> bool:
+                challenge = uses.get(digest)
+                if challenge is None or not usable(challenge, issued_at):
+                    return False
+                uses[digest] = dataclasses.replace(challenge, uses_left=challenge.uses_left - 1)
+                count, latest = spent.get(digest, (0, issued_at))
+                spent[digest] = (count + 1, max(latest, issued_at))
+                return True
+
             for record, digest in zip(records, presented, strict=True):
                 key = (record.requester_key_sha256, record.transaction_id)
-                existing = held.get(key)
-                challenge = None if digest is None else uses.get(digest)
-                if existing is not None and good_at(existing, record.issued_at):
-                    if existing.csr_sha256 == record.csr_sha256:
-                        outcomes.append(AlreadyIssued(existing))
-                    else:
-                        outcomes.append(TransactionConflict(existing))
-                elif record.serial in serials:
-                    outcomes.append(SerialCollision(record.serial))
-                elif digest is not None and (
-                        challenge is None or not usable(challenge, record.issued_at)):
-                    outcomes.append(ChallengeRefused(digest))
+                holder = held.get(key)
+                refused = refusal_of(record, digest, holder, serials.__contains__, take_use)
+                if refused is not None:
+                    outcomes.append(refused)
                 else:
-                    if digest is not None and challenge is not None:
-                        uses[digest] = dataclasses.replace(
-                            challenge, uses_left=challenge.uses_left - 1)
-                        count, latest = spent.get(digest, (0, record.issued_at))
-                        spent[digest] = (count + 1, max(latest, record.issued_at))
                     serials.add(record.serial)
                     held[key] = record
                     written.append(record)

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -557,6 +557,29 @@ def good_at(record: CertRecord, now: float) -> bool:
     and another CSR under the same transaction is refused.
     """
     return record.status == "issued" and record.not_after > now
+
+
+def refusal_of(record: CertRecord, digest: bytes | None, holder: CertRecord | None,
+               serial_in_use: Callable[[int], bool],
+               take_use: Callable[[bytes, float], bool]) -> CommitOutcome | None:
+    """Rules 1 to 3 of :meth:`Ledger.commit` for one record, in order (see the module
+    docstring); None means rule 4: write it.
+
+    ``holder`` is the record that holds the record's (transaction_id,
+    requester_key_sha256) now, if any; ``take_use(digest, issued_at)`` takes
+    one use of the challenge if it is usable then, and says whether it could
+    (it is called last, and only when the record is to be written). Every
+    ledger decides with this one function.
+    """
+    if holder is not None and good_at(holder, record.issued_at):
+        if holder.csr_sha256 == record.csr_sha256:
+            return AlreadyIssued(holder)
+        return TransactionConflict(holder)
+    if serial_in_use(record.serial):
+        return SerialCollision(record.serial)
+    if digest is not None and not take_use(digest, record.issued_at):
+        return ChallengeRefused(digest)
+    return None
 
 
 def _check_digest(digest: object) -> None:

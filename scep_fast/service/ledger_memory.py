@@ -11,25 +11,21 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 from scep_fast.service.ledger import (
-    AlreadyIssued,
     CertRecord,
     Challenge,
-    ChallengeRefused,
     ChallengeUsedUp,
     CommitOutcome,
     LedgerError,
     NotFound,
     PendingRequest,
     Recorded,
-    SerialCollision,
-    TransactionConflict,
     check_decision,
     check_pending,
     check_revocation_reason,
     commit_challenges,
     decide,
-    good_at,
     is_time,
+    refusal_of,
     spent,
     usable,
 )
@@ -90,24 +86,22 @@ class MemoryLedger:
             txids = dict(self._txids)
             kept = dict(self._challenges)
             outcomes: list[CommitOutcome] = []
+
+            def take_use(digest: bytes, issued_at: float) -> bool:
+                challenge = kept.get(digest)
+                if challenge is None or not usable(challenge, issued_at):
+                    return False
+                kept[digest] = spent(challenge)
+                return True
+
             for record, digest in zip(records, presented, strict=True):
                 key = (record.transaction_id, record.requester_key_sha256)
                 serial = txids.get(key)
-                existing = None if serial is None else certs[serial]
-                challenge = None if digest is None else kept.get(digest)
-                if existing is not None and good_at(existing, record.issued_at):
-                    if existing.csr_sha256 == record.csr_sha256:
-                        outcomes.append(AlreadyIssued(existing))
-                    else:
-                        outcomes.append(TransactionConflict(existing))
-                elif record.serial in certs:
-                    outcomes.append(SerialCollision(record.serial))
-                elif digest is not None and (
-                        challenge is None or not usable(challenge, record.issued_at)):
-                    outcomes.append(ChallengeRefused(digest))
+                holder = None if serial is None else certs[serial]
+                refused = refusal_of(record, digest, holder, certs.__contains__, take_use)
+                if refused is not None:
+                    outcomes.append(refused)
                 else:
-                    if digest is not None and challenge is not None:
-                        kept[digest] = spent(challenge)
                     certs[record.serial] = record
                     txids[key] = record.serial
                     outcomes.append(Recorded(record))
