@@ -53,6 +53,10 @@ CERT_EXPIRY = Gauge("scep_ca_certificate_expiry_timestamp_seconds",
 WORKERS = Gauge("scep_workers", "Worker processes running", multiprocess_mode="max")
 SHED = Counter("scep_requests_shed_total",
                "PKIOperations refused with 503 for load, by why", ["reason"])
+# The NDES-style challenge page, served by the supervisor on the admin address.
+NDES_PAGE_OUTCOMES = ("minted", "unauthorised", "ledger_full", "unavailable", "error")
+NDES_PAGE_REQUESTS = Counter("scep_ndes_page_requests_total",
+                             "GETs of the NDES-style challenge page, by outcome", ["outcome"])
 # Counted by the supervisor, in its own file of the multi-process directory:
 # counters of every process, live or dead, are summed.
 WORKER_RESTARTS = Counter("scep_worker_restarts_total",
@@ -74,6 +78,8 @@ def preinitialise() -> None:
         CERT_EXPIRY.labels(certificate)
     for reason in SHED_REASONS:
         SHED.labels(reason)
+    for outcome in NDES_PAGE_OUTCOMES:
+        NDES_PAGE_REQUESTS.labels(outcome)
 
 
 def outcome_label(outcome: str, status: int | None) -> str:
