@@ -35,14 +35,7 @@ from typing import Any
 from scep_fast.protocol import KeysUnavailable, StorageFull, StorageUnavailable
 from scep_fast.runtime.http1 import StrictHttp1Handler
 from scep_fast.runtime.ledger_json import epoch_to_iso, pending_to_json, record_to_json
-from scep_fast.runtime.ndes import CONTENT_TYPE as NDES_CONTENT_TYPE
-from scep_fast.runtime.ndes import REALM as NDES_REALM
-from scep_fast.runtime.ndes import (
-    NdesChallengePage,
-    cache_full_page,
-    challenge_page,
-    is_page_path,
-)
+from scep_fast.runtime.ndes import NdesChallengePage, is_page_path
 from scep_fast.service.challenges import ChallengeRequestInvalid, mint_challenge
 from scep_fast.service.enrollment import EnrollmentService
 from scep_fast.service.ledger import Ledger, LedgerError, LedgerFull, LedgerUnavailable, NotFound
@@ -199,46 +192,10 @@ class _Handler(StrictHttp1Handler):
             self._send(404, {"error": "no such endpoint"})
 
     def _ndes_page(self, ndes: NdesChallengePage) -> None:
-        # Imported here, not at the top: `scep-fast requests approve`, run as a
-        # child of the supervisor, imports this module too and must not write
-        # to the supervisor's multi-process metrics directory.
-        from scep_fast.runtime.metrics import NDES_PAGE_REQUESTS
-
-        user = ndes.authorised_user(self.headers.get("Authorization"))
-        if user is None:
-            # Basic alone: a client that tries NTLM or Negotiate when offered
-            # (Fleet's) falls back to Basic only when neither is.
-            NDES_PAGE_REQUESTS.labels("unauthorised").inc()
-            self._send_bytes(401, b"authentication required\n", "text/plain; charset=utf-8",
-                             {"WWW-Authenticate": f'Basic realm="{NDES_REALM}", charset="UTF-8"'})
-            return
-        headers = {"Cache-Control": "no-store"}
-        try:
-            minted = ndes.mint(time.time(), user)
-        except LedgerFull:
-            # Logged and counted where the write failed. Quirk(Fleet): the
-            # NDES text for "no room for a password" is what it reports.
-            NDES_PAGE_REQUESTS.labels("ledger_full").inc()
-            self._send_bytes(200, cache_full_page(), NDES_CONTENT_TYPE, headers)
-            return
-        except LedgerUnavailable:
-            NDES_PAGE_REQUESTS.labels("unavailable").inc()
-            self._send_bytes(503, b"the ledger is unavailable\n", "text/plain; charset=utf-8",
-                             {}, retry_after=StorageUnavailable.DEFAULT_RETRY_AFTER_SECONDS)
-            return
-        except Exception:  # noqa: BLE001 - our fault; details in the log only
-            log.exception("NDES challenge page failed")
-            NDES_PAGE_REQUESTS.labels("error").inc()
-            self._send_bytes(500, b"internal error\n", "text/plain; charset=utf-8", {})
-            return
-        NDES_PAGE_REQUESTS.labels("minted").inc()
-        # Never the secret: who asked, for what, until when.
-        log.info("ndes challenge minted", extra={"fields": {
-            "user": user, "profile": minted.challenge.profile,
-            "expires_at": epoch_to_iso(minted.challenge.expires_at),
-            "client": self.client_address[0]}})
-        self._send_bytes(200, challenge_page(minted.secret, minted.challenge.expires_at),
-                         NDES_CONTENT_TYPE, headers)
+        answer = ndes.answer(self.headers.get("Authorization"), self.client_address[0],
+                             time.time())
+        self._send_bytes(answer.status, answer.body, answer.content_type, answer.headers,
+                         retry_after=answer.retry_after or 0)
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
         if not self._authorised():

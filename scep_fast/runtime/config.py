@@ -129,6 +129,9 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "challenge_ttl_seconds": _Key(int, 3600, _between(1, 86400), "1 to 86400"),
         # The profile that a challenge from the page grants.
         "profile": _Key(str, "default"),
+        # Where the page is served: "admin" (the admin address) or "scep" (the
+        # SCEP address, where NDES itself has it; put TLS in front of it).
+        "bind": _Key(str, "admin", lambda v: v in ("admin", "scep"), '"admin" or "scep"'),
     },
     "crl": {
         # Base URL at which clients reach this server; issued certificates name

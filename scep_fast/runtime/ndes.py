@@ -35,14 +35,19 @@ import codecs
 import datetime
 import hashlib
 import hmac
+import logging
 import os
 import stat
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from scep_fast.protocol import StorageUnavailable
+from scep_fast.runtime.ledger_json import epoch_to_iso
 from scep_fast.service.challenges import MintedChallenge, mint_challenge
-from scep_fast.service.ledger import Ledger
+from scep_fast.service.ledger import Ledger, LedgerFull, LedgerUnavailable
+
+log = logging.getLogger("scep_fast.ndes")
 
 # Quirk(NDES): IIS matches paths without regard to case, and MDM documents
 # name the page with or without its trailing slash, or as mscep.dll under it.
@@ -54,6 +59,9 @@ CONTENT_TYPE = "text/html; charset=utf-16"
 MIN_PASSWORD_CHARS = 16
 # What Fleet looks for when the page carries no password.
 CACHE_FULL_TEXT = "The password cache is full."
+TEXT_PLAIN = "text/plain; charset=utf-8"
+# Every outcome of a GET, for the metric's labels.
+OUTCOMES = ("minted", "unauthorised", "ledger_full", "unavailable", "error")
 
 
 class NdesCredentialsError(ValueError):
@@ -168,12 +176,29 @@ def cache_full_page() -> bytes:
     ])
 
 
+@dataclass(frozen=True, slots=True)
+class PageAnswer:
+    """What to answer a GET of the page, free of any HTTP server."""
+
+    status: int
+    content_type: str
+    body: bytes
+    outcome: str
+    headers: dict[str, str] = field(default_factory=dict)
+    # Seconds for a Retry-After header (with status 503).
+    retry_after: int | None = None
+
+
 class NdesChallengePage:
-    """Who may fetch challenges, and what each fetch mints."""
+    """Who may fetch challenges, and what each fetch mints.
+
+    ``on_outcome`` is told the outcome of every GET (one of OUTCOMES); the
+    runtime counts them.
+    """
 
     def __init__(self, ledger: Ledger, profiles: Collection[str],
                  credentials: Collection[BasicCredential], *, ttl_seconds: int,
-                 profile: str) -> None:
+                 profile: str, on_outcome: Callable[[str], None] = lambda _o: None) -> None:
         if not credentials:
             raise ValueError("the NDES page needs at least one credential")
         self.ledger = ledger
@@ -181,6 +206,7 @@ class NdesChallengePage:
         self.credentials = tuple(credentials)
         self.ttl_seconds = ttl_seconds
         self.profile = profile
+        self.on_outcome = on_outcome
 
     def authorised_user(self, header: str | None) -> str | None:
         return basic_user(header, self.credentials)
@@ -189,3 +215,40 @@ class NdesChallengePage:
         return mint_challenge(
             self.ledger, now=now, ttl_seconds=self.ttl_seconds, uses=1, profile=self.profile,
             profiles=self.profiles, label=f"ndes:{user}"[:200], alphabet=SECRET_ALPHABET)
+
+    def answer(self, authorization: str | None, client: str, now: float) -> PageAnswer:
+        """The answer to one GET: 401, the page with a new challenge, or why there is none.
+
+        Blocking (a ledger write): call it from a thread in async code.
+        """
+        outcome = self._answer(authorization, client, now)
+        self.on_outcome(outcome.outcome)
+        return outcome
+
+    def _answer(self, authorization: str | None, client: str, now: float) -> PageAnswer:
+        user = self.authorised_user(authorization)
+        if user is None:
+            # Basic alone: a client that tries NTLM or Negotiate when offered
+            # (Fleet's) falls back to Basic only when neither is.
+            return PageAnswer(401, TEXT_PLAIN, b"authentication required\n", "unauthorised",
+                              {"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'})
+        no_store = {"Cache-Control": "no-store"}
+        try:
+            minted = self.mint(now, user)
+        except LedgerFull:
+            # Logged and counted by the ledger's on_full hook. Quirk(Fleet):
+            # NDES's words for "no room for a password" are what it reports.
+            return PageAnswer(200, CONTENT_TYPE, cache_full_page(), "ledger_full", no_store)
+        except LedgerUnavailable:
+            return PageAnswer(503, TEXT_PLAIN, b"the ledger is unavailable\n", "unavailable",
+                              retry_after=StorageUnavailable.DEFAULT_RETRY_AFTER_SECONDS)
+        except Exception:  # noqa: BLE001 - our fault; details in the log only
+            log.exception("NDES challenge page failed")
+            return PageAnswer(500, TEXT_PLAIN, b"internal error\n", "error")
+        # Never the secret: who asked, for what, until when.
+        log.info("ndes challenge minted", extra={"fields": {
+            "user": user, "profile": minted.challenge.profile,
+            "expires_at": epoch_to_iso(minted.challenge.expires_at), "client": client}})
+        return PageAnswer(200, CONTENT_TYPE,
+                          challenge_page(minted.secret, minted.challenge.expires_at),
+                          "minted", no_store)

@@ -44,12 +44,7 @@ from scep_fast import __version__
 from scep_fast.runtime.config import Config, ConfigError
 from scep_fast.runtime.config import load as load_config
 from scep_fast.runtime.http1 import StrictHttp1Handler
-from scep_fast.runtime.ndes import (
-    BasicCredential,
-    NdesChallengePage,
-    NdesCredentialsError,
-    load_credentials,
-)
+from scep_fast.runtime.ndes import BasicCredential, NdesCredentialsError, load_credentials
 from scep_fast.runtime.pki import Material, load_material, uses_token
 from scep_fast.service.ledger import LedgerUnavailable
 
@@ -498,21 +493,27 @@ def _ndes_credentials(config: Config) -> tuple[BasicCredential, ...] | None:
     """The NDES page's credentials when it is enabled; ConfigError when it cannot be served."""
     if not config.get("ndes", "enabled"):
         return None
-    if not config.get("admin", "bind"):
-        raise ConfigError("ndes.enabled: the page is served on the admin address; "
-                          "admin.bind is empty")
-    if not config.path("admin", "token_file").exists():
-        raise ConfigError("ndes.enabled: the admin API is off (no admin token file)")
+    if config.get("ndes", "bind") == "admin":
+        if not config.get("admin", "bind"):
+            raise ConfigError('ndes.bind = "admin": the admin API is off (admin.bind is empty)')
+        if not config.path("admin", "token_file").exists():
+            raise ConfigError('ndes.bind = "admin": the admin API is off (no admin token file)')
     try:
-        return load_credentials(config.path("ndes", "credentials_file"))
+        credentials = load_credentials(config.path("ndes", "credentials_file"))
     except NdesCredentialsError as e:
         raise ConfigError(f"ndes.credentials_file: {e}") from None
+    log.info("NDES challenge page", extra={"fields": {
+        "path": "/certsrv/mscep_admin/", "address": config.get("ndes", "bind"),
+        "profile": config.get("ndes", "profile"),
+        "challenge_ttl_seconds": config.get("ndes", "challenge_ttl_seconds"),
+        "credentials": len(credentials)}})
+    return credentials
 
 
 def _serve_admin(config: Config, ledger: OpenLedger, bind: str,
                  ndes_credentials: tuple[BasicCredential, ...] | None) -> None:
     from scep_fast.runtime.admin import AdminApi, serve_admin
-    from scep_fast.runtime.server import build_service
+    from scep_fast.runtime.server import build_service, ndes_page
 
     token_path = config.path("admin", "token_file")
     try:
@@ -522,14 +523,8 @@ def _serve_admin(config: Config, ledger: OpenLedger, bind: str,
         return
     profiles = list(config.values["profiles"])
     ndes = None
-    if ndes_credentials is not None:
-        ndes = NdesChallengePage(
-            ledger, profiles, ndes_credentials,
-            ttl_seconds=int(config.get("ndes", "challenge_ttl_seconds")),
-            profile=str(config.get("ndes", "profile")))
-        log.info("NDES challenge page on the admin address", extra={"fields": {
-            "path": "/certsrv/mscep_admin/", "profile": ndes.profile,
-            "challenge_ttl_seconds": ndes.ttl_seconds, "credentials": len(ndes_credentials)}})
+    if ndes_credentials is not None and config.get("ndes", "bind") == "admin":
+        ndes = ndes_page(config, ledger, ndes_credentials)
     # Built per decision; with keys in a token, approvals happen in a child
     # process and a rejection needs no key, so the token stays closed here.
     api = AdminApi(ledger,

@@ -62,9 +62,11 @@ def basic(user: str, password: str) -> str:
 
 
 def get(server: Server, path: str, authorization: str | None = None,
-        conn: http.client.HTTPConnection | None = None) -> tuple[int, dict[str, str], bytes]:
+        conn: http.client.HTTPConnection | None = None, *,
+        port: int | None = None) -> tuple[int, dict[str, str], bytes]:
     own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", server.admin_port, timeout=30)
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port or server.admin_port,
+                                              timeout=30)
     try:
         conn.request("GET", path, headers={"Authorization": authorization} if authorization
                      else {})
@@ -78,8 +80,8 @@ def get(server: Server, path: str, authorization: str | None = None,
 
 
 def zentral_fetch(server: Server, path: str = PAGE, user: str = USER,
-                  password: str = PASSWORD) -> str:
-    status, _, body = get(server, path, basic(user, password))
+                  password: str = PASSWORD, *, port: int | None = None) -> str:
+    status, _, body = get(server, path, basic(user, password), port=port)
     if not 200 <= status < 300:  # requests' raise_for_status
         raise AssertionError(f"zentral: HTTP {status}")
     page = body.decode("utf-16")
@@ -98,9 +100,9 @@ def fleet_decode(body: bytes) -> str:
 
 
 def fleet_fetch(server: Server, path: str = PAGE, user: str = USER,
-                password: str = PASSWORD) -> str:
+                password: str = PASSWORD, *, port: int | None = None) -> str:
     # One keep-alive connection, as Go's transport would reuse.
-    conn = http.client.HTTPConnection("127.0.0.1", server.admin_port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", port or server.admin_port, timeout=30)
     try:
         status, headers, body = get(server, path, None, conn)
         if status == 401:
@@ -135,10 +137,11 @@ def write_credentials(directory: Path, mode: int = 0o600) -> Path:
     return path
 
 
-def enable_ndes(directory: Path, ttl_seconds: int = 3600) -> None:
+def enable_ndes(directory: Path, ttl_seconds: int = 3600, bind: str = "admin") -> None:
     write_credentials(directory)
     set_config(directory, "ndes", "enabled", "true")
     set_config(directory, "ndes", "challenge_ttl_seconds", str(ttl_seconds))
+    set_config(directory, "ndes", "bind", f'"{bind}"')
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +219,24 @@ def test_the_admin_api_token_does_not_open_the_page(server: Server) -> None:
 def test_the_page_is_not_on_the_scep_address(server: Server) -> None:
     response = server.request("GET", PAGE, headers={"Authorization": basic(USER, PASSWORD)})
     assert response.status == 404
+
+
+def test_on_the_scep_address_when_configured(server_factory: Callable[..., Server]) -> None:
+    scep = server_factory(name="on-scep", configure=lambda d: enable_ndes(d, bind="scep"))
+    for fetch in (zentral_fetch, fleet_fetch):
+        secret = fetch(scep, port=scep.port)
+        assert enroll(scep.url, secret, f"on-scep-{fetch.__name__}").status is PKIStatus.SUCCESS
+        again = enroll(scep.url, secret, f"on-scep-{fetch.__name__}-again")
+        assert again.status is PKIStatus.FAILURE and again.fail_info is FailInfo.BAD_REQUEST
+    status, headers, body = get(scep, PAGE, basic(USER, PASSWORD + "x"), port=scep.port)
+    assert status == 401 and headers["www-authenticate"].startswith("Basic ")
+    assert b"password" not in body.lower()
+    status, headers, _ = get(scep, PAGE, basic(USER, PASSWORD), port=scep.port)
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-16"
+    # Not on the admin address as well.
+    assert get(scep, PAGE, basic(USER, PASSWORD))[0] == 401
+    assert minted_count(scep) == 3
+    assert "Traceback" not in scep.log()
 
 
 def test_an_expired_password_is_refused(server_factory: Callable[..., Server]) -> None:

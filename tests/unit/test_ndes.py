@@ -106,5 +106,7 @@ def test_the_section_is_off_by_default_and_its_profile_must_exist(tmp_path: Path
         parse('[ndes]\nprofile = "wifi"\n', tmp_path)
     with pytest.raises(ConfigError, match="ndes.challenge_ttl_seconds"):
         parse("[ndes]\nchallenge_ttl_seconds = 0\n", tmp_path)
-    with pytest.raises(ConfigError, match="ndes.bind: unknown key"):
-        parse('[ndes]\nbind = "scep"\n', tmp_path)
+    assert config.get("ndes", "bind") == "admin"
+    assert parse('[ndes]\nbind = "scep"\n', tmp_path).get("ndes", "bind") == "scep"
+    with pytest.raises(ConfigError, match="ndes.bind"):
+        parse('[ndes]\nbind = "metrics"\n', tmp_path)
