@@ -3,9 +3,10 @@
 Jamf, Fleet, zentral, Okta and other MDMs get a one-time challenge password
 from Microsoft NDES by a GET of its admin page (``/certsrv/mscep_admin/``)
 and read the password out of the HTML. scep-fast answers that GET on the
-admin address, in the shape those readers expect, and mints a single-use
-challenge through ``mint_challenge``, as the admin API does, so it works on
-either ledger.
+admin address or the SCEP address (``ndes.bind``), in the shape those readers
+expect, and mints a single-use challenge through ``mint_challenge``, as the
+admin API does, so it works on either ledger. ``NdesChallengePage.answer``
+builds the whole answer without doing HTTP; each server sends it its own way.
 
 What the readers expect, from their public source:
 
