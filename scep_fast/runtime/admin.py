@@ -10,6 +10,11 @@ with the token from the directory's token file, compared in constant time.
     GET  /v1/requests                -> 200 [{"request_id": ..., "status": ...}, ...]
     POST /v1/requests/ID/approve     -> 200 {"serial": "..."}
     POST /v1/requests/ID/reject      {"reason": "..."} -> 200 {...}
+
+With ``[ndes] enabled``, also the NDES-style challenge page (see ndes.py),
+behind HTTP Basic instead of the bearer token:
+
+    GET  /certsrv/mscep_admin/       -> 200 UTF-16 HTML with a single-use challenge
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 from scep_fast.protocol import KeysUnavailable, StorageFull, StorageUnavailable
 from scep_fast.runtime.http1 import StrictHttp1Handler
 from scep_fast.runtime.ledger_json import epoch_to_iso, pending_to_json, record_to_json
+from scep_fast.runtime.ndes import NdesChallengePage, is_page_path
 from scep_fast.service.challenges import ChallengeRequestInvalid, mint_challenge
 from scep_fast.service.enrollment import EnrollmentService
 from scep_fast.service.ledger import Ledger, LedgerError, LedgerFull, LedgerUnavailable, NotFound
@@ -48,7 +54,8 @@ class AdminApi:
     """The operations behind the endpoints; shared by the HTTP handler and tests."""
 
     def __init__(self, ledger: Ledger, service: Callable[[], EnrollmentService],
-                 profiles: list[str], token: bytes, *, approve_in: Path | None = None) -> None:
+                 profiles: list[str], token: bytes, *, approve_in: Path | None = None,
+                 ndes: NdesChallengePage | None = None) -> None:
         if len(token) < 16:
             raise ValueError("the admin token must be at least 16 bytes")
         self.ledger = ledger
@@ -61,6 +68,8 @@ class AdminApi:
         # API, never opens a PKCS#11 session (see keys.TokenKeySource).
         self.approve_in = approve_in
         self._token = token
+        # The NDES-style challenge page, when configured.
+        self.ndes = ndes
         # One approval at a time: each issues and commits on its own.
         self._lock = threading.Lock()
 
@@ -129,12 +138,18 @@ class _Handler(StrictHttp1Handler):
 
     def _send(self, status: int, payload: object, *,
               retry_after: int = StorageFull.DEFAULT_RETRY_AFTER_SECONDS) -> None:
-        body = (json.dumps(payload) + "\n").encode()
+        headers = {"WWW-Authenticate": 'Bearer realm="scep-fast admin"'} if status == 401 else {}
+        self._send_bytes(status, (json.dumps(payload) + "\n").encode(), "application/json",
+                         headers, retry_after=retry_after)
+
+    def _send_bytes(self, status: int, body: bytes, content_type: str,
+                    headers: dict[str, str], *,
+                    retry_after: int = StorageFull.DEFAULT_RETRY_AFTER_SECONDS) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        if status == 401:
-            self.send_header("WWW-Authenticate", 'Bearer realm="scep-fast admin"')
+        for name, value in headers.items():
+            self.send_header(name, value)
         if status == 503:
             self.send_header("Retry-After", str(retry_after))
         self.end_headers()
@@ -165,12 +180,22 @@ class _Handler(StrictHttp1Handler):
         return False
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        path = self.path.split("?")[0]
+        if self.api.ndes is not None and is_page_path(path):
+            self._ndes_page(self.api.ndes)
+            return
         if not self._authorised():
             return
-        if self.path.split("?")[0] == "/v1/requests":
+        if path == "/v1/requests":
             self._send(200, self.api.list_requests())
         else:
             self._send(404, {"error": "no such endpoint"})
+
+    def _ndes_page(self, ndes: NdesChallengePage) -> None:
+        answer = ndes.answer(self.headers.get("Authorization"), self.client_address[0],
+                             time.time())
+        self._send_bytes(answer.status, answer.body, answer.content_type, answer.headers,
+                         retry_after=answer.retry_after or 0)
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
         if not self._authorised():

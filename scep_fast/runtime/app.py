@@ -34,6 +34,7 @@ from scep_fast.runtime import metrics
 from scep_fast.runtime.batcher import Batcher
 from scep_fast.runtime.crl import NAME_PATTERN as CRL_NAME_PATTERN
 from scep_fast.runtime.crl import CrlStore
+from scep_fast.runtime.ndes import NdesChallengePage, is_page_path
 from scep_fast.service.enrollment import Answer
 
 Scope = MutableMapping[str, Any]
@@ -79,6 +80,7 @@ class ScepApp:
         body_timeout_seconds: float = 30.0,
         crl_store: CrlStore | None = None,
         next_ca_certificates: bytes | None = None,
+        ndes_page: NdesChallengePage | None = None,
     ) -> None:
         self._caps = capabilities.render()
         self._ca = ca_certificates
@@ -87,6 +89,10 @@ class ScepApp:
         self._body_timeout = body_timeout_seconds
         self._crls = crl_store
         self._next_ca = next_ca_certificates
+        # The NDES-style challenge page, when configured on this address
+        # (``ndes.bind = "scep"``); its ledger writes go to a thread, one at a time.
+        self._ndes = ndes_page
+        self._ndes_limiter = trio.CapacityLimiter(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -106,7 +112,10 @@ class ScepApp:
 
         metrics.INFLIGHT.inc()
         try:
-            if path.startswith(CRL_PREFIX):
+            if self._ndes is not None and is_page_path(path):
+                fields["operation"] = "NDES"
+                await self._ndes_page(self._ndes, send_noting_status, receive, scope, fields)
+            elif path.startswith(CRL_PREFIX):
                 fields["operation"] = "CRL"
                 await self._crl(send_noting_status, method, path)
             elif path.startswith(SCEP_PREFIXES):
@@ -148,6 +157,29 @@ class ScepApp:
         elif isinstance(request, PKIOperation):
             fields["transport"] = "GET" if request.via_get else "POST"
             await self._pki_operation(send, request, fields)
+
+    async def _ndes_page(self, ndes: NdesChallengePage, send: Send, receive: Receive,
+                         scope: Scope, fields: dict[str, object]) -> None:
+        """GET /certsrv/mscep_admin/: a single-use challenge behind HTTP Basic (see ndes.py)."""
+        if scope["method"] != "GET":
+            await _respond(send, 405, CT_TEXT, b"method not allowed\n",
+                           extra=[(b"allow", b"GET")])
+            return
+        await _read_body(receive, self._max_body, self._body_timeout)
+        authorization = None
+        for name, value in scope["headers"]:
+            if name.lower() == b"authorization":
+                authorization = value.decode("latin-1")
+        client = scope.get("client")
+        answer = await trio.to_thread.run_sync(
+            ndes.answer, authorization, str(client[0]) if client else "-", time.time(),
+            limiter=self._ndes_limiter)
+        fields["ndes"] = answer.outcome
+        extra = [(name.lower().encode(), value.encode()) for name, value in answer.headers.items()]
+        if answer.retry_after is not None:
+            extra.append((b"retry-after", str(answer.retry_after).encode()))
+        await _respond(send, answer.status, answer.content_type.encode(), answer.body,
+                       extra=extra)
 
     async def _crl(self, send: Send, method: str, path: str) -> None:
         """GET or HEAD /crl/<name>.crl: the CA's current CRL, DER."""

@@ -118,6 +118,21 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "bind": _Key(str, "127.0.0.1:9814", lambda v: v == "" or ":" in v, 'HOST:PORT or ""'),
         "token_file": _Key(str, "admin-token"),
     },
+    "ndes": {
+        # GET /certsrv/mscep_admin/ on the admin address: a page in the shape of
+        # Microsoft NDES's admin page, for MDMs that scrape one-time challenges
+        # from it. Each authorised GET mints a single-use challenge.
+        "enabled": _Key(bool, False),
+        # "USER:PASSWORD" lines for HTTP Basic; mode 0600 or the server refuses to start.
+        "credentials_file": _Key(str, "ndes-credentials"),
+        # NDES keeps a password 60 minutes unless told otherwise.
+        "challenge_ttl_seconds": _Key(int, 3600, _between(1, 86400), "1 to 86400"),
+        # The profile that a challenge from the page grants.
+        "profile": _Key(str, "default"),
+        # Where the page is served: "admin" (the admin address) or "scep" (the
+        # SCEP address, where NDES itself has it; put TLS in front of it).
+        "bind": _Key(str, "admin", lambda v: v in ("admin", "scep"), '"admin" or "scep"'),
+    },
     "crl": {
         # Base URL at which clients reach this server; issued certificates name
         # their CRL under it ("" leaves the CRL distribution point out).
@@ -300,6 +315,9 @@ def parse(text: str, directory: Path) -> Config:
     default = values["enrollment"]["default_profile"]
     if default not in values["profiles"]:
         raise ConfigError(f"enrollment.default_profile: no [profiles.{default}] table")
+    ndes_profile = values["ndes"]["profile"]
+    if ndes_profile not in values["profiles"]:
+        raise ConfigError(f"ndes.profile: no [profiles.{ndes_profile}] table")
     return Config(dir=directory, values=values)
 
 

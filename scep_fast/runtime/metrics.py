@@ -12,6 +12,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from scep_fast.runtime.batcher import SHED_REASONS
+from scep_fast.runtime.ndes import OUTCOMES as NDES_PAGE_OUTCOMES
 
 # Sub-millisecond to ten seconds: a cached GetCACaps takes ~0.1 ms, a
 # PKCSReq ~1 ms alone and tens of ms in a full batch under load.
@@ -20,7 +21,8 @@ LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 # "CRL": a download from /crl/<name>.crl; "-": anything not understood.
-OPERATIONS = ("GetCACaps", "GetCACert", "GetNextCACert", "PKIOperation", "CRL", "-")
+# "NDES": the NDES-style challenge page, when it is on the SCEP address.
+OPERATIONS = ("GetCACaps", "GetCACert", "GetNextCACert", "PKIOperation", "CRL", "NDES", "-")
 MESSAGE_TYPES = ("PKCS_REQ", "RENEWAL_REQ", "CERT_POLL", "GET_CERT", "GET_CRL", "-")
 OUTCOMES = ("SUCCESS", "FAILURE", "PENDING", "ok", "http_400", "http_404", "http_405",
             "http_408", "http_413", "http_500", "http_503")
@@ -53,6 +55,9 @@ CERT_EXPIRY = Gauge("scep_ca_certificate_expiry_timestamp_seconds",
 WORKERS = Gauge("scep_workers", "Worker processes running", multiprocess_mode="max")
 SHED = Counter("scep_requests_shed_total",
                "PKIOperations refused with 503 for load, by why", ["reason"])
+# The NDES-style challenge page, on the admin address (the supervisor) or the SCEP address.
+NDES_PAGE_REQUESTS = Counter("scep_ndes_page_requests_total",
+                             "GETs of the NDES-style challenge page, by outcome", ["outcome"])
 # Counted by the supervisor, in its own file of the multi-process directory:
 # counters of every process, live or dead, are summed.
 WORKER_RESTARTS = Counter("scep_worker_restarts_total",
@@ -74,6 +79,8 @@ def preinitialise() -> None:
         CERT_EXPIRY.labels(certificate)
     for reason in SHED_REASONS:
         SHED.labels(reason)
+    for outcome in NDES_PAGE_OUTCOMES:
+        NDES_PAGE_REQUESTS.labels(outcome)
 
 
 def outcome_label(outcome: str, status: int | None) -> str:

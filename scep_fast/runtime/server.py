@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
@@ -26,12 +26,18 @@ from scep_fast.protocol import Capabilities, Overloaded
 from scep_fast.runtime import metrics
 from scep_fast.runtime.app import CT_CA_CERT, CT_CA_RA_CERT, CaCertificates, ScepApp
 from scep_fast.runtime.batcher import Batcher, BatchStats
-from scep_fast.runtime.config import Config
+from scep_fast.runtime.config import Config, ConfigError
 from scep_fast.runtime.crl import CrlStore, crl_url
 from scep_fast.runtime.fast_refusal import FastRefusal
 from scep_fast.runtime.http_server import serve as serve_http
 from scep_fast.runtime.keys import TokenKey, TokenKeySource, open_key
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
+from scep_fast.runtime.ndes import (
+    BasicCredential,
+    NdesChallengePage,
+    NdesCredentialsError,
+    load_credentials,
+)
 from scep_fast.runtime.pki import Material, load_material
 from scep_fast.service.enrollment import Answer, EnrollmentService, Policy, PreparedBatch
 from scep_fast.service.ledger import LedgerFull
@@ -196,6 +202,25 @@ def build_service(config: Config, material: Material, ledger: OpenLedger, *,
                              on_commit=_observe_commit)
 
 
+def ndes_page(config: Config, ledger: OpenLedger,
+              credentials: Collection[BasicCredential] | None = None) -> NdesChallengePage:
+    """The NDES-style challenge page on this process's ledger.
+
+    ``credentials`` as the supervisor checked them at start; read again when
+    not given (a worker's own copy).
+    """
+    if credentials is None:
+        try:
+            credentials = load_credentials(config.path("ndes", "credentials_file"))
+        except NdesCredentialsError as e:
+            raise ConfigError(f"ndes.credentials_file: {e}") from None
+    return NdesChallengePage(
+        ledger, list(config.values["profiles"]), credentials,
+        ttl_seconds=int(config.get("ndes", "challenge_ttl_seconds")),
+        profile=str(config.get("ndes", "profile")),
+        on_outcome=lambda outcome: metrics.NDES_PAGE_REQUESTS.labels(outcome).inc())
+
+
 def build_worker(config: Config) -> Worker:
     material = load_material(config)
     ledger = open_ledger(config)
@@ -221,6 +246,8 @@ def build_worker(config: Config) -> Worker:
         batcher=batcher,
         max_body_bytes=int(config.get("server", "max_body_bytes")),
         body_timeout_seconds=float(config.get("server", "body_timeout_seconds")),
+        ndes_page=(ndes_page(config, ledger) if config.get("ndes", "enabled")
+                   and config.get("ndes", "bind") == "scep" else None),
     )
     return Worker(config, material, ledger, service, batcher, app)
 

@@ -44,6 +44,7 @@ from scep_fast import __version__
 from scep_fast.runtime.config import Config, ConfigError
 from scep_fast.runtime.config import load as load_config
 from scep_fast.runtime.http1 import StrictHttp1Handler
+from scep_fast.runtime.ndes import BasicCredential, NdesCredentialsError, load_credentials
 from scep_fast.runtime.pki import Material, load_material, uses_token
 from scep_fast.service.ledger import LedgerUnavailable
 
@@ -457,6 +458,8 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
 
         metrics.preinitialise()
         _set_expiry_gauges(config)
+        # Before any address is taken: a bad credentials file stops the start.
+        ndes_credentials = _ndes_credentials(config)
         backlog = int(config.get("server", "listen_backlog"))
         sockets = listen(str(config.get("server", "bind")), config.workers, backlog)
         # Said once the address is ours, not before.
@@ -472,7 +475,7 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
         ledger = open_ledger(config)
         admin_bind = str(config.get("admin", "bind"))
         if admin_bind:
-            _serve_admin(config, ledger, admin_bind)
+            _serve_admin(config, ledger, admin_bind, ndes_credentials)
         log.info("serving", extra={"fields": {
             "bind": config.get("server", "bind"), "workers": config.workers,
             "metrics_bind": metrics_bind or "-", "admin_bind": admin_bind or "-",
@@ -486,9 +489,31 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
         os.close(lock_fd)
 
 
-def _serve_admin(config: Config, ledger: OpenLedger, bind: str) -> None:
+def _ndes_credentials(config: Config) -> tuple[BasicCredential, ...] | None:
+    """The NDES page's credentials when it is enabled; ConfigError when it cannot be served."""
+    if not config.get("ndes", "enabled"):
+        return None
+    if config.get("ndes", "bind") == "admin":
+        if not config.get("admin", "bind"):
+            raise ConfigError('ndes.bind = "admin": the admin API is off (admin.bind is empty)')
+        if not config.path("admin", "token_file").exists():
+            raise ConfigError('ndes.bind = "admin": the admin API is off (no admin token file)')
+    try:
+        credentials = load_credentials(config.path("ndes", "credentials_file"))
+    except NdesCredentialsError as e:
+        raise ConfigError(f"ndes.credentials_file: {e}") from None
+    log.info("NDES challenge page", extra={"fields": {
+        "path": "/certsrv/mscep_admin/", "address": config.get("ndes", "bind"),
+        "profile": config.get("ndes", "profile"),
+        "challenge_ttl_seconds": config.get("ndes", "challenge_ttl_seconds"),
+        "credentials": len(credentials)}})
+    return credentials
+
+
+def _serve_admin(config: Config, ledger: OpenLedger, bind: str,
+                 ndes_credentials: tuple[BasicCredential, ...] | None) -> None:
     from scep_fast.runtime.admin import AdminApi, serve_admin
-    from scep_fast.runtime.server import build_service
+    from scep_fast.runtime.server import build_service, ndes_page
 
     token_path = config.path("admin", "token_file")
     try:
@@ -496,12 +521,16 @@ def _serve_admin(config: Config, ledger: OpenLedger, bind: str) -> None:
     except FileNotFoundError:
         log.warning("admin API off: no token file", extra={"fields": {"path": str(token_path)}})
         return
+    profiles = list(config.values["profiles"])
+    ndes = None
+    if ndes_credentials is not None and config.get("ndes", "bind") == "admin":
+        ndes = ndes_page(config, ledger, ndes_credentials)
     # Built per decision; with keys in a token, approvals happen in a child
     # process and a rejection needs no key, so the token stays closed here.
     api = AdminApi(ledger,
                    lambda: build_service(config, load_material(config, next_message=False),
                                          ledger, open_keys_now=False),
-                   list(config.values["profiles"]), token,
-                   approve_in=config.dir if uses_token(config) else None)
+                   profiles, token,
+                   approve_in=config.dir if uses_token(config) else None, ndes=ndes)
     host, port = split_host_port(bind)
     serve_admin(api, host, port, backlog=int(config.get("server", "listen_backlog")))

@@ -26,9 +26,9 @@ SECRET_ALPHABET = string.ascii_letters + string.digits
 SECRET_CHARS = 32
 
 
-def new_secret(length: int = SECRET_CHARS) -> str:
-    """A random challenge password of letters and digits."""
-    return "".join(secrets.choice(SECRET_ALPHABET) for _ in range(length))
+def new_secret(length: int = SECRET_CHARS, alphabet: str = SECRET_ALPHABET) -> str:
+    """A random challenge password, of letters and digits unless told otherwise."""
+    return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
 class ChallengeRequestInvalid(ValueError):
@@ -52,7 +52,13 @@ def mint_challenge(
     subject_pattern: str = "",
     san_pattern: str = "",
     label: str = "",
+    alphabet: str = SECRET_ALPHABET,
 ) -> MintedChallenge:
+    """Stores a new challenge and returns it with its secret.
+
+    ``alphabet``: the symbols of the secret, for callers whose readers expect
+    fewer (the NDES-style page: upper-case hexadecimal).
+    """
     if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) \
             or not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
         raise ChallengeRequestInvalid(f"ttl_seconds must be 1 to {MAX_TTL_SECONDS}")
@@ -70,7 +76,7 @@ def mint_challenge(
             raise ChallengeRequestInvalid(f"{name}: {e}") from None
     if len(label) > 200:
         raise ChallengeRequestInvalid("label is at most 200 characters")
-    secret = new_secret()
+    secret = new_secret(alphabet=alphabet)
     challenge = Challenge(
         digest=hashlib.sha256(secret.encode()).digest(),
         created_at=now,
