@@ -17,11 +17,11 @@ count, not one per request, so that a flood does not flood the log too.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scep_fast.runtime import metrics
+from scep_fast.runtime.logs import CountedLine
 
 log = logging.getLogger("scep_fast.request")
 
@@ -49,8 +49,8 @@ def whole_pki_post(data: bytes, max_body: int) -> int:
     if not path.startswith(_PREFIXES) or b"operation=PKIOperation" not in query.split(b"&"):
         return 0
     length = -1
-    for field in fields.split(b"\r\n"):
-        name, _, value = field.partition(b":")
+    for header in fields.split(b"\r\n"):
+        name, _, value = header.partition(b":")
         name = name.strip().lower()
         if name in _UNUSUAL:
             return 0
@@ -78,17 +78,11 @@ class FastRefusal:
     # The Retry-After of a refusal, or None to serve the request.
     refuse: Callable[[], int | None]
     max_body: int
-    _count: int = 0
-    _since: float = 0.0
+    _line: CountedLine = field(default_factory=lambda: CountedLine(
+        log, "requests refused for load",
+        {"operation": "PKIOperation", "status": 503, "outcome": "http_503"}))
 
     def refused(self, elapsed: float) -> None:
         metrics.REQUESTS.labels("PKIOperation", "-", "http_503").inc()
         metrics.REQUEST_DURATION.labels("PKIOperation").observe(elapsed)
-        self._count += 1
-        now = time.monotonic()
-        if now - self._since >= 1.0:
-            log.info("requests refused for load", extra={"fields": {
-                "operation": "PKIOperation", "status": 503, "outcome": "http_503",
-                "count": self._count, "seconds": round(now - self._since, 3)
-                if self._since else 0}})
-            self._count, self._since = 0, now
+        self._line.note()

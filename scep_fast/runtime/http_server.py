@@ -41,6 +41,7 @@ real sockets.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -60,8 +61,9 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr
 
-from scep_fast.runtime import fast_refusal, http1
+from scep_fast.runtime import fast_refusal, http1, metrics
 from scep_fast.runtime.fast_refusal import FastRefusal
+from scep_fast.runtime.logs import CountedLine
 
 
 def _is_final_response_head(data: bytes) -> bool:
@@ -118,6 +120,18 @@ class _Refused(Exception):
         self.reason = reason
 
 
+# HTTP-level refusals (a malformed request, HTTP/2, an upgrade, Content-Length
+# with Transfer-Encoding): counted, and logged at most once a second.
+_protocol_refusals = CountedLine(logging.getLogger("scep_fast.request"),
+                                 "requests refused at the HTTP layer", {"operation": "-"})
+
+
+def _note_protocol_refusal(status: int, reason: str) -> None:
+    outcome = f"http_{status}"
+    metrics.REQUESTS.labels("-", "-", outcome).inc()
+    _protocol_refusals.note(status=status, outcome=outcome, reason=reason)
+
+
 class Http1Protocol(H11Protocol):
     """hypercorn's HTTP/1.1 protocol without its ways into HTTP/2 and websockets.
 
@@ -152,8 +166,14 @@ class Http1Protocol(H11Protocol):
                          if name.lower() != b"upgrade"])
         await super()._create_stream(request)
 
+    async def _send_error_response(self, status_code: int) -> None:
+        """h11's answer to a request it cannot parse (400, or 431 for a huge head)."""
+        _note_protocol_refusal(status_code, "malformed request")
+        await super()._send_error_response(status_code)
+
     async def _refuse(self, reason: str) -> None:
         """400 with the reason, then the connection closes: what follows is not read."""
+        _note_protocol_refusal(400, reason)
         body = f"{reason}\n".encode()
         await self._send_h11_event(h11.Response(status_code=400, headers=[
             (b"content-type", b"text/plain; charset=utf-8"),

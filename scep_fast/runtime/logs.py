@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,3 +38,25 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+@dataclass
+class CountedLine:
+    """A log line for something that may come in a flood (refusals): at most one line a
+    second, carrying how many happened since the last line and over how long."""
+
+    logger: logging.Logger
+    message: str
+    fields: dict[str, object] = field(default_factory=dict)
+    _count: int = 0
+    _since: float = 0.0
+
+    def note(self, **extra: object) -> None:
+        """One more; ``extra`` goes on the line if this one writes it."""
+        self._count += 1
+        now = time.monotonic()
+        if now - self._since >= 1.0:
+            self.logger.info(self.message, extra={"fields": {
+                **self.fields, **extra, "count": self._count,
+                "seconds": round(now - self._since, 3) if self._since else 0}})
+            self._count, self._since = 0, now

@@ -16,6 +16,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, RawData
 from hypercorn.trio.worker_context import WorkerContext
 
+from scep_fast.runtime import http_server
 from scep_fast.runtime.app import answer_lifespan
 from scep_fast.runtime.fast_refusal import FastRefusal, whole_pki_post
 from scep_fast.runtime.http_server import Connection, serve
@@ -458,3 +459,31 @@ def test_the_door_closes_idle_connections_after_the_keep_alive_timeout_and_at_st
     waited, closed = trio.run(main)
     assert 0.2 < waited < 2.0
     assert closed
+
+
+def test_http_layer_refusals_are_counted_and_logged_once_a_second(caplog: Any) -> None:
+    from prometheus_client import REGISTRY
+
+    def refused_400() -> float:
+        value = REGISTRY.get_sample_value(
+            "scep_requests_total", {"operation": "-", "message_type": "-", "outcome": "http_400"})
+        return value or 0.0
+
+    before = refused_400()
+    caplog.set_level("INFO", logger="scep_fast.request")
+    http_server._protocol_refusals._since = 0.0  # no line written lately
+
+    async def main() -> None:
+        async with serving() as server:
+            with trio.fail_after(5):
+                for raw in (H2_PREFACE, b"GET / HTTP/1.1\r\nhost: t\r\nupgrade: websocket\r\n"
+                            b"connection: upgrade\r\n\r\n", b"GARBAGE\r\n\r\n"):
+                    answer, closed = await exchange(server, raw)
+                    assert answer.startswith(b"HTTP/1.1 400") and closed, answer
+
+    trio.run(main)
+    assert refused_400() - before == 3
+    lines = [r for r in caplog.records if r.getMessage() == "requests refused at the HTTP layer"]
+    # Three refusals within a second: one line, written for the first of them.
+    assert len(lines) == 1
+    assert lines[0].fields["status"] == 400  # type: ignore[attr-defined]
