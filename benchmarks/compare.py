@@ -454,6 +454,7 @@ class TokenKeys:
     template: Path  # made by `scep-fast init --generate-in-token`: no key file in it
     env: dict[str, str]  # SOFTHSM2_CONF names the token's directory
     ra: x509.Certificate
+    token: Any  # tests.softhsm.Token
 
 
 @contextlib.contextmanager
@@ -478,7 +479,7 @@ def softhsm_keys() -> Iterator[TokenKeys]:
             sys.exit(f"scep-fast init --generate-in-token failed: {done.stderr[-2000:]}")
         ra = x509.load_pem_x509_certificate((template / "ra.pem").read_bytes())
         log(f"SoftHSM2 token {token.label!r} with the CA and RA keys generated inside it")
-        keys = TokenKeys(template, env, ra)
+        keys = TokenKeys(template, env, ra, token)
         try:
             yield keys
         finally:

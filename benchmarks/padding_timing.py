@@ -3,6 +3,7 @@
     python benchmarks/padding_timing.py                # 300 of each kind, RA key in SoftHSM2
     python benchmarks/padding_timing.py --count 30     # a smoke run
     python benchmarks/padding_timing.py --keys file    # the same against key files
+    python benchmarks/padding_timing.py --core         # the core alone, in this process
 
 A padding oracle needs the server to tell a wrong RSA padding of the
 envelope's content key from a right one. OpenSSL's CMS answers a wrong one
@@ -24,12 +25,18 @@ its log line, from the request's arrival to the answer's last byte) and the
 client's round trip, as median, p90 and p99; and each kind's answers by HTTP
 status, pkiStatus, failInfo, failInfoText and length, which for the two bad
 kinds must be one and the same.
+
+``--core`` leaves the server out: this process loads the same RA key (from
+the token through libp11, or the file) into the native core and times
+``ScepContext.unwrap_batch`` on each message alone, so a difference seen
+through HTTP can be placed in the decryption or outside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import http.client
 import json
@@ -115,6 +122,58 @@ class Builder:
         message = device.pkcsreq(envelope, transaction_id=B.printable(transaction_id),
                                  sender_nonce=B.octets(os.urandom(16)))
         return transaction_id, message
+
+
+def core_context(keys: str, token: Any) -> tuple[Any, x509.Certificate]:
+    """The native core with the RA (and CA) key of the token, or of the key files."""
+    from cryptography.hazmat.primitives import serialization
+
+    from scep_fast.crypto import Pkcs11Module, ScepContext, der_private_key
+    from tests import softhsm
+
+    if keys == "softhsm":
+        # SoftHSM2 reads SOFTHSM2_CONF when this process first opens the module.
+        os.environ["SOFTHSM2_CONF"] = str(token.token.conf)
+        module = Pkcs11Module(token.token.module, softhsm.PIN.encode())
+        label = token.token.label
+        ra_key = module.load_key(f"pkcs11:token={label};object={softhsm.RA_OBJECT};type=private")
+        ca_key = module.load_key(f"pkcs11:token={label};object={softhsm.CA_OBJECT};type=private")
+        directory = token.template
+    else:
+        directory = compare.scep_fast_template("rsa2048")
+        ra_key = der_private_key((directory / "ra.key").read_bytes())
+        ca_key = der_private_key((directory / "ca.key").read_bytes())
+    ra = x509.load_pem_x509_certificate((directory / "ra.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    ra_der = ra.public_bytes(serialization.Encoding.DER)
+    ca_der = ca.public_bytes(serialization.Encoding.DER)
+    ctx = ScepContext(recipients=[(ra_der, ra_key)], signer=(ra_der, ra_key),
+                      issuer=(ca_der, ca_key))
+    return ctx, ra
+
+
+def measure_core(ctx: Any, builder: Builder, count: int, seed: int) -> list[dict[str, Any]]:
+    """Each message alone through unwrap_batch: its time and what the core made of it."""
+    rng = random.Random(seed)
+    order = [kind for _ in range(count) for kind in rng.sample(KINDS, len(KINDS))]
+    progress = loadgen.Progress(len(order), "building requests")
+    messages = []
+    for i, kind in enumerate(order):
+        messages.append((kind, *builder.build(kind, i)))
+        progress.update(1)
+    for _, _, message in messages[:WARM_UP]:
+        ctx.unwrap_batch([message])
+    out = []
+    for kind, transaction_id, message in messages:
+        started = time.perf_counter()
+        (result,) = ctx.unwrap_batch([message])
+        elapsed = time.perf_counter() - started
+        error = result.error
+        out.append({"kind": kind, "transaction_id": transaction_id,
+                    "client_ms": elapsed * 1000, "server_ms": elapsed * 1000,
+                    "server_reason": "-" if error is None else error.summary,
+                    "answer": {"error": "-" if error is None else type(error).__name__}})
+    return out
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -209,8 +268,8 @@ def report(samples: list[dict[str, Any]]) -> dict[str, Any]:
                 - per_kind["bad_content"]["server_ms"]["median"]}
 
 
-def markdown(result: dict[str, Any]) -> str:
-    rows = ["| kind | n | server median ms | p90 | p99 | client median ms | p90 | p99 "
+def markdown(result: dict[str, Any], what: str = "server ms") -> str:
+    rows = [f"| kind | n | {what} median | p90 | p99 | client median ms | p90 | p99 "
             "| answers (count x HTTP, bytes, body SHA-256 or pkiStatus, failInfo) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for kind, data in result["kinds"].items():
@@ -237,7 +296,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--core", action="store_true",
+                        help="time the native core's unwrap in this process, no server")
     args = parser.parse_args(argv)
+    if args.core:
+        with contextlib.ExitStack() as stack:
+            token = stack.enter_context(compare.softhsm_keys()) \
+                if args.keys == "softhsm" else None
+            ctx, ra = core_context(args.keys, token)
+            samples = measure_core(ctx, Builder(ra, args.seed), args.count, args.seed)
+        result = report(samples)
+        result["keys"] = args.keys
+        print(markdown(result, "unwrap ms"))
+        print(json.dumps(result))
+        return 0
 
     scenario = compare.Scenario("scep-fast", "rsa2048", "post", 1, keys=args.keys)
     with tempfile.TemporaryDirectory(prefix="scep-bench-padding-") as tmp:
