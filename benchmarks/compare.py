@@ -6,6 +6,7 @@
         --ledgers empty,1m --no-micromdm
     python benchmarks/compare.py --no-micromdm --ca-keys rsa2048 --methods post \\
         --concurrency 64 --ledgers pg,pg2      # the PostgreSQL ledger against LMDB
+    python benchmarks/compare.py --keys file,softhsm   # keys in files against SoftHSM2
 
 Runs as root (micromdm's scepserver needs a private network namespace, see
 ``PEERS.md`` of the shared notes). Every run gets a fresh server: scep-fast on
@@ -36,6 +37,19 @@ database server's (utime + stime of the postmaster's whole process tree,
 over the same interval), the ledger commit time per batch (the servers'
 ``scep_ledger_commit_seconds`` histogram, before and after), and the
 database's transactions and WAL (``pg_stat_database``, ``pg_stat_wal``).
+
+Keys in a PKCS#11 token (``--keys file,softhsm``, never by default, and
+then nothing else runs): ``--key-rounds`` rounds at the headline
+concurrency, POST, RSA-2048 CA, each of two runs in turn: the file-key server
+of the grid (``file``), and the same configuration with the CA and RA keys
+generated inside a SoftHSM2 token (``softhsm``). The token is made once for
+the whole command in a temporary directory, the way the tests make theirs
+(``tests/softhsm.py``), and ``scep-fast init --generate-in-token`` makes its
+key pairs, so no private key exists outside it; every run gets a fresh copy
+of that server directory and an empty ledger. Its requests are built for the
+token's RA certificate, and dropped from the cache at the end. The table
+goes to ``benchmarks/results/softhsm.md`` and ``softhsm.json``; the grid's
+``results.md``, ``summary.json`` and ``plot.png`` are left as they were.
 
 The floor is ``openssl speed -seconds 3``: a PKCSReq costs at least three
 private-key operations (open the request envelope with the RA key, sign the
@@ -73,6 +87,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -114,13 +129,18 @@ class Scenario:
     # with one node, with two nodes, in turn).
     pg_round: int = 0
     nodes: int = 1  # serve processes sharing the ledger (PostgreSQL only)
+    keys: str = "file"  # where the CA and RA keys are: "file" or "softhsm"
+    # 0 elsewhere; 1..N: the rounds of the keys comparison (file, softhsm, in turn).
+    keys_round: int = 0
 
     @property
     def name(self) -> str:
         return (f"{self.server}-{self.ca_key}-{self.method}-c{self.concurrency}"
                 f"-{self.ledger}" + (f"-{self.nodes}nodes" if self.nodes > 1 else "")
+                + (f"-{self.keys}" if self.keys != "file" else "")
                 + (f"-pair{self.pair}" if self.pair else "")
-                + (f"-round{self.pg_round}" if self.pg_round else ""))
+                + (f"-round{self.pg_round}" if self.pg_round else "")
+                + (f"-keys-round{self.keys_round}" if self.keys_round else ""))
 
 
 # ------------------------------------------------------------------ helpers
@@ -343,7 +363,7 @@ class ScepFastServer:
 
     def __init__(self, scenario: Scenario, workers: int | None, run_dir: Path,
                  cpus: Sequence[int] | None = None, *, directory: Path | None = None,
-                 log_name: str | None = None) -> None:
+                 log_name: str | None = None, env: dict[str, str] | None = None) -> None:
         if directory is None:
             self.dir = run_dir / "server"
             scep_fast_dir(self.dir, scenario)
@@ -367,7 +387,7 @@ class ScepFastServer:
         self.log_path = LOG_DIR / f"{log_name or scenario.name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=run_dir)
+                                     cwd=run_dir, env=env)
         wait_http("127.0.0.1", self.port, self.proc)
         self.netns: str | None = None
         found = re.search(rb"with (\d+) worker", self.log_path.read_bytes())
@@ -422,6 +442,60 @@ def network_namespace() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+# ------------------------------------------------------------ SoftHSM2 keys
+
+
+@dataclass(frozen=True)
+class TokenKeys:
+    """A SoftHSM2 token holding a CA and an RA key, and a server directory using them."""
+
+    template: Path  # made by `scep-fast init --generate-in-token`: no key file in it
+    env: dict[str, str]  # SOFTHSM2_CONF names the token's directory
+    ra: x509.Certificate
+    token: Any  # tests.softhsm.Token
+
+
+@contextlib.contextmanager
+def softhsm_keys() -> Iterator[TokenKeys]:
+    """A fresh token for the whole command, its key pairs generated inside it."""
+    from tests import softhsm
+
+    reason = softhsm.missing()
+    if reason is not None:
+        sys.exit(f"{reason}: leave softhsm out of --keys")
+    with tempfile.TemporaryDirectory(prefix="scep-bench-softhsm-") as tmp:
+        base = Path(tmp)
+        token = softhsm.make_token(base / "softhsm", label="scep-bench")
+        pin_file = token.write_pin_file(base / "pin")
+        template = base / "server"
+        env = {**os.environ, "SOFTHSM2_CONF": str(token.conf)}
+        done = subprocess.run(
+            [str(SCEP_FAST), "init", "--dir", str(template), "--challenge", CHALLENGE,
+             *token.init_options(pin_file), "--generate-in-token"],
+            env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"scep-fast init --generate-in-token failed: {done.stderr[-2000:]}")
+        ra = x509.load_pem_x509_certificate((template / "ra.pem").read_bytes())
+        log(f"SoftHSM2 token {token.label!r} with the CA and RA keys generated inside it")
+        keys = TokenKeys(template, env, ra, token)
+        try:
+            yield keys
+        finally:
+            # Requests encrypted to an RA key that no longer exists: no use to anyone.
+            ra_der = ra.public_bytes(serialization.Encoding.DER)
+            loadgen.cache_file(ra_der, loadgen.Params(challenge=CHALLENGE)).unlink(
+                missing_ok=True)
+
+
+def token_server(scenario: Scenario, workers: int | None, run_dir: Path,
+                 keys: TokenKeys) -> ScepFastServer:
+    """``serve`` on a copy of the token's server directory, with an empty ledger."""
+    directory = run_dir / "server"
+    shutil.copytree(keys.template, directory, ignore=shutil.ignore_patterns("ledger", "crl"))
+    _private_ports(directory / "scep-fast.toml")
+    return ScepFastServer(scenario, workers, run_dir, directory=directory, env=keys.env)
 
 
 # -------------------------------------------------------------- PostgreSQL
@@ -539,7 +613,7 @@ def database_stats(before: dict[str, float], after: dict[str, float], enrollment
 
 
 def run_scenario(scenario: Scenario, args: argparse.Namespace, netns: str | None,
-                 pg: Any = None) -> dict[str, Any]:
+                 pg: Any = None, token: TokenKeys | None = None) -> dict[str, Any]:
     if scenario.ledger == "pg":
         return run_pg_scenario(scenario, args, pg)
     count = args.micromdm_count if scenario.server == "micromdm" else args.count
@@ -549,6 +623,10 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, netns: str | None
         if scenario.server == "micromdm":
             assert netns is not None
             server = MicromdmServer(netns, run_dir)
+        elif scenario.keys == "softhsm":
+            if token is None:
+                raise RuntimeError("no SoftHSM2 token for a run with keys in SoftHSM2")
+            server = token_server(scenario, args.workers, run_dir, token)
         else:
             server = ScepFastServer(scenario, args.workers, run_dir)
         try:
@@ -643,6 +721,13 @@ def run_pg_scenario(scenario: Scenario, args: argparse.Namespace, pg: Any) -> di
 
 
 def plan(args: argparse.Namespace) -> list[Scenario]:
+    if "softhsm" in args.keys:
+        # The keys comparison alone: rounds of each kind of key in turn, at the
+        # headline concurrency, POST, RSA-2048 CA, compared by their medians.
+        at = HEADLINE_CONCURRENCY if HEADLINE_CONCURRENCY in args.concurrency \
+            else max(args.concurrency)
+        return [Scenario("scep-fast", "rsa2048", "post", at, keys=keys, keys_round=n)
+                for n in range(1, args.key_rounds + 1) for keys in args.keys]
     servers = ["scep-fast"] + ([] if args.no_micromdm else ["micromdm"])
     out: list[Scenario] = []
     if "rsa2048" in args.ca_keys and "empty" in args.ledgers:
@@ -677,15 +762,22 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
     return out
 
 
-def prepare_requests(scenarios: list[Scenario], args: argparse.Namespace) -> None:
+def prepare_requests(scenarios: list[Scenario], args: argparse.Namespace,
+                     token: TokenKeys | None = None) -> None:
     """Builds (or finds in the cache) every request the runs will send, before any run."""
-    needs: dict[tuple[str, str], int] = {}
+    needs: dict[tuple[str, str, str], int] = {}
     for s in scenarios:
         count = args.micromdm_count if s.server == "micromdm" else args.count
         ca = "rsa2048" if s.server == "micromdm" else s.ca_key
-        needs[(s.server, ca)] = max(needs.get((s.server, ca), 0), count)
-    for (server, ca), count in needs.items():
-        loadgen.prepare(ra_certificate(server, ca), count, loadgen.Params(challenge=CHALLENGE))
+        key = (s.server, ca, s.keys)
+        needs[key] = max(needs.get(key, 0), count)
+    for (server, ca, keys), count in needs.items():
+        if keys == "softhsm":
+            assert token is not None
+            ra = token.ra
+        else:
+            ra = ra_certificate(server, ca)
+        loadgen.prepare(ra, count, loadgen.Params(challenge=CHALLENGE))
 
 
 # ----------------------------------------------------------------- reports
@@ -707,7 +799,8 @@ def _num(value: Any, digits: int = 0) -> str:
 def headline(results: list[dict[str, Any]], floor: dict[str, Any]) -> dict[str, Any]:
     concurrencies = sorted({r["scenario"]["concurrency"] for r in results})
     at = HEADLINE_CONCURRENCY if HEADLINE_CONCURRENCY in concurrencies else max(concurrencies)
-    base = dict(ca_key="rsa2048", method="post", ledger="empty", pair=0, pg_round=0)
+    base = dict(ca_key="rsa2048", method="post", ledger="empty", pair=0, pg_round=0,
+                keys_round=0)
     ours = _find(results, server="scep-fast", concurrency=at, **base)
     theirs = _find(results, server="micromdm", concurrency=at, **base)
     floor_ms = floor["floor_ms_per_enroll"]["rsa2048"]
@@ -911,6 +1004,87 @@ def pg_markdown(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+KEY_SERIES = ("file", "softhsm")
+
+
+def keys_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The keys comparison: per kind of key (file, softhsm), medians over its rounds."""
+    out: dict[str, Any] = {}
+    for label in KEY_SERIES:
+        runs = [r for r in results if r["scenario"].get("keys_round")
+                and r["scenario"].get("keys") == label]
+        if runs:
+            out[label] = {
+                "rounds": len(runs),
+                "enroll_per_s": _median([r["enroll_per_s"] for r in runs]),
+                "p99_ms": _median([r["latency_ms"]["p99"] for r in runs]),
+                "cpu_ms_per_enroll": _median([r["cpu_ms_per_enroll"] for r in runs]),
+                "failures": sum(r["failures"] for r in runs),
+                "duplicate_serials": sum(r["duplicate_serials"] for r in runs),
+            }
+    if "file" in out and "softhsm" in out:
+        ratios = {}
+        for name in ("enroll_per_s", "p99_ms", "cpu_ms_per_enroll"):
+            ours, base = out["softhsm"][name], out["file"][name]
+            ratios[name] = ours / base if ours is not None and base else None
+        out["softhsm_vs_file"] = ratios
+    return out
+
+
+def write_keys_markdown(path: Path, runs: list[dict[str, Any]], floor: dict[str, Any],
+                        summary: dict[str, Any], meta: dict[str, Any]) -> None:
+    """softhsm.md: every run of the keys comparison, then the medians and their ratio."""
+    fl = floor["floor_ms_per_enroll"].get("rsa2048")
+    first = runs[0]["scenario"]
+    lines = [
+        "# Keys in files against keys in SoftHSM2",
+        "",
+        f"Machine: {meta['cpus']} CPUs; load generator on the same machine. scep-fast: "
+        f"{meta['workers']} workers, unpinned; POST, RSA-2048 CA, concurrency "
+        f"{first['concurrency']}, an empty LMDB ledger. `file`: the CA and RA keys in files; "
+        "`softhsm`: the same configuration with both keys generated inside a SoftHSM2 token "
+        "(one token for the command, a fresh server directory and ledger for every run). "
+        "Only verified SUCCESS replies with distinct serials count. Verification: "
+        f"{'every reply' if meta['verify'] == 'all' else meta['verify'] + ' replies per run'}.",
+        "",
+        f"Floor (`openssl speed -seconds {meta['speed_seconds']}`, one core): three "
+        f"RSA-2048 private-key operations per enrollment = {_num(fl, 3)} ms.",
+        "",
+        "| keys | round | enroll/s | p50 ms | p90 ms | p99 ms | CPU ms/enroll | x floor "
+        "| failures | dup. serials |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        s, lat, cpu = r["scenario"], r["latency_ms"], r["cpu_ms_per_enroll"]
+        lines.append(
+            f"| {s['keys']} | {s['keys_round']} | {_num(r['enroll_per_s'])} "
+            f"| {_num(lat['p50'], 1)} | {_num(lat['p90'], 1)} | {_num(lat['p99'], 1)} "
+            f"| {_num(cpu, 3)} | {_num(cpu / fl if cpu and fl else None, 2)} "
+            f"| {r['failures']} | {r['duplicate_serials']} |")
+    errors = [(r["scenario"], r["errors"]) for r in runs if r["errors"]]
+    if errors:
+        lines += ["", "Errors by kind:", ""]
+        for s, errs in errors:
+            text = ", ".join(f"{k}: {v}" for k, v in sorted(errs.items()))
+            lines.append(f"- {Scenario(**s).name}: {text}")
+    lines += ["", "Medians over the rounds:", "",
+              "| keys | rounds | enroll/s | p99 ms | CPU ms/enroll | failures | dup. serials |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for label in KEY_SERIES:
+        if label in summary:
+            m = summary[label]
+            lines.append(f"| {label} | {m['rounds']} | {_num(m['enroll_per_s'])} "
+                         f"| {_num(m['p99_ms'], 1)} | {_num(m['cpu_ms_per_enroll'], 3)} "
+                         f"| {m['failures']} | {m['duplicate_serials']} |")
+    ratio = summary.get("softhsm_vs_file")
+    if ratio:
+        lines += ["", "softhsm / file: enroll/s " + _num(ratio["enroll_per_s"], 2)
+                  + ", p99 " + _num(ratio["p99_ms"], 2) + ", CPU per enrollment "
+                  + _num(ratio["cpu_ms_per_enroll"], 2) + "."]
+    lines += ["", "Command: `" + meta["command"] + "`", ""]
+    path.write_text("\n".join(lines))
+
+
 def write_plot(path: Path, results: list[dict[str, Any]]) -> bool:
     try:
         import matplotlib
@@ -923,7 +1097,8 @@ def write_plot(path: Path, results: list[dict[str, Any]]) -> bool:
     series: dict[str, list[tuple[int, float, float]]] = {}
     for r in results:
         s = r["scenario"]
-        if s["ca_key"] != "rsa2048" or s["ledger"] != "empty" or s["pair"] or s["pg_round"]:
+        if (s["ca_key"] != "rsa2048" or s["ledger"] != "empty" or s["pair"] or s["pg_round"]
+                or s.get("keys_round")):
             continue
         key = f"{s['server']} {s['method'].upper()}"
         series.setdefault(key, []).append(
@@ -975,6 +1150,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="empty,1m (LMDB, default both; --quick: empty), pg,pg2 (never by "
                         "default: the PostgreSQL ledger with one node, with two nodes, each "
                         "against LMDB in the same round)")
+    parser.add_argument("--keys", type=_list, default=["file"],
+                        help="file (default: key files, every run), softhsm (never by default: "
+                        "the key comparison alone; file,softhsm: rounds of the file-key server "
+                        "and of the same with its CA and RA keys in a SoftHSM2 token)")
     parser.add_argument("--no-micromdm", action="store_true")
     parser.add_argument("--count", type=int, help="requests per scep-fast run (at most)")
     parser.add_argument("--micromdm-count", type=int, help="requests per micromdm run")
@@ -989,6 +1168,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="alternating empty and 1m runs compared (default 3)")
     parser.add_argument("--pg-rounds", type=int, default=3,
                         help="rounds of LMDB, pg and pg2 runs in turn, compared by their "
+                        "medians (default 3)")
+    parser.add_argument("--key-rounds", type=int, default=3,
+                        help="rounds of file and softhsm runs in turn, compared by their "
                         "medians (default 3)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -1006,7 +1188,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     for name, allowed in (("methods", {"post", "get"}),
                           ("ca_keys", {"rsa2048", "rsa4096", "p256"}),
-                          ("ledgers", {"empty", "1m", "pg", "pg2"})):
+                          ("ledgers", {"empty", "1m", "pg", "pg2"}),
+                          ("keys", {"file", "softhsm"})):
         unknown = set(getattr(args, name)) - allowed
         if unknown:
             parser.error(f"unknown {name}: {', '.join(sorted(unknown))}")
@@ -1029,20 +1212,23 @@ def main(argv: list[str] | None = None) -> int:
     log("measuring the floor with openssl speed")
     floor = floors(sorted({s.ca_key for s in scenarios}), args.speed_seconds)
     log("floor: " + json.dumps(floor))
-    prepare_requests(scenarios, args)
-    if any(s.ledger == "1m" for s in scenarios):
-        preloaded_ledger()
 
     results: list[dict[str, Any]] = []
-    namespace = network_namespace() if any(s.server == "micromdm" for s in scenarios) \
-        else contextlib.nullcontext(None)
-    database = postgres_cluster() if any(s.ledger == "pg" for s in scenarios) \
-        else contextlib.nullcontext(None)
-    with namespace as netns, database as pg:
+    with contextlib.ExitStack() as stack:
+        # The token first: the requests of its runs are encrypted to its RA.
+        token = stack.enter_context(softhsm_keys()) \
+            if any(s.keys == "softhsm" for s in scenarios) else None
+        prepare_requests(scenarios, args, token)
+        if any(s.ledger == "1m" for s in scenarios):
+            preloaded_ledger()
+        netns = stack.enter_context(network_namespace()) \
+            if any(s.server == "micromdm" for s in scenarios) else None
+        pg = stack.enter_context(postgres_cluster()) \
+            if any(s.ledger == "pg" for s in scenarios) else None
         for scenario in scenarios:
             log(f"run {scenario.name} ...")
             try:
-                result = run_scenario(scenario, args, netns, pg)
+                result = run_scenario(scenario, args, netns, pg, token)
             except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
                 log(f"  failed: {exc}")
                 result = {"scenario": asdict(scenario), "enroll_per_s": 0.0,
@@ -1064,7 +1250,6 @@ def main(argv: list[str] | None = None) -> int:
                     + (f"  DB CPU {_num(result.get('db_cpu_ms_per_enroll'), 3)} ms/enroll"
                        if "db_cpu_s" in result else ""))
 
-    head = headline(results, floor)
     workers = sorted({r["server_workers"] for r in results if r.get("server_workers")})
     meta = {
         "cpus": os.cpu_count(),
@@ -1074,8 +1259,23 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/compare.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    key_runs = [r for r in results if r["scenario"].get("keys_round")]
+    if key_runs:
+        # Files of their own: the grid's results.md, summary.json and plot.png stay.
+        keys = keys_summary(key_runs)
+        (RESULTS_DIR / "softhsm.json").write_text(json.dumps(
+            {"summary": keys, "floor": floor, "meta": meta, "runs": key_runs,
+             "finished": finished}, indent=2) + "\n")
+        write_keys_markdown(RESULTS_DIR / "softhsm.md", key_runs, floor, keys, meta)
+        log(f"wrote {RESULTS_DIR / 'softhsm.md'}, softhsm.json")
+        if len(key_runs) == len(results):
+            print(json.dumps(keys))
+            return 0
+    results = [r for r in results if not r["scenario"].get("keys_round")]
+    head = headline(results, floor)
     summary = {"headline": head, "floor": floor, "meta": meta, "runs": results,
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+               "finished": finished}
     (RESULTS_DIR / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_markdown(RESULTS_DIR / "results.md", results, floor, head, meta)
     plotted = write_plot(RESULTS_DIR / "plot.png", results)

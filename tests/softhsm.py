@@ -7,6 +7,10 @@ never with our code, so a test of our key handling does not lean on itself.
 A missing SoftHSM2, libp11 engine or pkcs11-tool goes through
 ``tests.conftest.missing_peer``: skipped on a developer's machine, a failure
 when SCEP_FAST_REQUIRE_PEERS=1.
+
+The benchmarks make their tokens with this module too (``benchmarks/compare.py``,
+``benchmarks/padding_timing.py``), so it does not import pytest: they check
+``missing()`` first.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import missing_peer
-
 _MODULES = ("/usr/lib/softhsm/libsofthsm2.so",
             "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 PIN = "4826-1379"
+# The key objects `scep-fast init --generate-in-token` is asked to make.
+CA_OBJECT = "scep-ca"
+RA_OBJECT = "scep-ra"
 SO_PIN = "9911-3377"
 
 
@@ -55,6 +60,8 @@ def missing() -> str | None:
 def require() -> None:
     reason = missing()
     if reason is not None:
+        from tests.conftest import missing_peer
+
         missing_peer(reason)
 
 
@@ -79,6 +86,13 @@ class Token:
 
     def uri(self, label: str) -> str:
         return f"pkcs11:token={self.label};object={label};type=private"
+
+    def init_options(self, pin_file: Path, ca_object: str = CA_OBJECT,
+                     ra_object: str = RA_OBJECT) -> list[str]:
+        """The options of `scep-fast init` for a CA and an RA key held in this token."""
+        return ["--ca-key-uri", f"pkcs11:token={self.label};object={ca_object}",
+                "--ra-key-uri", f"pkcs11:token={self.label};object={ra_object}",
+                "--pkcs11-module", self.module, "--pkcs11-pin-file", str(pin_file)]
 
     def write_pin_file(self, path: Path, mode: int = 0o600) -> Path:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

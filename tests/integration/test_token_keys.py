@@ -47,8 +47,8 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_crl import fetch_crl, openssl_crl_verify
 
-CA_OBJECT = "scep-ca"
-RA_OBJECT = "scep-ra"
+CA_OBJECT = softhsm.CA_OBJECT
+RA_OBJECT = softhsm.RA_OBJECT
 
 
 @dataclass
@@ -65,10 +65,8 @@ class TokenServer:
 def init_with_token(token: softhsm.Token, directory: Path, pin_file: Path,
                     *extra: str) -> subprocess.CompletedProcess[str]:
     return scep_fast("init", "--dir", str(directory), "--challenge", CHALLENGE,
-                     "--ca-key-uri", f"pkcs11:token={token.label};object={CA_OBJECT}",
-                     "--ra-key-uri", f"pkcs11:token={token.label};object={RA_OBJECT}",
-                     "--pkcs11-module", token.module, "--pkcs11-pin-file", str(pin_file),
-                     *extra, env={"SOFTHSM2_CONF": str(token.conf)})
+                     *token.init_options(pin_file), *extra,
+                     env={"SOFTHSM2_CONF": str(token.conf)})
 
 
 def start_token_server(base: Path,
