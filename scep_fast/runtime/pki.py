@@ -90,9 +90,22 @@ def make_ca(key: SigningKey, cn: str, now: datetime.datetime) -> x509.Certificat
     )
 
 
+# What an RA certificate is for: one RA does both (clients check both usages);
+# an NDES-style pair splits them between a signing and an encryption RA.
+RA_USAGES = ("both", "signing", "encryption")
+
+
 def make_ra(key: SigningKey, cn: str, ca: x509.Certificate, ca_key: SigningKey,
-            now: datetime.datetime) -> x509.Certificate:
-    """An RA certificate: RSA, digitalSignature + keyEncipherment (clients check both)."""
+            now: datetime.datetime, usage: str = "both") -> x509.Certificate:
+    """An RA certificate, RSA: digitalSignature + keyEncipherment, or one of them.
+
+    ``usage`` "signing" (digitalSignature only) and "encryption"
+    (keyEncipherment only) make the two halves of an NDES-style RA pair:
+    clients written against NDES envelope to the one without
+    digitalSignature and verify replies with the other.
+    """
+    if usage not in RA_USAGES:
+        raise ValueError(f"unknown RA usage {usage!r}")
     ra_public = _public(key)
     if not isinstance(ra_public, rsa.RSAPublicKey):
         raise ValueError("the RA key must be RSA (SCEP clients encrypt to it)")
@@ -107,10 +120,10 @@ def make_ra(key: SigningKey, cn: str, ca: x509.Certificate, ca_key: SigningKey,
         .not_valid_after(now + datetime.timedelta(days=RA_VALIDITY_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False,
-                          key_encipherment=True, data_encipherment=False, key_agreement=False,
-                          key_cert_sign=False, crl_sign=False, encipher_only=False,
-                          decipher_only=False),
+            x509.KeyUsage(digital_signature=usage != "encryption", content_commitment=False,
+                          key_encipherment=usage != "signing", data_encipherment=False,
+                          key_agreement=False, key_cert_sign=False, crl_sign=False,
+                          encipher_only=False, decipher_only=False),
             critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ra_public), critical=False)
@@ -173,6 +186,9 @@ class Material:
     previous: tuple[PreviousCa, ...] = ()
     # The GetNextCACert body while a next CA waits in DIR/next (see rollover).
     next_message: bytes | None = None
+    # The encryption RA of an NDES-style pair (certificate DER, key), or None:
+    # requests enveloped to it are opened; ra_cert (the signing RA) signs.
+    ra_encryption: tuple[bytes, KeyRef] | None = None
 
     @property
     def signer(self) -> tuple[bytes, KeyRef]:
@@ -219,7 +235,21 @@ def load_material(config: Config, *, next_message: bool = True) -> Material:
     return Material(mode=mode, ca_cert=ca_cert, ca_key=ca_key, ra_cert=ra_cert, ra_key=ra_key,
                     challenge=challenge, previous=load_previous(config),
                     next_message=next_ca_message(config, signer, ca_cert) if next_message
-                    else None)
+                    else None,
+                    ra_encryption=load_ra_encryption(config))
+
+
+def has_ra_pair(config: Config) -> bool:
+    """Whether the directory has an NDES-style RA pair (``init --ra-pair``)."""
+    return bool(config.get("pki", "ra_encryption_cert"))
+
+
+def load_ra_encryption(config: Config) -> tuple[bytes, KeyRef] | None:
+    """The encryption RA of an RA pair, certificate DER and key DER, or None."""
+    if not has_ra_pair(config):
+        return None
+    return (der_certificate(config.path("pki", "ra_encryption_cert").read_bytes()),
+            der_private_key(config.path("pki", "ra_encryption_key").read_bytes()))
 
 
 # ---- CA rollover ---------------------------------------------------------------
@@ -353,6 +383,11 @@ def rollover(config: Config, ca_key_type: str, now: datetime.datetime, *,
     if ca_key_type not in CA_KEY_TYPES:
         raise RolloverError(f"unknown CA key type {ca_key_type!r}")
     mode = str(config.get("pki", "mode"))
+    if has_ra_pair(config):
+        # Not built yet: the next CA would need a next pair (two RA keys),
+        # GetNextCACert both of them, and activate/previous/ both halves.
+        raise RolloverError("rollover of an NDES-style RA pair (pki.ra_encryption_cert) is "
+                            "not supported yet; initialise a new directory instead")
     uris = {"ca_key": ca_key_uri}
     if mode == "ra":
         uris["ra_key"] = ra_key_uri
@@ -456,6 +491,9 @@ def activate(config: Config) -> tuple[str, str]:
     exists, the current CA certificate is still the old one.
     """
     source = config.dir / NEXT_DIR
+    if has_ra_pair(config):
+        raise RolloverError("activation with an NDES-style RA pair (pki.ra_encryption_cert) "
+                            "is not supported yet")
     if not source.is_dir():
         raise RolloverError("no next CA: run `scep-fast ca rollover` first")
     names = ["ca_key"] + (["ra_key"] if str(config.get("pki", "mode")) == "ra" else [])
