@@ -10,6 +10,7 @@ the signing RA is opened too.
 from __future__ import annotations
 
 import stat
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from scep_fast.client import (
     build_pkcs_req,
     enroll,
     generate_key,
+    get_cert,
+    get_crl,
     parse_cert_rep,
     renew,
 )
@@ -104,6 +107,17 @@ def test_getcacert_serves_ca_signing_and_encryption_ra(pair_server: Server) -> N
     assert answer.ca == ca
 
 
+def test_expiry_gauge_of_the_encryption_ra(pair_server: Server) -> None:
+    url = f"http://127.0.0.1:{pair_server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    expected = _pem(pair_server.directory, "ra-encryption.pem").not_valid_after_utc.timestamp()
+    lines = [line for line in text.splitlines() if line.startswith(
+        'scep_ca_certificate_expiry_timestamp_seconds{certificate="ra_encryption"}')]
+    assert len(lines) == 1, text
+    assert float(lines[0].split()[-1]) == expected
+
+
 def test_client_envelopes_to_the_encryption_ra_and_enrolls(pair_server: Server) -> None:
     directory = pair_server.directory
     signing, encryption = _pem(directory, "ra.pem"), _pem(directory, "ra-encryption.pem")
@@ -148,6 +162,18 @@ def test_renewal_against_the_pair(pair_server: Server) -> None:
     assert request.recipient == _pem(pair_server.directory, "ra-encryption.pem")
     assert reply.status is PKIStatus.SUCCESS, reply.fail_info_text
     assert reply.signer == _pem(pair_server.directory, "ra.pem")
+
+
+def test_getcert_and_getcrl_against_the_pair(pair_server: Server) -> None:
+    issued = enroll(pair_server.url, CHALLENGE, "pair-getcert")
+    assert issued.cert is not None
+    reply = get_cert(pair_server.url, issued.cert.serial_number)
+    assert reply.status is PKIStatus.SUCCESS, reply.fail_info_text
+    assert reply.certificates[0] == issued.cert
+    assert reply.signer == _pem(pair_server.directory, "ra.pem")
+    reply = get_crl(pair_server.url)
+    assert reply.status is PKIStatus.SUCCESS, reply.fail_info_text
+    assert reply.crls
 
 
 def test_rollover_of_a_pair_is_refused(pair_server: Server) -> None:
