@@ -165,6 +165,8 @@ class PreviousCa:
     ca_key: KeyRef
     ra_cert: bytes
     ra_key: KeyRef
+    # The retired encryption RA of an NDES-style pair (certificate, key file DER).
+    ra_encryption: tuple[bytes, bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,14 +257,18 @@ def load_ra_encryption(config: Config) -> tuple[bytes, KeyRef] | None:
 # ---- CA rollover ---------------------------------------------------------------
 #
 # DIR/next/      the next CA (ca.pem, ca.key) and, in RA mode, its RA (ra.pem,
-#                ra.key), made by `scep-fast ca rollover` and offered by
-#                GetNextCACert (RFC 8894 section 4.7) until `ca activate`.
-# DIR/previous/<id>/  every retired CA with its RA, <id> being ca_id() of the
-#                CA: its CRL is still signed and its RA key still decrypts.
+#                ra.key; with an NDES-style pair also ra-encryption.pem and
+#                ra-encryption.key), made by `scep-fast ca rollover` and offered
+#                by GetNextCACert (RFC 8894 section 4.7) until `ca activate`.
+# DIR/previous/<id>/  every retired CA with its RA (and encryption RA), <id>
+#                being ca_id() of the CA: its CRL is still signed and its RA
+#                keys still decrypt.
 
 NEXT_DIR = "next"
 PREVIOUS_DIR = "previous"
 _CA_CERT, _CA_KEY, _RA_CERT, _RA_KEY = "ca.pem", "ca.key", "ra.pem", "ra.key"
+# The encryption RA of an NDES-style pair, in next/ and previous/<id>/ (always a key file).
+_RA_ENC_CERT, _RA_ENC_KEY = "ra-encryption.pem", "ra-encryption.key"
 # A key in a token is kept in next/ and previous/<id>/ as its URI: ca.uri, ra.uri.
 _URI_SUFFIX = ".uri"
 _SLOTS = {"ca_key": "ca", "ra_key": "ra"}
@@ -319,21 +325,27 @@ def load_previous(config: Config) -> tuple[PreviousCa, ...]:
             ra_cert, ra_key = _read_pair(config, entry, _RA_CERT, _RA_KEY)
         else:
             ra_cert, ra_key = ca_cert, ca_key
+        ra_encryption = None
+        if (entry / _RA_ENC_CERT).exists():
+            ra_encryption = (der_certificate((entry / _RA_ENC_CERT).read_bytes()),
+                             der_private_key((entry / _RA_ENC_KEY).read_bytes()))
         not_before = x509.load_der_x509_certificate(ca_cert).not_valid_before_utc
-        found.append((not_before, PreviousCa(ca_cert, ca_key, ra_cert, ra_key)))
+        found.append((not_before, PreviousCa(ca_cert, ca_key, ra_cert, ra_key, ra_encryption)))
     found.sort(key=lambda item: item[0], reverse=True)
     return tuple(previous for _, previous in found)
 
 
 def next_ca_certificates(config: Config) -> tuple[bytes, ...]:
-    """The next RA (RA mode) and CA certificates, DER, or () when there is none."""
+    """The next RA (RA mode; signing then encryption RA for a pair) and CA certificates, DER.
+
+    () when there is none.
+    """
     directory = config.dir / NEXT_DIR
     if not (directory / _CA_CERT).exists():
         return ()
-    certs = [der_certificate((directory / _CA_CERT).read_bytes())]
-    if (directory / _RA_CERT).exists():
-        certs.insert(0, der_certificate((directory / _RA_CERT).read_bytes()))
-    return tuple(certs)
+    names = [_RA_CERT, _RA_ENC_CERT, _CA_CERT]
+    return tuple(der_certificate((directory / name).read_bytes()) for name in names
+                 if (directory / name).exists())
 
 
 def next_ca_message(config: Config, signer: tuple[bytes, KeyRef],
@@ -383,11 +395,6 @@ def rollover(config: Config, ca_key_type: str, now: datetime.datetime, *,
     if ca_key_type not in CA_KEY_TYPES:
         raise RolloverError(f"unknown CA key type {ca_key_type!r}")
     mode = str(config.get("pki", "mode"))
-    if has_ra_pair(config):
-        # Not built yet: the next CA would need a next pair (two RA keys),
-        # GetNextCACert both of them, and activate/previous/ both halves.
-        raise RolloverError("rollover of an NDES-style RA pair (pki.ra_encryption_cert) is "
-                            "not supported yet; initialise a new directory instead")
     uris = {"ca_key": ca_key_uri}
     if mode == "ra":
         uris["ra_key"] = ra_key_uri
@@ -438,8 +445,20 @@ def rollover(config: Config, ca_key_type: str, now: datetime.datetime, *,
                     NameOID.COMMON_NAME)
             ra_cn = str(ra_names[0].value) if ra_names else "scep-fast RA"
             ra_key: SigningKey = loaded["ra_key"] if "ra_key" in loaded else new_rsa_key(2048)
+            pair = has_ra_pair(config)
             _write_key(staging, _RA_KEY, ra_key, refs.get("ra_key"))
-            write_public(staging / _RA_CERT, cert_pem(make_ra(ra_key, ra_cn, ca, ca_key, now)))
+            write_public(staging / _RA_CERT, cert_pem(make_ra(
+                ra_key, ra_cn, ca, ca_key, now, usage="signing" if pair else "both")))
+            if pair:
+                # The next encryption RA of an NDES-style pair: a new key file.
+                enc_names = x509.load_der_x509_certificate(der_certificate(
+                    config.path("pki", "ra_encryption_cert").read_bytes())
+                ).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+                enc_cn = str(enc_names[0].value) if enc_names else "scep-fast RA encryption"
+                enc_key = new_rsa_key(2048)
+                write_secret(staging / _RA_ENC_KEY, key_pem(enc_key))
+                write_public(staging / _RA_ENC_CERT, cert_pem(make_ra(
+                    enc_key, enc_cn, ca, ca_key, now, usage="encryption")))
         _fsync_dir(staging)
         # One rename: DIR/next appears complete or not at all.
         os.rename(staging, target)
@@ -491,15 +510,18 @@ def activate(config: Config) -> tuple[str, str]:
     exists, the current CA certificate is still the old one.
     """
     source = config.dir / NEXT_DIR
-    if has_ra_pair(config):
-        raise RolloverError("activation with an NDES-style RA pair (pki.ra_encryption_cert) "
-                            "is not supported yet")
     if not source.is_dir():
         raise RolloverError("no next CA: run `scep-fast ca rollover` first")
+    pair = has_ra_pair(config)
+    if pair and (source / _CA_CERT).exists() and not (source / _RA_ENC_CERT).exists():
+        raise RolloverError(f"{source} has no {_RA_ENC_CERT} for the RA pair: remove it and "
+                            "run `scep-fast ca rollover` again")
     names = ["ca_key"] + (["ra_key"] if str(config.get("pki", "mode")) == "ra" else [])
     cert_targets = {_CA_CERT: config.path("pki", "ca_cert")}
     if "ra_key" in names:
         cert_targets[_RA_CERT] = config.path("pki", "ra_cert")
+    if pair:
+        cert_targets[_RA_ENC_CERT] = config.path("pki", "ra_encryption_cert")
     if (source / _CA_CERT).exists():
         old_cert = der_certificate(cert_targets[_CA_CERT].read_bytes())
         new_cert = der_certificate((source / _CA_CERT).read_bytes())
@@ -520,6 +542,9 @@ def activate(config: Config) -> tuple[str, str]:
                                  value.encode() + b"\n")
                 else:
                     write_secret(staging / file_name, (config.dir / value).read_bytes())
+            if pair:
+                write_secret(staging / _RA_ENC_KEY,
+                             config.path("pki", "ra_encryption_key").read_bytes())
             _fsync_dir(staging)
             os.rename(staging, archive)
             _fsync_dir(archive.parent)
@@ -542,10 +567,12 @@ def activate(config: Config) -> tuple[str, str]:
             target_name = f"{_SLOTS[name]}.key" if is_token_uri(value) else value
             os.replace(key_file, config.dir / target_name)
             values["pki"][name] = target_name
+    if pair and (source / _RA_ENC_KEY).exists():
+        os.replace(source / _RA_ENC_KEY, config.path("pki", "ra_encryption_key"))
     if values["pki"] != config.values["pki"]:
         _replace_config(config, values)
     _fsync_dir(config.dir)
-    for cert_name in (_RA_CERT, _CA_CERT):
+    for cert_name in (_RA_CERT, _RA_ENC_CERT, _CA_CERT):
         if cert_name in cert_targets and (source / cert_name).exists():
             os.replace(source / cert_name, cert_targets[cert_name])
     _fsync_dir(config.dir)

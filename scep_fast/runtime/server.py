@@ -161,6 +161,7 @@ def _context(config: Config, material: Material) -> tuple[ScepContext, list[Nati
     signer = (material.signer[0], signer_key)
     # Clients that still hold a retired RA certificate encrypt to it.
     retired = [(p.ra_cert, open_key(p.ra_key)) for p in material.previous]
+    retired += [p.ra_encryption for p in material.previous if p.ra_encryption is not None]
     # An NDES-style pair: requests enveloped to the encryption RA are opened
     # too (and those enveloped to the signing RA still are); replies are
     # signed by the signing RA alone.

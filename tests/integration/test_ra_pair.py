@@ -4,7 +4,8 @@ GetCACert serves the CA, a signing RA (digitalSignature only) and an
 encryption RA (keyEncipherment only). The project's client envelopes its
 request to the encryption RA, picked by key usage as NDES clients pick it,
 and verifies the CertRep against the signing RA. A request enveloped to
-the signing RA is opened too.
+the signing RA is opened too. A CA rollover makes a next pair, and the
+retired pair still opens requests.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from scep_fast.client import (
 )
 from scep_fast.protocol import PKIStatus
 from scep_fast.runtime import config as configuration
+from scep_fast.runtime import pki
 from scep_fast.runtime.config import ConfigError
 from tests.integration.conftest import (
     CHALLENGE,
@@ -40,6 +42,7 @@ from tests.integration.conftest import (
     set_config,
     start_server,
 )
+from tests.integration.test_rollover import openssl, reload_until
 from tests.integration.test_server import ca_certs, post
 
 
@@ -176,16 +179,67 @@ def test_getcert_and_getcrl_against_the_pair(pair_server: Server) -> None:
     assert reply.crls
 
 
-def test_rollover_of_a_pair_is_refused(pair_server: Server) -> None:
-    done = scep_fast("ca", "rollover", "--dir", str(pair_server.directory))
-    assert done.returncode == 1
-    assert "NDES-style RA pair" in done.stderr and "not supported" in done.stderr
-    assert not (pair_server.directory / "next").exists()
-    done = scep_fast("ca", "activate", "--dir", str(pair_server.directory))
-    assert done.returncode == 1
-    assert "NDES-style RA pair" in done.stderr
-    # The server still enrolls with the pair.
-    assert enroll(pair_server.url, CHALLENGE, "after-refusal").status is PKIStatus.SUCCESS
+def test_rollover_and_activate_keep_the_pair(server_factory: Any, tmp_path: Path) -> None:
+    server: Server = server_factory("--ra-pair")
+    directory = server.directory
+    old_ca_pem = tmp_path / "old-ca.pem"
+    old_ca_pem.write_bytes((directory / "ca.pem").read_bytes())
+    old_signing, old_encryption = _pem(directory, "ra.pem"), _pem(directory, "ra-encryption.pem")
+
+    done = scep_fast("ca", "rollover", "--dir", str(directory))
+    assert done.returncode == 0, done.stderr
+    next_dir = directory / "next"
+    next_ca = _pem(next_dir, "ca.pem")
+    next_signing, next_encryption = _pem(next_dir, "ra.pem"), _pem(next_dir, "ra-encryption.pem")
+    assert _usage(next_signing) == (True, False)
+    assert _usage(next_encryption) == (False, True)
+    for ra in (next_signing, next_encryption):
+        ra.verify_directly_issued_by(next_ca)
+    assert stat.S_IMODE((next_dir / "ra-encryption.key").stat().st_mode) == 0o600
+
+    # GetNextCACert: the next CA and both next RAs, signed by the current signing RA.
+    reload_until(server, wanted=True)
+    response = server.request("GET", "/scep?operation=GetNextCACert")
+    assert response.status == 200
+    message = tmp_path / "next.p7"
+    message.write_bytes(response.read_body)  # type: ignore[attr-defined]
+    inner, signers = tmp_path / "inner.p7", tmp_path / "signers.pem"
+    verified = openssl("cms", "-verify", "-inform", "DER", "-in", str(message), "-binary",
+                       "-CAfile", str(old_ca_pem), "-purpose", "any", "-out", str(inner),
+                       "-signer", str(signers))
+    assert verified.returncode == 0, verified.stderr
+    assert x509.load_pem_x509_certificate(signers.read_bytes()) == old_signing
+    listed = openssl("pkcs7", "-inform", "DER", "-in", str(inner), "-print_certs")
+    assert listed.returncode == 0, listed.stderr
+    assert set(x509.load_pem_x509_certificates(listed.stdout.encode())) == {
+        next_ca, next_signing, next_encryption}
+
+    done = scep_fast("ca", "activate", "--dir", str(directory))
+    assert done.returncode == 0, done.stderr
+    archive = directory / "previous" / pki.ca_id(pki.der_certificate(old_ca_pem.read_bytes()))
+    assert _pem(archive, "ra-encryption.pem") == old_encryption
+    assert stat.S_IMODE((archive / "ra-encryption.key").stat().st_mode) == 0o600
+    assert _pem(directory, "ra-encryption.pem") == next_encryption
+    assert _pem(directory, "ra.pem") == next_signing
+    assert not next_dir.exists()
+    reload_until(server, wanted=False)
+
+    after = enroll(server.url, CHALLENGE, "after-pair-rollover")
+    assert after.status is PKIStatus.SUCCESS, after.fail_info_text
+    assert after.ca_certs.certificates == (next_signing, next_encryption, next_ca)
+    assert _recipient(after.request.message) == _names(next_encryption)
+    assert after.reply.signer == next_signing
+    assert after.cert is not None
+    after.cert.verify_directly_issued_by(next_ca)
+
+    # Clients still holding the old pair envelope to an old RA: both old keys open it.
+    for old in (old_encryption, old_signing):
+        request = build_pkcs_req(old, cn="stale-pair-client", challenge=CHALLENGE)
+        status, _, body = post(server, request.message)
+        assert status == 200, body
+        reply = parse_cert_rep(body, request, ra_certs=[next_signing])
+        assert reply.status is PKIStatus.SUCCESS, reply.fail_info_text
+        assert reply.certificates[0].issuer == next_ca.subject
 
 
 def test_ra_pair_is_refused_in_ca_mode(tmp_path: Path) -> None:
