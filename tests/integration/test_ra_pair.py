@@ -242,6 +242,19 @@ def test_rollover_and_activate_keep_the_pair(server_factory: Any, tmp_path: Path
         assert reply.certificates[0].issuer == next_ca.subject
 
 
+def test_activate_refuses_a_next_ca_without_the_encryption_ra(tmp_path: Path) -> None:
+    directory = init_dir(tmp_path / "scep", "--ra-pair")
+    assert scep_fast("ca", "rollover", "--dir", str(directory)).returncode == 0
+    for name in ("ra-encryption.pem", "ra-encryption.key"):
+        (directory / "next" / name).unlink()
+    current = (directory / "ca.pem").read_bytes()
+    done = scep_fast("ca", "activate", "--dir", str(directory))
+    assert done.returncode == 1
+    assert "ra-encryption.pem" in done.stderr and "rollover" in done.stderr
+    assert (directory / "ca.pem").read_bytes() == current
+    assert not (directory / "previous").exists()
+
+
 def test_ra_pair_is_refused_in_ca_mode(tmp_path: Path) -> None:
     done = scep_fast("init", "--dir", str(tmp_path / "scep"), "--challenge", CHALLENGE,
                      "--ca-mode", "--ra-pair")
