@@ -743,6 +743,8 @@ def fetch_ca(url: str) -> tuple[list[bytes], bytes | None]:
     """GetCACert: (RA certificates that may sign replies, RA first; the CA or None)."""
     certs = ScepTransport(url, timeout=10).get_ca_cert()
     ras = [certs.ra]
+    if certs.signer is not certs.ra:  # the signing RA of an NDES-style pair
+        ras.append(certs.signer)
     if certs.ca is not None and certs.ca is not certs.ra:
         ras.append(certs.ca)
     ders = [c.public_bytes(serialization.Encoding.DER) for c in ras]

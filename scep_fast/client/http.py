@@ -258,7 +258,7 @@ def enroll(
         key_transport=key_transport,
     )
     answer = transport.pki_operation(request.message, use_get=use_get or not caps.post)
-    reply = parse_cert_rep(answer, request, ra_certs=[ca_certs.ra])
+    reply = parse_cert_rep(answer, request, ra_certs=[ca_certs.signer])
     assert request.device_key is not None  # build_pkcs_req always sets it
     cert: x509.Certificate | None = None
     chain: tuple[x509.Certificate, ...] = ()

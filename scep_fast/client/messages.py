@@ -1077,12 +1077,20 @@ class CACertificates:
 
     ``ra`` receives the requests and signs the replies; in CA mode (no
     separate RA) it is the CA itself. ``ca`` is the issuing CA when it is
-    among the certificates.
+    among the certificates. With an NDES-style RA pair, ``ra`` is the
+    encryption RA (the envelope's recipient) and ``ra_signer`` the signing
+    RA that signs the replies; ``signer`` names whichever signs.
     """
 
     ra: x509.Certificate
     ca: x509.Certificate | None
     certificates: tuple[x509.Certificate, ...]
+    ra_signer: x509.Certificate | None = None
+
+    @property
+    def signer(self) -> x509.Certificate:
+        """The certificate that signs CertReps: the signing RA of a pair, else ``ra``."""
+        return self.ra_signer if self.ra_signer is not None else self.ra
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -1095,6 +1103,14 @@ def _is_ca(cert: x509.Certificate) -> bool:
 def _can_encipher(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _can_sign(cert: x509.Certificate) -> bool:
+    try:
+        return bool(
+            cert.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature)
     except x509.ExtensionNotFound:
         return False
 
@@ -1142,7 +1158,20 @@ def _parse_ca_certs(body: bytes, content_type: str | None) -> CACertificates:
     ras = [c for c in certs if not _is_ca(c) and _can_encipher(c)]
     cas = [c for c in certs if _is_ca(c)]
     ca: x509.Certificate | None
-    if ras:
+    ra_signer: x509.Certificate | None = None
+    # Quirk(NDES): GetCACert holds two RA certificates, one for signing
+    # (digitalSignature) and one for encryption (keyEncipherment without
+    # digitalSignature). The envelope goes to the encryption RA, and the
+    # reply is verified against the signing RA issued by the same CA.
+    encrypting = [c for c in ras if not _can_sign(c)]
+    if encrypting:
+        ra = encrypting[0]
+        ca = next((c for c in cas if _issued_by(ra, c)), None)
+        ra_signer = next((c for c in certs if not _is_ca(c) and _can_sign(c)
+                          and c.issuer == ra.issuer), None)
+        if ra_signer is None:
+            raise ResponseError("GetCACert holds an encryption RA but no signing RA")
+    elif ras:
         ra = ras[0]
         ca = next((c for c in cas if _issued_by(ra, c)), None)
     else:
@@ -1153,7 +1182,7 @@ def _parse_ca_certs(body: bytes, content_type: str | None) -> CACertificates:
         ca = ra
     if not isinstance(ra.public_key(), rsa.RSAPublicKey):
         raise ResponseError("the RA certificate has no RSA key to encrypt requests to")
-    return CACertificates(ra=ra, ca=ca, certificates=tuple(certs))
+    return CACertificates(ra=ra, ca=ca, certificates=tuple(certs), ra_signer=ra_signer)
 
 
 # -------------------------------------------------------------- GetCACaps

@@ -29,15 +29,21 @@ from scep_fast.client.messages import (
 from scep_fast.protocol import PKIStatus
 
 
-def _issuing_ca(transport: ScepTransport) -> tuple[x509.Certificate, x509.Certificate]:
-    """The RA and the issuing CA from GetCACert (in CA mode they are one certificate)."""
+def _issuing_ca(
+        transport: ScepTransport) -> tuple[x509.Certificate, x509.Certificate, x509.Certificate]:
+    """The RA, the issuing CA and the reply signer from GetCACert.
+
+    In CA mode all three are one certificate; with an NDES-style RA pair the
+    RA is the encryption RA and the signer the signing RA.
+    """
     certs = transport.get_ca_cert()
-    return certs.ra, certs.ca if certs.ca is not None else certs.ra
+    return certs.ra, certs.ca if certs.ca is not None else certs.ra, certs.signer
 
 
-def _exchange(transport: ScepTransport, request: PkiRequest, use_get: bool) -> CertRep:
+def _exchange(transport: ScepTransport, request: PkiRequest, use_get: bool,
+              signer: x509.Certificate) -> CertRep:
     answer = transport.pki_operation(request.message, use_get=use_get)
-    return parse_cert_rep(answer, request, ra_certs=[request.recipient])
+    return parse_cert_rep(answer, request, ra_certs=[signer])
 
 
 def renew(url: str, old_cert: x509.Certificate, old_key: rsa.RSAPrivateKey, *,
@@ -48,23 +54,23 @@ def renew(url: str, old_cert: x509.Certificate, old_key: rsa.RSAPrivateKey, *,
     caps = transport.get_ca_caps()
     if not caps.renewal:
         raise ResponseError("the CA does not advertise Renewal")
-    ra = transport.get_ca_cert().ra
+    ra, _, signer = _issuing_ca(transport)
     cns = old_cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     request = build_renewal_req(ra, old_cert=old_cert, old_key=old_key,
                                 cn=str(cns[-1].value) if cns else "",
                                 key=new_key if new_key is not None else old_key,
                                 digest=caps.digest, cipher=caps.cipher)
-    return request, _exchange(transport, request, use_get or not caps.post)
+    return request, _exchange(transport, request, use_get or not caps.post, signer)
 
 
 def poll(url: str, request: PkiRequest, *, wait_seconds: float, interval_seconds: float = 5.0,
          use_get: bool = False, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> CertRep:
     """CertPoll for ``request`` until it is decided or ``wait_seconds`` have passed."""
     transport = ScepTransport(url, timeout=timeout)
-    _, ca = _issuing_ca(transport)
+    _, ca, signer = _issuing_ca(transport)
     deadline = time.monotonic() + wait_seconds
     while True:
-        reply = _exchange(transport, build_cert_poll(request, ca), use_get)
+        reply = _exchange(transport, build_cert_poll(request, ca), use_get, signer)
         if reply.status is not PKIStatus.PENDING or time.monotonic() >= deadline:
             return reply
         time.sleep(min(interval_seconds, max(0.0, deadline - time.monotonic())))
@@ -79,10 +85,10 @@ def _throwaway_signer() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
 def _query(url: str, build: Callable[..., PkiRequest], serial: int, use_get: bool,
            timeout: float) -> CertRep:
     transport = ScepTransport(url, timeout=timeout)
-    ra, ca = _issuing_ca(transport)
+    ra, ca, reply_signer = _issuing_ca(transport)
     key, signer = _throwaway_signer()
     request = build(ra, issuer=ca.subject, serial=serial, signer_key=key, signer_cert=signer)
-    return _exchange(transport, request, use_get)
+    return _exchange(transport, request, use_get, reply_signer)
 
 
 def get_cert(url: str, serial: int, *, use_get: bool = False,

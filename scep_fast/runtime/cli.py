@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.option("--ra-cn", default="scep-fast RA", help="RA common name")
     init.option("--ca-mode", action="store_true",
                 help="no RA: the (RSA) CA certificate signs replies and decrypts requests")
+    init.option("--ra-pair", action="store_true",
+                help="an NDES-style RA pair: a signing RA (digitalSignature only) and an "
+                     "encryption RA (keyEncipherment only, key file ra-encryption.key), "
+                     "both served by GetCACert")
+    init.option("--ra-encryption-cn", default="scep-fast RA encryption",
+                help="common name of the encryption RA (with --ra-pair)")
     init.option("--challenge", default=None,
                 help="the static challenge password (default: generated and printed once)")
     init.option("--bind", default=None, help="HOST:PORT written to the config")
@@ -228,6 +234,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.ca_mode and not args.ca_key.startswith("rsa"):
         print("scep-fast: CA mode needs an RSA CA key (it decrypts requests)", file=sys.stderr)
         return 2
+    if args.ca_mode and args.ra_pair:
+        print("scep-fast: --ra-pair is an RA mode option; not with --ca-mode", file=sys.stderr)
+        return 2
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     values = configuration.defaults()
@@ -237,6 +246,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     values["profiles"]["default"] = configuration.default_profile()
     values["ledger"]["url"] = args.ledger_url
     values["ledger"]["password_file"] = args.ledger_password_file
+    if args.ra_pair:
+        values["pki"]["ra_encryption_cert"] = "ra-encryption.pem"
+        values["pki"]["ra_encryption_key"] = "ra-encryption.key"
     # Checked before anything is written: a URL with a password in it is refused.
     configuration.parse(configuration.render(values), directory)
     now = datetime.datetime.now(datetime.UTC)
@@ -260,8 +272,18 @@ def cmd_init(args: argparse.Namespace) -> int:
         else:
             ra_key = pki.new_rsa_key(2048)
             pki.write_secret(directory / values["pki"]["ra_key"], pki.key_pem(ra_key))
-        ra = pki.make_ra(ra_key, args.ra_cn, ca, ca_key, now)
+        ra = pki.make_ra(ra_key, args.ra_cn, ca, ca_key, now,
+                         usage="signing" if args.ra_pair else "both")
         pki.write_public(directory / values["pki"]["ra_cert"], pki.cert_pem(ra))
+    if args.ra_pair:
+        # The encryption half of the pair: always a key file, 0600.
+        encryption_key = pki.new_rsa_key(2048)
+        pki.write_secret(directory / values["pki"]["ra_encryption_key"],
+                         pki.key_pem(encryption_key))
+        encryption = pki.make_ra(encryption_key, args.ra_encryption_cn, ca, ca_key, now,
+                                 usage="encryption")
+        pki.write_public(directory / values["pki"]["ra_encryption_cert"],
+                         pki.cert_pem(encryption))
     # The bearer token of the admin API (one-time challenges, approvals).
     pki.write_secret(directory / values["admin"]["token_file"],
                      secrets.token_urlsafe(32).encode() + b"\n")
@@ -277,7 +299,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     (directory / CONFIG_NAME).write_text(text, encoding="utf-8")
     in_token = " and ".join(name[:2].upper() for name in token_keys)
     kind = "token-held" if "ca_key" in token_keys and not args.generate_in_token else args.ca_key
-    print(f"initialised {directory} ({kind} CA, {'CA' if args.ca_mode else 'RA'} mode"
+    mode = ("CA mode" if args.ca_mode else
+            "RA mode, NDES-style RA pair" if args.ra_pair else "RA mode")
+    print(f"initialised {directory} ({kind} CA, {mode}"
           + (f"; {in_token} key in the token)" if in_token else ")"))
     if args.challenge is None:
         print("challenge password (shown once; also in "

@@ -90,6 +90,12 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "ca_key": _Key(str, "ca.key"),
         "ra_cert": _Key(str, "ra.pem"),
         "ra_key": _Key(str, "ra.key"),
+        # An NDES-style RA pair (`init --ra-pair`): a second RA certificate,
+        # keyEncipherment only, that requests may be enveloped to, while the
+        # RA above (digitalSignature only) signs replies. Both empty: one RA
+        # with both usages. Its key is a file (not a token URI).
+        "ra_encryption_cert": _Key(str, ""),
+        "ra_encryption_key": _Key(str, ""),
         # Token keys: the PKCS#11 module (a shared library) and the file, mode
         # 0600, holding the PIN that logs in to the token.
         "pkcs11_module": _Key(str, "", lambda v: v == "" or v.startswith("/"),
@@ -311,6 +317,7 @@ def parse(text: str, directory: Path) -> Config:
                 raise ConfigError(f"{section}.{key}: unknown key")
             values[section][key] = _check(section, key, value)
     _check_token_keys(values["pki"])
+    _check_ra_pair(values["pki"])
     values["profiles"].setdefault("default", default_profile())
     default = values["enrollment"]["default_profile"]
     if default not in values["profiles"]:
@@ -340,6 +347,22 @@ def _check_token_keys(pki: dict[str, Any]) -> None:
         for name in ("pkcs11_module", "pkcs11_pin_file"):
             if not pki[name]:
                 raise ConfigError(f"pki.{name}: needed when a key is a pkcs11: URI")
+
+
+def _check_ra_pair(pki: dict[str, Any]) -> None:
+    """The encryption RA: both its files or neither, in RA mode, its key a file."""
+    from scep_fast.runtime.keys import is_token_uri
+
+    cert, key = str(pki["ra_encryption_cert"]), str(pki["ra_encryption_key"])
+    if bool(cert) != bool(key):
+        raise ConfigError("pki.ra_encryption_cert and pki.ra_encryption_key: both or neither")
+    if not cert:
+        return
+    if pki["mode"] != "ra":
+        raise ConfigError('pki.ra_encryption_cert: an RA pair needs pki.mode = "ra"')
+    if is_token_uri(key):
+        raise ConfigError("pki.ra_encryption_key: must be a key file (a token key is not "
+                          "supported for the encryption RA)")
 
 
 def load(directory: Path) -> Config:

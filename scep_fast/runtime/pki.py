@@ -90,9 +90,22 @@ def make_ca(key: SigningKey, cn: str, now: datetime.datetime) -> x509.Certificat
     )
 
 
+# What an RA certificate is for: one RA does both (clients check both usages);
+# an NDES-style pair splits them between a signing and an encryption RA.
+RA_USAGES = ("both", "signing", "encryption")
+
+
 def make_ra(key: SigningKey, cn: str, ca: x509.Certificate, ca_key: SigningKey,
-            now: datetime.datetime) -> x509.Certificate:
-    """An RA certificate: RSA, digitalSignature + keyEncipherment (clients check both)."""
+            now: datetime.datetime, usage: str = "both") -> x509.Certificate:
+    """An RA certificate, RSA: digitalSignature + keyEncipherment, or one of them.
+
+    ``usage`` "signing" (digitalSignature only) and "encryption"
+    (keyEncipherment only) make the two halves of an NDES-style RA pair:
+    clients written against NDES envelope to the one without
+    digitalSignature and verify replies with the other.
+    """
+    if usage not in RA_USAGES:
+        raise ValueError(f"unknown RA usage {usage!r}")
     ra_public = _public(key)
     if not isinstance(ra_public, rsa.RSAPublicKey):
         raise ValueError("the RA key must be RSA (SCEP clients encrypt to it)")
@@ -107,10 +120,10 @@ def make_ra(key: SigningKey, cn: str, ca: x509.Certificate, ca_key: SigningKey,
         .not_valid_after(now + datetime.timedelta(days=RA_VALIDITY_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False,
-                          key_encipherment=True, data_encipherment=False, key_agreement=False,
-                          key_cert_sign=False, crl_sign=False, encipher_only=False,
-                          decipher_only=False),
+            x509.KeyUsage(digital_signature=usage != "encryption", content_commitment=False,
+                          key_encipherment=usage != "signing", data_encipherment=False,
+                          key_agreement=False, key_cert_sign=False, crl_sign=False,
+                          encipher_only=False, decipher_only=False),
             critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ra_public), critical=False)
@@ -152,6 +165,8 @@ class PreviousCa:
     ca_key: KeyRef
     ra_cert: bytes
     ra_key: KeyRef
+    # The retired encryption RA of an NDES-style pair (certificate, key file DER).
+    ra_encryption: tuple[bytes, bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +188,9 @@ class Material:
     previous: tuple[PreviousCa, ...] = ()
     # The GetNextCACert body while a next CA waits in DIR/next (see rollover).
     next_message: bytes | None = None
+    # The encryption RA of an NDES-style pair (certificate DER, key), or None:
+    # requests enveloped to it are opened; ra_cert (the signing RA) signs.
+    ra_encryption: tuple[bytes, KeyRef] | None = None
 
     @property
     def signer(self) -> tuple[bytes, KeyRef]:
@@ -219,20 +237,38 @@ def load_material(config: Config, *, next_message: bool = True) -> Material:
     return Material(mode=mode, ca_cert=ca_cert, ca_key=ca_key, ra_cert=ra_cert, ra_key=ra_key,
                     challenge=challenge, previous=load_previous(config),
                     next_message=next_ca_message(config, signer, ca_cert) if next_message
-                    else None)
+                    else None,
+                    ra_encryption=load_ra_encryption(config))
+
+
+def has_ra_pair(config: Config) -> bool:
+    """Whether the directory has an NDES-style RA pair (``init --ra-pair``)."""
+    return bool(config.get("pki", "ra_encryption_cert"))
+
+
+def load_ra_encryption(config: Config) -> tuple[bytes, KeyRef] | None:
+    """The encryption RA of an RA pair, certificate DER and key DER, or None."""
+    if not has_ra_pair(config):
+        return None
+    return (der_certificate(config.path("pki", "ra_encryption_cert").read_bytes()),
+            der_private_key(config.path("pki", "ra_encryption_key").read_bytes()))
 
 
 # ---- CA rollover ---------------------------------------------------------------
 #
 # DIR/next/      the next CA (ca.pem, ca.key) and, in RA mode, its RA (ra.pem,
-#                ra.key), made by `scep-fast ca rollover` and offered by
-#                GetNextCACert (RFC 8894 section 4.7) until `ca activate`.
-# DIR/previous/<id>/  every retired CA with its RA, <id> being ca_id() of the
-#                CA: its CRL is still signed and its RA key still decrypts.
+#                ra.key; with an NDES-style pair also ra-encryption.pem and
+#                ra-encryption.key), made by `scep-fast ca rollover` and offered
+#                by GetNextCACert (RFC 8894 section 4.7) until `ca activate`.
+# DIR/previous/<id>/  every retired CA with its RA (and encryption RA), <id>
+#                being ca_id() of the CA: its CRL is still signed and its RA
+#                keys still decrypt.
 
 NEXT_DIR = "next"
 PREVIOUS_DIR = "previous"
 _CA_CERT, _CA_KEY, _RA_CERT, _RA_KEY = "ca.pem", "ca.key", "ra.pem", "ra.key"
+# The encryption RA of an NDES-style pair, in next/ and previous/<id>/ (always a key file).
+_RA_ENC_CERT, _RA_ENC_KEY = "ra-encryption.pem", "ra-encryption.key"
 # A key in a token is kept in next/ and previous/<id>/ as its URI: ca.uri, ra.uri.
 _URI_SUFFIX = ".uri"
 _SLOTS = {"ca_key": "ca", "ra_key": "ra"}
@@ -289,21 +325,27 @@ def load_previous(config: Config) -> tuple[PreviousCa, ...]:
             ra_cert, ra_key = _read_pair(config, entry, _RA_CERT, _RA_KEY)
         else:
             ra_cert, ra_key = ca_cert, ca_key
+        ra_encryption = None
+        if (entry / _RA_ENC_CERT).exists():
+            ra_encryption = (der_certificate((entry / _RA_ENC_CERT).read_bytes()),
+                             der_private_key((entry / _RA_ENC_KEY).read_bytes()))
         not_before = x509.load_der_x509_certificate(ca_cert).not_valid_before_utc
-        found.append((not_before, PreviousCa(ca_cert, ca_key, ra_cert, ra_key)))
+        found.append((not_before, PreviousCa(ca_cert, ca_key, ra_cert, ra_key, ra_encryption)))
     found.sort(key=lambda item: item[0], reverse=True)
     return tuple(previous for _, previous in found)
 
 
 def next_ca_certificates(config: Config) -> tuple[bytes, ...]:
-    """The next RA (RA mode) and CA certificates, DER, or () when there is none."""
+    """The next RA (RA mode; signing then encryption RA for a pair) and CA certificates, DER.
+
+    () when there is none.
+    """
     directory = config.dir / NEXT_DIR
     if not (directory / _CA_CERT).exists():
         return ()
-    certs = [der_certificate((directory / _CA_CERT).read_bytes())]
-    if (directory / _RA_CERT).exists():
-        certs.insert(0, der_certificate((directory / _RA_CERT).read_bytes()))
-    return tuple(certs)
+    names = [_RA_CERT, _RA_ENC_CERT, _CA_CERT]
+    return tuple(der_certificate((directory / name).read_bytes()) for name in names
+                 if (directory / name).exists())
 
 
 def next_ca_message(config: Config, signer: tuple[bytes, KeyRef],
@@ -403,8 +445,20 @@ def rollover(config: Config, ca_key_type: str, now: datetime.datetime, *,
                     NameOID.COMMON_NAME)
             ra_cn = str(ra_names[0].value) if ra_names else "scep-fast RA"
             ra_key: SigningKey = loaded["ra_key"] if "ra_key" in loaded else new_rsa_key(2048)
+            pair = has_ra_pair(config)
             _write_key(staging, _RA_KEY, ra_key, refs.get("ra_key"))
-            write_public(staging / _RA_CERT, cert_pem(make_ra(ra_key, ra_cn, ca, ca_key, now)))
+            write_public(staging / _RA_CERT, cert_pem(make_ra(
+                ra_key, ra_cn, ca, ca_key, now, usage="signing" if pair else "both")))
+            if pair:
+                # The next encryption RA of an NDES-style pair: a new key file.
+                enc_names = x509.load_der_x509_certificate(der_certificate(
+                    config.path("pki", "ra_encryption_cert").read_bytes())
+                ).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+                enc_cn = str(enc_names[0].value) if enc_names else "scep-fast RA encryption"
+                enc_key = new_rsa_key(2048)
+                write_secret(staging / _RA_ENC_KEY, key_pem(enc_key))
+                write_public(staging / _RA_ENC_CERT, cert_pem(make_ra(
+                    enc_key, enc_cn, ca, ca_key, now, usage="encryption")))
         _fsync_dir(staging)
         # One rename: DIR/next appears complete or not at all.
         os.rename(staging, target)
@@ -458,10 +512,16 @@ def activate(config: Config) -> tuple[str, str]:
     source = config.dir / NEXT_DIR
     if not source.is_dir():
         raise RolloverError("no next CA: run `scep-fast ca rollover` first")
+    pair = has_ra_pair(config)
+    if pair and (source / _CA_CERT).exists() and not (source / _RA_ENC_CERT).exists():
+        raise RolloverError(f"{source} has no {_RA_ENC_CERT} for the RA pair: remove it and "
+                            "run `scep-fast ca rollover` again")
     names = ["ca_key"] + (["ra_key"] if str(config.get("pki", "mode")) == "ra" else [])
     cert_targets = {_CA_CERT: config.path("pki", "ca_cert")}
     if "ra_key" in names:
         cert_targets[_RA_CERT] = config.path("pki", "ra_cert")
+    if pair:
+        cert_targets[_RA_ENC_CERT] = config.path("pki", "ra_encryption_cert")
     if (source / _CA_CERT).exists():
         old_cert = der_certificate(cert_targets[_CA_CERT].read_bytes())
         new_cert = der_certificate((source / _CA_CERT).read_bytes())
@@ -482,6 +542,9 @@ def activate(config: Config) -> tuple[str, str]:
                                  value.encode() + b"\n")
                 else:
                     write_secret(staging / file_name, (config.dir / value).read_bytes())
+            if pair:
+                write_secret(staging / _RA_ENC_KEY,
+                             config.path("pki", "ra_encryption_key").read_bytes())
             _fsync_dir(staging)
             os.rename(staging, archive)
             _fsync_dir(archive.parent)
@@ -504,10 +567,12 @@ def activate(config: Config) -> tuple[str, str]:
             target_name = f"{_SLOTS[name]}.key" if is_token_uri(value) else value
             os.replace(key_file, config.dir / target_name)
             values["pki"][name] = target_name
+    if pair and (source / _RA_ENC_KEY).exists():
+        os.replace(source / _RA_ENC_KEY, config.path("pki", "ra_encryption_key"))
     if values["pki"] != config.values["pki"]:
         _replace_config(config, values)
     _fsync_dir(config.dir)
-    for cert_name in (_RA_CERT, _CA_CERT):
+    for cert_name in (_RA_CERT, _RA_ENC_CERT, _CA_CERT):
         if cert_name in cert_targets and (source / cert_name).exists():
             os.replace(source / cert_name, cert_targets[cert_name])
     _fsync_dir(config.dir)

@@ -81,8 +81,14 @@ def ca_certificates(material: Material) -> CaCertificates:
     if material.mode == "ca":
         return CaCertificates(material.ca_cert, CT_CA_CERT)
     # RFC 8894 section 4.2.1.2: the RA certificate(s) and the CA certificate
-    # as a degenerate certs-only SignedData.
-    return CaCertificates(certs_only([material.ra_cert, material.ca_cert]), CT_CA_RA_CERT)
+    # as a degenerate certs-only SignedData. With an NDES-style pair, the
+    # signing RA comes first and the encryption RA next, as NDES sends them:
+    # a client that takes the first RA for both still has its request opened
+    # and can verify the reply's signer.
+    ras = [material.ra_cert]
+    if material.ra_encryption is not None:
+        ras.append(material.ra_encryption[0])
+    return CaCertificates(certs_only([*ras, material.ca_cert]), CT_CA_RA_CERT)
 
 
 @dataclass
@@ -155,8 +161,14 @@ def _context(config: Config, material: Material) -> tuple[ScepContext, list[Nati
     signer = (material.signer[0], signer_key)
     # Clients that still hold a retired RA certificate encrypt to it.
     retired = [(p.ra_cert, open_key(p.ra_key)) for p in material.previous]
+    retired += [p.ra_encryption for p in material.previous if p.ra_encryption is not None]
+    # An NDES-style pair: requests enveloped to the encryption RA are opened
+    # too (and those enveloped to the signing RA still are); replies are
+    # signed by the signing RA alone.
+    encryption = ([] if material.ra_encryption is None else
+                  [(material.ra_encryption[0], open_key(material.ra_encryption[1]))])
     ctx = ScepContext(
-        recipients=[signer, *retired],
+        recipients=[signer, *encryption, *retired],
         signer=signer,
         issuer=(material.ca_cert, issuer_key),
         allow_legacy=bool(config.get("enrollment", "allow_legacy_algorithms")),

@@ -390,7 +390,12 @@ def _set_expiry_gauges(config: Config) -> None:
     from scep_fast.runtime import metrics
 
     material = load_material(config, next_message=False)
-    for name, der in (("ca", material.ca_cert), ("ra", material.signer[0])):
+    certificates = [("ca", material.ca_cert), ("ra", material.signer[0])]
+    if material.ra_encryption is not None:
+        # The encryption RA of an NDES-style pair expires on its own; labelled
+        # only where it exists, so that no server shows a zero to alert on.
+        certificates.append(("ra_encryption", material.ra_encryption[0]))
+    for name, der in certificates:
         not_after = x509.load_der_x509_certificate(der).not_valid_after_utc
         metrics.CERT_EXPIRY.labels(name).set(not_after.timestamp())
 
