@@ -79,6 +79,86 @@ int scep_envelope_cipher_nid(const unsigned char *der, size_t len)
     return nid;
 }
 
+/* Moves *p past one TLV of any tag; *start receives where it began. */
+static int skip_tlv(const unsigned char **p, const unsigned char *end, const unsigned char **start)
+{
+    const unsigned char *q = *p;
+    long len = 0;
+    int tag = 0, xclass = 0, ret;
+
+    if (q >= end)
+        return 0;
+    ret = ASN1_get_object(&q, &len, &tag, &xclass, (long)(end - q));
+    if ((ret & 0x80) || ret == 0x21)
+        return 0;
+    if (start != NULL)
+        *start = *p;
+    *p = q + len;
+    return 1;
+}
+
+int scep_envelope_ktri(const unsigned char *der, size_t len, const scep_buf *rid,
+                       scep_buf *encrypted_key, scep_buf *encrypted_content_info)
+{
+    const unsigned char *p = der, *end = der + len, *c, *set, *set_end, *ri, *ri_end, *rid_start;
+    const unsigned char *eci_start, *ek;
+    long clen = 0, ek_len = 0;
+    size_t rid_len;
+    int found = 0;
+
+    /* ContentInfo ::= SEQUENCE { contentType, [0] EXPLICIT EnvelopedData } */
+    if (!next_tlv(&p, end, V_ASN1_SEQUENCE, V_ASN1_UNIVERSAL, &c, &clen))
+        return 0;
+    p = c;
+    end = c + clen;
+    if (!next_tlv(&p, end, V_ASN1_OBJECT, V_ASN1_UNIVERSAL, NULL, NULL)
+        || !next_tlv(&p, end, 0, V_ASN1_CONTEXT_SPECIFIC, &c, &clen))
+        return 0;
+    p = c;
+    end = c + clen;
+    if (!next_tlv(&p, end, V_ASN1_SEQUENCE, V_ASN1_UNIVERSAL, &c, &clen))
+        return 0;
+    p = c;
+    end = c + clen;
+    if (!next_tlv(&p, end, V_ASN1_INTEGER, V_ASN1_UNIVERSAL, NULL, NULL))
+        return 0;
+    if (p < end && *p == 0xA0 && !next_tlv(&p, end, 0, V_ASN1_CONTEXT_SPECIFIC, NULL, NULL))
+        return 0;
+    if (!next_tlv(&p, end, V_ASN1_SET, V_ASN1_UNIVERSAL, &set, &clen))
+        return 0;
+    set_end = set + clen;
+    eci_start = p;
+    if (!next_tlv(&p, end, V_ASN1_SEQUENCE, V_ASN1_UNIVERSAL, NULL, NULL))
+        return 0;
+    encrypted_content_info->data = eci_start;
+    encrypted_content_info->len = (size_t)(p - eci_start);
+    /* KeyTransRecipientInfo ::= SEQUENCE { version, rid, keyEncryptionAlgorithm,
+       encryptedKey OCTET STRING }; the other kinds are [1] to [4] (RFC 5652 6.2). */
+    while (set < set_end) {
+        if (*set != (V_ASN1_SEQUENCE | V_ASN1_CONSTRUCTED)) {
+            if (!skip_tlv(&set, set_end, NULL))
+                return 0;
+            continue;
+        }
+        if (!next_tlv(&set, set_end, V_ASN1_SEQUENCE, V_ASN1_UNIVERSAL, &ri, &clen))
+            return 0;
+        ri_end = ri + clen;
+        if (!next_tlv(&ri, ri_end, V_ASN1_INTEGER, V_ASN1_UNIVERSAL, NULL, NULL)
+            || !skip_tlv(&ri, ri_end, &rid_start))
+            return 0;
+        rid_len = (size_t)(ri - rid_start);
+        if (!next_tlv(&ri, ri_end, V_ASN1_SEQUENCE, V_ASN1_UNIVERSAL, NULL, NULL)
+            || !next_tlv(&ri, ri_end, V_ASN1_OCTET_STRING, V_ASN1_UNIVERSAL, &ek, &ek_len))
+            return 0;
+        if (!found && rid_len == rid->len && memcmp(rid_start, rid->data, rid_len) == 0) {
+            encrypted_key->data = ek;
+            encrypted_key->len = (size_t)ek_len;
+            found = 1;
+        }
+    }
+    return found;
+}
+
 /* ---- writing ---------------------------------------------------------- */
 
 static size_t len_octets(size_t n)

@@ -85,6 +85,13 @@ int scep_sign_certrep(const scep_ctx *ctx, const scep_wrap_item *item, int md_ni
 EVP_PKEY *scep_key_get0_pkey(const scep_key *k);
 EVP_PKEY *scep_key_get0_public(const scep_key *k);
 scep_key *scep_key_hold(scep_key *k);
+/* keystore.c: the content-encryption key of a KeyTransRecipientInfo: cek_len
+   bytes, the transported key when its padding (PKCS#1 v1.5, or OAEP when
+   oaep_md is set) is right and its length cek_len, else random bytes. One
+   raw RSA operation with pkey, the same whatever the padding. */
+void scep_rsa_unwrap_cek(EVP_PKEY *pkey, const EVP_MD *oaep_md, const EVP_MD *oaep_mgf1_md,
+                         const unsigned char *ek, size_t ek_len, unsigned char *cek,
+                         size_t cek_len);
 
 /* errors.c: writes "what: reasons from OpenSSL's queue" into buf and empties the queue. */
 void scep_set_error(char *buf, size_t len, const char *what);
@@ -110,6 +117,10 @@ int scep_der_tlv(unsigned char tag, const scep_buf *parts, size_t nparts, scep_b
 
 /* der.c: finds the content-encryption algorithm of a DER EnvelopedData ContentInfo. */
 int scep_envelope_cipher_nid(const unsigned char *der, size_t len);
+/* der.c: in the same DER, the encryptedKey of the first KeyTransRecipientInfo
+   whose rid encodes as rid, and the EncryptedContentInfo TLV; 0 if none. */
+int scep_envelope_ktri(const unsigned char *der, size_t len, const scep_buf *rid,
+                       scep_buf *encrypted_key, scep_buf *encrypted_content_info);
 
 /* pubkey.c: keys and requests without OpenSSL 3.0's costly decoder framework. */
 EVP_PKEY *scep_pubkey_from_spki(const X509_PUBKEY *spki);

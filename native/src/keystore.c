@@ -9,6 +9,8 @@
  * The ENGINE API is deprecated in OpenSSL 3, and the rest of the core is built
  * without deprecated declarations. Debian 12 ships libp11's engine but no
  * PKCS#11 provider, so this one file, and only this one, asks for them back.
+ * It also holds the key-transport unwrap (scep_rsa_unwrap_cek), which needs
+ * OpenSSL's constant-time RSA padding checks, deprecated in OpenSSL 3 too.
  */
 #undef OPENSSL_NO_DEPRECATED
 #define OPENSSL_SUPPRESS_DEPRECATED 1
@@ -21,6 +23,8 @@
 #include <openssl/engine.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <openssl/rsa.h>
 #include <openssl/x509.h>
 
 #include "internal.h"
@@ -300,4 +304,71 @@ end:
     EVP_MD_CTX_free(mctx);
     EVP_MD_free(md);
     return ok;
+}
+
+/* All ones when a == b, else zero, without a branch on either. */
+static unsigned int ct_eq_mask(unsigned int a, unsigned int b)
+{
+    unsigned int x = a ^ b;
+
+    return ((x | (0u - x)) >> (sizeof(x) * 8 - 1)) - 1u;
+}
+
+/*
+ * libp11's engine decrypts PKCS#1 v1.5 and OAEP in the token (CKM_RSA_PKCS,
+ * CKM_RSA_PKCS_OAEP) and, when the token refuses the padding, tries again
+ * through OpenSSL's RSA method, which calls the token a second time: a wrong
+ * padding costs two token operations, a right one one. Here the token (or
+ * the provider, for a key from a file) does raw RSA only (RSA_NO_PADDING,
+ * CKM_RSA_X_509): one operation whatever the padding; the padding is then
+ * removed by OpenSSL's constant-time checks, and a wrong padding or length
+ * yields random bytes in place of the key, as OpenSSL's CMS does (RFC 3218
+ * section 2.3.2): the content then fails to decrypt like a damaged one.
+ */
+void scep_rsa_unwrap_cek(EVP_PKEY *pkey, const EVP_MD *oaep_md, const EVP_MD *oaep_mgf1_md,
+                         const unsigned char *ek, size_t ek_len, unsigned char *cek,
+                         size_t cek_len)
+{
+    EVP_PKEY_CTX *pctx = NULL;
+    unsigned char *raw = NULL, *em = NULL, *msg = NULL;
+    int k = EVP_PKEY_get_size(pkey), decoded = -1;
+    size_t raw_len, i;
+    unsigned int good;
+
+    /* The random key first: on every path, whatever comes later. */
+    if (RAND_priv_bytes(cek, (int)cek_len) != 1)
+        memset(cek, 0, cek_len); /* still no key of the sender's */
+    if (k <= 0 || cek_len == 0 || ek_len == 0)
+        goto end;
+    raw_len = (size_t)k;
+    raw = OPENSSL_zalloc((size_t)k);
+    em = OPENSSL_zalloc((size_t)k);
+    msg = OPENSSL_zalloc((size_t)k);
+    pctx = EVP_PKEY_CTX_new_from_pkey(NULL, pkey, NULL);
+    if (raw == NULL || em == NULL || msg == NULL || pctx == NULL
+        || EVP_PKEY_decrypt_init(pctx) <= 0
+        || EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_NO_PADDING) <= 0
+        || EVP_PKEY_decrypt(pctx, raw, &raw_len, ek, ek_len) <= 0 || raw_len > (size_t)k)
+        goto end;
+    /* The encoded message is k bytes; a token may leave out leading zeros. */
+    memcpy(em + ((size_t)k - raw_len), raw, raw_len);
+    ERR_set_mark();
+    if (oaep_md != NULL)
+        decoded = RSA_padding_check_PKCS1_OAEP_mgf1(msg, k, em, k, k, NULL, 0, oaep_md,
+                                                    oaep_mgf1_md);
+    else
+        decoded = RSA_padding_check_PKCS1_type_2(msg, k, em, k, k);
+    /* Both checks leave an error (cleared or not) on either outcome. */
+    ERR_pop_to_mark();
+end:
+    good = ct_eq_mask((unsigned int)decoded, (unsigned int)cek_len);
+    if (msg != NULL) {
+        for (i = 0; i < cek_len && i < (size_t)k; i++)
+            cek[i] = (unsigned char)((msg[i] & good) | (cek[i] & ~good));
+    }
+    EVP_PKEY_CTX_free(pctx);
+    OPENSSL_clear_free(msg, k > 0 ? (size_t)k : 0);
+    OPENSSL_clear_free(em, k > 0 ? (size_t)k : 0);
+    OPENSSL_clear_free(raw, k > 0 ? (size_t)k : 0);
+    ERR_clear_error();
 }

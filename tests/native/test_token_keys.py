@@ -10,6 +10,7 @@ checks what an operator gets from `init --generate-in-token`.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -221,6 +222,95 @@ def test_bad_key_padding_and_bad_content_padding_are_refused_alike(token_ctx, ct
     token_results = token_ctx.unwrap_batch(messages[1:])
     file_results = ctx.unwrap_batch(messages[1:])
     assert [r.error.summary for r in token_results] == [r.error.summary for r in file_results]
+
+
+# OpenSC's PKCS#11 spy: a module that logs each call and passes it to PKCS11SPY.
+_PKCS11_SPY = ("/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so",
+               "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so", "/usr/lib/pkcs11/pkcs11-spy.so")
+
+# Run in its own process (one PKCS#11 module per process): unwraps each message alone
+# and reports the token's decryption calls it caused, read from the spy's log.
+_COUNT_TOKEN_DECRYPTIONS = """
+import json, os, sys
+from scep_fast.crypto import Pkcs11Module, ScepContext
+spy, uri, pin, ra_cert = sys.argv[1], sys.argv[2], sys.argv[3].encode(), bytes.fromhex(sys.argv[4])
+messages = json.loads(sys.stdin.read())
+key = Pkcs11Module(spy, pin).load_key(uri)
+ctx = ScepContext(recipients=[(ra_cert, key)], signer=(ra_cert, key), issuer=(ra_cert, key))
+log = os.environ["PKCS11SPY_OUTPUT"]
+out = {}
+for name, message in messages.items():
+    start = os.path.getsize(log)
+    (result,) = ctx.unwrap_batch([bytes.fromhex(message)])
+    with open(log, errors="replace") as f:
+        f.seek(start)
+        lines = [line.strip() for line in f.read().splitlines()]
+    out[name] = {
+        "decrypt": sum(line.endswith(": C_Decrypt") for line in lines),
+        "mechanisms": [line.split("=")[-1].strip() for line in lines
+                       if line.startswith("[in] pMechanism->type")],
+        "error": None if result.error is None else result.error.summary,
+    }
+print(json.dumps(out))
+"""
+
+
+def test_bad_key_padding_costs_the_token_one_decryption_like_good_padding(token, ra, tmp_path):
+    """Issue 13: libp11's engine decrypted PKCS#1 v1.5 in the token (CKM_RSA_PKCS) and,
+    the padding refused, asked the token again through OpenSSL's RSA method: two token
+    operations for a bad padding, one for a good one, a Bleichenbacher timing oracle.
+    Every envelope must now cost one raw RSA operation (CKM_RSA_X_509), whatever its
+    key transport's padding, counted in the log of OpenSC's PKCS#11 spy."""
+    import random
+
+    from asn1crypto import cms
+
+    from tests.native.hostile_helpers import B, Device
+
+    spy = next((m for m in _PKCS11_SPY if Path(m).exists()), None)
+    if spy is None:
+        from tests.conftest import missing_peer
+
+        missing_peer("OpenSC's pkcs11-spy.so is not installed (Debian package `opensc-pkcs11`)")
+    device = Device.load()
+    csr = device.csr()
+    modulus = device.ra.public_key().public_numbers().n
+    rng = random.Random(13)
+    envelopes = {}
+    for transport, rid in (("pkcs1v15", "issuer-serial"), ("oaep-sha256", "ski")):
+        envelope = bytes(B.make_envelope(csr, device.ra, "aes128", transport, rid, "der", 512))
+        env = cms.ContentInfo.load(envelope)["content"]
+        wrapped = env["recipient_infos"][0].chosen["encrypted_key"].contents
+        ciphertext = env["encrypted_content_info"]["encrypted_content"].contents
+        damaged = bytearray(ciphertext)
+        damaged[-17] ^= 16 - len(csr) % 16
+        envelopes[f"{transport} good"] = envelope
+        envelopes[f"{transport} bad key, zero"] = envelope.replace(wrapped, bytes(len(wrapped)))
+        for i in range(3):
+            forged = rng.randrange(2, modulus).to_bytes(len(wrapped), "big")
+            envelopes[f"{transport} bad key, random {i}"] = envelope.replace(wrapped, forged)
+        envelopes[f"{transport} bad content"] = envelope.replace(ciphertext, bytes(damaged))
+    messages = {name: device.pkcsreq(e).hex() for name, e in envelopes.items()}
+    log = tmp_path / "spy.log"
+    log.touch()
+    result = subprocess.run(
+        [sys.executable, "-c", _COUNT_TOKEN_DECRYPTIONS, spy, token.uri("ra"), softhsm.PIN,
+         ra[0].hex()],
+        input=json.dumps(messages), env={**token.env(), "PKCS11SPY": token.module,
+                                         "PKCS11SPY_OUTPUT": str(log)},
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert set(seen) == set(messages)
+    for name, calls in seen.items():
+        assert calls["decrypt"] == 1, (name, calls)
+        assert calls["mechanisms"] == ["CKM_RSA_X_509"], (name, calls)
+        if name.endswith(" good"):
+            assert calls["error"] is None, (name, calls)
+        else:  # a random key may open the content with a valid padding, 1 in ~256
+            assert calls["error"] in (None, "cannot decrypt the pkcsPKIEnvelope"), (name, calls)
+    assert seen["pkcs1v15 bad key, zero"]["error"] == seen["pkcs1v15 bad content"]["error"]
+    assert seen["oaep-sha256 bad key, zero"]["error"] == seen["oaep-sha256 bad content"]["error"]
 
 
 def test_ec_key_in_the_token_issues(module, token, build_request):
