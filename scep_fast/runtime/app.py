@@ -34,7 +34,6 @@ from scep_fast.runtime import metrics
 from scep_fast.runtime.batcher import Batcher
 from scep_fast.runtime.crl import NAME_PATTERN as CRL_NAME_PATTERN
 from scep_fast.runtime.crl import CrlStore
-from scep_fast.runtime.http_server import ARRIVED_AT
 from scep_fast.runtime.ndes import NdesChallengePage, is_page_path
 from scep_fast.service.enrollment import Answer
 
@@ -157,8 +156,7 @@ class ScepApp:
                                head=method == "HEAD")
         elif isinstance(request, PKIOperation):
             fields["transport"] = "GET" if request.via_get else "POST"
-            await self._pki_operation(send, request, fields,
-                                      scope.get("state", {}).get(ARRIVED_AT))
+            await self._pki_operation(send, request, fields)
 
     async def _ndes_page(self, ndes: NdesChallengePage, send: Send, receive: Receive,
                          scope: Scope, fields: dict[str, object]) -> None:
@@ -201,8 +199,8 @@ class ScepApp:
         await _respond(send, 200, CT_CRL, der, head=method == "HEAD")
 
     async def _pki_operation(self, send: Send, request: PKIOperation,
-                             fields: dict[str, object], arrived_at: float | None) -> None:
-        answer = await self._batcher.submit(request.message, arrived_at)
+                             fields: dict[str, object]) -> None:
+        answer = await self._batcher.submit(request.message)
         fields.update(message_type=answer.message_type, transaction_id=answer.transaction_id,
                       outcome=answer.status, fail_info=answer.fail_info)
         if answer.serial is not None:

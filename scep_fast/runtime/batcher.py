@@ -184,17 +184,13 @@ class Batcher(Generic[P, T]):
                 incoming.popleft()
         return len(incoming)
 
-    async def submit(self, message: bytes, arrived_at: float | None = None) -> T:
-        """The answer to ``message``. ``arrived_at`` (``time.perf_counter``) is when the
-        connection loop read its first bytes: its wait counts from then."""
+    async def submit(self, message: bytes) -> T:
         if self._incoming:
             self._incoming.popleft()
-        now = time.perf_counter()
-        waited = 0.0 if arrived_at is None else max(0.0, now - arrived_at)
-        refused = self.refusal(1.0 - waited / self._max_wait if self._max_wait > 0 else 1.0)
+        refused = self.refusal()
         if refused is not None:
             raise refused
-        pending: _Pending[T] = _Pending(message, queued_at=now - waited)
+        pending: _Pending[T] = _Pending(message, queued_at=time.perf_counter())
         try:
             self._send.send_nowait(pending)
         except trio.WouldBlock:

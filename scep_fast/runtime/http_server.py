@@ -65,16 +65,6 @@ from scep_fast.runtime import fast_refusal, http1, metrics
 from scep_fast.runtime.fast_refusal import FastRefusal
 from scep_fast.runtime.logs import CountedLine
 
-# Where a request's arrival reaches the app: the connection loop notes, in the
-# connection's ASGI state, when it read the first bytes of each request, and
-# the app hands it to admission, so that the wait target counts the time a
-# request spent in the loop too (under load, the loop has a queue of its own).
-ARRIVED_AT = "scep_fast.arrived_at"
-
-
-# h11 states in which no request is under way on a connection.
-_BETWEEN = (h11.IDLE, h11.DONE)
-
 
 def _is_final_response_head(data: bytes) -> bool:
     """h11 writes a response head as one piece: status line to the blank line."""
@@ -200,14 +190,13 @@ class Connection(TCPServer):
 
     def __init__(self, app: Any, config: HypercornConfig, context: WorkerContext,
                  state: LifespanState, fast_refusal: FastRefusal | None, stream: Any,
-                 received: bytes = b"", received_at: float = 0.0) -> None:
+                 received: bytes = b"") -> None:
         super().__init__(app, config, context, state, stream)
         self.idle_task = KeepAliveTimer(self)  # type: ignore[assignment]
         self._held_head: bytes | None = None
         self._fast_refusal = fast_refusal
-        # What the front door read before handing the connection over, and when.
+        # What the front door read before handing the connection over.
         self._received = received
-        self._received_at = received_at
 
     async def run(self) -> None:
         """hypercorn's ``TCPServer.run`` for a plain socket, with ``Http1Protocol``.
@@ -252,7 +241,6 @@ class Connection(TCPServer):
         """hypercorn's read loop, with refusals for load answered before h11 (see fast_refusal)."""
         try:
             if self._received:
-                self._arrived(self._received_at)
                 await self.protocol.handle(RawData(self._received))
                 self._received = b""
             while True:
@@ -261,12 +249,10 @@ class Connection(TCPServer):
                         data = bytes(await self.stream.receive_some(MAX_RECV))
                 except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
                     break
-                if data and self._between_requests():
-                    self._arrived(time.perf_counter())
-                    if self._fast_refusal is not None:
-                        data = await refuse_for_load(self.stream, data, self._fast_refusal)
-                        if not data:
-                            continue  # all of it answered: not the end of the stream
+                if data and self._fast_refusal is not None and self._between_requests():
+                    data = await refuse_for_load(self.stream, data, self._fast_refusal)
+                    if not data:
+                        continue  # all of it answered: not the end of the stream
                 await self.protocol.handle(RawData(data))
                 if data == b"":
                     break
@@ -275,23 +261,12 @@ class Connection(TCPServer):
             # The peer is gone or the connection was closed: nothing left to time.
             self.idle_task.close()  # type: ignore[attr-defined]
 
-    def _arrived(self, when: float) -> None:
-        """The next request began to arrive at ``when`` (``time.perf_counter``)."""
-        state = getattr(self.protocol, "connection_state", None)
-        if isinstance(state, dict):
-            state[ARRIVED_AT] = when
-
     def _between_requests(self) -> bool:
-        """No request under way and nothing buffered: the next bytes start a request.
-
-        Both sides done with the last exchange counts too: hypercorn moves h11
-        on to the next cycle only once the app has returned, which may be just
-        after the client, holding its whole answer, has sent the next request.
-        """
+        """No request under way and nothing buffered: the next bytes start a request."""
         h11_connection = getattr(self.protocol, "connection", None)
         return (isinstance(h11_connection, h11.Connection)
-                and h11_connection.our_state in _BETWEEN
-                and h11_connection.their_state in _BETWEEN
+                and h11_connection.our_state is h11.IDLE
+                and h11_connection.their_state is h11.IDLE
                 and not h11_connection.trailing_data[0])
 
 
@@ -324,7 +299,7 @@ class FrontDoor:
     timeout, and at once when the server stops, as hypercorn would.
     """
 
-    def __init__(self, make_connection: Callable[[Any, bytes, float], Connection],
+    def __init__(self, make_connection: Callable[[Any, bytes], Connection],
                  config: HypercornConfig, refusal: FastRefusal | None) -> None:
         self._make_connection = make_connection
         self._keep_alive = config.keep_alive_timeout
@@ -333,22 +308,20 @@ class FrontDoor:
         self._closing = False
 
     async def __call__(self, stream: trio.SocketStream) -> None:
-        received, received_at = b"", 0.0
+        received = b""
         if self._refusal is not None:
             try:
-                received, received_at = await self._refuse_while_overloaded(
-                    stream, self._refusal)
+                received = await self._refuse_while_overloaded(stream, self._refusal)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 received = b""
             if not received:
                 await stream.aclose()
                 return
-        await self._make_connection(stream, received, received_at).run()
+        await self._make_connection(stream, received).run()
 
     async def _refuse_while_overloaded(self, stream: trio.SocketStream,
-                                       refusal: FastRefusal) -> tuple[bytes, float]:
-        """Refuses what arrives while the worker refuses; the bytes to serve and when they
-        arrived, or b"" to close."""
+                                       refusal: FastRefusal) -> bytes:
+        """Refuses what arrives while the worker refuses; the bytes to serve, or b"" to close."""
         while not self._closing:
             with trio.move_on_after(self._keep_alive) as waiting:
                 self._waiting.add(waiting)
@@ -357,12 +330,11 @@ class FrontDoor:
                 finally:
                     self._waiting.discard(waiting)
             if waiting.cancelled_caught or not data:
-                return b"", 0.0
-            arrived_at = time.perf_counter()
+                return b""
             data = await refuse_for_load(stream, data, refusal)
             if data:
-                return data, arrived_at
-        return b"", 0.0
+                return data
+        return b""
 
     def close_idle(self) -> None:
         """The server stops: connections waiting at the door for a request are closed."""
@@ -389,9 +361,9 @@ async def serve(app: Any, config: HypercornConfig, *,
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))
                  for sock in sockets.insecure_sockets]
 
-    def make_connection(stream: Any, received: bytes, received_at: float) -> Connection:
+    def make_connection(stream: Any, received: bytes) -> Connection:
         return Connection(wrapped, config, context, ConnectionState(state.copy()),
-                          fast_refusal, stream, received, received_at)
+                          fast_refusal, stream, received)
 
     door = FrontDoor(make_connection, config, fast_refusal)
     async with trio.open_nursery() as lifespan_nursery:

@@ -11,7 +11,7 @@ from scep_fast.runtime.app import CaCertificates, ScepApp
 
 
 class _BusyBatcher:
-    async def submit(self, message: bytes, arrived_at: float | None = None) -> Any:
+    async def submit(self, message: bytes) -> Any:
         raise Overloaded(1)
 
 

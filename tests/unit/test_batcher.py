@@ -291,20 +291,3 @@ def test_retry_after_grows_with_the_crowd_that_was_refused() -> None:
     for _ in range(100_000):
         batcher._count(refused=True)
     assert batcher.retry_after(0.2) == 120  # bounded
-
-
-def test_the_wait_counts_from_when_the_connection_loop_read_the_request() -> None:
-    # Under load the loop has a queue of its own: a request that spent the
-    # target there is refused at submission, even with nothing queued.
-    async def main() -> tuple[bool, bytes]:
-        batcher = Batcher(lambda batch: list(batch), _as_is, max_size=4, window_seconds=0,
-                          queue_size=100, max_wait_seconds=0.05)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(batcher.run)
-            with pytest.raises(Overloaded):
-                await batcher.submit(b"late", arrived_at=time.perf_counter() - 0.06)
-            served = await batcher.submit(b"fresh", arrived_at=time.perf_counter() - 0.01)
-            batcher.close()
-        return True, served
-
-    assert trio.run(main) == (True, b"fresh")

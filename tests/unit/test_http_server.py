@@ -7,7 +7,6 @@ raw HTTP/1.1 to it, so what is asserted is what a client sees on the wire.
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,7 +19,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from scep_fast.runtime import http_server
 from scep_fast.runtime.app import answer_lifespan
 from scep_fast.runtime.fast_refusal import FastRefusal, whole_pki_post
-from scep_fast.runtime.http_server import ARRIVED_AT, Connection, serve
+from scep_fast.runtime.http_server import Connection, serve
 
 HEAD = b"HTTP/1.1 200 \r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n"
 
@@ -106,13 +105,9 @@ async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, A
         pass
     if scope["path"] == "/slow":
         await trio.sleep(0.8)
-    ARRIVALS.append(scope["state"].get(ARRIVED_AT))
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
-
-
-ARRIVALS: list[float | None] = []
 
 
 class Server:
@@ -492,28 +487,3 @@ def test_http_layer_refusals_are_counted_and_logged_once_a_second(caplog: Any) -
     # Three refusals within a second: one line, written for the first of them.
     assert len(lines) == 1
     assert lines[0].fields["status"] == 400  # type: ignore[attr-defined]
-
-
-def test_the_app_learns_when_each_request_began_to_arrive() -> None:
-    refusal = FastRefusal(refuse=lambda: None, max_body=65536)
-
-    async def main() -> tuple[float, float]:
-        async with serving(fast_refusal=refusal) as server:
-            stream = await server.connect()
-            with trio.fail_after(5):
-                ARRIVALS.clear()
-                sent = time.perf_counter()
-                await stream.send_all(PKI_POST[:40])  # through the front door, in two reads
-                await trio.sleep(0.2)
-                await stream.send_all(PKI_POST[40:])
-                answer = b""
-                while not answer.endswith(b"ok"):
-                    answer += await stream.receive_some(65536)
-                again = time.perf_counter()
-                await request(stream)  # the next request on the same connection
-            return sent, again
-
-    sent, again = trio.run(main)
-    first, second = ARRIVALS
-    assert first is not None and sent <= first < sent + 0.1  # the first bytes, not the last
-    assert second is not None and second >= again
