@@ -66,6 +66,10 @@ from scep_fast.runtime.fast_refusal import FastRefusal
 from scep_fast.runtime.logs import CountedLine
 
 
+# h11 states in which no request is under way on a connection.
+_BETWEEN = (h11.IDLE, h11.DONE)
+
+
 def _is_final_response_head(data: bytes) -> bool:
     """h11 writes a response head as one piece: status line to the blank line."""
     return data.startswith(b"HTTP/1.") and data[9:10] != b"1" and data.endswith(b"\r\n\r\n")
@@ -262,11 +266,16 @@ class Connection(TCPServer):
             self.idle_task.close()  # type: ignore[attr-defined]
 
     def _between_requests(self) -> bool:
-        """No request under way and nothing buffered: the next bytes start a request."""
+        """No request under way and nothing buffered: the next bytes start a request.
+
+        Both sides done with the last exchange counts too: hypercorn moves h11
+        on to the next cycle only once the app has returned, which may be just
+        after the client, holding its whole answer, has sent the next request.
+        """
         h11_connection = getattr(self.protocol, "connection", None)
         return (isinstance(h11_connection, h11.Connection)
-                and h11_connection.our_state is h11.IDLE
-                and h11_connection.their_state is h11.IDLE
+                and h11_connection.our_state in _BETWEEN
+                and h11_connection.their_state in _BETWEEN
                 and not h11_connection.trailing_data[0])
 
 

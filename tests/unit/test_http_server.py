@@ -487,3 +487,37 @@ def test_http_layer_refusals_are_counted_and_logged_once_a_second(caplog: Any) -
     # Three refusals within a second: one line, written for the first of them.
     assert len(lines) == 1
     assert lines[0].fields["status"] == 400  # type: ignore[attr-defined]
+
+
+def test_the_next_request_on_a_kept_alive_connection_is_refused_cheaply_at_once() -> None:
+    # The client sends its next request as soon as it holds the whole answer,
+    # which may be before hypercorn has moved h11 on to the next cycle: the
+    # connection loop must still see it as the start of a request.
+    seen: list[float] = []
+    refusing = False
+    refusal = FastRefusal(refuse=lambda: 5 if refusing else None, max_body=65536)
+    refusal.refused = seen.append  # type: ignore[method-assign]
+
+    async def main() -> bytes:
+        nonlocal refusing
+        async with serving(fast_refusal=refusal) as server:
+            stream = await server.connect()
+            with trio.fail_after(5):
+                answers = b""
+                for _ in range(20):
+                    refusing = False
+                    await stream.send_all(PKI_POST)
+                    answer = b""
+                    while not answer.endswith(b"ok"):
+                        answer += await stream.receive_some(65536)
+                    refusing = True
+                    await stream.send_all(PKI_POST)  # at once, behind the served one
+                    answer = b""
+                    while not answer.endswith(b"retry later\n"):
+                        answer += await stream.receive_some(65536)
+                    answers += answer
+            return answers
+
+    answers = trio.run(main)
+    assert answers.count(b"HTTP/1.1 503") == 20
+    assert len(seen) == 20  # every one by the connection loop, none through the app
