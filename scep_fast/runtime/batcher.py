@@ -7,10 +7,10 @@ before anything is spent on it. The expected wait is the number of messages
 ahead of it times the recent cost of preparing one (a moving average of the
 batches' own timing); a message that waited past the target anyway (a burst
 the estimate did not foresee) is shed when its batch forms rather than
-served late. (The connection loop's early refusal uses a lower bound, see
-``EARLY_SHARE``.) So under overload the worker keeps serving at capacity, and every admitted
-request is answered within about the target plus one batch,
-instead of every request waiting in a long queue. A full channel is refused
+served late (the connection loop's early refusal uses a lower bound, see
+``EARLY_SHARE``). So under overload the worker keeps serving at capacity,
+and every admitted request is answered within about the target plus one
+batch, instead of every request waiting in a long queue. A full channel is refused
 the same way. One task collects up to ``max_size`` messages (waiting at
 most ``window_seconds`` for more when others are queued) and runs the whole
 batch in two stages, each in a worker thread where the GIL is released while

@@ -65,7 +65,6 @@ from scep_fast.runtime import fast_refusal, http1, metrics
 from scep_fast.runtime.fast_refusal import FastRefusal
 from scep_fast.runtime.logs import CountedLine
 
-
 # h11 states in which no request is under way on a connection.
 _BETWEEN = (h11.IDLE, h11.DONE)
 
