@@ -899,6 +899,18 @@ def pg_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _errors_markdown(results: list[dict[str, Any]]) -> list[str]:
+    """The runs' failures by kind, as markdown lines (none when no run failed)."""
+    errors = [(r["scenario"], r["errors"]) for r in results if r["errors"]]
+    if not errors:
+        return []
+    lines = ["", "Errors by kind:", ""]
+    for s, errs in errors:
+        text = ", ".join(f"{k}: {v}" for k, v in sorted(errs.items()))
+        lines.append(f"- {Scenario(**s).name}: {text}")
+    return lines
+
+
 def write_markdown(path: Path, results: list[dict[str, Any]], floor: dict[str, Any],
                    head: dict[str, Any], meta: dict[str, Any]) -> None:
     lines = [
@@ -931,12 +943,7 @@ def write_markdown(path: Path, results: list[dict[str, Any]], floor: dict[str, A
             f"| {_num(lat['p90'], 1)} | {_num(lat['p99'], 1)} | {_num(cpu, 2)} "
             f"| {_num(cpu / fl if cpu and fl else None, 2)} | {r['failures']} "
             f"| {r['duplicate_serials']} |")
-    errors = [(r["scenario"], r["errors"]) for r in results if r["errors"]]
-    if errors:
-        lines += ["", "Errors by kind:", ""]
-        for s, errs in errors:
-            text = ", ".join(f"{k}: {v}" for k, v in sorted(errs.items()))
-            lines.append(f"- {Scenario(**s).name}: {text}")
+    lines += _errors_markdown(results)
     lines += pg_markdown(results)
     lines += ["", "Headline (concurrency {c}, RSA-2048 CA, POST, empty ledger):".format(
         c=head["concurrency"]), "", "```json", json.dumps(head, indent=2), "```", "",
@@ -1061,12 +1068,7 @@ def write_keys_markdown(path: Path, runs: list[dict[str, Any]], floor: dict[str,
             f"| {_num(lat['p50'], 1)} | {_num(lat['p90'], 1)} | {_num(lat['p99'], 1)} "
             f"| {_num(cpu, 3)} | {_num(cpu / fl if cpu and fl else None, 2)} "
             f"| {r['failures']} | {r['duplicate_serials']} |")
-    errors = [(r["scenario"], r["errors"]) for r in runs if r["errors"]]
-    if errors:
-        lines += ["", "Errors by kind:", ""]
-        for s, errs in errors:
-            text = ", ".join(f"{k}: {v}" for k, v in sorted(errs.items()))
-            lines.append(f"- {Scenario(**s).name}: {text}")
+    lines += _errors_markdown(runs)
     lines += ["", "Medians over the rounds:", "",
               "| keys | rounds | enroll/s | p99 ms | CPU ms/enroll | failures | dup. serials |",
               "|---|---:|---:|---:|---:|---:|---:|"]

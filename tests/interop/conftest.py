@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +80,14 @@ __all__ = [
     "set_config",
     "start_server",
 ]
+
+
+def request_log_entries(server: Any, count: int) -> list[dict[str, Any]]:
+    """The server's PKIOperation log entries once there are ``count`` of them (5 s at most)."""
+    deadline = time.monotonic() + 5
+    entries = request_log(server)
+    while len(entries) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+        entries = request_log(server)
+    assert len(entries) >= count, server.log()[-2000:]
+    return entries

@@ -22,7 +22,6 @@ Renewal-style resends, as the server handles them today:
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from tests.interop.conftest import (
     init_dir,
     ledger,
     request_log,
+    request_log_entries,
     require,
     set_config,
     start_server,
@@ -103,17 +103,6 @@ def _spki(cert: x509.Certificate) -> bytes:
                                           serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _entries(server: Any, count: int) -> list[dict[str, Any]]:
-    """The server's PKIOperation log entries once there are ``count`` of them (5 s at most)."""
-    deadline = time.monotonic() + 5
-    entries = request_log(server)
-    while len(entries) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-        entries = request_log(server)
-    assert len(entries) >= count, server.log()[-2000:]
-    return entries
-
-
 def _records_of(server: Any, transaction_id: str) -> list[dict[str, Any]]:
     return [r for r in ledger(server.directory) if r["transaction_id"] == transaction_id]
 
@@ -138,7 +127,7 @@ def test_enrolls_by_post_when_legacy_algorithms_are_allowed(legacy: Any, tmp_pat
         == "scepclient-1"
     _openssl_verify(legacy.directory / "ca.pem", device.cert_path)
 
-    entry = _entries(legacy, before + 1)[-1]
+    entry = request_log_entries(legacy, before + 1)[-1]
     assert (entry["transport"], entry["message_type"], entry["outcome"]) \
         == ("POST", "PKCS_REQ", "SUCCESS")
     assert entry["serial"] == format(cert.serial_number, "x")
@@ -157,7 +146,7 @@ def test_legacy_switch_off_answers_a_signed_bad_alg(strict: Any, tmp_path: Path)
     assert "PKCSReq (19) request failed, failInfo: badAlg" in output, output
     assert not device.cert_path.exists()
 
-    entry = _entries(strict, 1)[-1]
+    entry = request_log_entries(strict, 1)[-1]
     assert (entry["outcome"], entry["fail_info"]) == ("FAILURE", "BAD_ALG")
     assert "DES" in entry["reason"], entry
     assert ledger(strict.directory) == []
@@ -175,7 +164,7 @@ def test_resend_with_the_same_key_gets_the_same_certificate(legacy: Any, tmp_pat
     assert rc == 0, output
     assert device.cert_path.read_bytes() == first, "the resend gets the same certificate"
 
-    entry = _entries(legacy, before + 1)[-1]
+    entry = request_log_entries(legacy, before + 1)[-1]
     assert (entry["message_type"], entry["outcome"]) == ("PKCS_REQ", "SUCCESS")
     assert entry["serial"] == format(device.cert().serial_number, "x")
     assert len(_records_of(legacy, entry["transaction_id"])) == 1
@@ -195,7 +184,7 @@ def test_same_key_with_another_csr_is_refused(legacy: Any, tmp_path: Path) -> No
     assert "PKCSReq (19) request failed, failInfo: badRequest" in output, output
     assert not device.cert_path.exists()
 
-    entry = _entries(legacy, before + 1)[-1]
+    entry = request_log_entries(legacy, before + 1)[-1]
     assert (entry["outcome"], entry["fail_info"]) == ("FAILURE", "BAD_REQUEST")
     records = _records_of(legacy, entry["transaction_id"])
     assert [r["serial"] for r in records] == [format(first.serial_number, "x")]
@@ -218,7 +207,7 @@ def test_rerun_with_its_certificate_renews_without_the_challenge(
     assert renewed.serial_number != issued.serial_number
     assert renewed.subject == issued.subject
 
-    entry = _entries(legacy, before + 1)[-1]
+    entry = request_log_entries(legacy, before + 1)[-1]
     assert (entry["transport"], entry["message_type"]) == ("POST", "RENEWAL_REQ")
     assert entry["outcome"] == "SUCCESS"
     assert entry["serial"] == format(renewed.serial_number, "x")

@@ -24,7 +24,6 @@ import http.client
 import http.server
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from tests.interop.conftest import (
     free_port,
     init_dir,
     request_log,
+    request_log_entries,
     require,
     set_config,
     start_server,
@@ -141,17 +141,6 @@ def _scepclient(directory: Path, url: str, cn: str, *extra: str) -> tuple[int, s
     return done.returncode, done.stdout + done.stderr
 
 
-def _entries(server: Any, count: int) -> list[dict[str, Any]]:
-    """The server's PKIOperation log entries once there are ``count`` of them (5 s at most)."""
-    deadline = time.monotonic() + 5
-    entries = request_log(server)
-    while len(entries) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-        entries = request_log(server)
-    assert len(entries) >= count, server.log()[-2000:]
-    return entries
-
-
 def _fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
@@ -195,7 +184,7 @@ def test_scepclient_pinned_to_the_encryption_ra_refuses_the_reply(pair: Any,
     assert rc != 0, output
     assert "No certificate for signer" in output, output
     assert _recipients(proxy.bodies[-1]) == {_names(encryption)}
-    entry = _entries(server, before + 1)[-1]
+    entry = request_log_entries(server, before + 1)[-1]
     assert (entry["message_type"], entry["outcome"]) == ("PKCS_REQ", "SUCCESS"), entry
 
 
