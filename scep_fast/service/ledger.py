@@ -63,7 +63,10 @@ import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
+
+if TYPE_CHECKING:
+    from scep_fast.service.notices import Notice
 
 __all__ = [
     "MAX_SANS",
@@ -444,13 +447,43 @@ class Ledger(Protocol):
         ...
 
     def commit(
-        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = ()
+        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = (),
+        notices: Sequence[Notice] = (),
     ) -> list[CommitOutcome]:
         """Record a batch in one durable transaction; one outcome per record.
 
         ``challenges`` is empty or has one entry per record: the digest of
-        the one-time challenge its request presented, or None.
+        the one-time challenge its request presented, or None. ``notices``
+        go to the outbox in the same transaction: one whose ``serial`` is set
+        only if that serial's record is :class:`Recorded` by this commit,
+        the others always.
         """
+        ...
+
+    def add_notices(self, notices: Sequence[Notice]) -> None:
+        """Put notices in the outbox, durably, in one transaction."""
+        ...
+
+    def claim_notices(self, now: float, limit: int, lease_seconds: float) -> list[Notice]:
+        """Up to ``limit`` notices due at ``now`` (``next_attempt_at <= now``), oldest
+        due first, each claimed for ``lease_seconds``: returned and stored with
+        ``next_attempt_at = now + lease_seconds``, durably, so that no other
+        claimer takes it meanwhile and, if the claimer dies, another does after.
+        """
+        ...
+
+    def notice_delivered(self, notice_id: bytes) -> None:
+        """The notice was delivered (or given up): it leaves the outbox. Unknown ids
+        are ignored (another claimer delivered it after a lease ran out)."""
+        ...
+
+    def notice_retry(self, notice_id: bytes, attempts: int, next_attempt_at: float) -> None:
+        """The delivery failed: store the new attempt count and when to try next.
+        Unknown ids are ignored."""
+        ...
+
+    def count_notices(self) -> int:
+        """How many notices wait in the outbox (for a gauge)."""
         ...
 
     def get(self, serial: int) -> CertRecord | None:
@@ -465,11 +498,14 @@ class Ledger(Protocol):
         """How many certificates are recorded."""
         ...
 
-    def revoke(self, serial: int, reason: int, when: float) -> CertRecord:
+    def revoke(self, serial: int, reason: int, when: float,
+               notices: Sequence[Notice] = ()) -> CertRecord:
         """Mark a certificate revoked, durably; the record as stored.
 
         :class:`NotFound` for an unknown serial. A certificate revoked
-        already is returned unchanged (its first time and reason stay).
+        already is returned unchanged (its first time and reason stay) and
+        ``notices`` are not written; otherwise they go to the outbox in the
+        same transaction as the revocation.
         ``ValueError`` for a reason that is not an RFC 5280 CRLReason code.
         """
         ...
