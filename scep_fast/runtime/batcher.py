@@ -12,12 +12,15 @@ served late (the connection loop's early refusal uses a lower bound, see
 and every admitted request is answered within about the target plus one
 batch, instead of every request waiting in a long queue. A full channel is refused
 the same way. One task collects up to ``max_size`` messages (waiting at
-most ``window_seconds`` for more when others are queued) and runs the whole
-batch in two stages, each in a worker thread where the GIL is released while
-C code or the disk works: ``prepare`` (the CPU work) and ``finish`` (the
-synced ledger commit, after which the answers may leave). While one batch's
-commit waits for the disk, the next batch is prepared; at most one batch is
-in each stage, and batches finish in the order they were prepared.
+most ``window_seconds`` for more when others are queued) and sends the
+batch through the stages of a :class:`Pipeline`, in order: authenticate,
+validate, issue, sign, record, notify. The CPU stages run in one worker
+thread at a time (the GIL is released while C code works), the record stage
+(the synced ledger commit, after which the answers may leave) in another,
+and validation in the trio loop, where a batch waiting for its validators
+holds no thread: while one batch waits for them or for the disk, the next is
+authenticated. At most ``MAX_BATCHES_IN_FLIGHT`` batches are past the first
+stage at once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -33,8 +36,33 @@ import trio
 
 from scep_fast.protocol import Overloaded
 
-P = TypeVar("P")
+B = TypeVar("B")
 T = TypeVar("T")
+S = TypeVar("S")
+R = TypeVar("R")
+# Batches between authentication and their answers: enough for validation of
+# a few batches to overlap without holding many requests in memory.
+MAX_BATCHES_IN_FLIGHT = 4
+
+
+async def _no_validation(_batch: object) -> None:
+    return None
+
+
+def _nothing(_batch: object) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline(Generic[B, T]):
+    """What happens to a batch, stage by stage, in the order the stages run."""
+
+    authenticate: Callable[[Sequence[bytes]], B]   # thread: open, verify, decide
+    record: Callable[[B], list[T]]                 # thread: the durable commit; the answers
+    issue: Callable[[B], None] = _nothing          # thread: issue the certificates
+    sign: Callable[[B], None] = _nothing           # thread: sign the replies
+    validate: Callable[[B], Awaitable[None]] = _no_validation  # trio: external validators
+    notify: Callable[[B], None] = _nothing         # trio, after record: wake the outbox
 
 
 @dataclass(slots=True)
@@ -71,13 +99,12 @@ class BatchStats:
     queued: int  # messages left waiting when the batch finished
 
 
-class Batcher(Generic[P, T]):
-    """Collects messages and hands them to ``prepare``, then ``finish``, a batch at a time."""
+class Batcher(Generic[B, T]):
+    """Collects messages and sends them through a :class:`Pipeline`, a batch at a time."""
 
     def __init__(
         self,
-        prepare: Callable[[Sequence[bytes]], P],
-        finish: Callable[[P], list[T]],
+        pipeline: Pipeline[B, T],
         *,
         max_size: int,
         window_seconds: float,
@@ -86,17 +113,16 @@ class Batcher(Generic[P, T]):
         on_batch: Callable[[BatchStats], None] = lambda _s: None,
         on_shed: Callable[[str], None] = lambda _reason: None,
     ) -> None:
-        self._prepare = prepare
-        self._finish = finish
+        self._pipeline = pipeline
         self._max_size = max_size
         self._window = window_seconds
         self._send, self._receive = trio.open_memory_channel[_Pending[T]](queue_size)
-        # One thread per stage per worker: the native core already runs a batch
-        # flat out on one core, and a second thread would only contend for it.
-        self._preparing = trio.CapacityLimiter(1)
-        self._finishing = trio.CapacityLimiter(1)
-        # Taken before a finish task starts, so commits run one at a time and in order.
-        self._finish_slot = trio.Semaphore(1)
+        # One thread for the CPU stages and one for the commits, per worker: the
+        # native core already runs a batch flat out on one core, and a second
+        # thread would only contend for it. Both are FIFO: older batches first.
+        self._cpu = trio.CapacityLimiter(1)
+        self._recording = trio.CapacityLimiter(1)
+        self._in_flight = trio.Semaphore(MAX_BATCHES_IN_FLIGHT)
         self._on_batch = on_batch
         self._on_shed = on_shed
         # 0: no bound by time, only by count.
@@ -105,7 +131,8 @@ class Batcher(Generic[P, T]):
         # batches weighted most; absent until a batch has run the stage.
         self._cost: dict[str, float] = {}
         self._warm: set[str] = set()
-        # Messages in the batch being prepared now (ahead of every queued one).
+        # Messages taken from the queue whose CPU stages are not done (ahead of
+        # every queued one).
         self._preparing_now = 0
         # When the connection loop let each request through that has not been
         # submitted yet (see early_refusal): ahead of any request judged now.
@@ -207,7 +234,7 @@ class Batcher(Generic[P, T]):
 
     async def run(self) -> None:
         """Serves batches until the channel is closed and drained."""
-        async with self._receive, trio.open_nursery() as finishing:
+        async with self._receive, trio.open_nursery() as in_flight:
             async for first in self._receive:
                 batch = [first]
                 if self._max_size > 1:
@@ -216,21 +243,59 @@ class Batcher(Generic[P, T]):
                 batch = self._shed_stale(batch, started)
                 if not batch:
                     continue
-                self._preparing_now = len(batch)
+                self._preparing_now += len(batch)
                 try:
-                    with trio.CancelScope(shield=True):
-                        prepared = await trio.to_thread.run_sync(
-                            self._prepare, [p.message for p in batch], limiter=self._preparing)
+                    authenticated = await self._cpu_stage(
+                        self._pipeline.authenticate, [p.message for p in batch])
                 except BaseException as e:  # noqa: BLE001 - handed to every waiter
+                    self._preparing_now -= len(batch)
                     _fail(batch, e)
                     continue
-                finally:
-                    self._preparing_now = 0
-                self._learn_cost("prepare", (time.perf_counter() - started) / len(batch))
-                # The previous batch's commit must be done before this one's starts.
+                cpu_seconds = time.perf_counter() - started
                 with trio.CancelScope(shield=True):
-                    await self._finish_slot.acquire()
-                finishing.start_soon(self._finish_batch, batch, prepared, started)
+                    await self._in_flight.acquire()
+                in_flight.start_soon(self._rest, batch, authenticated, started, cpu_seconds)
+
+    async def _cpu_stage(self, stage: Callable[[S], R], argument: S) -> R:
+        # Shielded: a batch runs to completion even if its requests are
+        # cancelled (clients gone), so that certificates are recorded either way.
+        with trio.CancelScope(shield=True):
+            result = await trio.to_thread.run_sync(stage, argument, limiter=self._cpu)
+        return result
+
+    async def _rest(self, batch: list[_Pending[T]], authenticated: B, started: float,
+                    cpu_seconds: float) -> None:
+        """The stages after the first, for one batch; its waiters get the answers."""
+        pipeline = self._pipeline
+        preparing = len(batch)
+        try:
+            try:
+                with trio.CancelScope(shield=True):
+                    await pipeline.validate(authenticated)
+                for stage in (pipeline.issue, pipeline.sign):
+                    stage_started = time.perf_counter()
+                    await self._cpu_stage(stage, authenticated)
+                    cpu_seconds += time.perf_counter() - stage_started
+                self._preparing_now -= preparing
+                preparing = 0
+                self._learn_cost("prepare", cpu_seconds / len(batch))
+                record_started = time.perf_counter()
+                with trio.CancelScope(shield=True):
+                    results = await trio.to_thread.run_sync(
+                        pipeline.record, authenticated, limiter=self._recording)
+                self._learn_cost("finish", time.perf_counter() - record_started)
+                for pending, result in zip(batch, results, strict=True):
+                    pending.result = result
+                    pending.done.set()
+                pipeline.notify(authenticated)
+            except BaseException as e:  # noqa: BLE001 - handed to every waiter
+                _fail(batch, e)
+            self._on_batch(BatchStats(size=len(batch),
+                                      wait_seconds=started - batch[0].queued_at,
+                                      queued=self.queued()))
+        finally:
+            self._preparing_now -= preparing
+            self._in_flight.release()
 
     async def _collect(self, batch: list[_Pending[T]]) -> None:
         """Adds what is queued, then, only if others were queued too, waits for more.
@@ -285,29 +350,6 @@ class Batcher(Generic[P, T]):
                 batch.append(self._receive.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
-
-    async def _finish_batch(self, batch: list[_Pending[T]], prepared: P,
-                            started: float) -> None:
-        """The second stage. Like the first it runs to completion even if the
-        requests are cancelled (clients gone): certificates are recorded
-        either way."""
-        try:
-            try:
-                finish_started = time.perf_counter()
-                with trio.CancelScope(shield=True):
-                    results = await trio.to_thread.run_sync(self._finish, prepared,
-                                                            limiter=self._finishing)
-                self._learn_cost("finish", time.perf_counter() - finish_started)
-                for pending, result in zip(batch, results, strict=True):
-                    pending.result = result
-                    pending.done.set()
-            except BaseException as e:  # noqa: BLE001 - handed to every waiter
-                _fail(batch, e)
-            self._on_batch(BatchStats(size=len(batch),
-                                      wait_seconds=started - batch[0].queued_at,
-                                      queued=self.queued()))
-        finally:
-            self._finish_slot.release()
 
     def close(self) -> None:
         """No new messages; ``run`` finishes what is queued, then returns."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from scep_fast.service.notices import EVENTS
 from scep_fast.service.profile import (
     EXTENDED_KEY_USAGES,
     KEY_TYPES,
@@ -57,6 +58,14 @@ def _ledger_url(url: str) -> bool:
         return urlsplit(url).password is None and "password=" not in urlsplit(url).query
     except ValueError:
         return False
+
+
+def _list_of(allowed: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda v: all(isinstance(x, str) and x in allowed for x in v)
+
+
+def _http_url(url: str) -> bool:
+    return url == "" or (url.startswith(("http://", "https://")) and len(url) <= 2048)
 
 
 # section -> key -> how it is checked. The defaults are what `init` writes.
@@ -163,6 +172,52 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         # Connections each process keeps to the database.
         "pool_size": _Key(int, 4, _between(1, 64), "1 to 64"),
     },
+    "validation": {
+        # Who checks the challenge password of a first enrollment: "local" (the
+        # static secret, one-time challenges) or "validators" (the webhook or
+        # Intune below; nothing is checked or spent here).
+        "challenge": _Key(str, "local", lambda v: v in ("local", "validators"),
+                          '"local" or "validators"'),
+        # Each validator call; a request whose validator does not answer in
+        # time is refused (FAILURE badRequest).
+        "timeout_seconds": _Key(float, 5.0, _between(0.1, 60), "0.1 to 60"),
+        # Validator calls in flight at once, per worker.
+        "max_in_flight": _Key(int, 64, _between(1, 4096), "1 to 4096"),
+    },
+    "validation.webhook": {
+        # POSTed every enrollment before issuance; "" asks no webhook.
+        "url": _Key(str, "", _http_url, "empty, or an http:// or https:// URL"),
+        # POSTed the notifications (issued, refused, revoked); "" sends none.
+        "notify_url": _Key(str, "", _http_url, "empty, or an http:// or https:// URL"),
+        # The HMAC-SHA256 key of both directions; a file of mode 0600 in DIR.
+        "secret_file": _Key(str, "webhook-secret"),
+        "events": _Key(list, list(EVENTS), _list_of(EVENTS), f"a list of {EVENTS}"),
+    },
+    "validation.intune": {
+        # Microsoft Intune validates each enrollment (its challenge) and is told
+        # of each certificate issued or refused ("Use a third-party CA with
+        # Intune SCEP"). The application is registered in the tenant's Entra ID.
+        "enabled": _Key(bool, False),
+        "tenant": _Key(str, ""),
+        "application_id": _Key(str, ""),
+        # The application's client secret; a file of mode 0600 in DIR.
+        "secret_file": _Key(str, "intune-secret"),
+        # Microsoft's endpoints; tests point them elsewhere.
+        "login_url": _Key(str, "https://login.microsoftonline.com", _http_url, "a URL"),
+        "graph_url": _Key(str, "https://graph.microsoft.com", _http_url, "a URL"),
+    },
+    "outbox": {
+        # How often each worker looks for notices due (besides right after a commit).
+        "poll_seconds": _Key(float, 2.0, _between(0.05, 60), "0.05 to 60"),
+        # A claimed notice is claimed again after this if its worker died.
+        "lease_seconds": _Key(float, 60.0, _between(1, 3600), "1 to 3600"),
+        # Each delivery attempt.
+        "timeout_seconds": _Key(float, 10.0, _between(0.1, 120), "0.1 to 120"),
+        # The longest pause between attempts (the back-off doubles up to it).
+        "max_retry_seconds": _Key(float, 600.0, _between(1, 86400), "1 to 86400"),
+        # A notice not delivered within this is dropped (counted and logged).
+        "max_age_hours": _Key(float, 72.0, _between(0.01, 8760), "0.01 to 8760"),
+    },
     "batch": {
         "max_size": _Key(int, 32, _between(1, 1024), "1 to 1024"),
         # Under load a batch waits this long for more messages; a lone
@@ -182,10 +237,6 @@ def _compiles(pattern: str) -> bool:
     except re.error:
         return False
     return True
-
-
-def _list_of(allowed: tuple[str, ...]) -> Callable[[Any], bool]:
-    return lambda v: all(isinstance(x, str) and x in allowed for x in v)
 
 
 # [profiles.NAME] tables: one per certificate profile (see service/profile.py).
@@ -307,7 +358,7 @@ def parse(text: str, directory: Path) -> Config:
         except ValueError as e:
             raise ConfigError(f"profiles.{name}: {e}") from None
         values["profiles"][name] = profile
-    for section, table in raw.items():
+    for section, table in _sections(raw).items():
         if section not in SCHEMA:
             raise ConfigError(f"{section}: unknown section (known: {', '.join(SCHEMA)})")
         if not isinstance(table, dict):
@@ -317,6 +368,7 @@ def parse(text: str, directory: Path) -> Config:
                 raise ConfigError(f"{section}.{key}: unknown key")
             values[section][key] = _check(section, key, value)
     _check_token_keys(values["pki"])
+    _check_validation(values)
     _check_ra_pair(values["pki"])
     values["profiles"].setdefault("default", default_profile())
     default = values["enrollment"]["default_profile"]
@@ -326,6 +378,33 @@ def parse(text: str, directory: Path) -> Config:
     if ndes_profile not in values["profiles"]:
         raise ConfigError(f"ndes.profile: no [profiles.{ndes_profile}] table")
     return Config(dir=directory, values=values)
+
+
+def _sections(raw: dict[str, Any]) -> dict[str, Any]:
+    """The TOML's tables by section name, ``[validation.webhook]`` as "validation.webhook"."""
+    sections: dict[str, Any] = {}
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            sections[section] = table
+            continue
+        own = {}
+        for key, value in table.items():
+            if isinstance(value, dict) and f"{section}.{key}" in SCHEMA:
+                sections[f"{section}.{key}"] = value
+            else:
+                own[key] = value
+        sections[section] = own
+    return sections
+
+
+def _check_validation(values: dict[str, Any]) -> None:
+    intune = values["validation.intune"]
+    if intune["enabled"] and not (intune["tenant"] and intune["application_id"]):
+        raise ConfigError("validation.intune: tenant and application_id are needed")
+    if values["validation"]["challenge"] == "validators" and not (
+            values["validation.webhook"]["url"] or values["validation.intune"]["enabled"]):
+        raise ConfigError('validation.challenge = "validators" needs a validator: '
+                          "validation.webhook.url or validation.intune.enabled")
 
 
 def _check_token_keys(pki: dict[str, Any]) -> None:

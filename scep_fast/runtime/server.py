@@ -25,7 +25,7 @@ from scep_fast.crypto import NativeKey, ScepContext, certs_only
 from scep_fast.protocol import Capabilities, Overloaded
 from scep_fast.runtime import metrics
 from scep_fast.runtime.app import CT_CA_CERT, CT_CA_RA_CERT, CaCertificates, ScepApp
-from scep_fast.runtime.batcher import Batcher, BatchStats
+from scep_fast.runtime.batcher import Batcher, BatchStats, Pipeline
 from scep_fast.runtime.config import Config, ConfigError
 from scep_fast.runtime.crl import CrlStore, crl_url
 from scep_fast.runtime.fast_refusal import FastRefusal
@@ -241,8 +241,10 @@ def build_worker(config: Config) -> Worker:
     service = build_service(config, material, ledger,
                             on_keys_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
     batcher: Batcher[PreparedBatch, Answer] = Batcher(
-        service.prepare_batch,
-        service.finish_batch,
+        Pipeline(authenticate=service.authenticate_batch,
+                 issue=service.issue_batch,
+                 sign=service.sign_batch,
+                 record=service.record_batch),
         max_size=int(config.get("batch", "max_size")),
         window_seconds=float(config.get("batch", "window_seconds")),
         queue_size=int(config.get("batch", "queue_size")),

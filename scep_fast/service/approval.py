@@ -7,7 +7,7 @@ device receives it at its next CertPoll or resend of the same transaction.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,11 +23,14 @@ from scep_fast.service.ledger import (
     NotFound,
     Recorded,
 )
+from scep_fast.service.notices import Notice
 
 
 def approve(request_id: str, *, ledger: Ledger, authorizer: Authorizer,
-            issue: Callable[[IssueRequest], bytes], clock: Callable[[], float]) -> CertRecord:
-    """Issues and records the certificate of a pending request.
+            issue: Callable[[IssueRequest], bytes], clock: Callable[[], float],
+            notices: Callable[[CertRecord, bytes], Sequence[Notice]] = lambda _r, _c: ()
+            ) -> CertRecord:
+    """Issues and records the certificate of a pending request, with ``notices`` of it.
 
     Raises NotFound, or LedgerError if the request is decided already or its
     certificate could not be recorded.
@@ -46,7 +49,7 @@ def approve(request_id: str, *, ledger: Ledger, authorizer: Authorizer,
     record = cert_record(request, issue(request), grant, now=now,
                          transaction_id=pending.transaction_id,
                          requester=pending.requester_key_sha256, csr_sha256=pending.csr_sha256)
-    outcome = ledger.commit([record])[0]
+    outcome = ledger.commit([record], (), notices(record, pending.csr_der))[0]
     if not isinstance(outcome, Recorded | AlreadyIssued):
         raise LedgerError(f"request {request_id} could not be recorded: {outcome}")
     ledger.decide_pending(request_id, "approved", now)

@@ -83,6 +83,12 @@ class Policy:
     # Renewal only this close to the old certificate's expiry; 0: any time.
     renewal_window_days: int = 0
     revoke_on_replace: bool = False
+    # External validators (a webhook, Intune) check the challenge password of a
+    # first enrollment instead of this server: nothing is checked or spent
+    # here, and the validation stage must allow every request.
+    challenge_by_validators: bool = False
+    # Validators are configured: a request they have not allowed gets nothing.
+    external_validation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,18 +212,33 @@ class Authorizer:
     # ---- the decision ----------------------------------------------------------
 
     def authorize(self, message_type: MessageType, csr: CsrInfo, csr_der: bytes,
-                  signer: Signer) -> Grant:
-        """What this PKCSReq or RenewalReq may have; BadRequest (or BadAlg) if nothing."""
+                  signer: Signer, *, profile_name: str = "") -> Grant:
+        """What this PKCSReq or RenewalReq may have; BadRequest (or BadAlg) if nothing.
+
+        ``profile_name``: the profile an external validator chose instead of
+        the one the challenge grants (every other rule applies to it alike);
+        a renewal keeps its certificate's profile and may not take another.
+        """
         self.check_deliverable(signer)
         renews = self._renewed_certificate(signer)
         if renews is None and message_type is MessageType.RENEWAL_REQ:
             raise BadRequest("a RenewalReq must be signed by a valid certificate of this CA")
         subject = Subject(csr.subject_der, lambda: _csr_subject(csr_der))
+        challenge: _Presented | None
         if renews is not None:
             profile = self._renewal_profile(renews)
             challenge = None
+            if profile_name and profile_name != profile.name:
+                raise BadRequest("a renewal keeps the profile of the certificate it renews")
         else:
-            profile, challenge = self._challenge_profile(csr.challenge)
+            if self._policy.challenge_by_validators:
+                profile, challenge = self._profiles[self._policy.default_profile], None
+            else:
+                profile, challenge = self._challenge_profile(csr.challenge)
+            if profile_name:
+                if profile_name not in self._profiles:
+                    raise BadRequest("the validator chose a profile that does not exist")
+                profile = self._profiles[profile_name]
         try:
             profile.check_key(csr.key_type, csr.key_bits, csr.curve)
             if renews is not None:

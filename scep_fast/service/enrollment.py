@@ -1,18 +1,30 @@
 """The batch pipeline: from a batch of pkiMessages to a batch of answers.
 
-Plain synchronous code, run by the runtime in worker threads, in two stages
-per batch. ``prepare_batch``: one native unwrap call; per message the
-authentication, a look at what the ledger knows of its transaction and the
-decision (``authorization.py`` holds every rule of who may have which
-certificate); the pending requests recorded; one native issue call and one
-wrap call, which signs each reply as if its certificate were already
-recorded. ``finish_batch``: one ledger commit (synced to disk) that records
-the certificates and spends the one-time challenges they were granted for,
-after which the answers may leave; the rare message whose commit turned out
-otherwise (a concurrent resend, a transactionID conflict, a challenge spent
-meanwhile) is signed again. The runtime prepares the next batch while this
-one's commit waits for the disk. No certificate is handed back unless the
-commit that records it has returned.
+Plain synchronous code, run by the runtime in worker threads, one stage at
+a time, in the order they are written below:
+
+1. ``authenticate_batch``: one native unwrap call; per message the
+   authentication, a look at what the ledger knows of its transaction and
+   the decision (``authorization.py`` holds every rule of who may have which
+   certificate). A request the rules grant now waits for its certificate.
+2. Validation (the runtime's, asynchronous): when validators are configured,
+   each granted request is put to them (``PreparedBatch.validation_requests``)
+   and their verdicts come back (``set_verdicts``).
+3. ``issue_batch``: a request no validator allowed is refused (fail closed);
+   pending requests are recorded; one native issue call.
+4. ``sign_batch``: one wrap call, which signs each reply as if its
+   certificate were already recorded.
+5. ``record_batch``: one ledger commit (synced to disk) that records the
+   certificates, spends the one-time challenges they were granted for and
+   writes the notices of what happened to each enrollment (the outbox),
+   after which the answers may leave; the rare message whose commit turned
+   out otherwise (a concurrent resend, a transactionID conflict, a challenge
+   spent meanwhile) is signed again.
+6. Notification (the runtime's): the outbox delivers the notices.
+
+The runtime authenticates the next batch while this one is validated or
+recorded. No certificate is handed back unless the commit that records it
+has returned.
 
 Every answer is either a signed CertRep (HTTP 200: SUCCESS, PENDING, or
 FAILURE with a failInfo) for a message we could authenticate, or a
@@ -79,7 +91,15 @@ from scep_fast.service.ledger import (
     TransactionConflict,
     good_at,
 )
+from scep_fast.service.notices import (
+    Notice,
+    issued_event,
+    notices_for,
+    refused_event,
+    revoked_event,
+)
 from scep_fast.service.profile import Profile
+from scep_fast.service.validation import ValidationRequest, Verdict
 
 __all__ = ["Answer", "EnrollmentService", "Policy", "PreparedBatch"]
 
@@ -93,6 +113,16 @@ _TRANSACTION_TYPES = frozenset({MessageType.PKCS_REQ, MessageType.RENEWAL_REQ,
 SUPERSEDED = 4  # RFC 5280 CRLReason
 _USED_UP = "challenge password expired or used up"
 _CONFLICT = "transactionID already used with another certification request"
+# The names RFC 8894 gives the enrollment messages, as validators see them.
+_MESSAGE_TYPE_NAMES = {MessageType.PKCS_REQ: "PKCSReq", MessageType.RENEWAL_REQ: "RenewalReq"}
+_ENROLLMENT_TYPES = frozenset(_MESSAGE_TYPE_NAMES)
+# A validator's reason goes to the device in the failInfoText: kept short and printable.
+_MAX_VERDICT_REASON = 200
+
+
+def _refused_by_validation(reason: str) -> str:
+    text = "".join(c for c in reason if c.isprintable())[:_MAX_VERDICT_REASON]
+    return f"refused by validation: {text}" if text else "refused by validation"
 
 
 @dataclass(slots=True)
@@ -127,17 +157,47 @@ class _Item:
     # What the ledger already holds for (transactionID, requester).
     known_record: CertRecord | None = None
     known_pending: PendingRequest | None = None
-    # Issued, answered SUCCESS, and to be committed in finish_batch.
+    # Issued, answered SUCCESS, and to be committed by record_batch.
     record: CertRecord | None = None
+    # What the validation stage decided (an exception: it could not decide).
+    verdict: Verdict | BaseException | None = None
+
+    def validation_request(self) -> ValidationRequest | None:
+        """What validators are asked, for a request about to get a new certificate."""
+        grant, request, csr = self.grant, self.request, self.unwrapped.csr
+        if grant is None or request is None or csr is None or (
+                self.issue is None and self.pending is None):
+            return None
+        return ValidationRequest(
+            transaction_id=request.transaction_id,
+            message_type=_MESSAGE_TYPE_NAMES.get(request.message_type, request.message_type.name),
+            csr_der=self.unwrapped.content,
+            subject=grant.subject_text,
+            sans=grant.sans,
+            challenge=csr.challenge.decode("utf-8", "replace"),
+            signer_der=self.signer.der if self.signer is not None else b"",
+            profile=grant.profile.name,
+            renewal=grant.renews is not None,
+        )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PreparedBatch:
-    """A batch between its two stages: replies signed, certificates not yet recorded."""
+    """A batch on its way through the stages."""
 
     items: list[_Item]          # the messages the core could unwrap
     answers: list[Answer]       # one per message, in order (the items' answers among them)
     issued_at: float
+
+    def validation_requests(self) -> list[ValidationRequest]:
+        """One per request about to get a new certificate, for set_verdicts."""
+        return [r for r in (i.validation_request() for i in self.items) if r is not None]
+
+    def set_verdicts(self, verdicts: Sequence[Verdict | BaseException]) -> None:
+        """The verdicts of validation_requests, in the same order."""
+        waiting = [i for i in self.items if i.validation_request() is not None]
+        for item, verdict in zip(waiting, verdicts, strict=True):
+            item.verdict = verdict
 
 
 def _unavailable(detail: str) -> Answer:
@@ -212,10 +272,13 @@ class EnrollmentService:
         crl_source: Callable[[bytes], bytes | None] = lambda _issuer: None,
         clock: Callable[[], float] = time.time,
         on_commit: Callable[[float, int], None] = lambda _seconds, _issued: None,
+        notice_sinks: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
+        # Where notices go: each sink and the events it wants.
+        self._sinks = dict(notice_sinks or {})
         self._keys: KeySource = _FixedKeys(ctx) if isinstance(ctx, ScepContext) else ctx
-        # The native context serves one call at a time: prepare_batch holds it
-        # throughout, finish_batch only to sign a reply again.
+        # The native context serves one call at a time: each CPU stage holds it
+        # throughout, record_batch only to sign a reply again.
         self._native = threading.Lock()
         self._ledger = ledger
         self._policy = policy
@@ -228,13 +291,21 @@ class EnrollmentService:
         # recorded (the runtime turns that into metrics).
         self._on_commit = on_commit
 
-    # ---- the batch ------------------------------------------------------
+    # ---- the batch, stage by stage ----------------------------------------------
 
     def handle_batch(self, messages: Sequence[bytes]) -> list[Answer]:
-        """Both stages at once."""
-        return self.finish_batch(self.prepare_batch(messages))
+        """Every stage at once, with no external validation."""
+        batch = self.authenticate_batch(messages)
+        self.issue_batch(batch)
+        self.sign_batch(batch)
+        return self.record_batch(batch)
 
-    def prepare_batch(self, messages: Sequence[bytes]) -> PreparedBatch:
+    def authenticate_batch(self, messages: Sequence[bytes]) -> PreparedBatch:
+        """Stage 1: open and verify each message, look up its transaction, decide.
+
+        Decided: a refusal, an answer from the ledger (a resend, a poll), or a
+        grant waiting to be validated (if validators are configured) and issued.
+        """
         with self._native:
             ctx = self._keys.context()
             if ctx is None:
@@ -263,19 +334,39 @@ class EnrollmentService:
             for item in readable:
                 with self._isolated(item, "decide"):
                     self._decide(item)
-            for item in items:
+            self._unless_keys_lost(items)
+        return PreparedBatch(items, answers, self._clock())
+
+    # Stage 2, validation, runs in the runtime (asynchronously): it reads
+    # PreparedBatch.validation_requests and hands back set_verdicts.
+
+    def issue_batch(self, batch: PreparedBatch) -> None:
+        """Stage 3: apply the verdicts, record pending requests, issue certificates.
+
+        Each SUCCESS stands only until the commit in ``record_batch`` says otherwise.
+        """
+        with self._native:
+            for item in batch.items:
+                if item.grant is not None and (item.issue is not None or item.pending is not None):
+                    with self._isolated(item, "validate"):
+                        self._apply_verdict(item)
+            for item in batch.items:
                 if item.pending is not None:
                     with self._isolated(item, "pending store"):
                         self._record_pending(item)
-            issued_at = self._clock()
-            self._issue([i for i in items if i.issue is not None], issued_at)
-            self._wrap([i for i in items if i.reply is not None])
-            self._unless_keys_lost(items)
-        return PreparedBatch(items, answers, issued_at)
+            batch.issued_at = self._clock()
+            self._issue([i for i in batch.items if i.issue is not None], batch.issued_at)
+            self._unless_keys_lost(batch.items)
 
-    def finish_batch(self, batch: PreparedBatch) -> list[Answer]:
-        """Records the batch's certificates; only then are its answers final."""
-        self._commit([i for i in batch.items if i.record is not None], batch.issued_at)
+    def sign_batch(self, batch: PreparedBatch) -> None:
+        """Stage 4: sign every reply, SUCCESS as if its certificate were recorded already."""
+        with self._native:
+            self._wrap([i for i in batch.items if i.reply is not None])
+            self._unless_keys_lost(batch.items)
+
+    def record_batch(self, batch: PreparedBatch) -> list[Answer]:
+        """Stage 5: record the certificates and the notices; only then are the answers final."""
+        self._commit(batch, batch.issued_at)
         self._unless_keys_lost(batch.items)
         return batch.answers
 
@@ -328,7 +419,14 @@ class EnrollmentService:
     def approve(self, request_id: str) -> CertRecord:
         """Issues and records the certificate of a pending request (see approval.approve)."""
         return approval.approve(request_id, ledger=self._ledger, authorizer=self._authorizer,
-                                issue=self._issue_one, clock=self._clock)
+                                issue=self._issue_one, clock=self._clock,
+                                notices=self._approval_notices)
+
+    def _approval_notices(self, record: CertRecord, csr_der: bytes) -> list[Notice]:
+        now = self._clock()
+        return self._for_sinks("issued", issued_event(record, message_type="PKCSReq",
+                                                      csr_der=csr_der, at=now),
+                               now, record.serial)
 
     def reject(self, request_id: str, reason: str = "") -> PendingRequest:
         """Refuses a pending request: its next poll gets FAILURE badRequest."""
@@ -456,8 +554,18 @@ class EnrollmentService:
         item.csr_sha256 = hashlib.sha256(u.content).digest()
         if self._answer_known(item):
             return
-        grant = self._authorizer.authorize(request.message_type, csr, u.content, item.signer)
+        self._grant(item, request)
+
+    def _grant(self, item: _Item, request: ScepRequestMessage, profile_name: str = "") -> None:
+        """What the rules grant the request: a certificate to issue, or one to approve."""
+        u = item.unwrapped
+        csr = u.csr
+        if csr is None or item.signer is None:
+            raise InternalError("a request without a CSR reached the grant")
+        grant = self._authorizer.authorize(request.message_type, csr, u.content, item.signer,
+                                           profile_name=profile_name)
         item.grant = grant
+        item.issue = item.pending = None
         now = self._clock()
         if grant.needs_approval:
             item.pending = PendingRequest(
@@ -509,6 +617,29 @@ class EnrollmentService:
         # certificate is on record the answer stays PENDING.
         self._pend(item, pending.request_id)
 
+    # ---- step 2b: the validators' verdict ------------------------------------
+
+    def _apply_verdict(self, item: _Item) -> None:
+        """Refuses the request unless every validator allowed it (fail closed).
+
+        A validator may choose the profile of a first enrollment: the grant is
+        then made again under that profile, by the same rules.
+        """
+        if not self._policy.external_validation:
+            return
+        verdict = item.verdict
+        if isinstance(verdict, BaseException):
+            raise BadRequest("the request could not be validated", detail=repr(verdict))
+        if verdict is None:
+            raise BadRequest("the request could not be validated",
+                             detail="no verdict reached the issue stage")
+        if not verdict.allow:
+            raise BadRequest(_refused_by_validation(verdict.reason))
+        grant, request = item.grant, item.request
+        if verdict.profile and grant is not None and request is not None \
+                and verdict.profile != grant.profile.name:
+            self._grant(item, request, verdict.profile)
+
     # ---- step 3: pending requests, issue ---------------------------------------
 
     def _record_pending(self, item: _Item) -> None:
@@ -554,14 +685,22 @@ class EnrollmentService:
 
     # ---- step 4: record ------------------------------------------------------------
 
-    def _commit(self, items: list[_Item], now: float) -> None:
+    def _commit(self, batch: PreparedBatch, now: float) -> None:
+        """One durable transaction: the batch's certificates, the challenges they
+        spend, and the notices of what happened to its enrollments. An answer
+        whose certificate or notice is not on disk does not leave."""
+        notices = self._notices(batch.items, now)
+        items = [i for i in batch.items if i.record is not None or id(i) in notices]
         if not items:
             return
-        records = [i.record for i in items if i.record is not None]
-        challenges = [i.grant.challenge if i.grant is not None else None for i in items]
+        committed = [i for i in items if i.record is not None]
+        records = [i.record for i in committed if i.record is not None]
+        challenges = [i.grant.challenge if i.grant is not None else None for i in committed]
         started = time.perf_counter()
         try:
-            outcomes = self._ledger.commit(records, challenges)
+            all_notices = [n for ns in notices.values() for n in ns]
+            outcomes = (self._ledger.commit(records, challenges, all_notices) if all_notices  # TEMP
+                        else self._ledger.commit(records, challenges))
         except LedgerFull as e:
             # Nothing was recorded, so nothing may leave; the client may come back (503).
             for item in items:
@@ -580,7 +719,7 @@ class EnrollmentService:
         self._on_commit(time.perf_counter() - started,
                         sum(isinstance(o, Recorded) for o in outcomes))
         sign_again: list[_Item] = []
-        for item, outcome in zip(items, outcomes, strict=True):
+        for item, outcome in zip(committed, outcomes, strict=True):
             if isinstance(outcome, Recorded):
                 self._replace(item, now)
             elif isinstance(outcome, AlreadyIssued):
@@ -596,16 +735,66 @@ class EnrollmentService:
                 sign_again.append(item)
             elif isinstance(outcome, SerialCollision):
                 self._internal(item, f"serial {outcome.serial:x} collided")
+        self._notify_late_refusals([i for i in committed if i.answer.status == "FAILURE"], now)
         if sign_again:
             with self._native:
                 self._wrap(sign_again)
+
+    # ---- notices ----------------------------------------------------------------
+
+    def _notices(self, items: Sequence[_Item], now: float) -> dict[int, list[Notice]]:
+        """The notices of a batch's enrollments, by id() of their item: an issued
+        certificate's (written only if it is recorded) or a refusal's."""
+        if not self._sinks:
+            return {}
+        notices: dict[int, list[Notice]] = {}
+        for item in items:
+            request = item.request
+            if request is None or request.message_type not in _ENROLLMENT_TYPES:
+                continue
+            message_type = _MESSAGE_TYPE_NAMES[request.message_type]
+            if item.record is not None:
+                body = issued_event(item.record, message_type=message_type,
+                                    csr_der=item.unwrapped.content, at=now)
+                notices[id(item)] = self._for_sinks("issued", body, now, item.record.serial)
+            elif item.answer.status == "FAILURE":
+                notices[id(item)] = self._for_sinks("refused", self._refusal(item, now), now)
+        return {k: v for k, v in notices.items() if v}
+
+    def _notify_late_refusals(self, items: Sequence[_Item], now: float) -> None:
+        """Refusals the commit decided (a conflict, a challenge spent meanwhile): their
+        issued notices were not written, their refused notices are written now."""
+        notices = [n for item in items
+                   for n in self._for_sinks("refused", self._refusal(item, now), now)]
+        if not notices:
+            return
+        try:
+            self._ledger.add_notices(notices)
+        except Exception:  # noqa: BLE001 - the refusal stands; only its notice is lost
+            log.exception("notices of %d refusals could not be written", len(items))
+
+    def _refusal(self, item: _Item, now: float) -> bytes:
+        request = item.request
+        return refused_event(
+            transaction_id=request.transaction_id if request is not None else "",
+            message_type=_MESSAGE_TYPE_NAMES.get(request.message_type, "")
+            if request is not None else "",
+            csr_der=item.unwrapped.content, fail_info=item.answer.fail_info,
+            reason=item.reply.fail_info_text if item.reply is not None else "",
+            profile=item.grant.profile.name if item.grant is not None else "", at=now)
+
+    def _for_sinks(self, event: str, body: bytes, now: float,
+                   serial: int | None = None) -> list[Notice]:
+        return notices_for(event, body, [s for s, events in self._sinks.items()
+                                         if event in events], now, serial=serial)
 
     def _replace(self, item: _Item, now: float) -> None:
         renews = item.grant.renews if item.grant is not None else None
         if renews is None or not self._policy.revoke_on_replace:
             return
         try:
-            self._ledger.revoke(renews.serial, SUPERSEDED, now)
+            self._ledger.revoke(renews.serial, SUPERSEDED, now, self._for_sinks(
+                "revoked", revoked_event(renews, reason=SUPERSEDED, at=now), now))
         except Exception as e:  # noqa: BLE001 - the new certificate stands regardless
             item.answer.reason = f"revoke-on-replace of {renews.serial:x} failed: {e}"
 

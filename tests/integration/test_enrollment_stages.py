@@ -1,7 +1,7 @@
-"""The enrollment service's two stages, driven directly the way the batcher overlaps them.
+"""The enrollment service's stages, driven directly the way the batcher overlaps them.
 
-A batch is prepared (replies signed as if recorded) while the previous
-batch has not been committed yet; its commit then decides. A resend or a
+A batch is prepared (authenticated, issued, replies signed as if recorded)
+while the previous batch has not been recorded yet; its commit then decides. A resend or a
 conflicting request that the first stage could not see yet must still get
 the answer the ledger holds, signed again.
 """
@@ -21,7 +21,7 @@ from scep_fast.runtime import config as config_module
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.pki import load_material
 from scep_fast.runtime.server import build_service, open_ledger
-from scep_fast.service.enrollment import EnrollmentService
+from scep_fast.service.enrollment import EnrollmentService, PreparedBatch
 from tests.integration.conftest import CHALLENGE, init_dir
 
 
@@ -37,6 +37,14 @@ def service(tmp_path: Path) -> Iterator[tuple[EnrollmentService, LmdbLedger, x50
         ledger.close()
 
 
+def _prepare(enrollment: EnrollmentService, messages: list[bytes]) -> PreparedBatch:
+    """Every stage before the commit (no validators are configured)."""
+    batch = enrollment.authenticate_batch(messages)
+    enrollment.issue_batch(batch)
+    enrollment.sign_batch(batch)
+    return batch
+
+
 def test_the_commit_decides_for_requests_prepared_before_it(
         service: tuple[EnrollmentService, LmdbLedger, x509.Certificate]) -> None:
     enrollment, ledger, ra = service
@@ -45,11 +53,11 @@ def test_the_commit_decides_for_requests_prepared_before_it(
     # Same key, hence the same transactionID, but another CSR.
     conflicting = build_pkcs_req(ra, cn="stage-one-other", challenge=CHALLENGE, key=key)
 
-    batch_a = enrollment.prepare_batch([first.message])
+    batch_a = _prepare(enrollment, [first.message])
     # Prepared before batch_a is committed: the ledger does not know the transaction yet.
-    batch_b = enrollment.prepare_batch([first.message, conflicting.message])
-    (answer_a,) = enrollment.finish_batch(batch_a)
-    resend, conflict = enrollment.finish_batch(batch_b)
+    batch_b = _prepare(enrollment, [first.message, conflicting.message])
+    (answer_a,) = enrollment.record_batch(batch_a)
+    resend, conflict = enrollment.record_batch(batch_b)
 
     assert answer_a.status == "SUCCESS" and answer_a.serial is not None
     reply_a = parse_cert_rep(answer_a.body, first, ra_certs=[ra])
@@ -73,9 +81,9 @@ def test_a_failed_commit_sends_no_signed_reply(
         service: tuple[EnrollmentService, LmdbLedger, x509.Certificate]) -> None:
     enrollment, ledger, ra = service
     request = build_pkcs_req(ra, cn="commit-fails", challenge=CHALLENGE)
-    batch = enrollment.prepare_batch([request.message])
+    batch = _prepare(enrollment, [request.message])
     ledger.close()  # the commit cannot happen
-    (answer,) = enrollment.finish_batch(batch)
+    (answer,) = enrollment.record_batch(batch)
     assert answer.error is not None and answer.error.http_status == 500
     assert answer.body == b"" and answer.serial is None
 

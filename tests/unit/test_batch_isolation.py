@@ -71,10 +71,11 @@ def _poison_rules(monkeypatch: pytest.MonkeyPatch, poison: PkiRequest) -> None:
     original = authorization.Authorizer.authorize
 
     def authorize(self: authorization.Authorizer, message_type: Any, csr: Any,
-                  csr_der: bytes, signer: authorization.Signer) -> authorization.Grant:
+                  csr_der: bytes, signer: authorization.Signer,
+                  **kwargs: Any) -> authorization.Grant:
         if POISON_CN.encode() in csr.subject_der:
             raise ValueError("rules")
-        return original(self, message_type, csr, csr_der, signer)
+        return original(self, message_type, csr, csr_der, signer, **kwargs)
 
     monkeypatch.setattr(authorization.Authorizer, "authorize", authorize)
 

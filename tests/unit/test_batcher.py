@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from scep_fast.protocol import Overloaded
-from scep_fast.runtime.batcher import Batcher, BatchStats, _Pending
+from scep_fast.runtime.batcher import Batcher, BatchStats, Pipeline, _Pending
 
 
 def _as_is(answers: list[bytes]) -> list[bytes]:
@@ -26,7 +26,7 @@ def test_messages_are_batched_and_answered_in_order() -> None:
         return [m.upper() for m in batch]
 
     async def main() -> list[bytes]:
-        batcher = Batcher(handle, _as_is, max_size=8, window_seconds=0.05, queue_size=64,
+        batcher = Batcher(Pipeline(handle, _as_is), max_size=8, window_seconds=0.05, queue_size=64,
                           on_batch=stats.append)
         answers: list[bytes] = [b""] * 20
         async with trio.open_nursery() as nursery:
@@ -58,7 +58,7 @@ def test_full_queue_is_refused_at_once_with_retry_after() -> None:
         return list(batch)
 
     async def main() -> tuple[int, int]:
-        batcher = Batcher(handle, _as_is, max_size=1, window_seconds=0, queue_size=2)
+        batcher = Batcher(Pipeline(handle, _as_is), max_size=1, window_seconds=0, queue_size=2)
         outcomes = {"ok": 0, "busy": 0}
         seven_refused = trio.Event()
         async with trio.open_nursery() as nursery:
@@ -97,7 +97,7 @@ def test_a_failing_batch_fails_each_of_its_callers() -> None:
         raise RuntimeError("native core exploded")
 
     async def main() -> None:
-        batcher = Batcher(handle, _as_is, max_size=4, window_seconds=0.01, queue_size=8)
+        batcher = Batcher(Pipeline(handle, _as_is), max_size=4, window_seconds=0.01, queue_size=8)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(batcher.run)
             with pytest.raises(RuntimeError, match="exploded"):
@@ -126,7 +126,7 @@ def test_the_next_batch_is_prepared_while_the_last_one_finishes() -> None:
         return [m.upper() for m in batch]
 
     async def main() -> dict[bytes, bytes]:
-        batcher = Batcher(prepare, finish, max_size=1, window_seconds=0, queue_size=8)
+        batcher = Batcher(Pipeline(prepare, finish), max_size=1, window_seconds=0, queue_size=8)
         answers: dict[bytes, bytes] = {}
         answered_early: list[bytes] = []
 
@@ -160,7 +160,7 @@ def test_a_failing_finish_fails_its_callers_and_the_next_batch_still_runs() -> N
         return batch
 
     async def main() -> bytes:
-        batcher = Batcher(list, finish, max_size=1, window_seconds=0, queue_size=8)
+        batcher = Batcher(Pipeline(list, finish), max_size=1, window_seconds=0, queue_size=8)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(batcher.run)
             with pytest.raises(RuntimeError, match="ledger full"):
@@ -185,7 +185,7 @@ def test_the_queue_is_bounded_by_waiting_time() -> None:
         return list(batch)
 
     async def main() -> tuple[list[float], list[int], float]:
-        batcher = Batcher(prepare, _as_is, max_size=4, window_seconds=0, queue_size=1000,
+        batcher = Batcher(Pipeline(prepare, _as_is), max_size=4, window_seconds=0, queue_size=1000,
                           max_wait_seconds=target, on_shed=shed.append)
         # Two requests first, so the batcher has measured the cost (the first
         # batch only warms up).
@@ -228,7 +228,7 @@ def test_without_a_time_bound_only_the_count_bounds_the_queue() -> None:
         return list(batch)
 
     async def main() -> int:
-        batcher = Batcher(prepare, _as_is, max_size=4, window_seconds=0, queue_size=1000)
+        batcher = Batcher(Pipeline(prepare, _as_is), max_size=4, window_seconds=0, queue_size=1000)
         served = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(batcher.run)
@@ -251,7 +251,7 @@ def test_the_connection_loop_refuses_early_and_submission_at_the_target() -> Non
     # The loop's early check and submission look at the same queue a moment
     # apart; the loop refuses below the target, so that a request it let
     # through is refused late only when the wait grew past the target itself.
-    batcher: Batcher[list[bytes], bytes] = Batcher(list, _as_is, max_size=1, window_seconds=0,
+    batcher: Batcher[list[bytes], bytes] = Batcher(Pipeline(list, _as_is), max_size=1, window_seconds=0,
                                                    queue_size=100, max_wait_seconds=1.0)
     batcher._cost["prepare"] = 0.1
     for _ in range(9):  # 9 queued x 0.1 s: past the early bound, within the target
@@ -267,7 +267,7 @@ def test_requests_the_connection_loop_let_through_count_before_they_are_submitte
     # A crowd arrives faster than the loop hands requests to the app: the
     # queue is empty while the loop judges them, yet each one it lets
     # through will be ahead of the next.
-    batcher: Batcher[list[bytes], bytes] = Batcher(list, _as_is, max_size=1, window_seconds=0,
+    batcher: Batcher[list[bytes], bytes] = Batcher(Pipeline(list, _as_is), max_size=1, window_seconds=0,
                                                    queue_size=100, max_wait_seconds=0.05)
     batcher._cost["prepare"] = 0.005
     verdicts = [batcher.early_refusal() for _ in range(30)]
@@ -279,7 +279,7 @@ def test_requests_the_connection_loop_let_through_count_before_they_are_submitte
 
 
 def test_retry_after_grows_with_the_crowd_that_was_refused() -> None:
-    batcher: Batcher[list[bytes], bytes] = Batcher(list, _as_is, max_size=1, window_seconds=0,
+    batcher: Batcher[list[bytes], bytes] = Batcher(Pipeline(list, _as_is), max_size=1, window_seconds=0,
                                                    queue_size=8)
     assert batcher.retry_after(0.2) == 1  # nothing refused lately: the queue's own wait
     for _ in range(100):
