@@ -407,6 +407,27 @@ def _check_validation(values: dict[str, Any]) -> None:
                           "validation.webhook.url or validation.intune.enabled")
 
 
+# Intune's API has a success and a failure notification, nothing for revocations.
+INTUNE_EVENTS = frozenset({"issued", "refused"})
+
+
+def notice_sinks(config: Config) -> dict[str, frozenset[str]]:
+    """Each configured notification sink and the events it is sent."""
+    sinks: dict[str, frozenset[str]] = {}
+    webhook = config.values["validation.webhook"]
+    if webhook["notify_url"]:
+        sinks["webhook"] = frozenset(webhook["events"])
+    if config.get("validation.intune", "enabled"):
+        sinks["intune"] = INTUNE_EVENTS
+    return sinks
+
+
+def validation_configured(config: Config) -> bool:
+    """Whether any external validator is asked before issuance."""
+    return bool(config.get("validation.webhook", "url")
+                or config.get("validation.intune", "enabled"))
+
+
 def _check_token_keys(pki: dict[str, Any]) -> None:
     """A key URI needs the module and the PIN file, and must name a private key alone."""
     from scep_fast.runtime.keys import KeyLoadError, check_uri, is_token_uri

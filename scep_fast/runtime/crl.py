@@ -33,7 +33,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -42,10 +42,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from scep_fast.crypto.x509sign import public_key, sign_crl
-from scep_fast.runtime.config import Config
+from scep_fast.runtime.config import Config, notice_sinks
 from scep_fast.runtime.keys import KeyRef, native_key
 from scep_fast.runtime.pki import CA_ID, Material, ca_id
 from scep_fast.service.ledger import REVOCATION_REASONS, CertRecord
+from scep_fast.service.notices import Notice, notices_for, revoked_event
 
 __all__ = [
     "CRL_DIR",
@@ -88,7 +89,10 @@ _REMOVE_FROM_CRL = 8
 class CrlLedger(Protocol):
     """What CRLs need from the ledger (``service.ledger.Ledger`` has it all)."""
 
-    def revoke(self, serial: int, reason: int, when: float) -> CertRecord: ...
+    def revoke(self, serial: int, reason: int, when: float,
+               notices: Sequence[Notice] = ()) -> CertRecord: ...
+
+    def get(self, serial: int) -> CertRecord | None: ...
 
     def iter_revoked(self) -> Iterator[CertRecord]: ...
 
@@ -401,6 +405,11 @@ def revoke(config: Config, ledger: CrlLedger, material: Material, serial: int, r
            *, now: datetime.datetime | None = None) -> tuple[CertRecord, list[Path]]:
     """Revokes a certificate and writes fresh CRLs at once."""
     moment = now or datetime.datetime.now(datetime.UTC)
-    record = ledger.revoke(serial, reason, moment.timestamp())
+    at = moment.timestamp()
+    sinks = [sink for sink, events in notice_sinks(config).items() if "revoked" in events]
+    known = ledger.get(serial) if sinks else None
+    notices = [] if known is None else notices_for(
+        "revoked", revoked_event(known, reason=reason, at=at), sinks, at)
+    record = ledger.revoke(serial, reason, at, notices)
     return record, refresh_all(config, ledger, material, force=True, now=moment)
 

@@ -9,10 +9,14 @@ than gaps before the first event.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from scep_fast.runtime.batcher import SHED_REASONS
 from scep_fast.runtime.ndes import OUTCOMES as NDES_PAGE_OUTCOMES
+from scep_fast.runtime.outbox import RESULTS as NOTIFICATION_RESULTS
+from scep_fast.runtime.validation_stage import RESULTS as VALIDATION_RESULTS
 
 # Sub-millisecond to ten seconds: a cached GetCACaps takes ~0.1 ms, a
 # PKCSReq ~1 ms alone and tens of ms in a full batch under load.
@@ -58,6 +62,18 @@ SHED = Counter("scep_requests_shed_total",
 # The NDES-style challenge page, on the admin address (the supervisor) or the SCEP address.
 NDES_PAGE_REQUESTS = Counter("scep_ndes_page_requests_total",
                              "GETs of the NDES-style challenge page, by outcome", ["outcome"])
+# MDM integrations: the validation stage and the outbox.
+VALIDATION_SECONDS = Histogram("scep_validation_seconds",
+                               "One call of an external validator (webhook, Intune)",
+                               ["validator"], buckets=LATENCY_BUCKETS)
+VALIDATIONS = Counter("scep_validations_total",
+                      "External validator calls, by result (allow, deny, error, timeout)",
+                      ["validator", "result"])
+NOTIFICATIONS = Counter("scep_notifications_total",
+                        "Notice deliveries, by sink and result "
+                        "(delivered, retry, rejected, expired)", ["sink", "result"])
+OUTBOX_NOTICES = Gauge("scep_outbox_notices", "Notices waiting in the ledger's outbox",
+                       multiprocess_mode="max")
 # Counted by the supervisor, in its own file of the multi-process directory:
 # counters of every process, live or dead, are summed.
 WORKER_RESTARTS = Counter("scep_worker_restarts_total",
@@ -81,6 +97,17 @@ def preinitialise() -> None:
         SHED.labels(reason)
     for outcome in NDES_PAGE_OUTCOMES:
         NDES_PAGE_REQUESTS.labels(outcome)
+
+
+def preinitialise_integrations(validators: Iterable[str], sinks: Iterable[str]) -> None:
+    """Zeros for the validators and sinks this server is configured with."""
+    for validator in validators:
+        VALIDATION_SECONDS.labels(validator)
+        for result in VALIDATION_RESULTS:
+            VALIDATIONS.labels(validator, result)
+    for sink in sinks:
+        for result in NOTIFICATION_RESULTS:
+            NOTIFICATIONS.labels(sink, result)
 
 
 def outcome_label(outcome: str, status: int | None) -> str:

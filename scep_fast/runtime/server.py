@@ -8,6 +8,7 @@ finish what is queued and exits.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -23,13 +24,14 @@ from hypercorn.config import Config as HypercornConfig
 
 from scep_fast.crypto import NativeKey, ScepContext, certs_only
 from scep_fast.protocol import Capabilities, Overloaded
-from scep_fast.runtime import metrics
+from scep_fast.runtime import integrations, metrics
 from scep_fast.runtime.app import CT_CA_CERT, CT_CA_RA_CERT, CaCertificates, ScepApp
 from scep_fast.runtime.batcher import Batcher, BatchStats, Pipeline
-from scep_fast.runtime.config import Config, ConfigError
+from scep_fast.runtime.config import Config, ConfigError, notice_sinks, validation_configured
 from scep_fast.runtime.crl import CrlStore, crl_url
 from scep_fast.runtime.fast_refusal import FastRefusal
 from scep_fast.runtime.http_server import serve as serve_http
+from scep_fast.runtime.integrations import Integrations
 from scep_fast.runtime.keys import TokenKey, TokenKeySource, open_key
 from scep_fast.runtime.ledger_lmdb import LmdbLedger
 from scep_fast.runtime.ndes import (
@@ -38,7 +40,9 @@ from scep_fast.runtime.ndes import (
     NdesCredentialsError,
     load_credentials,
 )
+from scep_fast.runtime.outbox import OutboxDelivery
 from scep_fast.runtime.pki import Material, load_material
+from scep_fast.runtime.validation_stage import ValidationStage
 from scep_fast.service.enrollment import Answer, EnrollmentService, Policy, PreparedBatch
 from scep_fast.service.ledger import LedgerFull
 
@@ -101,6 +105,8 @@ class Worker:
     service: EnrollmentService
     batcher: Batcher[PreparedBatch, Answer]
     app: ScepApp
+    integrations: Integrations | None = None
+    outbox: OutboxDelivery | None = None
 
     def close(self) -> None:
         self.ledger.close()
@@ -115,6 +121,11 @@ def _observe_batch(stats: BatchStats) -> None:
     metrics.BATCH_SIZE.observe(stats.size)
     metrics.BATCH_WAIT.observe(stats.wait_seconds)
     metrics.QUEUED.set(stats.queued)
+
+
+def _observe_validation(validator: str, result: str, seconds: float) -> None:
+    metrics.VALIDATION_SECONDS.labels(validator).observe(seconds)
+    metrics.VALIDATIONS.labels(validator, result).inc()
 
 
 def _observe_full(what: str, error: LedgerFull) -> None:
@@ -206,12 +217,15 @@ def build_service(config: Config, material: Material, ledger: OpenLedger, *,
         default_profile=str(config.get("enrollment", "default_profile")),
         renewal_window_days=int(config.get("enrollment", "renewal_window_days")),
         revoke_on_replace=bool(config.get("enrollment", "revoke_on_replace")),
+        challenge_by_validators=config.get("validation", "challenge") == "validators",
+        external_validation=validation_configured(config),
     )
     profiles = config.profiles(crl_url(str(config.get("crl", "public_url")), material.ca_cert))
     return EnrollmentService(keys, ledger, policy, profiles,
                              [material.ca_cert, *[p.ca_cert for p in material.previous]],
                              crl_source=CrlStore(config.dir).by_issuer,
-                             on_commit=_observe_commit)
+                             on_commit=_observe_commit,
+                             notice_sinks=notice_sinks(config))
 
 
 def ndes_page(config: Config, ledger: OpenLedger,
@@ -240,11 +254,34 @@ def build_worker(config: Config) -> Worker:
     # SIGTERM, and the supervisor starts a new one with a new session.
     service = build_service(config, material, ledger,
                             on_keys_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    connected = (integrations.build(config)
+                 if validation_configured(config)
+                 or notice_sinks(config) else None)
+    outbox = None if connected is None or not connected.notifiers else OutboxDelivery(
+        ledger, connected.notifiers,
+        poll_seconds=float(config.get("outbox", "poll_seconds")),
+        lease_seconds=float(config.get("outbox", "lease_seconds")),
+        timeout_seconds=float(config.get("outbox", "timeout_seconds")),
+        max_retry_seconds=float(config.get("outbox", "max_retry_seconds")),
+        max_age_seconds=float(config.get("outbox", "max_age_hours")) * 3600,
+        on_result=lambda sink, result: metrics.NOTIFICATIONS.labels(sink, result).inc(),
+        on_backlog=metrics.OUTBOX_NOTICES.set)
+    pipeline: Pipeline[PreparedBatch, Answer] = Pipeline(
+        authenticate=service.authenticate_batch,
+        issue=service.issue_batch,
+        sign=service.sign_batch,
+        record=service.record_batch)
+    if connected is not None and connected.validators:
+        pipeline = dataclasses.replace(pipeline, validate=ValidationStage(
+            connected.validators,
+            timeout_seconds=float(config.get("validation", "timeout_seconds")),
+            max_in_flight=int(config.get("validation", "max_in_flight")),
+            on_call=_observe_validation))
+    if outbox is not None:
+        waker = outbox.wake
+        pipeline = dataclasses.replace(pipeline, notify=lambda _batch: waker())
     batcher: Batcher[PreparedBatch, Answer] = Batcher(
-        Pipeline(authenticate=service.authenticate_batch,
-                 issue=service.issue_batch,
-                 sign=service.sign_batch,
-                 record=service.record_batch),
+        pipeline,
         max_size=int(config.get("batch", "max_size")),
         window_seconds=float(config.get("batch", "window_seconds")),
         queue_size=int(config.get("batch", "queue_size")),
@@ -263,7 +300,7 @@ def build_worker(config: Config) -> Worker:
         ndes_page=(ndes_page(config, ledger) if config.get("ndes", "enabled")
                    and config.get("ndes", "bind") == "scep" else None),
     )
-    return Worker(config, material, ledger, service, batcher, app)
+    return Worker(config, material, ledger, service, batcher, app, connected, outbox)
 
 
 def hypercorn_config(config: Config, bind: str) -> HypercornConfig:
@@ -319,6 +356,8 @@ async def serve_worker(worker: Worker, hc: HypercornConfig,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(worker.batcher.run)
         nursery.start_soon(watch)
+        if worker.outbox is not None:
+            nursery.start_soon(worker.outbox.run)
         await serve_http(worker.app, hc, shutdown_trigger=wait_for_shutdown,
                          fast_refusal=FastRefusal(
                              refuse=lambda: _retry_after(worker.batcher.early_refusal()),
@@ -326,6 +365,13 @@ async def serve_worker(worker: Worker, hc: HypercornConfig,
         # hypercorn has answered every request it accepted; nothing new can queue.
         worker.batcher.close()
         nursery.cancel_scope.deadline = trio.current_time() + GRACEFUL_SECONDS
+        if worker.outbox is not None:
+            # What is not delivered stays in the outbox for the next worker.
+            nursery.cancel_scope.deadline = min(nursery.cancel_scope.deadline,
+                                                trio.current_time() + GRACEFUL_SECONDS / 2)
+    if worker.integrations is not None:
+        with trio.move_on_after(1):
+            await worker.integrations.aclose()
 
 
 def tune_gc() -> None:

@@ -41,7 +41,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from cryptography import x509
 
 from scep_fast import __version__
-from scep_fast.runtime.config import Config, ConfigError
+from scep_fast.runtime.config import Config, ConfigError, notice_sinks
 from scep_fast.runtime.config import load as load_config
 from scep_fast.runtime.http1 import StrictHttp1Handler
 from scep_fast.runtime.ndes import BasicCredential, NdesCredentialsError, load_credentials
@@ -465,6 +465,13 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
         _set_expiry_gauges(config)
         # Before any address is taken: a bad credentials file stops the start.
         ndes_credentials = _ndes_credentials(config)
+        from scep_fast.runtime import integrations
+
+        integrations.check_secrets(config)
+        metrics.preinitialise_integrations(
+            [name for name, on in (("webhook", config.get("validation.webhook", "url")),
+                                   ("intune", config.get("validation.intune", "enabled"))) if on],
+            notice_sinks(config))
         backlog = int(config.get("server", "listen_backlog"))
         sockets = listen(str(config.get("server", "bind")), config.workers, backlog)
         # Said once the address is ours, not before.

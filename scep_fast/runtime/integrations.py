@@ -1,0 +1,85 @@
+"""The MDM integrations the configuration turns on: validators and notification sinks.
+
+``[validation.webhook]`` and ``[validation.intune]`` each give a validator
+(asked before issuance) and a notification sink (told what happened,
+through the outbox). Both share one HTTP client per worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import httpx
+
+from scep_fast.runtime.config import Config, ConfigError, notice_sinks, validation_configured
+from scep_fast.runtime.intune import (
+    IntuneClient,
+    IntuneNotifier,
+    IntuneSettings,
+    IntuneValidator,
+)
+from scep_fast.runtime.private_file import PrivateFileError, read_private_file
+from scep_fast.runtime.webhook import WebhookNotifier, WebhookSettings, WebhookValidator
+from scep_fast.service.notices import Notifier
+from scep_fast.service.validation import Validator
+
+MAX_SECRET_BYTES = 4096
+
+
+def _secret(config: Config, section: str) -> bytes:
+    try:
+        return read_private_file(config.path(section, "secret_file"), MAX_SECRET_BYTES)
+    except PrivateFileError as e:
+        raise ConfigError(f"{section}.secret_file: {e}") from None
+
+
+def check_secrets(config: Config) -> None:
+    """Refuses to start without the secret files the integrations need."""
+    if validation_configured(config) or notice_sinks(config):
+        if config.get("validation.webhook", "url") or config.get("validation.webhook",
+                                                                 "notify_url"):
+            _secret(config, "validation.webhook")
+        if config.get("validation.intune", "enabled"):
+            _secret(config, "validation.intune")
+
+
+@dataclass
+class Integrations:
+    """One worker's validators and notifiers, over one HTTP client."""
+
+    http: httpx.AsyncClient
+    validators: list[Validator] = field(default_factory=list)
+    notifiers: dict[str, Notifier] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def build(config: Config) -> Integrations:
+    timeout = float(config.get("validation", "timeout_seconds"))
+    # Outgoing connections are few and long-lived; the per-call timeouts are
+    # the stage's and the outbox's (trio deadlines), this one a backstop.
+    http = httpx.AsyncClient(timeout=httpx.Timeout(max(timeout, float(
+        config.get("outbox", "timeout_seconds")))), follow_redirects=False)
+    integrations = Integrations(http)
+    sinks = notice_sinks(config)
+    webhook = config.values["validation.webhook"]
+    if webhook["url"] or webhook["notify_url"]:
+        settings = WebhookSettings(url=str(webhook["url"]), notify_url=str(webhook["notify_url"]),
+                                   secret=_secret(config, "validation.webhook"),
+                                   timeout_seconds=timeout,
+                                   events=frozenset(webhook["events"]))
+        if settings.url:
+            integrations.validators.append(WebhookValidator(settings, http))
+        if "webhook" in sinks:
+            integrations.notifiers["webhook"] = WebhookNotifier(settings, http)
+    intune = config.values["validation.intune"]
+    if intune["enabled"]:
+        client = IntuneClient(IntuneSettings(
+            tenant=str(intune["tenant"]), application_id=str(intune["application_id"]),
+            secret=_secret(config, "validation.intune").decode("utf-8", "replace"),
+            login_url=str(intune["login_url"]), graph_url=str(intune["graph_url"]),
+            timeout_seconds=timeout), http)
+        integrations.validators.append(IntuneValidator(client))
+        integrations.notifiers["intune"] = IntuneNotifier(client)
+    return integrations
