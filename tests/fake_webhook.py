@@ -62,6 +62,10 @@ class Answer:
     signing: Signing = "valid"
     stale_seconds: float = 3600.0
     body: bytes | None = None
+    # More than one: the body goes in that many pieces, chunked (no
+    # Content-Length), ``chunk_delay_seconds`` apart (a slow drip).
+    chunks: int = 1
+    chunk_delay_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # more keys in the verdict
 
     def payload(self) -> bytes:
@@ -101,6 +105,7 @@ class _State:
     failures_left: int = 0
     failure_status: int = 503
     notify_status: int = 204
+    notify_delay_seconds: float = 0.0
     validations: list[Received] = field(default_factory=list)
     notifications: list[Received] = field(default_factory=list)
     others: list[Received] = field(default_factory=list)
@@ -158,6 +163,11 @@ class FakeWebhook:
         """The status of every notification not failed by ``fail_notifications``."""
         with self._lock:
             self._state.notify_status = status
+
+    def set_notify_delay(self, seconds: float) -> None:
+        """Wait this long before answering each notification."""
+        with self._lock:
+            self._state.notify_delay_seconds = seconds
 
     def reset(self) -> None:
         """Default knobs, nothing recorded."""
@@ -231,8 +241,11 @@ class FakeWebhook:
                     status = self._state.failure_status
                 else:
                     status = self._state.notify_status
+                delay = self._state.notify_delay_seconds
                 self._state.notifications.append(
                     Received(path, headers, body, True, status, time.time()))
+            if delay:
+                await trio.sleep(delay)
             await _respond(send, status, b"", {})
             return
         with self._lock:
@@ -243,8 +256,11 @@ class FakeWebhook:
             await trio.sleep(answer.delay_seconds)
         payload = answer.payload()
         delivery = headers.get(DELIVERY_HEADER.lower(), "")
-        await _respond(send, answer.status, payload,
-                       self._answer_headers(answer, payload, delivery))
+        answer_headers = self._answer_headers(answer, payload, delivery)
+        if answer.chunks > 1:
+            await _respond_chunked(send, answer, payload, answer_headers)
+        else:
+            await _respond(send, answer.status, payload, answer_headers)
 
     def _answer_headers(self, answer: Answer, payload: bytes, delivery: str) -> dict[str, str]:
         if answer.signing == "none":
@@ -329,12 +345,30 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+def _raw_headers(headers: dict[str, str], body: bytes) -> list[tuple[bytes, bytes]]:
     raw = [(name.lower().encode("latin-1"), value.encode("latin-1"))
            for name, value in headers.items()]
     raw.append((b"content-type", b"application/json" if body[:1] in (b"{", b"[") else
                 b"text/plain"))
+    return raw
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    raw = _raw_headers(headers, body)
     raw.append((b"content-length", str(len(body)).encode("ascii")))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _respond_chunked(send: Send, answer: Answer, body: bytes,
+                           headers: dict[str, str]) -> None:
+    await send({"type": "http.response.start", "status": answer.status,
+                "headers": _raw_headers(headers, body)})
+    step = -(-len(body) // answer.chunks)
+    for i in range(answer.chunks):
+        if i:
+            await trio.sleep(answer.chunk_delay_seconds)
+        await send({"type": "http.response.body", "body": body[i * step:(i + 1) * step],
+                    "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
