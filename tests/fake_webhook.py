@@ -14,6 +14,13 @@ It checks every request's signature with the shared secret (a request that
 fails is recorded with ``signature_ok=False`` and answered 401), signs its
 validation answers the same way (or not, or wrongly: see ``Answer.signing``),
 and can fail the next N notifications. All state is behind one lock.
+
+As a pytest fixture::
+
+    @pytest.fixture
+    def hook() -> Iterator[FakeWebhook]:
+        with FakeWebhook(SECRET) as fake:
+            yield fake
 """
 
 from __future__ import annotations
@@ -104,6 +111,7 @@ class _State:
     queued: deque[Answer] = field(default_factory=deque)
     failures_left: int = 0
     failure_status: int = 503
+    failure_retry_after: int | None = None
     notify_status: int = 204
     notify_delay_seconds: float = 0.0
     validations: list[Received] = field(default_factory=list)
@@ -152,12 +160,14 @@ class FakeWebhook:
         with self._lock:
             self._state.queued.extend(answers)
 
-    def fail_notifications(self, count: int, status: int = 503) -> None:
-        """Answer the next ``count`` notifications with ``status`` (each is
-        recorded all the same, with that status)."""
+    def fail_notifications(self, count: int, status: int = 503,
+                           retry_after: int | None = None) -> None:
+        """Answer the next ``count`` notifications with ``status`` (and a
+        Retry-After in seconds, if given); each is recorded with that status."""
         with self._lock:
             self._state.failures_left = count
             self._state.failure_status = status
+            self._state.failure_retry_after = retry_after
 
     def set_notify_status(self, status: int) -> None:
         """The status of every notification not failed by ``fail_notifications``."""
@@ -236,9 +246,12 @@ class FakeWebhook:
             return
         if kind == "notifications":
             with self._lock:
+                answer_headers: dict[str, str] = {}
                 if self._state.failures_left > 0:
                     self._state.failures_left -= 1
                     status = self._state.failure_status
+                    if self._state.failure_retry_after is not None:
+                        answer_headers["Retry-After"] = str(self._state.failure_retry_after)
                 else:
                     status = self._state.notify_status
                 delay = self._state.notify_delay_seconds
@@ -246,7 +259,7 @@ class FakeWebhook:
                     Received(path, headers, body, True, status, time.time()))
             if delay:
                 await trio.sleep(delay)
-            await _respond(send, status, b"", {})
+            await _respond(send, status, b"", answer_headers)
             return
         with self._lock:
             answer = (self._state.queued.popleft() if self._state.queued
