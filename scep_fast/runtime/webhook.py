@@ -232,10 +232,6 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _timeout(seconds: float) -> httpx.Timeout:
-    return httpx.Timeout(seconds)
-
-
 class WebhookValidator:
     """Asks the operator's webhook whether an enrollment may go ahead.
 
@@ -266,7 +262,7 @@ class WebhookValidator:
             try:
                 async with self._client.stream(
                         "POST", settings.url, content=body, headers=headers,
-                        timeout=_timeout(settings.timeout_seconds)) as response:
+                        timeout=httpx.Timeout(settings.timeout_seconds)) as response:
                     if not 200 <= response.status_code < 300:
                         raise ValidationFailed(f"webhook answered {response.status_code}")
                     answer = await _read_capped(response, settings.max_answer_bytes)
@@ -339,7 +335,7 @@ class WebhookNotifier:
                 # The answer's body is not read: only its status counts.
                 async with self._client.stream(
                         "POST", settings.notify_url, content=notice.body, headers=headers,
-                        timeout=_timeout(settings.timeout_seconds)) as response:
+                        timeout=httpx.Timeout(settings.timeout_seconds)) as response:
                     status = response.status_code
                     retry_after = _retry_after(response)
             except httpx.TimeoutException:
