@@ -45,7 +45,7 @@ NOTIFY_PATH = "/notify"
 MAX_BODY_BYTES = 1024 * 1024
 START_TIMEOUT_SECONDS = 10.0
 
-Signing = Literal["valid", "wrong", "none", "stale"]
+Signing = Literal["valid", "wrong", "none", "stale", "replayed"]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -58,7 +58,8 @@ class Answer:
     ``body``, if given, is sent as it is instead of the JSON verdict (to test
     malformed or oversized answers); it is signed per ``signing`` all the same.
     ``signing``: "valid"; "wrong" (another secret); "none" (no signature
-    headers); "stale" (a correct signature with a timestamp ``stale_seconds`` old).
+    headers); "stale" (a correct signature with a timestamp ``stale_seconds`` old);
+    "replayed" (a correct signature, but for another request's delivery id).
     """
 
     allow: bool = True
@@ -280,6 +281,8 @@ class FakeWebhook:
             return {}
         secret = self.secret if answer.signing != "wrong" else b"not-" + self.secret
         now = time.time() - (answer.stale_seconds if answer.signing == "stale" else 0.0)
+        if answer.signing == "replayed":
+            delivery = "0" * 32
         return signed_headers(secret, payload, now, delivery)
 
     def _record(self, kind: str, received: Received) -> None:

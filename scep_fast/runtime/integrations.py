@@ -33,14 +33,26 @@ def _secret(config: Config, section: str) -> bytes:
         raise ConfigError(f"{section}.secret_file: {e}") from None
 
 
-def check_secrets(config: Config) -> None:
-    """Refuses to start without the secret files the integrations need."""
-    if validation_configured(config) or notice_sinks(config):
-        if config.get("validation.webhook", "url") or config.get("validation.webhook",
-                                                                 "notify_url"):
-            _secret(config, "validation.webhook")
-        if config.get("validation.intune", "enabled"):
-            _secret(config, "validation.intune")
+def webhook_settings(config: Config) -> WebhookSettings | None:
+    """The webhook's settings, with its secret; None when it is not configured."""
+    webhook = config.values["validation.webhook"]
+    if not (webhook["url"] or webhook["notify_url"]):
+        return None
+    try:
+        return WebhookSettings(url=str(webhook["url"]), notify_url=str(webhook["notify_url"]),
+                               secret=_secret(config, "validation.webhook"),
+                               timeout_seconds=float(config.get("validation", "timeout_seconds")),
+                               events=frozenset(webhook["events"]))
+    except ValueError as e:
+        raise ConfigError(f"validation.webhook: {e}") from None
+
+
+def check(config: Config) -> None:
+    """Refuses to start with an integration that cannot work (a secret file missing,
+    readable by others, or too short)."""
+    webhook_settings(config)
+    if config.get("validation.intune", "enabled"):
+        _secret(config, "validation.intune")
 
 
 @dataclass
@@ -63,12 +75,8 @@ def build(config: Config) -> Integrations:
         config.get("outbox", "timeout_seconds")))), follow_redirects=False)
     integrations = Integrations(http)
     sinks = notice_sinks(config)
-    webhook = config.values["validation.webhook"]
-    if webhook["url"] or webhook["notify_url"]:
-        settings = WebhookSettings(url=str(webhook["url"]), notify_url=str(webhook["notify_url"]),
-                                   secret=_secret(config, "validation.webhook"),
-                                   timeout_seconds=timeout,
-                                   events=frozenset(webhook["events"]))
+    settings = webhook_settings(config)
+    if settings is not None:
         if settings.url:
             integrations.validators.append(WebhookValidator(settings, http))
         if "webhook" in sinks:

@@ -467,7 +467,7 @@ def run(config: Config, *, metrics_bind: str, log_level: str) -> int:
         ndes_credentials = _ndes_credentials(config)
         from scep_fast.runtime import integrations
 
-        integrations.check_secrets(config)
+        integrations.check(config)
         metrics.preinitialise_integrations(
             [name for name, on in (("webhook", config.get("validation.webhook", "url")),
                                    ("intune", config.get("validation.intune", "enabled"))) if on],

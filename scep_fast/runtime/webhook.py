@@ -13,11 +13,13 @@ the calls in ``docs/webhook.openapi.yaml``):
   (the notice id) lets the receiver drop a duplicate.
 
 Signing (both directions): ``X-Scep-Fast-Timestamp`` carries integer Unix
-seconds, ``X-Scep-Fast-Signature`` carries
-``v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>``. The timestamp is
-inside the MAC and checked against a tolerance, so a captured message can
-be replayed only within that window; the answer is not otherwise bound to
-its request, so a validation ``url`` should be https.
+seconds, ``X-Scep-Fast-Delivery`` the message's id, and
+``X-Scep-Fast-Signature``
+``v1=<hex HMAC-SHA256(secret, timestamp + "." + delivery + "." + body)>``.
+The timestamp is inside the MAC and checked against a tolerance, so a
+captured message can be replayed only within that window; a validation
+answer echoes its request's delivery id, so an "allow" captured for one
+request cannot answer another.
 
 Everything here runs under trio (httpx reaches it through anyio); each call
 is bounded by ``timeout_seconds`` as a whole, not only per network read.
@@ -77,15 +79,17 @@ MAX_PROFILE_CHARS = 64
 DELIVERY_ID_BYTES = 16
 
 _TIMESTAMP = re.compile(r"[0-9]{1,15}")
+_DELIVERY = re.compile(r"[0-9a-f]{1,64}")
 _SIGNATURE = re.compile(rf"{SIGNATURE_VERSION}=([0-9a-f]{{64}})")
 # Control characters (C0, DEL, C1) in a receiver's text would forge log lines.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _USER_AGENT = f"scep-fast/{__version__}"
 
 
-def sign(secret: bytes, timestamp: int, body: bytes) -> str:
-    """The ``X-Scep-Fast-Signature`` value of ``body`` sent at ``timestamp``."""
-    mac = hmac.new(secret, str(timestamp).encode("ascii") + b"." + body, hashlib.sha256)
+def sign(secret: bytes, timestamp: int, delivery: str, body: bytes) -> str:
+    """The ``X-Scep-Fast-Signature`` value of ``body`` sent at ``timestamp`` as ``delivery``."""
+    signed = str(timestamp).encode("ascii") + b"." + delivery.encode("ascii") + b"." + body
+    mac = hmac.new(secret, signed, hashlib.sha256)
     return f"{SIGNATURE_VERSION}={mac.hexdigest()}"
 
 
@@ -94,25 +98,31 @@ def signed_headers(secret: bytes, body: bytes, now: float, delivery: str) -> dic
     timestamp = int(now)
     return {
         TIMESTAMP_HEADER: str(timestamp),
-        SIGNATURE_HEADER: sign(secret, timestamp, body),
+        SIGNATURE_HEADER: sign(secret, timestamp, delivery, body),
         DELIVERY_HEADER: delivery,
     }
 
 
 def verify(secret: bytes, headers: Mapping[str, str], body: bytes, now: float,
-           tolerance: float = DEFAULT_TOLERANCE_SECONDS) -> bool:
+           tolerance: float = DEFAULT_TOLERANCE_SECONDS, *, delivery: str | None = None) -> bool:
     """Whether ``body`` carries a valid signature by ``secret``, made within
-    ``tolerance`` seconds of ``now``. Header names are matched case-insensitively;
-    a header sent twice (joined with a comma by most HTTP libraries) fails."""
+    ``tolerance`` seconds of ``now`` (and, when ``delivery`` is given, for that
+    delivery id: an answer to our request). Header names are matched
+    case-insensitively; a header sent twice (joined with a comma by most HTTP
+    libraries) fails."""
     lowered = {name.lower(): value for name, value in headers.items()}
     timestamp_text = lowered.get(TIMESTAMP_HEADER.lower(), "")
     signature_text = lowered.get(SIGNATURE_HEADER.lower(), "")
-    if not _TIMESTAMP.fullmatch(timestamp_text) or not _SIGNATURE.fullmatch(signature_text):
+    delivery_text = lowered.get(DELIVERY_HEADER.lower(), "")
+    if not _TIMESTAMP.fullmatch(timestamp_text) or not _SIGNATURE.fullmatch(signature_text) \
+            or not _DELIVERY.fullmatch(delivery_text):
+        return False
+    if delivery is not None and not hmac.compare_digest(delivery_text, delivery):
         return False
     timestamp = int(timestamp_text)
     if abs(now - timestamp) > tolerance:
         return False
-    expected = sign(secret, timestamp, body)
+    expected = sign(secret, timestamp, delivery_text, body)
     return hmac.compare_digest(expected.encode("ascii"), signature_text.encode("ascii"))
 
 
@@ -252,8 +262,8 @@ class WebhookValidator:
     async def validate(self, request: ValidationRequest) -> Verdict:
         settings = self._settings
         body = json.dumps(request_document(request), separators=(",", ":")).encode()
-        headers = signed_headers(settings.secret, body, self._clock(),
-                                 os.urandom(DELIVERY_ID_BYTES).hex())
+        delivery = os.urandom(DELIVERY_ID_BYTES).hex()
+        headers = signed_headers(settings.secret, body, self._clock(), delivery)
         headers["Content-Type"] = "application/json"
         headers["User-Agent"] = _USER_AGENT
         # Texts below go to the log: never the URL (it may carry a token), the
@@ -277,8 +287,9 @@ class WebhookValidator:
         if scope.cancelled_caught:
             raise ValidationFailed(f"webhook timed out after {settings.timeout_seconds:g} s")
         if not verify(settings.secret, answer_headers, answer, self._clock(),
-                      settings.answer_tolerance_seconds):
-            raise ValidationFailed("webhook answer not signed, wrongly signed or stale")
+                      settings.answer_tolerance_seconds, delivery=delivery):
+            raise ValidationFailed("webhook answer not signed, wrongly signed, stale "
+                                   "or for another request")
         try:
             return parse_answer(answer)
         except ValueError as e:

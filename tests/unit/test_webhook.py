@@ -87,16 +87,16 @@ def refused(settings: WebhookSettings) -> str:
 
 # -- signing ---------------------------------------------------------------
 
-def test_sign_is_hmac_sha256_over_timestamp_dot_body() -> None:
-    expected = hmac.new(SECRET, b"1750000000.{\"a\":1}", hashlib.sha256).hexdigest()
-    assert sign(SECRET, 1_750_000_000, b'{"a":1}') == "v1=" + expected
+def test_sign_is_hmac_sha256_over_timestamp_delivery_and_body() -> None:
+    expected = hmac.new(SECRET, b"1750000000.0a1b.{\"a\":1}", hashlib.sha256).hexdigest()
+    assert sign(SECRET, 1_750_000_000, "0a1b", b'{"a":1}') == "v1=" + expected
 
 
 def test_verify_accepts_what_signed_headers_makes_and_nothing_altered() -> None:
     now = 1_750_000_000.0
     body = b'{"allow":true}'
-    headers = signed_headers(SECRET, body, now, "d")
-    assert headers[DELIVERY_HEADER] == "d"
+    headers = signed_headers(SECRET, body, now, "d0")
+    assert headers[DELIVERY_HEADER] == "d0"
     assert verify(SECRET, headers, body, now)
     # Header names are case-insensitive in HTTP.
     assert verify(SECRET, {k.lower(): v for k, v in headers.items()}, body, now)
@@ -109,6 +109,10 @@ def test_verify_accepts_what_signed_headers_makes_and_nothing_altered() -> None:
     assert not verify(SECRET, headers, body, now + 301)
     assert not verify(SECRET, headers, body, now - 301)
     assert not verify(SECRET, headers, body, now + 20, tolerance=10)
+    # An answer is for one request: its delivery id is inside the signature.
+    assert verify(SECRET, headers, body, now, delivery="d0")
+    assert not verify(SECRET, headers, body, now, delivery="d1")
+    assert not verify(SECRET, {**headers, DELIVERY_HEADER: "d1"}, body, now)
 
 
 @pytest.mark.parametrize("changes", [
@@ -122,14 +126,14 @@ def test_verify_accepts_what_signed_headers_makes_and_nothing_altered() -> None:
 ])
 def test_verify_refuses_malformed_headers(changes: dict[str, str | None]) -> None:
     now = 1_750_000_000.0
-    headers: dict[str, str | None] = {**signed_headers(SECRET, b"{}", now, "d"), **changes}
+    headers: dict[str, str | None] = {**signed_headers(SECRET, b"{}", now, "d0"), **changes}
     present = {k: v for k, v in headers.items() if v is not None}
     assert not verify(SECRET, present, b"{}", now)
 
 
 def test_verify_refuses_a_doubled_signature_header() -> None:
     now = 1_750_000_000.0
-    headers = signed_headers(SECRET, b"{}", now, "d")
+    headers = signed_headers(SECRET, b"{}", now, "d0")
     doubled = {**headers, SIGNATURE_HEADER: headers[SIGNATURE_HEADER] + ", v1=" + "0" * 64}
     assert not verify(SECRET, doubled, b"{}", now)
 
@@ -234,7 +238,7 @@ def test_an_empty_2xx_answer_refuses(hook: FakeWebhook) -> None:
     assert "malformed" in refused(settings_for(hook))
 
 
-@pytest.mark.parametrize("signing", ["wrong", "none", "stale"])
+@pytest.mark.parametrize("signing", ["wrong", "none", "stale", "replayed"])
 def test_an_allow_not_signed_rightly_refuses(hook: FakeWebhook, signing: str) -> None:
     hook.set_answer(Answer(allow=True, signing=signing))  # type: ignore[arg-type]
     assert "sign" in refused(settings_for(hook))

@@ -144,6 +144,6 @@ def test_the_openapi_file_refers_to_what_exists() -> None:
 
 
 def test_the_documented_signature_pattern_matches_what_sign_makes() -> None:
-    signature = webhook.sign(b"s" * 16, 1_750_000_000, b"{}")
+    signature = webhook.sign(b"s" * 16, 1_750_000_000, "00", b"{}")
     assert re.fullmatch(r"v1=[0-9a-f]{64}", signature)
     assert "'^v1=[0-9a-f]{64}$'" in OPENAPI
