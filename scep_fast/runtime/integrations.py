@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from scep_fast.runtime.config import Config, ConfigError, notice_sinks, validation_configured
+from scep_fast.runtime.config import Config, ConfigError, notice_sinks
 from scep_fast.runtime.intune import (
     IntuneClient,
     IntuneNotifier,

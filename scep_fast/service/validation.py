@@ -21,11 +21,12 @@ class ValidationRequest:
 
     transaction_id: str
     message_type: str            # "PKCSReq" or "RenewalReq"
-    csr_der: bytes               # the PKCS#10 request as the device sent it
+    # The PKCS#10 request as the device sent it (it holds the challenge too).
+    csr_der: bytes = field(repr=False)
     subject: str                 # the subject the certificate would get (RFC 4514)
     sans: tuple[str, ...]        # the subjectAltNames it would get, as "type:value"
     challenge: str = field(default="", repr=False)  # the challengePassword: a secret, never logged
-    signer_der: bytes = b""      # the certificate that signed the message
+    signer_der: bytes = field(default=b"", repr=False)  # the certificate that signed it
     profile: str = ""            # the profile the local rules chose
     renewal: bool = False        # signed by a certificate we issued
 

@@ -26,7 +26,8 @@ def test_messages_are_batched_and_answered_in_order() -> None:
         return [m.upper() for m in batch]
 
     async def main() -> list[bytes]:
-        batcher = Batcher(Pipeline(handle, _as_is), max_size=8, window_seconds=0.05, queue_size=64,
+        batcher = Batcher(Pipeline(handle, _as_is), max_size=8, window_seconds=0.05,
+                          queue_size=64,
                           on_batch=stats.append)
         answers: list[bytes] = [b""] * 20
         async with trio.open_nursery() as nursery:
@@ -251,8 +252,9 @@ def test_the_connection_loop_refuses_early_and_submission_at_the_target() -> Non
     # The loop's early check and submission look at the same queue a moment
     # apart; the loop refuses below the target, so that a request it let
     # through is refused late only when the wait grew past the target itself.
-    batcher: Batcher[list[bytes], bytes] = Batcher(Pipeline(list, _as_is), max_size=1, window_seconds=0,
-                                                   queue_size=100, max_wait_seconds=1.0)
+    batcher: Batcher[list[bytes], bytes] = Batcher(Pipeline(list, _as_is), max_size=1,
+                                                   window_seconds=0, queue_size=100,
+                                                   max_wait_seconds=1.0)
     batcher._cost["prepare"] = 0.1
     for _ in range(9):  # 9 queued x 0.1 s: past the early bound, within the target
         batcher._send.send_nowait(_Pending(b"x"))
@@ -267,8 +269,9 @@ def test_requests_the_connection_loop_let_through_count_before_they_are_submitte
     # A crowd arrives faster than the loop hands requests to the app: the
     # queue is empty while the loop judges them, yet each one it lets
     # through will be ahead of the next.
-    batcher: Batcher[list[bytes], bytes] = Batcher(Pipeline(list, _as_is), max_size=1, window_seconds=0,
-                                                   queue_size=100, max_wait_seconds=0.05)
+    batcher: Batcher[list[bytes], bytes] = Batcher(Pipeline(list, _as_is), max_size=1,
+                                                   window_seconds=0, queue_size=100,
+                                                   max_wait_seconds=0.05)
     batcher._cost["prepare"] = 0.005
     verdicts = [batcher.early_refusal() for _ in range(30)]
     assert verdicts[:8] == [None] * 8  # about the early bound's worth let through
@@ -279,8 +282,8 @@ def test_requests_the_connection_loop_let_through_count_before_they_are_submitte
 
 
 def test_retry_after_grows_with_the_crowd_that_was_refused() -> None:
-    batcher: Batcher[list[bytes], bytes] = Batcher(Pipeline(list, _as_is), max_size=1, window_seconds=0,
-                                                   queue_size=8)
+    batcher: Batcher[list[bytes], bytes] = Batcher(Pipeline(list, _as_is), max_size=1,
+                                                   window_seconds=0, queue_size=8)
     assert batcher.retry_after(0.2) == 1  # nothing refused lately: the queue's own wait
     for _ in range(100):
         batcher._count(refused=False)
