@@ -12,7 +12,6 @@ from scep_fast.runtime.batcher import Batcher, Pipeline
 from scep_fast.runtime.validation_stage import ValidationStage
 from scep_fast.service.validation import ValidationFailed, ValidationRequest, Verdict
 
-
 ALLOW = Verdict(True)
 
 
