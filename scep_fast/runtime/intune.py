@@ -490,8 +490,12 @@ class IntuneClient:
             uri = endpoint.get("uri")
             if isinstance(name, str) and name.lower() == wanted and isinstance(uri, str):
                 parsed = httpx.URL(uri)
-                if parsed.scheme not in ("https", "http") or not parsed.host:
-                    raise IntuneError("discovery: the service URI is not an http(s) URL")
+                # The Intune token goes there: no plain HTTP unless Graph itself
+                # is reached that way (a test's fake).
+                schemes = ("https", "http") if self.settings.graph_url.startswith(
+                    "http:") else ("https",)
+                if parsed.scheme not in schemes or not parsed.host:
+                    raise IntuneError("discovery: the service URI is not an https URL")
                 log.info("intune service %s discovered at %s", self.settings.service_name, uri)
                 return uri
         raise IntuneError(f"discovery: the tenant lists no {self.settings.service_name}")
@@ -518,7 +522,7 @@ class IntuneClient:
                         raise IntuneError(f"{what}: answer over {limit} bytes",
                                           status=response.status_code)
                 return _Answer(response.status_code, bytes(body))
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.ConnectTimeout):
             raise IntuneError(f"{what}: cannot connect to {httpx.URL(url).host}",
                               unreachable=True) from None
         except httpx.HTTPError as e:
