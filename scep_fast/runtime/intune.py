@@ -251,11 +251,13 @@ class IntuneClient:
     """A shared client for one tenant's ScepRequestValidationFEService.
 
     Use it as an async context manager under trio, or call :meth:`aclose`.
-    ``http``: an httpx.AsyncClient to share (left open); ``clock``: monotonic
-    seconds, for token expiry (tests move it).
+    ``http``: an httpx.AsyncClient to share with other integrations (it is
+    left open; its own timeout is only a backstop, ``timeout_seconds``
+    bounds each call); ``clock``: monotonic seconds, for token expiry (tests
+    move it).
     """
 
-    def __init__(self, settings: IntuneSettings, *, http: httpx.AsyncClient | None = None,
+    def __init__(self, settings: IntuneSettings, http: httpx.AsyncClient | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self._own_http = http is None

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import trio
 from cryptography import x509
@@ -177,6 +178,18 @@ def test_a_wrong_secret_fails_without_showing_it(fake: FakeIntune) -> None:
     assert isinstance(failure, ValidationFailed)
     assert "401" in str(failure) and "invalid_client" in str(failure)
     assert "not-the-secret-Kq2" not in str(failure)
+
+
+def test_a_shared_http_client_is_used_and_left_open(fake: FakeIntune) -> None:
+    fake.register_challenge(CHALLENGE)
+
+    async def main() -> tuple[bool, bool]:
+        async with httpx.AsyncClient() as http:
+            async with IntuneClient(settings_for(fake), http) as client:
+                verdict = await IntuneValidator(client).validate(request())
+            return verdict.allow, http.is_closed
+
+    assert trio.run(main) == (True, False)
 
 
 # --- tokens ---
