@@ -146,6 +146,9 @@ class IntuneSettings:
     certificate_authority: str = ""
 
     def __post_init__(self) -> None:
+        # A secret file written with echo ends in a newline; Entra ID secrets never do.
+        if isinstance(self.secret, str):
+            object.__setattr__(self, "secret", self.secret.rstrip("\r\n"))
         if not _TENANT.match(self.tenant):
             raise ValueError("tenant must be a tenant id or domain name")
         for name in ("application_id", "secret", "provider_name_and_version",

@@ -473,11 +473,19 @@ def test_no_secret_token_or_challenge_is_logged(fake: FakeIntune,
     assert CLIENT_SECRET not in repr(settings_for(fake))
 
 
+def test_a_secret_read_from_a_file_may_end_in_a_newline(fake: FakeIntune) -> None:
+    fake.register_challenge(CHALLENGE)
+    [verdict] = validate(fake, request(), secret=CLIENT_SECRET + "\n")
+    assert verdict.allow is True
+
+
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="tenant"):
         IntuneSettings(tenant="../evil", application_id="a", secret="s")
     with pytest.raises(ValueError, match="timeout"):
         IntuneSettings(tenant="t", application_id="a", secret="s", timeout_seconds=0)
+    with pytest.raises(ValueError, match="secret"):
+        IntuneSettings(tenant="t", application_id="a", secret="\n")
     with pytest.raises(ValueError, match="graph_url"):
         IntuneSettings(tenant="t", application_id="a", secret="s", graph_url="ftp://x")
     settings = IntuneSettings(tenant="contoso.onmicrosoft.com", application_id="a", secret="s")
