@@ -130,8 +130,9 @@ class IntuneSettings:
     graph_api_version: str = "v1.0"
     intune_app_id: str = INTUNE_APP_ID
     # The Intune API's resource identifier. The reference client appends
-    # "/.default" to it, trailing slash included, giving the scope
-    # "https://api.manage.microsoft.com//.default"; we do the same.
+    # "/.default" to it, trailing slash included: for a v1.0 resource Entra ID
+    # takes everything before the last slash as the audience, and this one's
+    # ends in a slash ("Scopes to request" in Entra ID's daemon scenario).
     intune_resource_url: str = "https://api.manage.microsoft.com/"
     service_name: str = VALIDATION_SERVICE_NAME
     service_api_version: str = "2018-02-20"
@@ -222,12 +223,10 @@ class _Token:
     refresh_at: float
 
 
+@dataclass(frozen=True, slots=True)
 class _Answer:
-    __slots__ = ("body", "status")
-
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status = status
-        self.body = body
+    status: int
+    body: bytes = field(repr=False)
 
     def json(self, what: str) -> dict[str, Any]:
         try:
@@ -588,6 +587,8 @@ class IntuneNotifier:
     events = frozenset({"issued", "refused"})
 
     def __init__(self, client: IntuneClient, *, hresult: int = E_UNEXPECTED) -> None:
+        if type(hresult) is not int or not -(1 << 31) <= hresult < (1 << 31):
+            raise ValueError("hresult must be a signed 32-bit value")
         self.client = client
         self.hresult = hresult
 

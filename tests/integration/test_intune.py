@@ -488,6 +488,9 @@ def test_settings_are_checked() -> None:
         IntuneSettings(tenant="t", application_id="a", secret="\n")
     with pytest.raises(ValueError, match="graph_url"):
         IntuneSettings(tenant="t", application_id="a", secret="s", graph_url="ftp://x")
+    with pytest.raises(ValueError, match="hresult"):
+        IntuneNotifier(IntuneClient(IntuneSettings(tenant="t", application_id="a", secret="s")),
+                       hresult=0x8000FFFF)  # unsigned: the signed value is E_UNEXPECTED
     settings = IntuneSettings(tenant="contoso.onmicrosoft.com", application_id="a", secret="s")
     assert settings.intune_scope == "https://api.manage.microsoft.com//.default"
     assert settings.graph_scope == "https://graph.microsoft.com/.default"
