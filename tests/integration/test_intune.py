@@ -246,6 +246,22 @@ def test_a_token_is_replaced_before_it_expires(fake: FakeIntune) -> None:
     assert calls[0].headers["authorization"] == calls[1].headers["authorization"]
 
 
+def test_short_lived_tokens_are_renewed_at_half_their_life(fake: FakeIntune) -> None:
+    fake.register_challenge(CHALLENGE)
+    fake.token_lifetime_seconds = 1
+
+    async def body(client: IntuneClient) -> list[bool]:
+        validator = IntuneValidator(client)
+        first = await validator.validate(request("tx-1"))
+        await trio.sleep(0.6)  # past half the lifetime, before the end
+        second = await validator.validate(request("tx-2"))
+        return [first.allow, second.allow]
+
+    assert run(settings_for(fake), body) == [True, True]
+    assert len(fake.token_requests(INTUNE_SCOPE)) == 2
+    assert [c.status for c in fake.calls_to("/ScepActions/validateRequest")] == [200, 200]
+
+
 def test_a_revoked_token_is_replaced_once_and_the_call_repeated(fake: FakeIntune) -> None:
     fake.register_challenge(CHALLENGE)
 
