@@ -349,8 +349,10 @@ class IntuneClient:
             raise IntuneError(f"{path}: errorDescription is not a string", status=answer.status)
         result = ScepActionResult(code=code, description=description or "",
                                   activity_id=activity_id)
-        log.info("intune %s transaction_id=%s client_request_id=%s code=%s", path.split("/")[-1],
-                 transaction_id, activity_id, _shown(code))
+        # Debug only: the request's own log line says how it ended.
+        log.debug("intune call", extra={"fields": {
+            "action": path.rsplit("/", 1)[-1], "transaction_id": transaction_id,
+            "client_request_id": activity_id, "code": _shown(code)}})
         return result
 
     async def _post_to_service(self, path: str, content: bytes, activity_id: str) -> _Answer:
@@ -466,7 +468,8 @@ class IntuneClient:
     def _forget_service(self, url: str) -> None:
         if self._service_url == url:
             self._service_url = None
-            log.info("intune service at %s unreachable: it will be discovered again", url)
+            log.info("intune service unreachable; it will be discovered again",
+                     extra={"fields": {"uri": url}})
 
     async def _discover(self) -> str:
         scope = self.settings.graph_scope
@@ -500,7 +503,8 @@ class IntuneClient:
                     "http:") else ("https",)
                 if parsed.scheme not in schemes or not parsed.host:
                     raise IntuneError("discovery: the service URI is not an https URL")
-                log.info("intune service %s discovered at %s", self.settings.service_name, uri)
+                log.info("intune service discovered", extra={"fields": {
+                    "service": self.settings.service_name, "uri": uri}})
                 return uri
         raise IntuneError(f"discovery: the tenant lists no {self.settings.service_name}")
 
