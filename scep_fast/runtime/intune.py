@@ -111,8 +111,9 @@ E_UNEXPECTED = 0x8000FFFF - (1 << 32)
 MAX_ERROR_DESCRIPTION_CHARS = 255  # the reference client's documented maximum
 
 # Tenant ids are GUIDs or domain names; anything else could bend the token URL.
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,253}$")
-_SHOWN_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,253}")
+_TOKEN = re.compile(r"[\x21-\x7e]{1,16384}")
+_SHOWN_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +151,7 @@ class IntuneSettings:
         # A secret file written with echo ends in a newline; Entra ID secrets never do.
         if isinstance(self.secret, str):
             object.__setattr__(self, "secret", self.secret.rstrip("\r\n"))
-        if not _TENANT.match(self.tenant):
+        if not _TENANT.fullmatch(self.tenant):
             raise ValueError("tenant must be a tenant id or domain name")
         for name in ("application_id", "secret", "provider_name_and_version",
                      "graph_api_version", "intune_app_id", "service_name",
@@ -244,7 +245,7 @@ def _definitive(status: int) -> bool:
 
 def _shown(code: object) -> str:
     """A service-supplied code, fit for a log line or a refusal text."""
-    if isinstance(code, str) and _SHOWN_CODE.match(code):
+    if isinstance(code, str) and _SHOWN_CODE.fullmatch(code):
         return code
     return "<unprintable>"
 
@@ -441,9 +442,10 @@ class IntuneClient:
             raise IntuneError(f"token: HTTP {answer.status} ({error})", status=answer.status)
         doc = answer.json("token")
         value, lifetime = doc.get("access_token"), doc.get("expires_in")
-        if not isinstance(value, str) or not value or len(value) > 16 * 1024:
+        # It goes into a header: printable ASCII, no spaces, a sane length.
+        if not isinstance(value, str) or not _TOKEN.fullmatch(value):
             raise IntuneError("token: no usable access_token in the answer")
-        if doc.get("token_type", "Bearer").lower() != "bearer":
+        if str(doc.get("token_type", "Bearer")).lower() != "bearer":
             raise IntuneError("token: not a bearer token")
         # Azure AD v1 sent expires_in as a string; v2 sends a number.
         try:

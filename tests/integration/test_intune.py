@@ -498,6 +498,8 @@ def test_a_secret_read_from_a_file_may_end_in_a_newline(fake: FakeIntune) -> Non
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="tenant"):
         IntuneSettings(tenant="../evil", application_id="a", secret="s")
+    with pytest.raises(ValueError, match="tenant"):
+        IntuneSettings(tenant="contoso.onmicrosoft.com\n", application_id="a", secret="s")
     with pytest.raises(ValueError, match="timeout"):
         IntuneSettings(tenant="t", application_id="a", secret="s", timeout_seconds=0)
     with pytest.raises(ValueError, match="secret"):
