@@ -47,12 +47,26 @@ def webhook_settings(config: Config) -> WebhookSettings | None:
         raise ConfigError(f"validation.webhook: {e}") from None
 
 
+def intune_settings(config: Config) -> IntuneSettings | None:
+    """Intune's settings, with the application's secret; None when it is off."""
+    intune = config.values["validation.intune"]
+    if not intune["enabled"]:
+        return None
+    try:
+        return IntuneSettings(
+            tenant=str(intune["tenant"]), application_id=str(intune["application_id"]),
+            secret=_secret(config, "validation.intune").decode("utf-8"),
+            login_url=str(intune["login_url"]), graph_url=str(intune["graph_url"]),
+            timeout_seconds=float(config.get("validation", "timeout_seconds")))
+    except ValueError as e:  # UnicodeDecodeError among them: the text names no content
+        raise ConfigError(f"validation.intune: {e}") from None
+
+
 def check(config: Config) -> None:
     """Refuses to start with an integration that cannot work (a secret file missing,
-    readable by others, or too short)."""
+    readable by others or too short, a malformed tenant)."""
     webhook_settings(config)
-    if config.get("validation.intune", "enabled"):
-        _secret(config, "validation.intune")
+    intune_settings(config)
 
 
 @dataclass
@@ -81,13 +95,9 @@ def build(config: Config) -> Integrations:
             integrations.validators.append(WebhookValidator(settings, http))
         if "webhook" in sinks:
             integrations.notifiers["webhook"] = WebhookNotifier(settings, http)
-    intune = config.values["validation.intune"]
-    if intune["enabled"]:
-        client = IntuneClient(IntuneSettings(
-            tenant=str(intune["tenant"]), application_id=str(intune["application_id"]),
-            secret=_secret(config, "validation.intune").decode("utf-8", "replace"),
-            login_url=str(intune["login_url"]), graph_url=str(intune["graph_url"]),
-            timeout_seconds=timeout), http)
+    intune = intune_settings(config)
+    if intune is not None:
+        client = IntuneClient(intune, http)
         integrations.validators.append(IntuneValidator(client))
         integrations.notifiers["intune"] = IntuneNotifier(client)
     return integrations
