@@ -115,6 +115,8 @@ class _State:
     failure_retry_after: int | None = None
     notify_status: int = 204
     notify_delay_seconds: float = 0.0
+    # Notifications received, answered or not yet (see arrivals()).
+    arrivals: int = 0
     validations: list[Received] = field(default_factory=list)
     notifications: list[Received] = field(default_factory=list)
     others: list[Received] = field(default_factory=list)
@@ -207,6 +209,11 @@ class FakeWebhook:
                 result.append(received)
         return result
 
+    def arrivals(self) -> int:
+        """Notifications received so far, including those not answered yet."""
+        with self._lock:
+            return self._state.arrivals
+
     def others(self) -> list[Received]:
         """Requests to any other path (answered 404)."""
         with self._lock:
@@ -256,11 +263,12 @@ class FakeWebhook:
                 else:
                     status = self._state.notify_status
                 delay = self._state.notify_delay_seconds
-                self._state.notifications.append(
-                    Received(path, headers, body, True, status, time.time()))
+                self._state.arrivals += 1
             if delay:
                 await trio.sleep(delay)
             await _respond(send, status, b"", answer_headers)
+            # Recorded once answered: a sender that died meanwhile never got it.
+            self._record(kind, Received(path, headers, body, True, status, time.time()))
             return
         with self._lock:
             answer = (self._state.queued.popleft() if self._state.queued
