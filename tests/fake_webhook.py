@@ -266,9 +266,10 @@ class FakeWebhook:
                 self._state.arrivals += 1
             if delay:
                 await trio.sleep(delay)
-            await _respond(send, status, b"", answer_headers)
-            # Recorded once answered: a sender that died meanwhile never got it.
+            # Recorded when answered, not when received: a sender that died
+            # during the delay did not deliver it.
             self._record(kind, Received(path, headers, body, True, status, time.time()))
+            await _respond(send, status, b"", answer_headers)
             return
         with self._lock:
             answer = (self._state.queued.popleft() if self._state.queued
