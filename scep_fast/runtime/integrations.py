@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import httpx
-
 from scep_fast.runtime.config import Config, ConfigError, notice_sinks
+from scep_fast.runtime.http_client import HttpClient
 from scep_fast.runtime.intune import (
     IntuneClient,
     IntuneNotifier,
@@ -73,7 +72,7 @@ def check(config: Config) -> None:
 class Integrations:
     """One worker's validators and notifiers, over one HTTP client."""
 
-    http: httpx.AsyncClient
+    http: HttpClient
     validators: list[Validator] = field(default_factory=list)
     notifiers: dict[str, Notifier] = field(default_factory=dict)
 
@@ -82,11 +81,7 @@ class Integrations:
 
 
 def build(config: Config) -> Integrations:
-    timeout = float(config.get("validation", "timeout_seconds"))
-    # Outgoing connections are few and long-lived; the per-call timeouts are
-    # the stage's and the outbox's (trio deadlines), this one a backstop.
-    http = httpx.AsyncClient(timeout=httpx.Timeout(max(timeout, float(
-        config.get("outbox", "timeout_seconds")))), follow_redirects=False)
+    http = HttpClient(max_connections=int(config.get("validation", "max_in_flight")))
     integrations = Integrations(http)
     sinks = notice_sinks(config)
     settings = webhook_settings(config)

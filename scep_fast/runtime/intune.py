@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import trio
 from cryptography import x509
 
 from scep_fast import __version__
+from scep_fast.runtime.http_client import AnswerTooLarge, ConnectFailed, HttpClient, HttpError
 from scep_fast.service.notices import Notice, NoticeRejected
 from scep_fast.service.validation import ValidationFailed, ValidationRequest, Verdict
 
@@ -160,8 +160,8 @@ class IntuneSettings:
             if not isinstance(value, str) or not value or value != value.strip():
                 raise ValueError(f"{name} must be a non-empty str without surrounding spaces")
         for name in ("login_url", "graph_url", "intune_resource_url"):
-            url = httpx.URL(getattr(self, name))
-            if url.scheme not in ("https", "http") or not url.host:
+            url = urllib.parse.urlsplit(getattr(self, name))
+            if url.scheme not in ("https", "http") or not url.hostname:
                 raise ValueError(f"{name} must be an http(s) URL")
         if not (0 < self.timeout_seconds <= 300):
             raise ValueError("timeout_seconds must be in (0, 300]")
@@ -254,22 +254,16 @@ class IntuneClient:
     """A shared client for one tenant's ScepRequestValidationFEService.
 
     Use it as an async context manager under trio, or call :meth:`aclose`.
-    ``http``: an httpx.AsyncClient to share with other integrations (it is
-    left open; its own timeout is only a backstop, ``timeout_seconds``
-    bounds each call); ``clock``: monotonic seconds, for token expiry (tests
-    move it).
+    ``http``: the HTTP client to share with other integrations (it is left
+    open; ``timeout_seconds`` bounds each call); ``clock``: monotonic
+    seconds, for token expiry (tests move it).
     """
 
-    def __init__(self, settings: IntuneSettings, http: httpx.AsyncClient | None = None, *,
+    def __init__(self, settings: IntuneSettings, http: HttpClient | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self._own_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.timeout_seconds),
-            follow_redirects=False,
-            # Proxies from the environment would be a surprise on a CA.
-            trust_env=False,
-        )
+        self._http = http if http is not None else HttpClient()
         self._clock = clock
         self._tokens: dict[str, _Token] = {}
         self._token_locks: dict[str, trio.Lock] = {}
@@ -498,12 +492,12 @@ class IntuneClient:
             name = endpoint.get("providerName") or endpoint.get("serviceName")
             uri = endpoint.get("uri")
             if isinstance(name, str) and name.lower() == wanted and isinstance(uri, str):
-                parsed = httpx.URL(uri)
+                parsed = urllib.parse.urlsplit(uri)
                 # The Intune token goes there: no plain HTTP unless Graph itself
                 # is reached that way (a test's fake).
                 schemes = ("https", "http") if self.settings.graph_url.startswith(
                     "http:") else ("https",)
-                if parsed.scheme not in schemes or not parsed.host:
+                if parsed.scheme not in schemes or not parsed.hostname:
                     raise IntuneError("discovery: the service URI is not an https URL")
                 log.info("intune service discovered", extra={"fields": {
                     "service": self.settings.service_name, "uri": uri}})
@@ -519,24 +513,16 @@ class IntuneClient:
         connection could be made)."""
         limit = self.settings.max_answer_bytes
         try:
-            async with self._http.stream(method, url, headers=headers,
-                                         content=content) as response:
-                declared = response.headers.get("Content-Length", "")
-                if declared.isdigit() and int(declared) > limit:
-                    raise IntuneError(f"{what}: answer of {declared} bytes, over {limit}",
-                                      status=response.status_code)
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > limit:
-                        raise IntuneError(f"{what}: answer over {limit} bytes",
-                                          status=response.status_code)
-                return _Answer(response.status_code, bytes(body))
-        except (httpx.ConnectError, httpx.ConnectTimeout):
-            raise IntuneError(f"{what}: cannot connect to {httpx.URL(url).host}",
+            response = await self._http.request(method, url, headers=headers,
+                                                body=content or b"", max_answer_bytes=limit)
+        except AnswerTooLarge:
+            raise IntuneError(f"{what}: answer over {limit} bytes") from None
+        except ConnectFailed:
+            raise IntuneError(f"{what}: cannot connect to {urllib.parse.urlsplit(url).hostname}",
                               unreachable=True) from None
-        except httpx.HTTPError as e:
+        except HttpError as e:
             raise IntuneError(f"{what}: {type(e).__name__}") from None
+        return _Answer(response.status, response.body)
 
 
 def _reason(code: str) -> str:

@@ -21,7 +21,7 @@ captured message can be replayed only within that window; a validation
 answer echoes its request's delivery id, so an "allow" captured for one
 request cannot answer another.
 
-Everything here runs under trio (httpx reaches it through anyio); each call
+Everything here runs under trio, over ``http_client.HttpClient``; each call
 is bounded by ``timeout_seconds`` as a whole, not only per network read.
 """
 
@@ -39,10 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-import httpx
 import trio
 
-from scep_fast import __version__
+from scep_fast.runtime.http_client import AnswerTooLarge, HttpClient, HttpError, Response
 from scep_fast.service.notices import EVENTS, Notice, NoticeRejected
 from scep_fast.service.validation import ValidationFailed, ValidationRequest, Verdict
 
@@ -83,7 +82,6 @@ _DELIVERY = re.compile(r"[0-9a-f]{1,64}")
 _SIGNATURE = re.compile(rf"{SIGNATURE_VERSION}=([0-9a-f]{{64}})")
 # Control characters (C0, DEL, C1) in a receiver's text would forge log lines.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_USER_AGENT = f"scep-fast/{__version__}"
 
 
 def sign(secret: bytes, timestamp: int, delivery: str, body: bytes) -> str:
@@ -223,35 +221,16 @@ def parse_answer(body: bytes) -> Verdict:
                    profile=_text(answer, "profile", MAX_PROFILE_CHARS))
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_capped(response: httpx.Response, limit: int) -> bytes:
-    declared = response.headers.get("content-length", "")
-    if declared.isdecimal() and int(declared) > limit:
-        raise _TooLarge
-    chunks: list[bytes] = []
-    size = 0
-    # Counted after content decoding, so a small gzip bomb is cut off too.
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class WebhookValidator:
     """Asks the operator's webhook whether an enrollment may go ahead.
 
     ``client`` belongs to the caller (one per worker, closed at its end);
-    redirects are not followed (httpx's default), so a 3xx refuses.
+    redirects are not followed, so a 3xx refuses.
     """
 
     name = "webhook"
 
-    def __init__(self, settings: WebhookSettings, client: httpx.AsyncClient, *,
+    def __init__(self, settings: WebhookSettings, client: HttpClient, *,
                  clock: Callable[[], float] = time.time) -> None:
         if not settings.url:
             raise ValueError("a webhook validator needs settings.url")
@@ -265,27 +244,23 @@ class WebhookValidator:
         delivery = os.urandom(DELIVERY_ID_BYTES).hex()
         headers = signed_headers(settings.secret, body, self._clock(), delivery)
         headers["Content-Type"] = "application/json"
-        headers["User-Agent"] = _USER_AGENT
         # Texts below go to the log: never the URL (it may carry a token), the
-        # secret or the challenge; an exception's type, not its message.
+        # secret or the challenge.
         with trio.move_on_after(settings.timeout_seconds) as scope:
             try:
-                async with self._client.stream(
-                        "POST", settings.url, content=body, headers=headers,
-                        timeout=httpx.Timeout(settings.timeout_seconds)) as response:
-                    if not 200 <= response.status_code < 300:
-                        raise ValidationFailed(f"webhook answered {response.status_code}")
-                    answer = await _read_capped(response, settings.max_answer_bytes)
-                    answer_headers = dict(response.headers.items())
-            except httpx.TimeoutException:
-                raise ValidationFailed("webhook timed out") from None
-            except httpx.HTTPError as e:
-                raise ValidationFailed(f"webhook unreachable ({type(e).__name__})") from None
-            except _TooLarge:
+                response = await self._client.request(
+                    "POST", settings.url, body=body, headers=headers,
+                    max_answer_bytes=settings.max_answer_bytes)
+            except AnswerTooLarge:
                 raise ValidationFailed(
                     f"webhook answer over {settings.max_answer_bytes} bytes") from None
+            except HttpError as e:
+                raise ValidationFailed(f"webhook unreachable ({type(e).__name__})") from None
         if scope.cancelled_caught:
             raise ValidationFailed(f"webhook timed out after {settings.timeout_seconds:g} s")
+        if not 200 <= response.status < 300:
+            raise ValidationFailed(f"webhook answered {response.status}")
+        answer, answer_headers = response.body, response.headers
         if not verify(settings.secret, answer_headers, answer, self._clock(),
                       settings.answer_tolerance_seconds, delivery=delivery):
             raise ValidationFailed("webhook answer not signed, wrongly signed, stale "
@@ -307,7 +282,7 @@ class DeliveryFailed(Exception):
         self.retry_after = retry_after
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: Response) -> float | None:
     value = response.headers.get("retry-after", "")
     # Only the delta-seconds form; an HTTP date is rare from a webhook receiver.
     return float(value) if value.isdecimal() and len(value) <= 9 else None
@@ -323,7 +298,7 @@ class WebhookNotifier:
 
     sink = "webhook"
 
-    def __init__(self, settings: WebhookSettings, client: httpx.AsyncClient, *,
+    def __init__(self, settings: WebhookSettings, client: HttpClient, *,
                  clock: Callable[[], float] = time.time) -> None:
         if not settings.notify_url:
             raise ValueError("a webhook notifier needs settings.notify_url")
@@ -340,21 +315,16 @@ class WebhookNotifier:
                                  notice.notice_id.hex())
         headers[EVENT_HEADER] = notice.event
         headers["Content-Type"] = "application/json"
-        headers["User-Agent"] = _USER_AGENT
         with trio.move_on_after(settings.timeout_seconds) as scope:
             try:
-                # The answer's body is not read: only its status counts.
-                async with self._client.stream(
-                        "POST", settings.notify_url, content=notice.body, headers=headers,
-                        timeout=httpx.Timeout(settings.timeout_seconds)) as response:
-                    status = response.status_code
-                    retry_after = _retry_after(response)
-            except httpx.TimeoutException:
-                raise DeliveryFailed("webhook timed out") from None
-            except httpx.HTTPError as e:
+                response = await self._client.request(
+                    "POST", settings.notify_url, body=notice.body, headers=headers,
+                    max_answer_bytes=settings.max_answer_bytes)
+            except HttpError as e:  # an oversized answer among them: delivered or not, unclear
                 raise DeliveryFailed(f"webhook unreachable ({type(e).__name__})") from None
         if scope.cancelled_caught:
             raise DeliveryFailed(f"webhook timed out after {settings.timeout_seconds:g} s")
+        status, retry_after = response.status, _retry_after(response)
         if 200 <= status < 300:
             return
         if 400 <= status < 500 and status not in (408, 429):

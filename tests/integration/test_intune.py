@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import httpx
 import pytest
 import trio
 from cryptography import x509
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AttributeOID, NameOID
 
+from scep_fast.runtime.http_client import HttpClient
 from scep_fast.runtime.intune import (
     E_UNEXPECTED,
     IntuneClient,
@@ -184,12 +184,15 @@ def test_a_shared_http_client_is_used_and_left_open(fake: FakeIntune) -> None:
     fake.register_challenge(CHALLENGE)
 
     async def main() -> tuple[bool, bool]:
-        async with httpx.AsyncClient() as http:
-            async with IntuneClient(settings_for(fake), http) as client:
-                verdict = await IntuneValidator(client).validate(request())
-            return verdict.allow, http.is_closed
+        http = HttpClient()
+        async with IntuneClient(settings_for(fake), http) as client:
+            verdict = await IntuneValidator(client).validate(request())
+        # Still usable: the shared client was left open.
+        again = await http.request("GET", f"{fake.base_url}/nothing-here")
+        await http.aclose()
+        return verdict.allow, again.status == 404
 
-    assert trio.run(main) == (True, False)
+    assert trio.run(main) == (True, True)
 
 
 # --- tokens ---

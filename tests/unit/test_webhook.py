@@ -12,10 +12,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
-import httpx
 import pytest
 import trio
 
+from scep_fast.runtime.http_client import HttpClient
 from scep_fast.runtime.webhook import (
     DELIVERY_HEADER,
     EVENT_HEADER,
@@ -63,10 +63,13 @@ def settings_for(hook: FakeWebhook, **changes: Any) -> WebhookSettings:
     return dataclasses.replace(base, **changes)
 
 
-def run(fn: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
+def run(fn: Callable[[HttpClient], Awaitable[T]]) -> T:
     async def main() -> T:
-        async with httpx.AsyncClient() as client:
+        client = HttpClient()
+        try:
             return await fn(client)
+        finally:
+            await client.aclose()
     return trio.run(main)
 
 
@@ -297,7 +300,7 @@ def test_no_receiver_refuses() -> None:
 
 
 def test_a_validator_needs_a_url(hook: FakeWebhook) -> None:
-    async def make(client: httpx.AsyncClient) -> None:
+    async def make(client: HttpClient) -> None:
         WebhookValidator(settings_for(hook, url=""), client)
     with pytest.raises(ValueError):
         run(make)
@@ -373,7 +376,7 @@ def test_a_notice_signed_with_another_secret_is_refused_and_dropped(hook: FakeWe
 def test_events_not_subscribed_are_not_sent(hook: FakeWebhook) -> None:
     settings = settings_for(hook, events=frozenset({"revoked"}))
 
-    async def check(client: httpx.AsyncClient) -> None:
+    async def check(client: HttpClient) -> None:
         notifier = WebhookNotifier(settings, client)
         assert notifier.sink == "webhook" and notifier.events == {"revoked"}
         with pytest.raises(NoticeRejected):
