@@ -41,6 +41,15 @@ secret and nothing the requester did not send).
 7. **A certificate names someone**: an empty subject needs a SAN.
 8. **Approval**: a first enrollment under a profile with
    ``require_approval`` is recorded as pending instead of issued.
+9. **External validators** (when configured: a webhook, Intune) come after
+   every rule above, in the pipeline's validation stage: each must allow
+   the request, or it is refused (fail closed; ``enrollment.py`` applies
+   the verdicts). A validator may name the profile of a first enrollment:
+   the grant is then made again under it by these same rules
+   (``profile_name``); a renewal keeps its certificate's profile. With
+   ``challenge_by_validators`` the validators check a first enrollment's
+   challenge instead of rule 3: the default profile applies and nothing
+   is spent here.
 
 Plain synchronous code over the ledger port; the pipeline calls it per
 request, in worker threads.
