@@ -169,7 +169,8 @@ def _as_version_1(ledger_dir: Path, records: list[CertRecord]) -> None:
     """Turn a fresh ledger into one as schema version 1 left it."""
     env = lmdb.open(str(ledger_dir), max_dbs=16)
     with env.begin(write=True) as txn:
-        for name in (b"revoked", b"pending", b"pending_txids", b"challenges"):
+        for name in (b"revoked", b"pending", b"pending_txids", b"challenges", b"outbox",
+                     b"outbox_due"):
             txn.drop(env.open_db(name, txn=txn), delete=True)
         meta = env.open_db(b"meta", txn=txn)
         txn.put(b"schema_version", struct.pack(">I", 1), db=meta)
@@ -220,7 +221,8 @@ def test_version_1_ledger_is_upgraded_in_place(ledger_dir: Path) -> None:
         ]
     assert _stored_schema(ledger_dir) == (
         SCHEMA_VERSION,
-        [b"certs", b"challenges", b"meta", b"pending", b"pending_txids", b"revoked", b"txids"],
+        [b"certs", b"challenges", b"meta", b"outbox", b"outbox_due", b"pending",
+         b"pending_txids", b"revoked", b"txids"],
     )
     assert SCHEMA_VERSION == 2
     with LmdbLedger(ledger_dir) as ledger:

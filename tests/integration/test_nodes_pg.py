@@ -118,7 +118,7 @@ def test_init_creates_the_schema_and_migrate_checks_it(postgres: PostgresServer,
     assert postgres.password not in config
     done = scep_fast("ledger", "migrate", "--dir", str(directory))
     assert done.returncode == 0, done.stderr
-    assert "schema version 1 (up to date)" in done.stdout
+    assert "schema version 2 (up to date)" in done.stdout
     assert postgres.password not in done.stdout + done.stderr
     with PgLedger(postgres.url(database)) as ledger:
         assert ledger.count() == 0
