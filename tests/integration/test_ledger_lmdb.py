@@ -37,6 +37,7 @@ from tests.conftest import missing_peer
 from tests.ledger_values import (
     KEY_A,
     NOW,
+    make_notice,
     make_pending,
     make_record,
     random_serial,
@@ -228,6 +229,48 @@ def test_version_1_ledger_is_upgraded_in_place(ledger_dir: Path) -> None:
     with LmdbLedger(ledger_dir) as ledger:
         assert ledger.get(101) == revoked
         assert ledger.next_crl_number() == 2
+
+
+def test_a_ledger_from_before_the_outbox_gets_one(ledger_dir: Path) -> None:
+    records = [make_record(300 + i, f"tx-before-{i}") for i in range(3)]
+    with LmdbLedger(ledger_dir) as ledger:
+        ledger.commit(records)
+    # As the code before the outbox left it: schema version 2, seven databases.
+    env = lmdb.open(str(ledger_dir), max_dbs=16)
+    with env.begin(write=True) as txn:
+        for name in (b"outbox", b"outbox_due"):
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+    env.close()
+    version, names = _stored_schema(ledger_dir)
+    assert (version, b"outbox" in names) == (2, False)
+
+    with LmdbLedger(ledger_dir) as ledger:
+        assert list(ledger.iter_records()) == records
+        assert ledger.count_notices() == 0
+        assert ledger.claim_notices(NOW, 10, 30.0) == []
+        ledger.add_notices([make_notice(1)])
+    assert _stored_schema(ledger_dir) == (2, [
+        b"certs", b"challenges", b"meta", b"outbox", b"outbox_due", b"pending",
+        b"pending_txids", b"revoked", b"txids"])
+    with LmdbLedger(ledger_dir) as ledger:
+        assert [n.notice_id for n in ledger.iter_notices()] == [make_notice(1).notice_id]
+
+
+def test_a_claim_with_nothing_due_writes_nothing(ledger: LmdbLedger) -> None:
+    # The outbox is polled all the time and is usually empty: such a claim
+    # must not take the write lock every process shares, nor sync the disk.
+    def last_transaction() -> int:
+        return int(ledger._env.info()["last_txnid"])
+
+    before = last_transaction()
+    assert ledger.claim_notices(NOW, 10, 30.0) == []
+    ledger.add_notices([make_notice(1, next_attempt_at=NOW + 60)])
+    after_add = last_transaction()
+    assert after_add == before + 1
+    assert ledger.claim_notices(NOW, 10, 30.0) == []
+    assert last_transaction() == after_add
+    assert len(ledger.claim_notices(NOW + 60, 10, 30.0)) == 1
+    assert last_transaction() == after_add + 1
 
 
 def test_version_0_is_refused(ledger_dir: Path) -> None:
