@@ -64,8 +64,15 @@ def test_batch_is_all_or_nothing(tmp_path: Path) -> None:
         ledger.commit(kept)
         too_big = [make_record(100 + i, f"tx-big-{i}", der_size=16 * 1024) for i in range(100)]
         with pytest.raises(LedgerFull, match="map size"):
-            ledger.commit(too_big)
+            ledger.commit(too_big, notices=[make_notice(1), make_notice(2, serial=100)])
         assert ledger.count() == 2
+        assert ledger.count_notices() == 0
+        # A revocation whose notice does not fit: neither is written.
+        huge = dataclasses.replace(make_notice(3, event="revoked"), body=b"x" * 2 * 1024 * 1024)
+        with pytest.raises(LedgerFull):
+            ledger.revoke(1, 1, NOW, notices=[huge])
+        assert ledger.get(1) == kept[0]
+        assert ledger.count_notices() == 0
         assert list(ledger.iter_records()) == kept
         assert all(ledger.find_transaction(f"tx-big-{i}", KEY_A) is None for i in range(100))
         # The ledger still works after the failed batch.
