@@ -376,6 +376,27 @@ def test_due_keys_sort_in_claim_order() -> None:
     assert due_prefix(-0.0) == due_prefix(0.0)
 
 
+@pytest.mark.parametrize(("notices", "error"), [
+    ([make_notice(created_at=float("nan"))], ValueError),
+    ([make_notice(next_attempt_at=float("inf"))], ValueError),
+    ([make_notice(next_attempt_at="soon")], ValueError),
+    ([make_notice(sink="web\x00hook")], ValueError),
+    ([make_notice(attempts=1 << 32)], ValueError),
+    ([make_notice(serial=MAX_SERIAL + 1)], ValueError),
+    ([make_notice(), make_notice()], ValueError),
+    (["not a notice"], TypeError),
+    (b"bytes", TypeError),
+])
+def test_notices_no_ledger_can_store_are_refused_before_anything_is_written(
+        notices: object, error: type[Exception]) -> None:
+    ledger = MemoryLedger()
+    with pytest.raises(error):
+        ledger.add_notices(notices)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        ledger.commit([], notices=notices)  # type: ignore[arg-type]
+    assert ledger.count_notices() == 0
+
+
 # --- JSON for the command line -----------------------------------------------
 
 
