@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 
@@ -14,6 +15,7 @@ from scep_fast.service.ledger import (
     PendingRequest,
     Recorded,
 )
+from scep_fast.service.notices import Notice
 
 NOW = 1_750_000_000.0
 
@@ -87,3 +89,18 @@ def spend(ledger: Ledger, challenge: bytes, when: float) -> bool:
         return False
     assert outcome == Recorded(record)
     return True
+
+
+def make_notice(number: int, *, serial: int | None = None, created_at: float = NOW,
+                next_attempt_at: float = 0.0, sink: str = "webhook",
+                event: str = "issued") -> Notice:
+    """A notice whose id is ``number`` (16 octets), so tests can name and sort them."""
+    return Notice(
+        notice_id=number.to_bytes(16, "big"),
+        sink=sink,
+        event=event,
+        body=json.dumps({"event": event, "number": number}).encode(),
+        created_at=created_at,
+        next_attempt_at=next_attempt_at,
+        serial=serial,
+    )

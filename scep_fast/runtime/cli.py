@@ -576,7 +576,12 @@ def _migrate(config: Config) -> None:
 
     url = str(config.get("ledger", "url"))
     found, now = migrate(url, password_file=ledger_password_file(config))
-    state = "created" if found is None else "up to date"
+    if found is None:
+        state = "created"
+    elif found != now:
+        state = f"upgraded from version {found}"
+    else:
+        state = "up to date"
     print(f"ledger {redacted(url)}: schema version {now} ({state})")
 
 

@@ -3,6 +3,8 @@
 From LMDB into PostgreSQL (to grow past one node) or back. Everything is
 copied: certificates with their status and the transaction each holds,
 pending requests with their decisions, challenges with their remaining uses,
+the notices waiting in the outbox (undelivered events, with their attempts
+and when each is due; a lease held in the source carries over as that time),
 and the CRL number (so that the target's CRLs go on from where the source's
 were). Certificates go in the order they were issued, through the target's
 own ``commit``: the rules then give every transaction to the same certificate
@@ -11,7 +13,7 @@ taken again is recorded first).
 
 The copy is checked by a :class:`Summary` of each side: the counts and a
 SHA-256 over every record, the serial holding its transaction, every pending
-request and every challenge, in a fixed order and encoding (the LMDB value
+request, every challenge and every notice, in a fixed order and encoding (the LMDB value
 formats). The source must not be written to meanwhile (stop the servers).
 """
 
@@ -25,11 +27,13 @@ from typing import Protocol
 
 from scep_fast.runtime.ledger_lmdb_codec import (
     encode_challenge,
+    encode_notice,
     encode_pending,
     encode_record,
     serial_key,
 )
 from scep_fast.service.ledger import Challenge, Ledger, LedgerError, PendingRequest, Recorded
+from scep_fast.service.notices import Notice
 
 __all__ = ["CopyRefused", "CopyableLedger", "Summary", "copy_ledger", "summarize"]
 
@@ -45,6 +49,8 @@ class CopyableLedger(Ledger, Protocol):
 
     def iter_challenges(self) -> Iterator[Challenge]: ...
 
+    def iter_notices(self) -> Iterator[Notice]: ...
+
 
 class CopyRefused(LedgerError):
     """The copy cannot be made (a target that is not empty), or did not come out equal."""
@@ -56,13 +62,14 @@ class Summary:
     revoked: int
     pending: int
     challenges: int
+    notices: int
     crl_number: int
     sha256: str
 
     def line(self) -> str:
         return (f"{self.certificates} certificates ({self.revoked} revoked), {self.pending} "
-                f"pending requests, {self.challenges} challenges, CRL number "
-                f"{self.crl_number}, sha256 {self.sha256}")
+                f"pending requests, {self.challenges} challenges, {self.notices} notices, "
+                f"CRL number {self.crl_number}, sha256 {self.sha256}")
 
 
 def summarize(ledger: CopyableLedger) -> Summary:
@@ -102,14 +109,21 @@ def summarize(ledger: CopyableLedger) -> Summary:
         challenges += 1
         value = encode_challenge(challenge)
         digest.update(b"challenge" + challenge.digest + len(value).to_bytes(4, "big") + value)
+    notices = 0
+    for notice in ledger.iter_notices():
+        notices += 1
+        value = encode_notice(notice)
+        digest.update(b"notice" + notice.notice_id + len(value).to_bytes(4, "big") + value)
     crl_number = ledger.last_crl_number()
     digest.update(b"crl" + crl_number.to_bytes(8, "big"))
-    return Summary(certificates, revoked, pending, challenges, crl_number, digest.hexdigest())
+    return Summary(certificates, revoked, pending, challenges, notices, crl_number,
+                   digest.hexdigest())
 
 
 def _is_empty(ledger: CopyableLedger) -> bool:
     return (ledger.count() == 0 and next(iter(ledger.iter_pending()), None) is None
             and next(iter(ledger.iter_challenges()), None) is None
+            and ledger.count_notices() == 0
             and ledger.last_crl_number() == 0)
 
 
@@ -144,6 +158,13 @@ def copy_ledger(source: CopyableLedger, target: CopyableLedger) -> tuple[Summary
             assert request.decided_at is not None
             target.decide_pending(request.request_id, request.status, request.decided_at,
                                   request.reason)
+    notices: list[Notice] = []
+    for notice in source.iter_notices():
+        notices.append(notice)
+        if len(notices) >= _CHUNK:
+            target.add_notices(notices)
+            notices = []
+    target.add_notices(notices)
     target.advance_crl_number(source.last_crl_number())
     after = summarize(target)
     if after != before:

@@ -1,6 +1,6 @@
 """The issuance ledger on LMDB: the adapter behind ``service.ledger.Ledger``.
 
-Layout (schema version 2), seven named databases in one environment:
+Layout (schema version 2), nine named databases in one environment:
 
 ``meta``
     ``b"schema_version"`` -> big-endian uint32. A ledger of version 1 is
@@ -24,19 +24,33 @@ Layout (schema version 2), seven named databases in one environment:
 ``challenges``
     SHA-256 of the challenge secret (32 octets) -> challenge. The secret
     itself is never stored.
+``outbox``
+    notice id (16 octets) -> notice: events waiting to be delivered to a
+    notification sink.
+``outbox_due``
+    due key (when the notice is due, when it was made, its id) -> empty
+    value: claims read the due notices first from here, so a claim reads
+    only what it takes, however many wait (tens of thousands after a sink
+    was down), and an outbox with nothing due costs one read and no write.
+
+The two outbox databases came after schema version 2 without a new version:
+a ledger made before them gets them, empty, when it is opened, and a
+scep-fast that does not know them leaves them alone (its notices then wait
+undelivered).
 
 The values are encoded by ``scep_fast.runtime.ledger_lmdb_codec``, which
 documents their formats.
 
 Durability and concurrency: the environment is opened with ``sync=True``
 and ``metasync=True``, so every write (``commit``, ``revoke``, the pending,
-challenge and CRL number writes) returns only after LMDB has flushed the
+challenge, outbox and CRL number writes) returns only after LMDB has flushed the
 transaction to disk. LMDB admits one writer at a time across all processes;
 ``commit`` takes the write lock once per batch and encodes the records
 before taking it, so the lock is held only for the B-tree work and the sync.
 Every check-then-write (a challenge's remaining uses, a request's status,
-the CRL counter) happens inside one write transaction, so it is atomic
-across worker processes.
+the CRL counter, a notice's claim) happens inside one write transaction, so
+it is atomic across worker processes: two processes never claim one notice
+while its lease runs.
 
 Sizing: ``map_size`` is the largest the ledger may grow to; it costs address
 space, not disk (the file grows as records arrive). A record with an
@@ -75,16 +89,21 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import lmdb
 
 from scep_fast.runtime.ledger_lmdb_codec import (
+    DUE_KEY_BYTES,
     SERIAL_KEY_BYTES,
     decode_challenge,
+    decode_notice,
     decode_pending,
     decode_record,
+    due_key,
+    due_prefix,
     encode_challenge,
+    encode_notice,
     encode_pending,
     encode_record,
     serial_key,
@@ -102,14 +121,21 @@ from scep_fast.service.ledger import (
     PendingRequest,
     Recorded,
     UnsupportedSchema,
+    check_claim,
+    check_notices,
     check_pending,
+    check_retry,
     check_revocation_reason,
     commit_challenges,
     decide,
+    notices_to_write,
     refusal_of,
     spent,
     usable,
 )
+
+if TYPE_CHECKING:
+    from scep_fast.service.notices import Notice
 
 __all__ = [
     "DEFAULT_MAP_SIZE_BYTES",
@@ -122,7 +148,7 @@ GIB: Final = 1024 * 1024 * 1024
 
 DEFAULT_MAP_SIZE_BYTES: Final = 8 * GIB
 DEFAULT_MAX_READERS: Final = 1024
-# Seven databases now, and room for the indexes still to come (subjects)
+# Nine databases now, and room for the indexes still to come (subjects)
 # without a change of environment flags.
 MAX_DBS: Final = 16
 
@@ -131,6 +157,7 @@ SCHEMA_VERSION: Final = 2
 _READABLE_SCHEMAS: Final = frozenset({1, 2})
 
 _REQUEST_KEY_LEN: Final = 16
+_NOTICE_KEY_LEN: Final = 16
 _DIGEST_LEN: Final = 32
 
 _SCHEMA_KEY: Final = b"schema_version"
@@ -279,6 +306,9 @@ class LmdbLedger:
             self._pending = env.open_db(b"pending", txn=txn)
             self._pending_txids = env.open_db(b"pending_txids", txn=txn)
             self._challenges = env.open_db(b"challenges", txn=txn)
+            # Made here, empty, in a ledger from before the outbox.
+            self._outbox = env.open_db(b"outbox", txn=txn)
+            self._outbox_due = env.open_db(b"outbox_due", txn=txn)
 
     # -- internals --
 
@@ -385,11 +415,13 @@ class LmdbLedger:
         return found
 
     def commit(
-        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = ()
+        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = (),
+        notices: Sequence[Notice] = (),
     ) -> list[CommitOutcome]:
         presented = commit_challenges(records, challenges)
+        check_notices(notices)
         self._env_checked()
-        if not records:
+        if not records and not notices:
             return []
         # Encode before taking the write lock, which every process shares.
         prepared = [
@@ -402,6 +434,7 @@ class LmdbLedger:
             )
             for record, digest in zip(records, presented, strict=True)
         ]
+        encoded = {notice.notice_id: encode_notice(notice) for notice in notices}
         outcomes: list[CommitOutcome] = []
         certs, txids = self._certs, self._txids
         with self._write("commit") as txn:
@@ -421,7 +454,100 @@ class LmdbLedger:
                     if record.status == "revoked":
                         txn.put(skey, b"", db=self._revoked)
                     outcomes.append(Recorded(record))
+            for notice in notices_to_write(notices, outcomes):
+                self._put_notice(txn, notice, encoded[notice.notice_id])
         return outcomes
+
+    def _put_notice(self, txn: lmdb.Transaction[bytes], notice: Notice, value: bytes) -> None:
+        """Adds a notice to the outbox inside ``txn``; an id on record already is refused
+        (the exception leaves the transaction, which LMDB then aborts)."""
+        if not txn.put(notice.notice_id, value, overwrite=False, db=self._outbox):
+            raise LedgerError(f"notice {notice.notice_id.hex()} is in the outbox already")
+        txn.put(due_key(notice), b"", db=self._outbox_due)
+
+    def _notice_at(self, txn: lmdb.Transaction[bytes], notice_id: bytes) -> Notice | None:
+        value = txn.get(notice_id, db=self._outbox)
+        return None if value is None else decode_notice(notice_id, value)
+
+    def _replace_notice(self, txn: lmdb.Transaction[bytes], old: Notice, new: Notice) -> None:
+        """Stores ``new`` over ``old`` (same id) with its due index entry."""
+        if not txn.delete(due_key(old), db=self._outbox_due):
+            raise LedgerCorrupt(f"notice {old.notice_id.hex()} is missing from outbox_due")
+        txn.put(old.notice_id, encode_notice(new), db=self._outbox)
+        txn.put(due_key(new), b"", db=self._outbox_due)
+
+    def add_notices(self, notices: Sequence[Notice]) -> None:
+        check_notices(notices)
+        self._env_checked()
+        if not notices:
+            return
+        encoded = [(notice, encode_notice(notice)) for notice in notices]
+        with self._write("add_notices") as txn:
+            for notice, value in encoded:
+                self._put_notice(txn, notice, value)
+
+    def claim_notices(self, now: float, limit: int, lease_seconds: float) -> list[Notice]:
+        check_claim(now, limit, lease_seconds)
+        self._env_checked()
+        if limit == 0:
+            return []
+        bound = due_prefix(now)
+
+        def due(cursor: lmdb.Cursor[bytes], found: bool) -> bool:
+            return found and cursor.key()[:len(bound)] <= bound
+
+        # Usually nothing is due: a read answers that without the write lock
+        # that every process shares and without a sync.
+        with self._begin() as txn:
+            cursor = txn.cursor(db=self._outbox_due)
+            if not due(cursor, cursor.first()):
+                return []
+        claimed: list[Notice] = []
+        with self._write("claim_notices") as txn:
+            # Inside the write transaction, so another process's claim made
+            # since the read above is seen: what it took is not due any more.
+            cursor = txn.cursor(db=self._outbox_due)
+            keys: list[bytes] = []
+            found = cursor.first()
+            while due(cursor, found) and len(keys) < limit:
+                keys.append(cursor.key())
+                found = cursor.next()
+            for key in keys:
+                if len(key) != DUE_KEY_BYTES:
+                    raise LedgerCorrupt(f"outbox_due key of {len(key)} bytes")
+                notice = self._notice_at(txn, key[-_NOTICE_KEY_LEN:])
+                if notice is None:
+                    raise LedgerCorrupt(f"outbox_due names notice {key[-_NOTICE_KEY_LEN:].hex()}, "
+                                        "which is not in the outbox")
+                leased = dataclasses.replace(notice, next_attempt_at=now + lease_seconds)
+                self._replace_notice(txn, notice, leased)
+                claimed.append(leased)
+        return claimed
+
+    def notice_delivered(self, notice_id: bytes) -> None:
+        self._env_checked()
+        if not isinstance(notice_id, bytes) or len(notice_id) != _NOTICE_KEY_LEN:
+            return
+        with self._write("notice_delivered") as txn:
+            notice = self._notice_at(txn, notice_id)
+            if notice is not None:
+                txn.delete(notice_id, db=self._outbox)
+                txn.delete(due_key(notice), db=self._outbox_due)
+
+    def notice_retry(self, notice_id: bytes, attempts: int, next_attempt_at: float) -> None:
+        check_retry(attempts, next_attempt_at)
+        self._env_checked()
+        if not isinstance(notice_id, bytes) or len(notice_id) != _NOTICE_KEY_LEN:
+            return
+        with self._write("notice_retry") as txn:
+            notice = self._notice_at(txn, notice_id)
+            if notice is not None:
+                self._replace_notice(txn, notice, dataclasses.replace(
+                    notice, attempts=attempts, next_attempt_at=next_attempt_at))
+
+    def count_notices(self) -> int:
+        with self._begin() as txn:
+            return int(txn.stat(self._outbox)["entries"])
 
     def _spend_challenge(self, txn: lmdb.Transaction[bytes], digest: bytes, now: float) -> bool:
         """Takes one use of a challenge inside ``txn``; False if it is not usable at ``now``."""
@@ -450,10 +576,13 @@ class LmdbLedger:
         with self._begin() as txn:
             return txn.stat(self._certs)["entries"]
 
-    def revoke(self, serial: int, reason: int, when: float) -> CertRecord:
+    def revoke(self, serial: int, reason: int, when: float,
+               notices: Sequence[Notice] = ()) -> CertRecord:
         check_revocation_reason(reason)
         if type(when) not in (int, float):
             raise ValueError("when must be epoch seconds")
+        check_notices(notices)
+        encoded = [(notice, encode_notice(notice)) for notice in notices]
         if type(serial) is not int or not 0 < serial < 1 << (8 * SERIAL_KEY_BYTES):
             raise NotFound(f"no certificate with serial {serial!r}")
         key = serial_key(serial)
@@ -469,6 +598,8 @@ class LmdbLedger:
             )
             txn.put(key, encode_record(revoked), db=self._certs)
             txn.put(key, b"", db=self._revoked)
+            for notice, notice_value in encoded:
+                self._put_notice(txn, notice, notice_value)
         return revoked
 
     def count_revoked(self) -> int:
@@ -613,6 +744,12 @@ class LmdbLedger:
         for chunk in self._chunks(self._challenges):
             for key, value in chunk:
                 yield decode_challenge(key, value)
+
+    def iter_notices(self) -> Iterator[Notice]:
+        """Every notice in the outbox, in ``notice_id`` order."""
+        for chunk in self._chunks(self._outbox):
+            for key, value in chunk:
+                yield decode_notice(key, value)
 
     def bulk_load(
         self, records: Iterable[CertRecord], *, records_per_transaction: int = 50_000

@@ -50,6 +50,20 @@ Challenge format 2 (the value in ``challenges``)::
     u16  SAN pattern length
     profile, subject pattern, label, SAN pattern (UTF-8)
 
+Notice format 1 (the value in ``outbox``, keyed by the 16-byte notice id)::
+
+    u8   format version (1)
+    u8   event (1 issued, 2 refused, 3 revoked)
+    f64  created_at        f64 next_attempt_at
+    u32  attempts
+    20   serial, as a ``certs`` key (all zero: none)
+    u16  sink length       u32 body length
+    sink (UTF-8), body
+
+The due index (``outbox_due``) keys each notice by when it is due
+(:func:`due_key`): ``next_attempt_at`` and ``created_at`` as 8 octets each
+that sort as the numbers do, then the notice id; the value is empty.
+
 Challenge format 1 is format 2 without the SAN pattern. Its one pattern was
 matched against the common name and every SAN value, so it decodes with
 that pattern as both patterns: the SANs stay bound as they were, and the
@@ -63,16 +77,23 @@ import struct
 from typing import Final
 
 from scep_fast.service.ledger import CertRecord, Challenge, LedgerCorrupt, PendingRequest
+from scep_fast.service.notices import EVENTS, NOTICE_ID_BYTES, Notice
 
 __all__ = [
     "CHALLENGE_FORMAT",
+    "DUE_KEY_BYTES",
+    "NOTICE_FORMAT",
     "PENDING_FORMAT",
     "RECORD_FORMAT",
     "SERIAL_KEY_BYTES",
     "decode_challenge",
+    "decode_notice",
+    "due_key",
+    "due_prefix",
     "decode_pending",
     "decode_record",
     "encode_challenge",
+    "encode_notice",
     "encode_pending",
     "encode_record",
     "serial_key",
@@ -82,6 +103,7 @@ __all__ = [
 RECORD_FORMAT: Final = 2
 PENDING_FORMAT: Final = 1
 CHALLENGE_FORMAT: Final = 2
+NOTICE_FORMAT: Final = 1
 
 SERIAL_KEY_BYTES: Final = 20
 
@@ -91,11 +113,21 @@ _HEADER: Final = struct.Struct(">BBqqd32s32sHHHHIdB")
 _PENDING_HEADER: Final = struct.Struct(">BBdd32s32sHHHHHI")
 _CHALLENGE_HEADER_V1: Final = struct.Struct(">BddIHHH")
 _CHALLENGE_HEADER: Final = struct.Struct(">BddIHHHH")
+_NOTICE_HEADER: Final = struct.Struct(">BBddI20sHI")
+_F64: Final = struct.Struct(">d")
+_U64: Final = struct.Struct(">Q")
+_SIGN: Final = 1 << 63
+_ALL_BITS: Final = (1 << 64) - 1
+_NO_SERIAL: Final = bytes(SERIAL_KEY_BYTES)
+# Two ordered times and the notice id.
+DUE_KEY_BYTES: Final = 2 * _U64.size + NOTICE_ID_BYTES
 
 _STATUS_CODES: Final = {"issued": 1, "revoked": 2}
 _STATUS_NAMES: Final = {code: name for name, code in _STATUS_CODES.items()}
 _PENDING_CODES: Final = {"pending": 1, "approved": 2, "rejected": 3}
 _PENDING_NAMES: Final = {code: name for name, code in _PENDING_CODES.items()}
+_EVENT_CODES: Final = {name: code for code, name in enumerate(EVENTS, start=1)}
+_EVENT_NAMES: Final = {code: name for name, code in _EVENT_CODES.items()}
 
 
 def serial_key(serial: int) -> bytes:
@@ -371,6 +403,74 @@ def decode_challenge(key: bytes, value: bytes) -> Challenge:
             subject_pattern=pattern,
             label=label,
             san_pattern=san_pattern,
+        )
+    except ValueError as error:
+        raise LedgerCorrupt(f"{where}: {error}") from error
+
+
+def _ordered(value: float) -> bytes:
+    """8 octets whose byte order is the numeric order of the finite float ``value``.
+
+    IEEE 754 big-endian bytes sort right for positive numbers only: the sign
+    bit is set on those, and every bit flipped on negative ones.
+    """
+    (bits,) = _U64.unpack(_F64.pack(value + 0.0))  # + 0.0: -0.0 sorts as 0.0
+    return _U64.pack(bits ^ _ALL_BITS if bits & _SIGN else bits | _SIGN)
+
+
+def due_prefix(next_attempt_at: float) -> bytes:
+    """The first octets of the ``outbox_due`` key of a notice due at ``next_attempt_at``:
+    a notice is due at ``now`` when its key's prefix is at most ``due_prefix(now)``."""
+    return _ordered(next_attempt_at)
+
+
+def due_key(notice: Notice) -> bytes:
+    """The ``outbox_due`` key of a notice: it sorts in the order claims take them."""
+    return _ordered(notice.next_attempt_at) + _ordered(notice.created_at) + notice.notice_id
+
+
+def encode_notice(notice: Notice) -> bytes:
+    """Notice format 1 (see the module docstring); the key is the notice id."""
+    sink = notice.sink.encode()
+    header = _NOTICE_HEADER.pack(
+        NOTICE_FORMAT,
+        _EVENT_CODES[notice.event],
+        float(notice.created_at),
+        float(notice.next_attempt_at),
+        notice.attempts,
+        _NO_SERIAL if notice.serial is None else serial_key(notice.serial),
+        len(sink),
+        len(notice.body),
+    )
+    return b"".join([header, sink, notice.body])
+
+
+def decode_notice(key: bytes, value: bytes) -> Notice:
+    """Decode an ``outbox`` entry, or raise :class:`LedgerCorrupt`."""
+    where = f"notice {key.hex()}"
+    if not value or value[0] != NOTICE_FORMAT:
+        raise LedgerCorrupt(f"{where}: unknown format {value[:1].hex() or 'empty'}")
+    if len(value) < _NOTICE_HEADER.size:
+        raise LedgerCorrupt(f"{where}: truncated header ({len(value)} bytes)")
+    (_version, event_code, created_at, next_attempt_at, attempts, serial, sink_len,
+     body_len) = _NOTICE_HEADER.unpack_from(value)
+    event = _EVENT_NAMES.get(event_code)
+    if event is None:
+        raise LedgerCorrupt(f"{where}: unknown event code {event_code}")
+    reader = _Reader(value, _NOTICE_HEADER.size, where)
+    sink = reader.text(sink_len)
+    body = reader.take(body_len)
+    reader.finish()
+    try:
+        return Notice(
+            notice_id=key,
+            sink=sink,
+            event=event,
+            body=body,
+            created_at=created_at,
+            attempts=attempts,
+            next_attempt_at=next_attempt_at,
+            serial=None if serial == _NO_SERIAL else int.from_bytes(serial, "big"),
         )
     except ValueError as error:
         raise LedgerCorrupt(f"{where}: {error}") from error

@@ -21,6 +21,10 @@ database's own guarantees, never by a lock in this code:
   transaction is unique; a decision locks its row (``SELECT ... FOR
   UPDATE``) and is made once; a revocation is a conditional update
   (``WHERE status = 'issued'``), so the first one's time and reason stay.
+- The outbox: a notice's id is its primary key. A claim is one ``UPDATE``
+  of the rows a ``SELECT ... FOR UPDATE SKIP LOCKED`` picks, in due order
+  (an index); a row another node is claiming is skipped, and one it has
+  claimed is no longer due, so two nodes never hold the same lease.
 - CRL numbers come from a counter row taken by one ``UPDATE ... RETURNING``:
   never handed out twice. The newest CRL of each CA is kept in ``crls``, and
   one node at a time writes CRLs (an advisory lock; see ``runtime.crl``).
@@ -28,7 +32,8 @@ database's own guarantees, never by a lock in this code:
 ``commit`` is one transaction per batch in three round trips (pipeline mode),
 after the pool's check that its connection is alive (one more, an empty
 query): one that reads what the batch's rules depend on, one with every
-write (one row per statement, sent together), and the ``COMMIT``, which returns only
+write (one row per statement, sent together, the batch's notices among
+them), and the ``COMMIT``, which returns only
 once PostgreSQL has flushed it (``synchronous_commit`` is set ``on`` for
 every connection, whatever the server's default). A batch that conflicts
 with a concurrent one (a unique violation, a miss above, a deadlock) is
@@ -43,9 +48,11 @@ restart of the node is needed. A disk full on the database server is
 :class:`LedgerFull`.
 
 Schema: version :data:`SCHEMA_VERSION`, recorded in ``schema_version``;
-created by :func:`migrate` (``scep-fast init`` and ``scep-fast ledger
-migrate``). Opening a ledger checks it and refuses a database without the
-schema, or with a version this code does not know, with
+created, or upgraded from an older version in one transaction, by
+:func:`migrate` (``scep-fast init`` and ``scep-fast ledger migrate``).
+Version 2 added the outbox. Opening a ledger checks the version and refuses
+a database without the schema, with an older version (it names the
+command that upgrades it) or with a version this code does not know, with
 :class:`UnsupportedSchema`.
 
 Credentials: the URL is a libpq connection URI; its password (if any) never
@@ -85,15 +92,20 @@ from scep_fast.service.ledger import (
     PendingRequest,
     Recorded,
     UnsupportedSchema,
+    check_claim,
     check_decision,
+    check_notices,
     check_pending,
+    check_retry,
     check_revocation_reason,
     commit_challenges,
     decide,
     is_time,
+    notices_to_write,
     refusal_of,
     usable,
 )
+from scep_fast.service.notices import Notice
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -103,7 +115,7 @@ __all__ = [
     "redacted",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 # How often a batch that lost a race to a concurrent one is decided again.
 # Each retry reads the winner's rows, so it only conflicts again when yet
@@ -124,7 +136,8 @@ _MIGRATION_LOCK: Final = 0x5CE9_FA57
 # One node at a time writes CRLs.
 _CRL_LOCK: Final = 0x5CE9_FA58
 
-_SCHEMA: Final = """
+# Version 1, as migrate created it; the versions after it are upgrades of it.
+_SCHEMA_V1: Final = """
 CREATE TABLE schema_version (
     version integer NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
@@ -196,6 +209,25 @@ CREATE TABLE crls (
 );
 """
 
+# What takes a schema from each version to the next.
+_UPGRADES: Final[dict[int, str]] = {
+    1: """
+-- Notices on their way to the notification sinks (service/notices.py).
+CREATE TABLE outbox (
+    notice_id bytea PRIMARY KEY CHECK (length(notice_id) = 16),
+    sink text NOT NULL,
+    event text NOT NULL CHECK (event IN ('issued', 'refused', 'revoked')),
+    body bytea NOT NULL,
+    created_at double precision NOT NULL,
+    attempts bigint NOT NULL CHECK (attempts >= 0),
+    next_attempt_at double precision NOT NULL,
+    serial numeric(49, 0) CHECK (serial > 0)
+);
+-- Claims take the notices due first, and read only those.
+CREATE INDEX outbox_due ON outbox (next_attempt_at, created_at, notice_id);
+""",
+}
+
 _CERT_COLUMNS: Final = ("serial, der, subject, sans, not_before, not_after, issued_at, "
                         "transaction_id, requester_key_sha256, csr_sha256, profile, status, "
                         "revoked_at, revocation_reason")
@@ -224,6 +256,23 @@ _TAKE_TXID: Final = ("INSERT INTO txids (requester_key_sha256, transaction_id, s
                      "VALUES (%s, %s, %s::numeric) ON CONFLICT DO NOTHING RETURNING serial")
 _TAKE_OVER_TXID: Final = ("UPDATE txids SET serial = %s::numeric WHERE requester_key_sha256 = %s "
                           "AND transaction_id = %s AND serial = %s::numeric RETURNING serial")
+_NOTICE_COLUMNS: Final = ("notice_id, sink, event, body, created_at, attempts, "
+                          "next_attempt_at, serial")
+# ON CONFLICT DO NOTHING: a notice id on record already comes back as no row,
+# which refuses the transaction, instead of an error that would be retried.
+_INSERT_NOTICE: Final = (f"INSERT INTO outbox ({_NOTICE_COLUMNS}) VALUES "
+                         "(%s, %s, %s, %s, %s, %s, %s, %s::numeric) "
+                         "ON CONFLICT DO NOTHING RETURNING notice_id")
+_CLAIM: Final = f"""
+WITH due AS (
+    SELECT notice_id, next_attempt_at AS was_due FROM outbox
+    WHERE next_attempt_at <= %s
+    ORDER BY next_attempt_at, created_at, notice_id
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED)
+UPDATE outbox o SET next_attempt_at = %s FROM due WHERE o.notice_id = due.notice_id
+RETURNING {_c("o", _NOTICE_COLUMNS)}, due.was_due
+"""
 _SPEND: Final = ("UPDATE challenges SET uses_left = uses_left - %s WHERE digest = %s "
                  "AND uses_left >= %s AND expires_at > %s RETURNING digest")
 
@@ -294,6 +343,48 @@ def _challenge(row: Sequence[Any]) -> Challenge:
         raise LedgerCorrupt(f"challenge {bytes(row[0]).hex()}: {error}") from error
 
 
+def _notice(row: Sequence[Any]) -> Notice:
+    try:
+        return Notice(
+            notice_id=bytes(row[0]), sink=row[1], event=row[2], body=bytes(row[3]),
+            created_at=row[4], attempts=row[5], next_attempt_at=row[6],
+            serial=None if row[7] is None else int(row[7]))
+    except (ValueError, TypeError) as error:
+        raise LedgerCorrupt(f"notice {bytes(row[0]).hex()}: {error}") from error
+
+
+def _notice_params(n: Notice) -> tuple[Any, ...]:
+    return (n.notice_id, n.sink, n.event, n.body, float(n.created_at), n.attempts,
+            float(n.next_attempt_at), n.serial)
+
+
+def _answered(cursor: psycopg.Cursor[Any]) -> int:
+    """How many rows an ``executemany(..., returning=True)`` got back, over all its rows."""
+    answered = 0
+    while True:
+        answered += len(cursor.fetchall())
+        if not cursor.nextset():
+            return answered
+
+
+def _notices_queued(conn: psycopg.Connection[Any],
+                    notices: Sequence[Notice]) -> tuple[psycopg.Cursor[Any], int] | None:
+    """Sends the INSERTs of ``notices`` (in a pipeline, without waiting); the cursor to
+    check with :func:`_check_notices` and how many rows it must answer."""
+    if not notices:
+        return None
+    cursor = conn.cursor()
+    cursor.executemany(_INSERT_NOTICE.encode(), [_notice_params(n) for n in notices],
+                       returning=True)
+    return cursor, len(notices)
+
+
+def _check_notices(queued: tuple[psycopg.Cursor[Any], int] | None) -> None:
+    """Refuses the transaction when a notice's id was in the outbox already."""
+    if queued is not None and _answered(queued[0]) != queued[1]:
+        raise LedgerError("a notice id is in the outbox already; nothing was written")
+
+
 def _stored_version(conn: psycopg.Connection[Any]) -> int | None:
     """The schema version on record, or None for a database without our schema."""
     found = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
@@ -306,7 +397,7 @@ def _stored_version(conn: psycopg.Connection[Any]) -> int | None:
 
 
 def _refuse_unknown(version: int, where: str) -> None:
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION and version not in _UPGRADES:
         raise UnsupportedSchema(
             f"ledger {where} has schema version {version}; this version of scep-fast "
             f"reads schema version {SCHEMA_VERSION} only (a newer scep-fast wrote it?)")
@@ -350,11 +441,11 @@ def _unavailable(where: str, error: Exception) -> LedgerError:
 
 
 def migrate(url: str, *, password_file: Path | None = None) -> tuple[int | None, int]:
-    """Creates the schema in the database at ``url`` if it is not there yet.
+    """Creates the schema in the database at ``url``, or upgrades an older one.
 
-    Returns the version found (None for none) and the version now. A
-    version this code does not know is refused with :class:`UnsupportedSchema`
-    and left alone.
+    One transaction: a failure leaves the database as it was. Returns the
+    version found (None for none) and the version now. A version this code
+    does not know is refused with :class:`UnsupportedSchema` and left alone.
     """
     where = redacted(url)
     try:
@@ -362,12 +453,18 @@ def migrate(url: str, *, password_file: Path | None = None) -> tuple[int | None,
                 conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             found = _stored_version(conn)
-            if found is None:
-                conn.execute(_SCHEMA)
-                conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
-                             (SCHEMA_VERSION,))
-            else:
+            if found is not None:
                 _refuse_unknown(found, where)
+            else:
+                conn.execute(_SCHEMA_V1)
+                conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+            version = 1 if found is None else found
+            while version < SCHEMA_VERSION:
+                conn.execute(_UPGRADES[version])
+                version += 1
+            if found != SCHEMA_VERSION:
+                conn.execute("UPDATE schema_version SET version = %s, applied_at = now()",
+                             (SCHEMA_VERSION,))
     except psycopg.Error as error:
         raise _unavailable(where, error) from error
     return found, SCHEMA_VERSION
@@ -419,6 +516,11 @@ class PgLedger:
                     f"ledger {self._where} has no scep-fast schema: run "
                     "`scep-fast ledger migrate --dir DIR` (or `scep-fast init`) first")
             _refuse_unknown(found, self._where)
+            if found != SCHEMA_VERSION:
+                raise UnsupportedSchema(
+                    f"ledger {self._where} has schema version {found}, older than the "
+                    f"version {SCHEMA_VERSION} this version of scep-fast uses: run "
+                    "`scep-fast ledger migrate --dir DIR` to upgrade it")
         except BaseException:
             self.close()
             raise
@@ -489,24 +591,29 @@ class PgLedger:
                 for row in rows]
 
     def commit(
-        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = ()
+        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = (),
+        notices: Sequence[Notice] = (),
     ) -> list[CommitOutcome]:
         presented = commit_challenges(records, challenges)
+        check_notices(notices)
         if self._closed:
             raise LedgerError("ledger is closed")
         if not records:
+            # Only notices without a serial can be written: no record is.
+            self.add_notices(notices_to_write(notices, []))
             return []
         for _attempt in range(COMMIT_ATTEMPTS):
             try:
                 with self._connection("commit") as conn:
-                    return self._commit_once(conn, records, presented)
+                    return self._commit_once(conn, records, presented, notices)
             except (_Lost, psycopg.errors.UniqueViolation, *_RETRYABLE):
                 continue
         raise LedgerError(f"ledger {self._where}: a batch lost {COMMIT_ATTEMPTS} races with "
                           "concurrent batches in a row; nothing of it was recorded")
 
     def _commit_once(self, conn: psycopg.Connection[Any], records: Sequence[CertRecord],
-                     presented: Sequence[bytes | None]) -> list[CommitOutcome]:
+                     presented: Sequence[bytes | None],
+                     notices: Sequence[Notice]) -> list[CommitOutcome]:
         keys = sorted({(r.requester_key_sha256, r.transaction_id) for r in records})
         digests = sorted({d for d in presented if d is not None})
         with conn.pipeline(), conn.transaction():
@@ -551,12 +658,17 @@ class PgLedger:
                     held[key] = record
                     written.append(record)
                     outcomes.append(Recorded(record))
-            if not written:
+            # The outcomes are known before anything is written; a write
+            # that finds the database changed meanwhile rolls everything
+            # back below, these notices with it.
+            to_notify = notices_to_write(notices, outcomes)
+            if not written and not to_notify:
                 return outcomes
 
             # Round trip 2: every write, each conditional on what was read.
-            cursor = conn.cursor()
-            cursor.executemany(_INSERT_CERT.encode(), [_cert_params(r) for r in written])
+            if written:
+                cursor = conn.cursor()
+                cursor.executemany(_INSERT_CERT.encode(), [_cert_params(r) for r in written])
             taking: list[tuple[Any, ...]] = []
             taking_over: list[tuple[Any, ...]] = []
             for key in keys:
@@ -575,16 +687,13 @@ class PgLedger:
                     checked = conn.cursor()
                     checked.executemany(query.encode(), rows, returning=True)
                     checks.append((checked, len(rows)))
+            queued = _notices_queued(conn, to_notify)
             for checked, expected in checks:
-                answered = 0
-                while True:
-                    answered += len(checked.fetchall())
-                    if not checked.nextset():
-                        break
-                if answered != expected:
+                if _answered(checked) != expected:
                     # Another node took a transaction or a use first: roll
                     # back and decide the batch again from what it recorded.
                     raise _Lost()
+            _check_notices(queued)
         # Leaving the transaction sent COMMIT, durable when it returned.
         return outcomes
 
@@ -603,10 +712,12 @@ class PgLedger:
     def count(self) -> int:
         return int(self._rows("SELECT count(*) FROM certs")[0][0])
 
-    def revoke(self, serial: int, reason: int, when: float) -> CertRecord:
+    def revoke(self, serial: int, reason: int, when: float,
+               notices: Sequence[Notice] = ()) -> CertRecord:
         check_revocation_reason(reason)
         if not is_time(when):
             raise ValueError("when must be epoch seconds")
+        check_notices(notices)
         if not _serial_in_range(serial):
             raise NotFound(f"no certificate with serial {serial!r}")
         with self._connection("revoke") as conn, conn.transaction():
@@ -614,7 +725,10 @@ class PgLedger:
                 f"UPDATE certs SET status = 'revoked', revoked_at = %s, revocation_reason = %s "
                 f"WHERE serial = %s::numeric AND status = 'issued' RETURNING {_CERT_COLUMNS}"
                 .encode(), (float(when), reason, serial)).fetchone()
-            if row is None:
+            if row is not None:
+                # Revoked now, not before: its notices go with it.
+                _check_notices(_notices_queued(conn, notices))
+            else:
                 row = conn.execute(f"SELECT {_CERT_COLUMNS} FROM certs WHERE serial = %s::numeric"
                                    .encode(), (serial,)).fetchone()
         if row is None:
@@ -623,6 +737,48 @@ class PgLedger:
 
     def count_revoked(self) -> int:
         return int(self._rows("SELECT count(*) FROM certs WHERE status = 'revoked'")[0][0])
+
+    def add_notices(self, notices: Sequence[Notice]) -> None:
+        check_notices(notices)
+        if self._closed:
+            raise LedgerError("ledger is closed")
+        if not notices:
+            return
+        with self._connection("add_notices") as conn, conn.transaction():
+            _check_notices(_notices_queued(conn, notices))
+
+    def claim_notices(self, now: float, limit: int, lease_seconds: float) -> list[Notice]:
+        check_claim(now, limit, lease_seconds)
+        if limit == 0:
+            if self._closed:
+                raise LedgerError("ledger is closed")
+            return []
+        # One statement, its own transaction (autocommit), durable on return.
+        rows = self._rows(_CLAIM, (float(now), limit, float(now + lease_seconds)))
+        # RETURNING keeps no order: sort by when each was due.
+        rows.sort(key=lambda row: (row[-1], row[4], bytes(row[0])))
+        return [_notice(row[:-1]) for row in rows]
+
+    def notice_delivered(self, notice_id: bytes) -> None:
+        if self._closed:
+            raise LedgerError("ledger is closed")
+        if not isinstance(notice_id, bytes):
+            return  # not an id: unknown
+        with self._connection("notice_delivered") as conn:
+            conn.execute(b"DELETE FROM outbox WHERE notice_id = %s", (notice_id,))
+
+    def notice_retry(self, notice_id: bytes, attempts: int, next_attempt_at: float) -> None:
+        check_retry(attempts, next_attempt_at)
+        if self._closed:
+            raise LedgerError("ledger is closed")
+        if not isinstance(notice_id, bytes):
+            return  # not an id: unknown
+        with self._connection("notice_retry") as conn:
+            conn.execute(b"UPDATE outbox SET attempts = %s, next_attempt_at = %s "
+                         b"WHERE notice_id = %s", (attempts, float(next_attempt_at), notice_id))
+
+    def count_notices(self) -> int:
+        return int(self._rows("SELECT count(*) FROM outbox")[0][0])
 
     def iter_revoked(self) -> Iterator[CertRecord]:
         return self._chunks("AND status = 'revoked'")
@@ -791,6 +947,18 @@ class PgLedger:
                          b"ON CONFLICT (name) DO UPDATE SET number = EXCLUDED.number, "
                          b"der = EXCLUDED.der WHERE crls.number < EXCLUDED.number",
                          (name, number, der))
+
+    def iter_notices(self) -> Iterator[Notice]:
+        """Every notice in the outbox, in ``notice_id`` order."""
+        after = b""
+        while True:
+            rows = self._rows(f"SELECT {_NOTICE_COLUMNS} FROM outbox WHERE notice_id > %s "
+                              f"ORDER BY notice_id LIMIT {_ITER_CHUNK}", (after,))
+            for row in rows:
+                yield _notice(row)
+            if len(rows) < _ITER_CHUNK:
+                return
+            after = bytes(rows[-1][0])
 
     def iter_challenges(self) -> Iterator[Challenge]:
         """Every challenge, in digest order."""

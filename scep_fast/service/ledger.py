@@ -55,11 +55,18 @@ The certificate lifecycle beyond issuance, every write durable on return:
   single-use challenge is used once across every worker process, and a
   request that is refused spends nothing.
 - :meth:`Ledger.next_crl_number` hands out CRL numbers 1, 2, 3, ...
+- The outbox holds notices (``scep_fast.service.notices.Notice``): events
+  on their way to the notification sinks. ``commit`` and ``revoke`` write
+  them in the transaction of what they report (:func:`notices_to_write`
+  says which); :meth:`Ledger.claim_notices` leases the due ones to one
+  claimer at a time across worker processes and nodes, and a delivered
+  notice leaves the outbox (:meth:`Ledger.notice_delivered`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -69,6 +76,8 @@ if TYPE_CHECKING:
     from scep_fast.service.notices import Notice
 
 __all__ = [
+    "MAX_ATTEMPTS",
+    "MAX_BODY_BYTES",
     "MAX_SANS",
     "MAX_SERIAL",
     "MAX_TEXT_BYTES",
@@ -94,13 +103,18 @@ __all__ = [
     "SerialCollision",
     "TransactionConflict",
     "UnsupportedSchema",
+    "check_claim",
+    "check_notices",
     "check_pending",
     "check_decision",
+    "check_retry",
     "check_revocation_reason",
     "commit_challenges",
     "decide",
+    "due_order",
     "good_at",
     "is_time",
+    "notices_to_write",
     "spent",
     "usable",
 ]
@@ -138,6 +152,11 @@ MAX_USES: Final = 0xFFFF_FFFF
 MAX_TRANSACTION_ID_BYTES: Final = 256
 MAX_TEXT_BYTES: Final = 0xFFFF
 MAX_SANS: Final = 0xFFFF
+
+# An outbox entry's delivery attempts and body, as the LMDB format stores
+# them (32-bit lengths and counts).
+MAX_ATTEMPTS: Final = 0xFFFF_FFFF
+MAX_BODY_BYTES: Final = 0xFFFF_FFFF
 
 _SHA256_LEN: Final = 32
 _REQUEST_ID = re.compile(r"[0-9a-f]{16}")
@@ -662,3 +681,72 @@ def decide(request: PendingRequest, status: str, when: float, reason: str) -> Pe
     if request.status != "pending":
         raise LedgerError(f"request {request.request_id} is {request.status} already")
     return dataclasses.replace(request, status=status, decided_at=when, reason=reason)
+
+
+# --- The outbox ----------------------------------------------------------------
+
+
+def _check_moment(value: object, name: str) -> None:
+    # A NaN would sort nowhere in the due order; an infinity never comes due.
+    if not is_time(value) or not math.isfinite(value):  # type: ignore[arg-type]
+        raise ValueError(f"{name} must be finite epoch seconds")
+
+
+def check_notices(notices: Sequence[Notice]) -> Sequence[Notice]:
+    """``notices`` if every one is a :class:`Notice` each ledger can store, with
+    distinct ids; else ``TypeError`` or ``ValueError``, before anything is written.
+
+    ``Notice`` validates its own fields but for its times and sizes, which
+    the ledgers need bounded.
+    """
+    # Imported here: the notices module imports this one.
+    from scep_fast.service.notices import Notice
+
+    if isinstance(notices, bytes | str):
+        raise TypeError("notices must be a sequence of Notice values")
+    seen: set[bytes] = set()
+    for notice in notices:
+        if not isinstance(notice, Notice):
+            raise TypeError("notices must be Notice values")
+        _check_moment(notice.created_at, "created_at")
+        _check_moment(notice.next_attempt_at, "next_attempt_at")
+        if notice.attempts > MAX_ATTEMPTS:
+            raise ValueError(f"attempts above {MAX_ATTEMPTS}")
+        if len(notice.body) > MAX_BODY_BYTES:
+            raise ValueError("a notice body is too long")
+        if notice.serial is not None and notice.serial > MAX_SERIAL:
+            raise ValueError("a notice serial is out of range")
+        _check_text(notice.sink)
+        if notice.notice_id in seen:
+            raise ValueError(f"notice id {notice.notice_id.hex()} given twice")
+        seen.add(notice.notice_id)
+    return notices
+
+
+def notices_to_write(notices: Sequence[Notice], outcomes: Sequence[CommitOutcome]) -> list[Notice]:
+    """The notices a commit writes with these outcomes: those bound to a serial
+    only when that serial's record was :class:`Recorded`, the others always."""
+    recorded = {outcome.record.serial for outcome in outcomes if isinstance(outcome, Recorded)}
+    return [n for n in notices if n.serial is None or n.serial in recorded]
+
+
+def check_claim(now: float, limit: int, lease_seconds: float) -> None:
+    _check_moment(now, "now")
+    if type(limit) is not int or limit < 0:
+        raise ValueError("limit must be a non-negative int")
+    _check_moment(lease_seconds, "lease_seconds")
+    # A lease of 0 would leave a claimed notice due for every other claimer.
+    if lease_seconds <= 0:
+        raise ValueError("lease_seconds must be positive")
+
+
+def check_retry(attempts: int, next_attempt_at: float) -> None:
+    if type(attempts) is not int or not 0 <= attempts <= MAX_ATTEMPTS:
+        raise ValueError(f"attempts must be an int from 0 to {MAX_ATTEMPTS}")
+    _check_moment(next_attempt_at, "next_attempt_at")
+
+
+def due_order(notice: Notice) -> tuple[float, float, bytes]:
+    """The order claims take due notices in: the one due first, then the oldest (the
+    id makes the order total, the same in every ledger)."""
+    return (notice.next_attempt_at, notice.created_at, notice.notice_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from scep_fast.service.ledger import (
     CertRecord,
@@ -19,16 +20,24 @@ from scep_fast.service.ledger import (
     NotFound,
     PendingRequest,
     Recorded,
+    check_claim,
     check_decision,
+    check_notices,
     check_pending,
+    check_retry,
     check_revocation_reason,
     commit_challenges,
     decide,
+    due_order,
     is_time,
+    notices_to_write,
     refusal_of,
     spent,
     usable,
 )
+
+if TYPE_CHECKING:
+    from scep_fast.service.notices import Notice
 
 __all__ = ["MemoryLedger"]
 
@@ -46,6 +55,7 @@ class MemoryLedger:
         self._pending: dict[str, PendingRequest] = {}
         self._pending_txids: dict[tuple[str, bytes], str] = {}
         self._challenges: dict[bytes, Challenge] = {}
+        self._outbox: dict[bytes, Notice] = {}
         self._crl_number = 0
         self._lock = threading.RLock()
         self._closed = False
@@ -76,9 +86,11 @@ class MemoryLedger:
             return found
 
     def commit(
-        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = ()
+        self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = (),
+        notices: Sequence[Notice] = (),
     ) -> list[CommitOutcome]:
         presented = commit_challenges(records, challenges)
+        check_notices(notices)
         with self._lock:
             self._check_open()
             # Work on copies so that a failure in the middle leaves nothing behind.
@@ -105,8 +117,62 @@ class MemoryLedger:
                     certs[record.serial] = record
                     txids[key] = record.serial
                     outcomes.append(Recorded(record))
+            outbox = self._with_notices(notices_to_write(notices, outcomes))
             self._certs, self._txids, self._challenges = certs, txids, kept
+            self._outbox = outbox
             return outcomes
+
+    def _with_notices(self, notices: Sequence[Notice]) -> dict[bytes, Notice]:
+        """A copy of the outbox with ``notices`` added; an id on record already is refused."""
+        outbox = dict(self._outbox)
+        for notice in notices:
+            if notice.notice_id in outbox:
+                raise LedgerError(f"notice {notice.notice_id.hex()} is in the outbox already")
+            outbox[notice.notice_id] = notice
+        return outbox
+
+    def add_notices(self, notices: Sequence[Notice]) -> None:
+        check_notices(notices)
+        with self._lock:
+            self._check_open()
+            self._outbox = self._with_notices(notices)
+
+    def claim_notices(self, now: float, limit: int, lease_seconds: float) -> list[Notice]:
+        check_claim(now, limit, lease_seconds)
+        with self._lock:
+            self._check_open()
+            due = sorted((n for n in self._outbox.values() if n.next_attempt_at <= now),
+                         key=due_order)[:limit]
+            claimed = [dataclasses.replace(n, next_attempt_at=now + lease_seconds) for n in due]
+            for notice in claimed:
+                self._outbox[notice.notice_id] = notice
+            return claimed
+
+    def notice_delivered(self, notice_id: bytes) -> None:
+        with self._lock:
+            self._check_open()
+            self._outbox.pop(notice_id, None)
+
+    def notice_retry(self, notice_id: bytes, attempts: int, next_attempt_at: float) -> None:
+        check_retry(attempts, next_attempt_at)
+        with self._lock:
+            self._check_open()
+            notice = self._outbox.get(notice_id)
+            if notice is not None:
+                self._outbox[notice_id] = dataclasses.replace(
+                    notice, attempts=attempts, next_attempt_at=next_attempt_at)
+
+    def count_notices(self) -> int:
+        with self._lock:
+            self._check_open()
+            return len(self._outbox)
+
+    def iter_notices(self) -> Iterator[Notice]:
+        """Every notice in the outbox, in ``notice_id`` order (beyond the protocol)."""
+        with self._lock:
+            self._check_open()
+            notices = [self._outbox[notice_id] for notice_id in sorted(self._outbox)]
+        yield from notices
 
     def get(self, serial: int) -> CertRecord | None:
         with self._lock:
@@ -124,10 +190,12 @@ class MemoryLedger:
             self._check_open()
             return len(self._certs)
 
-    def revoke(self, serial: int, reason: int, when: float) -> CertRecord:
+    def revoke(self, serial: int, reason: int, when: float,
+               notices: Sequence[Notice] = ()) -> CertRecord:
         check_revocation_reason(reason)
         if not is_time(when):
             raise ValueError("when must be epoch seconds")
+        check_notices(notices)
         with self._lock:
             self._check_open()
             record = self._certs.get(serial)
@@ -138,6 +206,7 @@ class MemoryLedger:
             revoked = dataclasses.replace(
                 record, status="revoked", revoked_at=when, revocation_reason=reason
             )
+            self._outbox = self._with_notices(notices)
             self._certs[serial] = revoked
             return revoked
 

@@ -27,6 +27,7 @@ from scep_fast.runtime.ledger_pg import PgLedger, is_postgres_url, migrate
 from scep_fast.service.ledger import (
     AlreadyIssued,
     Challenge,
+    ChallengeRefused,
     ChallengeUsedUp,
     Ledger,
     LedgerError,
@@ -36,12 +37,14 @@ from scep_fast.service.ledger import (
     TransactionConflict,
 )
 from scep_fast.service.ledger_memory import MemoryLedger
+from scep_fast.service.notices import Notice
 from tests.ledger_values import (
     KEY_A,
     KEY_B,
     NOW,
     digest,
     make_challenge,
+    make_notice,
     make_pending,
     make_record,
     random_serial,
@@ -612,3 +615,238 @@ def test_find_transactions_reads_records_and_pending_requests_at_once(ledger: Le
     found = ledger.find_transactions([("tx-issued", KEY_A), ("tx-waiting", KEY_A),
                                       ("tx-unknown", KEY_A), ("tx-issued", KEY_B)])
     assert found == [(issued, None), (None, waiting), (None, None), (None, None)]
+
+
+# --- The outbox -------------------------------------------------------------------
+
+LEASE = 30.0
+EVER = NOW + 10 * 365 * 86400  # a claim at this time finds every notice due
+
+
+def outbox(ledger: Ledger) -> dict[bytes, Notice]:
+    """Every notice in the outbox, as stored, by id; claiming them moves only their
+    next_attempt_at, which the caller does not look at afterwards."""
+    claimed = ledger.claim_notices(EVER, 10_000, LEASE)
+    assert len(claimed) == ledger.count_notices()
+    return {n.notice_id: dataclasses.replace(n, next_attempt_at=0.0) for n in claimed}
+
+
+def test_a_serial_bound_notice_is_written_only_when_its_record_is_recorded(
+        ledger: Ledger) -> None:
+    once = make_challenge("notice once")
+    ledger.add_challenge(once)
+    first = make_record(1, "tx-n", issued_at=NOW)
+    recorded = make_notice(1, serial=1)
+    free = make_notice(2)
+    elsewhere = make_notice(3, serial=99)  # no record of this batch has serial 99
+    assert ledger.commit([first], [once.digest], notices=[recorded, free, elsewhere]) == [
+        Recorded(first)]
+    assert ledger.count_notices() == 2
+
+    resend = make_record(2, "tx-n", issued_at=NOW)
+    conflict = make_record(3, "tx-n", csr="other", issued_at=NOW)
+    used_up = make_record(4, "tx-spent", issued_at=NOW)
+    clash = make_record(1, "tx-clash", issued_at=NOW)  # serial 1 is taken
+    outcomes = ledger.commit(
+        [resend, conflict, used_up, clash], [None, None, once.digest, None],
+        notices=[make_notice(12, serial=2), make_notice(13, serial=3),
+                 make_notice(14, serial=4), make_notice(15, serial=1), make_notice(16)])
+    assert outcomes == [AlreadyIssued(first), TransactionConflict(first),
+                        ChallengeRefused(once.digest), SerialCollision(1)]
+    # Only the notice without a serial: serial 1's record was recorded, but
+    # by another commit.
+    assert ledger.count_notices() == 3
+
+    # In one batch with a record that is recorded, each notice follows its own.
+    fresh = make_record(5, "tx-fresh", issued_at=NOW)
+    again = make_record(6, "tx-fresh", issued_at=NOW)
+    assert ledger.commit([fresh, again], notices=[make_notice(21, serial=5),
+                                                  make_notice(22, serial=6)]) == [
+        Recorded(fresh), AlreadyIssued(fresh)]
+    stored = outbox(ledger)
+    assert sorted(stored) == [make_notice(n).notice_id for n in (1, 2, 16, 21)]
+    # Stored as given, every field.
+    assert stored[recorded.notice_id] == recorded
+    assert stored[free.notice_id] == free
+
+
+def test_notices_without_records(ledger: Ledger) -> None:
+    free, bound = make_notice(1, event="refused"), make_notice(2, serial=7)
+    assert ledger.commit([], notices=[free, bound]) == []
+    assert outbox(ledger) == {free.notice_id: free}
+    ledger.add_notices([make_notice(3), make_notice(4, serial=8)])
+    ledger.add_notices([])
+    assert ledger.count_notices() == 3
+
+
+def test_a_commit_that_fails_writes_no_notice(ledger: Ledger) -> None:
+    single = make_challenge("kept single")
+    ledger.add_challenge(single)
+    waiting = make_notice(1)
+    ledger.add_notices([waiting])
+    record = make_record(40, "tx-fails", issued_at=NOW)
+    # A notice id that is in the outbox already: the whole commit is refused.
+    with pytest.raises(LedgerError, match="outbox already"):
+        ledger.commit([record], [single.digest],
+                      notices=[make_notice(2), make_notice(1, event="refused"),
+                               make_notice(3, serial=40)])
+    # A record that is not one, among notices.
+    with pytest.raises(TypeError):
+        ledger.commit([record, "not a record"], notices=[make_notice(4)])  # type: ignore[list-item]
+    # One id twice in one commit.
+    with pytest.raises(ValueError):
+        ledger.commit([record], notices=[make_notice(5), make_notice(5)])
+    with pytest.raises(LedgerError, match="outbox already"):
+        ledger.add_notices([make_notice(6), waiting])
+    assert ledger.count() == 0
+    assert outbox(ledger) == {waiting.notice_id: waiting}
+    kept = ledger.get_challenge(single.digest)
+    assert kept is not None and kept.uses_left == 1
+    # And the same commit goes through once the clash is gone.
+    ledger.notice_delivered(waiting.notice_id)
+    assert ledger.commit([record], [single.digest],
+                         notices=[make_notice(1), make_notice(3, serial=40)]) == [
+        Recorded(record)]
+    assert ledger.count_notices() == 2
+
+
+def test_claims_take_the_due_notices_oldest_first_and_lease_them(ledger: Ledger) -> None:
+    later = make_notice(1, next_attempt_at=NOW + 10, created_at=NOW)
+    now_young = make_notice(2, created_at=NOW + 5)
+    now_old = make_notice(3, created_at=NOW + 1)
+    later_old = make_notice(4, next_attempt_at=NOW + 10, created_at=NOW - 5)
+    not_yet = make_notice(5, next_attempt_at=NOW + 100, created_at=NOW - 100)
+    ledger.add_notices([later, now_young, now_old, later_old, not_yet])
+    assert ledger.claim_notices(NOW + 50, 0, LEASE) == []
+
+    until = NOW + 50 + LEASE
+
+    def leased(*notices: Notice) -> list[Notice]:
+        return [dataclasses.replace(n, next_attempt_at=until) for n in notices]
+
+    assert ledger.claim_notices(NOW + 50, 3, LEASE) == leased(now_old, now_young, later_old)
+    # What is leased is not claimed again while the lease runs.
+    assert ledger.claim_notices(NOW + 50, 10, LEASE) == leased(later)
+    assert ledger.claim_notices(NOW + 50, 10, LEASE) == []
+    assert ledger.claim_notices(until - 0.5, 10, LEASE) == []
+    # Once it has run out, they are due again (a claimer died), oldest first.
+    again = ledger.claim_notices(until, 10, LEASE)
+    assert [n.notice_id for n in again] == [n.notice_id for n in
+                                            (later_old, later, now_old, now_young)]
+    assert all(n.next_attempt_at == until + LEASE for n in again)
+    assert ledger.claim_notices(NOW + 100, 10, LEASE) == [
+        dataclasses.replace(not_yet, next_attempt_at=NOW + 100 + LEASE)]
+    assert ledger.count_notices() == 5
+    for limit, lease in ((-1, LEASE), (1, 0.0), (1, -1.0), (1, float("nan"))):
+        with pytest.raises(ValueError):
+            ledger.claim_notices(NOW, limit, lease)
+
+
+def test_delivered_and_retried_notices(ledger: Ledger) -> None:
+    one, two, three = make_notice(1), make_notice(2), make_notice(3, serial=3)
+    ledger.add_notices([one, two, three])
+    assert len(ledger.claim_notices(NOW, 10, LEASE)) == 3
+    ledger.notice_delivered(one.notice_id)
+    assert ledger.count_notices() == 2
+    # Unknown ids are ignored: delivered twice, or never there.
+    ledger.notice_delivered(one.notice_id)
+    ledger.notice_delivered(make_notice(99).notice_id)
+    ledger.notice_retry(make_notice(98).notice_id, 1, NOW)
+    assert ledger.count_notices() == 2
+    ledger.notice_retry(two.notice_id, 3, NOW + 500)
+    ledger.notice_retry(three.notice_id, 1, NOW + 400)
+    assert ledger.claim_notices(NOW + 399, 10, LEASE) == []
+    assert ledger.claim_notices(NOW + 500, 10, LEASE) == [
+        dataclasses.replace(three, attempts=1, next_attempt_at=NOW + 500 + LEASE),
+        dataclasses.replace(two, attempts=3, next_attempt_at=NOW + 500 + LEASE)]
+    with pytest.raises(ValueError):
+        ledger.notice_retry(two.notice_id, -1, NOW)
+    ledger.notice_delivered(two.notice_id)
+    ledger.notice_delivered(three.notice_id)
+    assert ledger.count_notices() == 0
+    assert ledger.claim_notices(EVER, 10, LEASE) == []
+
+
+def test_a_revocation_writes_its_notices_once(ledger: Ledger) -> None:
+    record = make_record(30, "tx-revoked", issued_at=NOW)
+    ledger.commit([record])
+    revoked = ledger.revoke(30, 1, NOW + 1, notices=[make_notice(1, event="revoked",
+                                                                 serial=30)])
+    assert ledger.count_notices() == 1
+    # Revoked already: the record as it is, and no notice.
+    assert ledger.revoke(30, 4, NOW + 2, notices=[make_notice(2, event="revoked")]) == revoked
+    with pytest.raises(NotFound):
+        ledger.revoke(31, 1, NOW, notices=[make_notice(3, event="revoked")])
+    other = make_record(32, "tx-other", issued_at=NOW)
+    ledger.commit([other])
+    with pytest.raises(ValueError):
+        ledger.revoke(32, 7, NOW, notices=[make_notice(4, event="revoked")])
+    # A notice id on record already refuses the revocation as well.
+    with pytest.raises(LedgerError, match="outbox already"):
+        ledger.revoke(32, 1, NOW, notices=[make_notice(1, event="revoked")])
+    assert ledger.get(32) == other
+    assert sorted(outbox(ledger)) == [make_notice(1).notice_id]
+    ledger.revoke(32, 1, NOW, notices=[make_notice(5), make_notice(6)])
+    assert ledger.count_notices() == 3
+
+
+def test_the_outbox_survives_reopening(durable: Storage) -> None:
+    record = make_record(50, "tx-kept", issued_at=NOW)
+    with closing(durable.open()) as ledger:
+        ledger.commit([record], notices=[make_notice(1, serial=50), make_notice(2)])
+        ledger.add_notices([make_notice(3, created_at=NOW - 1)])
+        ledger.revoke(50, 1, NOW, notices=[make_notice(4, event="revoked", serial=50)])
+        (claimed,) = ledger.claim_notices(NOW, 1, LEASE)
+        assert claimed.notice_id == make_notice(3).notice_id
+        ledger.notice_retry(make_notice(1).notice_id, 2, NOW + 1000)
+        ledger.notice_delivered(make_notice(2).notice_id)
+    with closing(durable.open()) as ledger:
+        assert ledger.count_notices() == 3
+        # The lease and the retry held over the reopening.
+        assert [n.notice_id for n in ledger.claim_notices(NOW + 1, 10, LEASE)] == [
+            make_notice(4).notice_id]
+        assert ledger.claim_notices(NOW + LEASE, 10, LEASE) == [
+            dataclasses.replace(make_notice(3, created_at=NOW - 1),
+                                next_attempt_at=NOW + 2 * LEASE)]
+        ledger.notice_delivered(make_notice(3).notice_id)
+        ledger.notice_delivered(make_notice(4).notice_id)
+        assert ledger.claim_notices(NOW + 1000, 10, LEASE) == [
+            dataclasses.replace(make_notice(1, serial=50), attempts=2,
+                                next_attempt_at=NOW + 1000 + LEASE)]
+
+
+CLAIMERS = 3
+CLAIMED_NOTICES = 300
+
+
+def _claimer(target: str, barrier: object, results: object) -> None:
+    """One worker process: claims a few notices at a time until none is due."""
+    taken: list[bytes] = []
+    with closing(open_ledger_at(target)) as ledger:
+        barrier.wait()  # type: ignore[attr-defined]
+        while claimed := ledger.claim_notices(NOW + 1, 7, 3600.0):
+            taken.extend(n.notice_id for n in claimed)
+    results.put(taken)  # type: ignore[attr-defined]
+
+
+def test_processes_claiming_at_once_never_get_the_same_notice(durable: Storage) -> None:
+    notices = [make_notice(i, created_at=NOW - i % 17) for i in range(CLAIMED_NOTICES)]
+    with closing(durable.open()) as ledger:
+        ledger.add_notices(notices)
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(CLAIMERS)
+    results = context.Queue()
+    workers = [context.Process(target=_claimer, args=(durable.target, barrier, results))
+               for _ in range(CLAIMERS)]
+    for worker in workers:
+        worker.start()
+    taken: list[list[bytes]] = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0
+    every = [notice_id for ids in taken for notice_id in ids]
+    assert len(every) == len(set(every)) == CLAIMED_NOTICES
+    assert set(every) == {n.notice_id for n in notices}
+    with closing(durable.open()) as ledger:
+        assert ledger.count_notices() == CLAIMED_NOTICES
+        assert ledger.claim_notices(NOW + 1, 10, LEASE) == []

@@ -19,6 +19,7 @@ from tests.ledger_values import (
     NOW,
     digest,
     make_challenge,
+    make_notice,
     make_pending,
     make_record,
     random_serial,
@@ -57,6 +58,14 @@ def fill(ledger: LmdbLedger) -> dict[str, int]:
     ledger.add_challenge(make_challenge("spent", uses=1, expires_at=NOW + 3600,
                                         profile="wifi", label="lab"))
     assert spend(ledger, digest("spent"), NOW + 2)
+    # Notices waiting: one claimed (its lease is its next_attempt_at), one
+    # retried, and more than a chunk of the copy.
+    extra = make_record(random_serial(), "tx-notified", issued_at=NOW + 70)
+    ledger.commit([extra], notices=[make_notice(1, serial=extra.serial)])
+    ledger.revoke(extra.serial, 1, NOW + 80, notices=[make_notice(2, event="revoked")])
+    ledger.add_notices([make_notice(10 + i, created_at=NOW + i) for i in range(600)])
+    assert len(ledger.claim_notices(NOW, 1, 300.0)) == 1
+    ledger.notice_retry(make_notice(2).notice_id, 4, NOW + 900)
     for _ in range(7):
         ledger.next_crl_number()
     return {"second": second.serial, "renewed": renewed.serial}
@@ -68,8 +77,9 @@ def test_copy_to_postgresql_and_back_keeps_everything(postgres: PostgresServer,
     with LmdbLedger(source_dir / "ledger") as ledger:
         serials = fill(ledger)
         original = summarize(ledger)
-    assert original.certificates == 1206 and original.revoked == 3
+    assert original.certificates == 1207 and original.revoked == 4
     assert (original.pending, original.challenges, original.crl_number) == (3, 2, 7)
+    assert original.notices == 602
 
     database = postgres.new_database()
     (tmp_path / "db-password").write_text(postgres.password + "\n")
@@ -77,7 +87,8 @@ def test_copy_to_postgresql_and_back_keeps_everything(postgres: PostgresServer,
                      "--to", postgres.url(database, with_password=False),
                      "--to-password-file", str(tmp_path / "db-password"))
     assert done.returncode == 0, done.stderr
-    assert original.sha256 in done.stdout and "1206 certificates (3 revoked)" in done.stdout
+    assert original.sha256 in done.stdout and "1207 certificates (4 revoked)" in done.stdout
+    assert "602 notices" in done.stdout
     assert postgres.password not in done.stdout + done.stderr
 
     with PgLedger(postgres.url(database)) as copied:
@@ -89,6 +100,9 @@ def test_copy_to_postgresql_and_back_keeps_everything(postgres: PostgresServer,
         assert holder is not None and holder.serial == serials["renewed"]
         left = copied.get_challenge(digest("three"))
         assert left is not None and left.uses_left == 2
+        retried = next(n for n in copied.iter_notices()
+                       if n.notice_id == make_notice(2).notice_id)
+        assert (retried.attempts, retried.next_attempt_at) == (4, NOW + 900)
         assert copied.next_crl_number() == 8
         copied.advance_crl_number(0)  # never goes back
         assert copied.last_crl_number() == 8

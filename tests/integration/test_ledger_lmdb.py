@@ -37,6 +37,7 @@ from tests.conftest import missing_peer
 from tests.ledger_values import (
     KEY_A,
     NOW,
+    make_notice,
     make_pending,
     make_record,
     random_serial,
@@ -63,8 +64,15 @@ def test_batch_is_all_or_nothing(tmp_path: Path) -> None:
         ledger.commit(kept)
         too_big = [make_record(100 + i, f"tx-big-{i}", der_size=16 * 1024) for i in range(100)]
         with pytest.raises(LedgerFull, match="map size"):
-            ledger.commit(too_big)
+            ledger.commit(too_big, notices=[make_notice(1), make_notice(2, serial=100)])
         assert ledger.count() == 2
+        assert ledger.count_notices() == 0
+        # A revocation whose notice does not fit: neither is written.
+        huge = dataclasses.replace(make_notice(3, event="revoked"), body=b"x" * 2 * 1024 * 1024)
+        with pytest.raises(LedgerFull):
+            ledger.revoke(1, 1, NOW, notices=[huge])
+        assert ledger.get(1) == kept[0]
+        assert ledger.count_notices() == 0
         assert list(ledger.iter_records()) == kept
         assert all(ledger.find_transaction(f"tx-big-{i}", KEY_A) is None for i in range(100))
         # The ledger still works after the failed batch.
@@ -169,7 +177,8 @@ def _as_version_1(ledger_dir: Path, records: list[CertRecord]) -> None:
     """Turn a fresh ledger into one as schema version 1 left it."""
     env = lmdb.open(str(ledger_dir), max_dbs=16)
     with env.begin(write=True) as txn:
-        for name in (b"revoked", b"pending", b"pending_txids", b"challenges"):
+        for name in (b"revoked", b"pending", b"pending_txids", b"challenges", b"outbox",
+                     b"outbox_due"):
             txn.drop(env.open_db(name, txn=txn), delete=True)
         meta = env.open_db(b"meta", txn=txn)
         txn.put(b"schema_version", struct.pack(">I", 1), db=meta)
@@ -220,12 +229,55 @@ def test_version_1_ledger_is_upgraded_in_place(ledger_dir: Path) -> None:
         ]
     assert _stored_schema(ledger_dir) == (
         SCHEMA_VERSION,
-        [b"certs", b"challenges", b"meta", b"pending", b"pending_txids", b"revoked", b"txids"],
+        [b"certs", b"challenges", b"meta", b"outbox", b"outbox_due", b"pending",
+         b"pending_txids", b"revoked", b"txids"],
     )
     assert SCHEMA_VERSION == 2
     with LmdbLedger(ledger_dir) as ledger:
         assert ledger.get(101) == revoked
         assert ledger.next_crl_number() == 2
+
+
+def test_a_ledger_from_before_the_outbox_gets_one(ledger_dir: Path) -> None:
+    records = [make_record(300 + i, f"tx-before-{i}") for i in range(3)]
+    with LmdbLedger(ledger_dir) as ledger:
+        ledger.commit(records)
+    # As the code before the outbox left it: schema version 2, seven databases.
+    env = lmdb.open(str(ledger_dir), max_dbs=16)
+    with env.begin(write=True) as txn:
+        for name in (b"outbox", b"outbox_due"):
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+    env.close()
+    version, names = _stored_schema(ledger_dir)
+    assert (version, b"outbox" in names) == (2, False)
+
+    with LmdbLedger(ledger_dir) as ledger:
+        assert list(ledger.iter_records()) == records
+        assert ledger.count_notices() == 0
+        assert ledger.claim_notices(NOW, 10, 30.0) == []
+        ledger.add_notices([make_notice(1)])
+    assert _stored_schema(ledger_dir) == (2, [
+        b"certs", b"challenges", b"meta", b"outbox", b"outbox_due", b"pending",
+        b"pending_txids", b"revoked", b"txids"])
+    with LmdbLedger(ledger_dir) as ledger:
+        assert [n.notice_id for n in ledger.iter_notices()] == [make_notice(1).notice_id]
+
+
+def test_a_claim_with_nothing_due_writes_nothing(ledger: LmdbLedger) -> None:
+    # The outbox is polled all the time and is usually empty: such a claim
+    # must not take the write lock every process shares, nor sync the disk.
+    def last_transaction() -> int:
+        return int(ledger._env.info()["last_txnid"])
+
+    before = last_transaction()
+    assert ledger.claim_notices(NOW, 10, 30.0) == []
+    ledger.add_notices([make_notice(1, next_attempt_at=NOW + 60)])
+    after_add = last_transaction()
+    assert after_add == before + 1
+    assert ledger.claim_notices(NOW, 10, 30.0) == []
+    assert last_transaction() == after_add
+    assert len(ledger.claim_notices(NOW + 60, 10, 30.0)) == 1
+    assert last_transaction() == after_add + 1
 
 
 def test_version_0_is_refused(ledger_dir: Path) -> None:

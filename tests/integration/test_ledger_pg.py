@@ -17,11 +17,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from scep_fast.runtime.ledger_pg import SCHEMA_VERSION, PgLedger, migrate, redacted
+from scep_fast.runtime.ledger_pg import _SCHEMA_V1, SCHEMA_VERSION, PgLedger, migrate, redacted
 from scep_fast.service.ledger import (
     AlreadyIssued,
     ChallengeRefused,
     ChallengeUsedUp,
+    LedgerError,
     LedgerUnavailable,
     PendingRequest,
     Recorded,
@@ -34,6 +35,7 @@ from tests.ledger_values import (
     KEY_B,
     NOW,
     make_challenge,
+    make_notice,
     make_pending,
     make_record,
     random_serial,
@@ -97,6 +99,55 @@ def test_the_schema_is_created_once_and_checked_at_open(postgres: PostgresServer
     with psycopg.connect(url, autocommit=True) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [
             (SCHEMA_VERSION + 1,)]
+
+
+def _version_1(url: str) -> None:
+    """The schema as migrate made it before the outbox, with a little in it."""
+    with psycopg.connect(url) as conn, conn.transaction():
+        conn.execute(_SCHEMA_V1)
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        conn.execute("UPDATE crl_number SET last = 5")
+
+
+def _stored_version(url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT version FROM schema_version").fetchall()
+
+
+def test_a_version_1_schema_is_refused_at_start_and_upgraded_by_migrate(
+        postgres: PostgresServer) -> None:
+    assert SCHEMA_VERSION == 2
+    url = postgres.url(postgres.new_database())
+    _version_1(url)
+    with pytest.raises(UnsupportedSchema, match=r"schema version 1,.*run `scep-fast ledger "
+                                                r"migrate"):
+        PgLedger(url)
+    assert migrate(url) == (1, 2)
+    assert _stored_version(url) == [(2,)]
+    assert migrate(url) == (2, 2)
+    with PgLedger(url) as ledger:
+        # What version 1 held stays, and the outbox is there.
+        assert ledger.last_crl_number() == 5
+        record = make_record(random_serial(), "tx-after-upgrade")
+        assert ledger.commit([record], notices=[make_notice(1, serial=record.serial)]) == [
+            Recorded(record)]
+        assert ledger.count_notices() == 1
+
+
+def test_an_upgrade_that_fails_leaves_version_1(postgres: PostgresServer) -> None:
+    url = postgres.url(postgres.new_database())
+    _version_1(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE outbox (x integer)")  # in the upgrade's way
+    with pytest.raises(LedgerError, match="DuplicateTable"):
+        migrate(url)
+    # One transaction: no index, no version 2.
+    assert _stored_version(url) == [(1,)]
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('outbox_due')").fetchone() == (None,)
+        conn.execute("DROP TABLE outbox")
+    assert migrate(url) == (1, 2)
+    PgLedger(url).close()
 
 
 def test_two_nodes_migrating_at_once_make_one_schema(postgres: PostgresServer) -> None:
@@ -276,3 +327,20 @@ def test_a_revocation_frees_the_transaction_on_every_node(nodes: list[PgLedger])
     (winner,) = [r[0].record for r in results if isinstance(r[0], Recorded)]
     assert nodes[0].find_transaction("tx-again", KEY_A) == winner
     assert ChallengeRefused not in [type(r[0]) for r in results]
+
+
+def test_nodes_claiming_at_once_get_disjoint_notices(nodes: list[PgLedger]) -> None:
+    notices = [make_notice(i, created_at=NOW + i % 13) for i in range(400)]
+    nodes[0].add_notices(notices)
+
+    def claim_all(node: PgLedger) -> list[bytes]:
+        taken: list[bytes] = []
+        while claimed := node.claim_notices(NOW + 1, 9, 3600.0):
+            taken.extend(n.notice_id for n in claimed)
+        return taken
+
+    results = at_once([lambda n=n: claim_all(n) for n in nodes])
+    every = [notice_id for taken in results for notice_id in taken]
+    assert len(every) == len(set(every)) == len(notices)
+    assert nodes[1].claim_notices(NOW + 1, 10, 3600.0) == []
+    assert nodes[2].count_notices() == len(notices)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -118,10 +119,19 @@ def test_init_creates_the_schema_and_migrate_checks_it(postgres: PostgresServer,
     assert postgres.password not in config
     done = scep_fast("ledger", "migrate", "--dir", str(directory))
     assert done.returncode == 0, done.stderr
-    assert "schema version 1 (up to date)" in done.stdout
+    assert "schema version 2 (up to date)" in done.stdout
     assert postgres.password not in done.stdout + done.stderr
     with PgLedger(postgres.url(database)) as ledger:
         assert ledger.count() == 0
+    # A database of schema version 1 (before the outbox) is upgraded.
+    with psycopg.connect(postgres.url(database), autocommit=True) as conn:
+        conn.execute("DROP TABLE outbox")
+        conn.execute("UPDATE schema_version SET version = 1")
+    done = scep_fast("ledger", "migrate", "--dir", str(directory))
+    assert done.returncode == 0, done.stderr
+    assert "schema version 2 (upgraded from version 1)" in done.stdout
+    with PgLedger(postgres.url(database)) as ledger:
+        assert ledger.count_notices() == 0
     # A URL with the password in it is refused, and not echoed.
     refused = scep_fast("init", "--dir", str(tmp_path / "other"), "--ledger-url",
                         postgres.url(database))

@@ -12,9 +12,13 @@ from scep_fast.runtime.ledger_json import record_to_json
 from scep_fast.runtime.ledger_lmdb_codec import (
     RECORD_FORMAT,
     decode_challenge,
+    decode_notice,
     decode_pending,
     decode_record,
+    due_key,
+    due_prefix,
     encode_challenge,
+    encode_notice,
     encode_pending,
     encode_record,
     serial_key,
@@ -30,6 +34,7 @@ from scep_fast.service.ledger import (
     PendingRequest,
 )
 from scep_fast.service.ledger_memory import MemoryLedger
+from scep_fast.service.notices import Notice
 
 KEY_A = hashlib.sha256(b"requester A").digest()
 KEY_B = hashlib.sha256(b"requester B").digest()
@@ -310,6 +315,86 @@ def test_decoding_refuses_garbage(mangle: object, message: str) -> None:
 def test_decoding_refuses_a_bad_key() -> None:
     with pytest.raises(LedgerCorrupt, match="certs key"):
         decode_record(b"\x01", encode_record(make_record(1)))
+
+
+# --- Outbox entries ---------------------------------------------------------------
+
+
+def make_notice(**changes: object) -> Notice:
+    fields: dict[str, object] = {
+        "notice_id": bytes(range(16)), "sink": "webhook", "event": "issued",
+        "body": b'{"event":"issued"}', "created_at": 1_750_000_000.25}
+    fields.update(changes)
+    return Notice(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"serial": MAX_SERIAL, "attempts": 0xFFFF_FFFF, "next_attempt_at": 1.5e9, "sink": "intüne"},
+    {"event": "refused", "body": b"", "serial": 1},
+    {"event": "revoked", "body": b"\x00" * 70_000, "next_attempt_at": -3.0},
+])
+def test_notice_codec_round_trip(changes: dict[str, object]) -> None:
+    notice = make_notice(**changes)
+    assert decode_notice(notice.notice_id, encode_notice(notice)) == notice
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda v: b"", "unknown format"),
+        (lambda v: b"\x02" + v[1:], "unknown format 02"),
+        (lambda v: v[:30], "truncated header"),
+        (lambda v: v[:-1], "truncated"),
+        (lambda v: v + b"!", "1 trailing bytes"),
+        (lambda v: v[:1] + b"\x04" + v[2:], "unknown event code 4"),
+    ],
+)
+def test_notice_decoding_refuses_garbage(mangle: object, message: str) -> None:
+    notice = make_notice()
+    value = mangle(encode_notice(notice))  # type: ignore[operator]
+    with pytest.raises(LedgerCorrupt, match=message):
+        decode_notice(notice.notice_id, value)
+    with pytest.raises(LedgerCorrupt, match="notice_id"):
+        decode_notice(b"short", encode_notice(notice))
+
+
+def test_due_keys_sort_in_claim_order() -> None:
+    # (next_attempt_at, created_at, id), negative and fractional times included.
+    order = [(-5.0, 0.0, 1), (-0.5, 9.0, 1), (0.0, -1.0, 1), (0.0, 0.0, 1), (0.0, 0.0, 2),
+             (0.25, 0.0, 1), (1.0, 0.0, 1), (1.75e9, 1.6e9, 1), (1.75e9, 1.7e9, 0), (1e300, 0, 0)]
+    notices = [make_notice(next_attempt_at=due, created_at=created,
+                           notice_id=number.to_bytes(16, "big"))
+               for due, created, number in order]
+    assert sorted(notices, key=due_key) == notices
+    # A notice is due at ``now`` exactly when its key starts at most at due_prefix(now).
+    for notice in notices:
+        for now in (notice.next_attempt_at - 0.001, notice.next_attempt_at,
+                    notice.next_attempt_at + 1):
+            due = due_key(notice)[:8] <= due_prefix(now)
+            assert due == (notice.next_attempt_at <= now)
+    assert due_prefix(-0.0) == due_prefix(0.0)
+
+
+@pytest.mark.parametrize(("notices", "error"), [
+    ([make_notice(created_at=float("nan"))], ValueError),
+    ([make_notice(next_attempt_at=float("inf"))], ValueError),
+    ([make_notice(next_attempt_at="soon")], ValueError),
+    ([make_notice(sink="web\x00hook")], ValueError),
+    ([make_notice(attempts=1 << 32)], ValueError),
+    ([make_notice(serial=MAX_SERIAL + 1)], ValueError),
+    ([make_notice(), make_notice()], ValueError),
+    (["not a notice"], TypeError),
+    (b"bytes", TypeError),
+])
+def test_notices_no_ledger_can_store_are_refused_before_anything_is_written(
+        notices: object, error: type[Exception]) -> None:
+    ledger = MemoryLedger()
+    with pytest.raises(error):
+        ledger.add_notices(notices)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        ledger.commit([], notices=notices)  # type: ignore[arg-type]
+    assert ledger.count_notices() == 0
 
 
 # --- JSON for the command line -----------------------------------------------
