@@ -118,13 +118,14 @@ from scep_fast.service.ledger import (
     LedgerError,
     LedgerFull,
     NotFound,
+    NoticeRetry,
     PendingRequest,
     Recorded,
     UnsupportedSchema,
     check_claim,
     check_notices,
     check_pending,
-    check_retry,
+    check_retries,
     check_revocation_reason,
     commit_challenges,
     decide,
@@ -221,6 +222,10 @@ def _full_condition(path: str, error: lmdb.Error) -> str | None:
 def _prepare_directory(path: Path) -> None:
     path.mkdir(mode=_DIRECTORY_MODE, parents=True, exist_ok=True)
     os.chmod(path, _DIRECTORY_MODE)
+
+
+def _is_notice_id(value: object) -> bool:
+    return isinstance(value, bytes) and len(value) == _NOTICE_KEY_LEN
 
 
 class LmdbLedger:
@@ -524,26 +529,23 @@ class LmdbLedger:
                 claimed.append(leased)
         return claimed
 
-    def notice_delivered(self, notice_id: bytes) -> None:
+    def settle_notices(self, delivered: Sequence[bytes] = (),
+                       retries: Sequence[NoticeRetry] = ()) -> None:
+        check_retries(retries)
         self._env_checked()
-        if not isinstance(notice_id, bytes) or len(notice_id) != _NOTICE_KEY_LEN:
+        if not delivered and not retries:
             return
-        with self._write("notice_delivered") as txn:
-            notice = self._notice_at(txn, notice_id)
-            if notice is not None:
-                txn.delete(notice_id, db=self._outbox)
-                txn.delete(due_key(notice), db=self._outbox_due)
-
-    def notice_retry(self, notice_id: bytes, attempts: int, next_attempt_at: float) -> None:
-        check_retry(attempts, next_attempt_at)
-        self._env_checked()
-        if not isinstance(notice_id, bytes) or len(notice_id) != _NOTICE_KEY_LEN:
-            return
-        with self._write("notice_retry") as txn:
-            notice = self._notice_at(txn, notice_id)
-            if notice is not None:
-                self._replace_notice(txn, notice, dataclasses.replace(
-                    notice, attempts=attempts, next_attempt_at=next_attempt_at))
+        with self._write("settle_notices") as txn:
+            for notice_id in delivered:
+                notice = self._notice_at(txn, notice_id) if _is_notice_id(notice_id) else None
+                if notice is not None:
+                    txn.delete(notice_id, db=self._outbox)
+                    txn.delete(due_key(notice), db=self._outbox_due)
+            for notice_id, attempts, next_attempt_at in retries:
+                notice = self._notice_at(txn, notice_id) if _is_notice_id(notice_id) else None
+                if notice is not None:
+                    self._replace_notice(txn, notice, dataclasses.replace(
+                        notice, attempts=attempts, next_attempt_at=next_attempt_at))
 
     def count_notices(self) -> int:
         with self._begin() as txn:

@@ -89,6 +89,7 @@ from scep_fast.service.ledger import (
     LedgerFull,
     LedgerUnavailable,
     NotFound,
+    NoticeRetry,
     PendingRequest,
     Recorded,
     UnsupportedSchema,
@@ -96,7 +97,7 @@ from scep_fast.service.ledger import (
     check_decision,
     check_notices,
     check_pending,
-    check_retry,
+    check_retries,
     check_revocation_reason,
     commit_challenges,
     decide,
@@ -759,23 +760,22 @@ class PgLedger:
         rows.sort(key=lambda row: (row[-1], row[4], bytes(row[0])))
         return [_notice(row[:-1]) for row in rows]
 
-    def notice_delivered(self, notice_id: bytes) -> None:
+    def settle_notices(self, delivered: Sequence[bytes] = (),
+                       retries: Sequence[NoticeRetry] = ()) -> None:
+        check_retries(retries)
         if self._closed:
             raise LedgerError("ledger is closed")
-        if not isinstance(notice_id, bytes):
-            return  # not an id: unknown
-        with self._connection("notice_delivered") as conn:
-            conn.execute(b"DELETE FROM outbox WHERE notice_id = %s", (notice_id,))
-
-    def notice_retry(self, notice_id: bytes, attempts: int, next_attempt_at: float) -> None:
-        check_retry(attempts, next_attempt_at)
-        if self._closed:
-            raise LedgerError("ledger is closed")
-        if not isinstance(notice_id, bytes):
-            return  # not an id: unknown
-        with self._connection("notice_retry") as conn:
-            conn.execute(b"UPDATE outbox SET attempts = %s, next_attempt_at = %s "
-                         b"WHERE notice_id = %s", (attempts, float(next_attempt_at), notice_id))
+        gone = [i for i in delivered if isinstance(i, bytes)]  # anything else: unknown
+        later = [(a, float(t), i) for i, a, t in retries if isinstance(i, bytes)]
+        if not gone and not later:
+            return
+        with self._connection("settle_notices") as conn, conn.transaction():
+            if gone:
+                conn.execute(b"DELETE FROM outbox WHERE notice_id = ANY(%s)", (gone,))
+            if later:
+                with conn.cursor() as cur:
+                    cur.executemany(b"UPDATE outbox SET attempts = %s, next_attempt_at = %s "
+                                    b"WHERE notice_id = %s", later)
 
     def count_notices(self) -> int:
         return int(self._rows("SELECT count(*) FROM outbox")[0][0])

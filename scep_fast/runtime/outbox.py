@@ -23,7 +23,7 @@ from typing import TypeVar
 import trio
 
 from scep_fast.runtime.logs import CountedLine
-from scep_fast.service.ledger import Ledger
+from scep_fast.service.ledger import Ledger, NoticeRetry
 from scep_fast.service.notices import Notice, NoticeRejected, Notifier
 
 log = logging.getLogger(__name__)
@@ -122,19 +122,21 @@ class OutboxDelivery:
         return _Settled(notice, "retry", error)
 
     def _settle(self, settled: Sequence[_Settled]) -> None:
-        """In a thread: each outcome written to the ledger, counted and, unless
-        delivered, logged."""
+        """In a thread: the round's outcomes written to the ledger in one transaction,
+        then counted and, unless delivered, logged."""
         now = self._clock()
+        retries: list[NoticeRetry] = []
         for s in settled:
-            notice = s.notice
             if s.result == "retry":
-                attempts = notice.attempts + 1
+                attempts = s.notice.attempts + 1
                 pause = min(self._max_retry, FIRST_RETRY_SECONDS * 2 ** min(attempts - 1, 30))
                 # Spread retries so that a recovered sink is not hit by all at once.
-                self._ledger.notice_retry(notice.notice_id, attempts,
-                                          now + pause * random.uniform(0.5, 1.0))  # noqa: S311
-            else:
-                self._ledger.notice_delivered(notice.notice_id)
+                retries.append((s.notice.notice_id, attempts,
+                                now + pause * random.uniform(0.5, 1.0)))  # noqa: S311
+        self._ledger.settle_notices(
+            [s.notice.notice_id for s in settled if s.result != "retry"], retries)
+        for s in settled:
+            notice = s.notice
             self._on_result(notice.sink, s.result)
             fields = {"sink": notice.sink, "event": notice.event, "result": s.result,
                       "notice": notice.notice_id.hex(), "attempts": notice.attempts + 1,

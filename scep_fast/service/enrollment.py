@@ -698,9 +698,8 @@ class EnrollmentService:
         challenges = [i.grant.challenge if i.grant is not None else None for i in committed]
         started = time.perf_counter()
         try:
-            all_notices = [n for ns in notices.values() for n in ns]
-            outcomes = (self._ledger.commit(records, challenges, all_notices) if all_notices  # TEMP
-                        else self._ledger.commit(records, challenges))
+            outcomes = self._ledger.commit(records, challenges,
+                                           [n for ns in notices.values() for n in ns])
         except LedgerFull as e:
             # Nothing was recorded, so nothing may leave; the client may come back (503).
             for item in items:

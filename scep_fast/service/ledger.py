@@ -60,7 +60,8 @@ The certificate lifecycle beyond issuance, every write durable on return:
   them in the transaction of what they report (:func:`notices_to_write`
   says which); :meth:`Ledger.claim_notices` leases the due ones to one
   claimer at a time across worker processes and nodes, and a delivered
-  notice leaves the outbox (:meth:`Ledger.notice_delivered`).
+  notice leaves the outbox (:meth:`Ledger.settle_notices`, with the
+  outcomes of a whole delivery round in one transaction).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ __all__ = [
     "check_notices",
     "check_pending",
     "check_decision",
-    "check_retry",
+    "check_retries",
+    "NoticeRetry",
     "check_revocation_reason",
     "commit_challenges",
     "decide",
@@ -443,6 +445,9 @@ class ChallengeRefused:
     digest: bytes
 
 
+# A failed delivery's new state: (notice_id, attempts, next_attempt_at).
+NoticeRetry = tuple[bytes, int, float]
+
 CommitOutcome = Recorded | AlreadyIssued | TransactionConflict | SerialCollision | ChallengeRefused
 
 
@@ -491,14 +496,16 @@ class Ledger(Protocol):
         """
         ...
 
-    def notice_delivered(self, notice_id: bytes) -> None:
-        """The notice was delivered (or given up): it leaves the outbox. Unknown ids
-        are ignored (another claimer delivered it after a lease ran out)."""
-        ...
+    def settle_notices(self, delivered: Sequence[bytes] = (),
+                       retries: Sequence[NoticeRetry] = ()) -> None:
+        """The outcomes of a delivery round, durably, in one transaction.
 
-    def notice_retry(self, notice_id: bytes, attempts: int, next_attempt_at: float) -> None:
-        """The delivery failed: store the new attempt count and when to try next.
-        Unknown ids are ignored."""
+        ``delivered``: notices delivered (or given up): they leave the outbox.
+        ``retries``: (notice_id, attempts, next_attempt_at) of failed ones:
+        the new attempt count and when to try next. Unknown ids are ignored
+        (another claimer settled them after a lease ran out). ``ValueError``
+        for a retry out of range, and nothing is written.
+        """
         ...
 
     def count_notices(self) -> int:
@@ -740,10 +747,11 @@ def check_claim(now: float, limit: int, lease_seconds: float) -> None:
         raise ValueError("lease_seconds must be positive")
 
 
-def check_retry(attempts: int, next_attempt_at: float) -> None:
-    if type(attempts) is not int or not 0 <= attempts <= MAX_ATTEMPTS:
-        raise ValueError(f"attempts must be an int from 0 to {MAX_ATTEMPTS}")
-    _check_moment(next_attempt_at, "next_attempt_at")
+def check_retries(retries: Sequence[NoticeRetry]) -> None:
+    for _notice_id, attempts, next_attempt_at in retries:
+        if type(attempts) is not int or not 0 <= attempts <= MAX_ATTEMPTS:
+            raise ValueError(f"attempts must be an int from 0 to {MAX_ATTEMPTS}")
+        _check_moment(next_attempt_at, "next_attempt_at")
 
 
 def due_order(notice: Notice) -> tuple[float, float, bytes]:

@@ -18,13 +18,14 @@ from scep_fast.service.ledger import (
     CommitOutcome,
     LedgerError,
     NotFound,
+    NoticeRetry,
     PendingRequest,
     Recorded,
     check_claim,
     check_decision,
     check_notices,
     check_pending,
-    check_retry,
+    check_retries,
     check_revocation_reason,
     commit_challenges,
     decide,
@@ -148,19 +149,18 @@ class MemoryLedger:
                 self._outbox[notice.notice_id] = notice
             return claimed
 
-    def notice_delivered(self, notice_id: bytes) -> None:
+    def settle_notices(self, delivered: Sequence[bytes] = (),
+                       retries: Sequence[NoticeRetry] = ()) -> None:
+        check_retries(retries)
         with self._lock:
             self._check_open()
-            self._outbox.pop(notice_id, None)
-
-    def notice_retry(self, notice_id: bytes, attempts: int, next_attempt_at: float) -> None:
-        check_retry(attempts, next_attempt_at)
-        with self._lock:
-            self._check_open()
-            notice = self._outbox.get(notice_id)
-            if notice is not None:
-                self._outbox[notice_id] = dataclasses.replace(
-                    notice, attempts=attempts, next_attempt_at=next_attempt_at)
+            for notice_id in delivered:
+                self._outbox.pop(notice_id, None)
+            for notice_id, attempts, next_attempt_at in retries:
+                notice = self._outbox.get(notice_id)
+                if notice is not None:
+                    self._outbox[notice_id] = dataclasses.replace(
+                        notice, attempts=attempts, next_attempt_at=next_attempt_at)
 
     def count_notices(self) -> int:
         with self._lock:

@@ -703,7 +703,7 @@ def test_a_commit_that_fails_writes_no_notice(ledger: Ledger) -> None:
     kept = ledger.get_challenge(single.digest)
     assert kept is not None and kept.uses_left == 1
     # And the same commit goes through once the clash is gone.
-    ledger.notice_delivered(waiting.notice_id)
+    ledger.settle_notices(delivered=[waiting.notice_id])
     assert ledger.commit([record], [single.digest],
                          notices=[make_notice(1), make_notice(3, serial=40)]) == [
         Recorded(record)]
@@ -746,25 +746,39 @@ def test_delivered_and_retried_notices(ledger: Ledger) -> None:
     one, two, three = make_notice(1), make_notice(2), make_notice(3, serial=3)
     ledger.add_notices([one, two, three])
     assert len(ledger.claim_notices(NOW, 10, LEASE)) == 3
-    ledger.notice_delivered(one.notice_id)
+    ledger.settle_notices(delivered=[one.notice_id])
     assert ledger.count_notices() == 2
     # Unknown ids are ignored: delivered twice, or never there.
-    ledger.notice_delivered(one.notice_id)
-    ledger.notice_delivered(make_notice(99).notice_id)
-    ledger.notice_retry(make_notice(98).notice_id, 1, NOW)
+    ledger.settle_notices(delivered=[one.notice_id])
+    ledger.settle_notices(delivered=[make_notice(99).notice_id])
+    ledger.settle_notices(retries=[(make_notice(98).notice_id, 1, NOW)])
     assert ledger.count_notices() == 2
-    ledger.notice_retry(two.notice_id, 3, NOW + 500)
-    ledger.notice_retry(three.notice_id, 1, NOW + 400)
+    ledger.settle_notices(retries=[(two.notice_id, 3, NOW + 500)])
+    ledger.settle_notices(retries=[(three.notice_id, 1, NOW + 400)])
     assert ledger.claim_notices(NOW + 399, 10, LEASE) == []
     assert ledger.claim_notices(NOW + 500, 10, LEASE) == [
         dataclasses.replace(three, attempts=1, next_attempt_at=NOW + 500 + LEASE),
         dataclasses.replace(two, attempts=3, next_attempt_at=NOW + 500 + LEASE)]
     with pytest.raises(ValueError):
-        ledger.notice_retry(two.notice_id, -1, NOW)
-    ledger.notice_delivered(two.notice_id)
-    ledger.notice_delivered(three.notice_id)
+        ledger.settle_notices(retries=[(two.notice_id, -1, NOW)])
+    ledger.settle_notices(delivered=[two.notice_id])
+    ledger.settle_notices(delivered=[three.notice_id])
     assert ledger.count_notices() == 0
     assert ledger.claim_notices(EVER, 10, LEASE) == []
+
+
+def test_a_round_is_settled_in_one_call_or_not_at_all(ledger: Ledger) -> None:
+    one, two, three = make_notice(1), make_notice(2), make_notice(3)
+    ledger.add_notices([one, two, three])
+    ledger.claim_notices(NOW, 10, LEASE)
+    # A bad retry refuses the whole round: the delivered one stays too.
+    with pytest.raises(ValueError):
+        ledger.settle_notices([one.notice_id], [(two.notice_id, -1, NOW)])
+    assert ledger.count_notices() == 3
+    ledger.settle_notices([one.notice_id, three.notice_id], [(two.notice_id, 2, NOW + 10)])
+    assert ledger.count_notices() == 1
+    assert ledger.claim_notices(NOW + 10, 10, LEASE) == [
+        dataclasses.replace(two, attempts=2, next_attempt_at=NOW + 10 + LEASE)]
 
 
 def test_a_revocation_writes_its_notices_once(ledger: Ledger) -> None:
@@ -798,8 +812,8 @@ def test_the_outbox_survives_reopening(durable: Storage) -> None:
         ledger.revoke(50, 1, NOW, notices=[make_notice(4, event="revoked", serial=50)])
         (claimed,) = ledger.claim_notices(NOW, 1, LEASE)
         assert claimed.notice_id == make_notice(3).notice_id
-        ledger.notice_retry(make_notice(1).notice_id, 2, NOW + 1000)
-        ledger.notice_delivered(make_notice(2).notice_id)
+        ledger.settle_notices(retries=[(make_notice(1).notice_id, 2, NOW + 1000)])
+        ledger.settle_notices(delivered=[make_notice(2).notice_id])
     with closing(durable.open()) as ledger:
         assert ledger.count_notices() == 3
         # The lease and the retry held over the reopening.
@@ -808,8 +822,8 @@ def test_the_outbox_survives_reopening(durable: Storage) -> None:
         assert ledger.claim_notices(NOW + LEASE, 10, LEASE) == [
             dataclasses.replace(make_notice(3, created_at=NOW - 1),
                                 next_attempt_at=NOW + 2 * LEASE)]
-        ledger.notice_delivered(make_notice(3).notice_id)
-        ledger.notice_delivered(make_notice(4).notice_id)
+        ledger.settle_notices(delivered=[make_notice(3).notice_id])
+        ledger.settle_notices(delivered=[make_notice(4).notice_id])
         assert ledger.claim_notices(NOW + 1000, 10, LEASE) == [
             dataclasses.replace(make_notice(1, serial=50), attempts=2,
                                 next_attempt_at=NOW + 1000 + LEASE)]

@@ -65,7 +65,7 @@ def fill(ledger: LmdbLedger) -> dict[str, int]:
     ledger.revoke(extra.serial, 1, NOW + 80, notices=[make_notice(2, event="revoked")])
     ledger.add_notices([make_notice(10 + i, created_at=NOW + i) for i in range(600)])
     assert len(ledger.claim_notices(NOW, 1, 300.0)) == 1
-    ledger.notice_retry(make_notice(2).notice_id, 4, NOW + 900)
+    ledger.settle_notices(retries=[(make_notice(2).notice_id, 4, NOW + 900)])
     for _ in range(7):
         ledger.next_crl_number()
     return {"second": second.serial, "renewed": renewed.serial}
