@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
+import ipaddress
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -194,6 +195,17 @@ def _same_key(a: object, b: PublicKey) -> bool:
 # ---------------------------------------------------------- CSR and signer
 
 
+def _general_name(text: str) -> x509.GeneralName:
+    kind, _, value = text.partition(":")
+    if kind == "uri" and value:
+        return x509.UniformResourceIdentifier(value)
+    if kind == "email" and value:
+        return x509.RFC822Name(value)
+    if kind == "ip" and value:
+        return x509.IPAddress(ipaddress.ip_address(value))
+    return x509.DNSName(text)
+
+
 def build_csr(
     key: DeviceKey,
     cn: str,
@@ -202,14 +214,18 @@ def build_csr(
     challenge: str | None = None,
     digest: DigestName = "sha256",
 ) -> bytes:
-    """A DER PKCS#10 request for ``key`` with subject CN, DNS SANs and a challengePassword."""
+    """A DER PKCS#10 request for ``key`` with subject CN, SANs and a challengePassword.
+
+    A SAN is a DNS name unless prefixed ``uri:``, ``email:`` or ``ip:`` (Intune's
+    strong mapping, say: ``uri:tag:microsoft.com,2022-09-14:sid:S-1-5-...``).
+    """
     _check_choice(digest, DigestName, "digest")
     builder = x509.CertificateSigningRequestBuilder().subject_name(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     )
     if sans:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(name) for name in sans]), critical=False
+            x509.SubjectAlternativeName([_general_name(name) for name in sans]), critical=False
         )
     if challenge is not None:
         # RFC 2985 §5.4.1 allows a DirectoryString; PrintableString is what

@@ -73,7 +73,7 @@ def _for(intune: FakeIntune, action: str, transaction_id: str) -> list[dict[str,
 
 def test_validate_issue_and_tell_intune(server: Server, intune: FakeIntune) -> None:
     intune.register_challenge("intune-challenge-1")
-    result = enroll(server.url, "intune-challenge-1", "intune-device-1", sans=(SID_URI,))
+    result = enroll(server.url, "intune-challenge-1", "intune-device-1", sans=(f"uri:{SID_URI}",))
     assert result.status is PKIStatus.SUCCESS and result.cert is not None
     cert = result.cert
     # The SID for strong mapping is in the certificate.
