@@ -120,7 +120,7 @@ class Batcher(Generic[B, T]):
         # One thread for the CPU stages and one for the commits, per worker: the
         # native core already runs a batch flat out on one core, and a second
         # thread would only contend for it. Both are FIFO: older batches first.
-        self._cpu = trio.CapacityLimiter(1)
+        self._cpu = _CpuSlot()
         self._recording = trio.CapacityLimiter(1)
         self._in_flight = trio.Semaphore(MAX_BATCHES_IN_FLIGHT)
         self._on_batch = on_batch
@@ -246,7 +246,7 @@ class Batcher(Generic[B, T]):
                 self._preparing_now += len(batch)
                 try:
                     authenticated = await self._cpu_stage(
-                        self._pipeline.authenticate, [p.message for p in batch])
+                        self._pipeline.authenticate, [p.message for p in batch], LATER)
                 except BaseException as e:  # noqa: BLE001 - handed to every waiter
                     self._preparing_now -= len(batch)
                     _fail(batch, e)
@@ -256,12 +256,18 @@ class Batcher(Generic[B, T]):
                     await self._in_flight.acquire()
                 in_flight.start_soon(self._rest, batch, authenticated, started, cpu_seconds)
 
-    async def _cpu_stage(self, stage: Callable[[S], R], argument: S) -> R:
+    async def _cpu_stage(self, stage: Callable[[S], R], argument: S, priority: int) -> R:
         # Shielded: a batch runs to completion even if its requests are
         # cancelled (clients gone), so that certificates are recorded either way.
         with trio.CancelScope(shield=True):
-            result = await trio.to_thread.run_sync(stage, argument, limiter=self._cpu)
+            result = await self._cpu.run(stage, argument, priority)
         return result
+
+    def _issue_and_sign(self, authenticated: B) -> None:
+        # One turn of the CPU for both: another batch's authentication does
+        # not come between them and hold these requests' answers back.
+        self._pipeline.issue(authenticated)
+        self._pipeline.sign(authenticated)
 
     async def _rest(self, batch: list[_Pending[T]], authenticated: B, started: float,
                     cpu_seconds: float) -> None:
@@ -272,10 +278,9 @@ class Batcher(Generic[B, T]):
             try:
                 with trio.CancelScope(shield=True):
                     await pipeline.validate(authenticated)
-                for stage in (pipeline.issue, pipeline.sign):
-                    stage_started = time.perf_counter()
-                    await self._cpu_stage(stage, authenticated)
-                    cpu_seconds += time.perf_counter() - stage_started
+                stage_started = time.perf_counter()
+                await self._cpu_stage(self._issue_and_sign, authenticated, SOONER)
+                cpu_seconds += time.perf_counter() - stage_started
                 self._preparing_now -= preparing
                 preparing = 0
                 self._learn_cost("prepare", cpu_seconds / len(batch))
@@ -354,6 +359,40 @@ class Batcher(Generic[B, T]):
     def close(self) -> None:
         """No new messages; ``run`` finishes what is queued, then returns."""
         self._send.close()
+
+
+# Priorities of the CPU stages: a batch past validation is finished before
+# another is authenticated, so that requests in flight are answered (and
+# their clients come back) sooner than new ones are started.
+SOONER, LATER = 0, 1
+
+
+class _CpuSlot:
+    """One CPU stage at a time, in a worker thread; waiting stages by priority, then
+    in order of arrival."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting = (trio.lowlevel.ParkingLot(), trio.lowlevel.ParkingLot())
+
+    async def run(self, stage: Callable[[S], R], argument: S, priority: int) -> R:
+        if self._busy:
+            # Woken with the slot handed over (see _release). Callers shield
+            # this wait, so it is never cancelled half-way.
+            await self._waiting[priority].park()
+        else:
+            self._busy = True
+        try:
+            return await trio.to_thread.run_sync(stage, argument)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for waiting in self._waiting:
+            if waiting:
+                waiting.unpark()
+                return
+        self._busy = False
 
 
 def _fail(batch: list[_Pending[T]], error: BaseException) -> None:
