@@ -245,18 +245,20 @@ class Batcher(Generic[B, T]):
                     continue
                 self._preparing_now += len(batch)
                 try:
-                    authenticated = await self._cpu_stage(
+                    authenticated, cpu_seconds = await self._cpu_stage(
                         self._pipeline.authenticate, [p.message for p in batch], LATER)
                 except BaseException as e:  # noqa: BLE001 - handed to every waiter
                     self._preparing_now -= len(batch)
                     _fail(batch, e)
                     continue
-                cpu_seconds = time.perf_counter() - started
                 with trio.CancelScope(shield=True):
                     await self._in_flight.acquire()
                 in_flight.start_soon(self._rest, batch, authenticated, started, cpu_seconds)
 
-    async def _cpu_stage(self, stage: Callable[[S], R], argument: S, priority: int) -> R:
+    async def _cpu_stage(self, stage: Callable[[S], R], argument: S,
+                         priority: int) -> tuple[R, float]:
+        """The stage's result, and the seconds it ran (its wait for the CPU left out:
+        that is the queue's, which expected_wait counts apart)."""
         # Shielded: a batch runs to completion even if its requests are
         # cancelled (clients gone), so that certificates are recorded either way.
         with trio.CancelScope(shield=True):
@@ -278,9 +280,8 @@ class Batcher(Generic[B, T]):
             try:
                 with trio.CancelScope(shield=True):
                     await pipeline.validate(authenticated)
-                stage_started = time.perf_counter()
-                await self._cpu_stage(self._issue_and_sign, authenticated, SOONER)
-                cpu_seconds += time.perf_counter() - stage_started
+                _, seconds = await self._cpu_stage(self._issue_and_sign, authenticated, SOONER)
+                cpu_seconds += seconds
                 self._preparing_now -= preparing
                 preparing = 0
                 self._learn_cost("prepare", cpu_seconds / len(batch))
@@ -375,7 +376,9 @@ class _CpuSlot:
         self._busy = False
         self._waiting = (trio.lowlevel.ParkingLot(), trio.lowlevel.ParkingLot())
 
-    async def run(self, stage: Callable[[S], R], argument: S, priority: int) -> R:
+    async def run(self, stage: Callable[[S], R], argument: S,
+                  priority: int) -> tuple[R, float]:
+        """The stage's result and the seconds it ran, once it had the slot."""
         if self._busy:
             # Woken with the slot handed over (see _release). Callers shield
             # this wait, so it is never cancelled half-way.
@@ -383,7 +386,9 @@ class _CpuSlot:
         else:
             self._busy = True
         try:
-            return await trio.to_thread.run_sync(stage, argument)
+            started = time.perf_counter()
+            result = await trio.to_thread.run_sync(stage, argument)
+            return result, time.perf_counter() - started
         finally:
             self._release()
 
