@@ -28,7 +28,9 @@ from tests.integration.conftest import (
     set_config,
     start_server,
 )
+from tests.integration.test_nodes_pg import init_pg_dir, second_node
 from tests.integration.test_workers import wait_for_workers, worker_pids
+from tests.postgres import PostgresServer
 
 SECRET = b"a-webhook-secret-of-32-bytes-len"
 TIMEOUT_SECONDS = 1.0
@@ -172,3 +174,31 @@ def test_a_notice_is_delivered_after_the_workers_holding_it_are_killed(
                            timeout=30)
     assert issued["serial"] == f"{result.cert.serial_number:x}"
     assert not worker_pids(server) & workers
+
+
+def test_two_nodes_on_postgresql_validate_and_notify_once_each(
+        postgres: PostgresServer, tmp_path: Path, hook: FakeWebhook) -> None:
+    """The outbox in the database the nodes share: each enrollment's notice is
+    delivered (once per delivery id) whichever node issued and whichever delivers."""
+    database = postgres.new_database()
+    first = init_pg_dir(tmp_path / "node-a", postgres, database)
+    configure_webhook(first, hook)
+    second = second_node(first, tmp_path / "node-b")
+    a = start_server(first)
+    try:
+        b = start_server(second)
+        try:
+            results = [enroll(node.url, CHALLENGE, f"pg-hook-{i}")
+                       for i, node in enumerate((a, b, a, b))]
+            assert all(r.status is PKIStatus.SUCCESS and r.cert is not None for r in results)
+            serials = {f"{r.cert.serial_number:x}" for r in results if r.cert is not None}
+            hook.wait_for(lambda h: {str(d["serial"]) for d in (
+                r.document() for r in h.delivered()) if d["event"] == "issued"} >= serials,
+                timeout=20)
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+    assert len(hook.validations()) == 4
+    issued = [d for d in (r.document() for r in hook.delivered()) if d["event"] == "issued"]
+    assert len(issued) == 4
