@@ -27,9 +27,12 @@ MAX_SECRET_BYTES = 4096
 
 def _secret(config: Config, section: str) -> bytes:
     try:
-        return read_private_file(config.path(section, "secret_file"), MAX_SECRET_BYTES)
+        secret = read_private_file(config.path(section, "secret_file"), MAX_SECRET_BYTES)
     except PrivateFileError as e:
         raise ConfigError(f"{section}.secret_file: {e}") from None
+    if not secret:
+        raise ConfigError(f"{section}.secret_file: the file is empty")
+    return secret
 
 
 def webhook_settings(config: Config) -> WebhookSettings | None:

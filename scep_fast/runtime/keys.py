@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import subprocess
 import threading
 import time
@@ -26,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from scep_fast.runtime.private_file import PrivateFileError, read_private_file
 
 if TYPE_CHECKING:
     # Imported where used: the command line reads this module without the core.
@@ -96,18 +97,10 @@ def check_uri(uri: str) -> None:
 def read_pin(path: Path) -> bytes:
     """The PIN from its file, which only its owner may read or write (mode 0600)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise KeyLoadError(f"cannot open the PIN file {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise KeyLoadError(f"the PIN file {path} is not a regular file")
-        if info.st_mode & 0o077:
-            raise KeyLoadError(f"the PIN file {path} has mode {stat.S_IMODE(info.st_mode):04o}; "
-                               "it must be 0600 (chmod 600)")
-        pin = f.read(_MAX_PIN_BYTES + 1).strip()
-    if not pin or len(pin) > _MAX_PIN_BYTES or b"\0" in pin:
+        pin = read_private_file(path, _MAX_PIN_BYTES)
+    except PrivateFileError as e:
+        raise KeyLoadError(f"the PIN file: {e}") from None
+    if not pin or b"\0" in pin:
         raise KeyLoadError(f"the PIN file {path} holds no usable PIN")
     return pin
 

@@ -70,7 +70,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -107,6 +107,8 @@ from scep_fast.service.ledger import (
     usable,
 )
 from scep_fast.service.notices import Notice
+
+_T = TypeVar("_T")
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -834,12 +836,18 @@ class PgLedger:
         return _pending(rows[0]) if rows else None
 
     def iter_pending(self) -> Iterator[PendingRequest]:
-        after = ""
+        return self._by_key("pending", _PENDING_COLUMNS, "request_id", "", _pending)
+
+    def _by_key(self, table: str, columns: str, key: str, first: object,
+                decode: Callable[[Any], _T]) -> Iterator[_T]:
+        """Every row of ``table`` in ``key`` order, a chunk per query (keyset
+        pagination: no cursor held open between chunks). ``key`` is the first column."""
+        after = first
         while True:
-            rows = self._rows(f"SELECT {_PENDING_COLUMNS} FROM pending WHERE request_id > %s "
-                              f"ORDER BY request_id LIMIT {_ITER_CHUNK}", (after,))
+            rows = self._rows(f"SELECT {columns} FROM {table} WHERE {key} > %s "
+                              f"ORDER BY {key} LIMIT {_ITER_CHUNK}", (after,))
             for row in rows:
-                yield _pending(row)
+                yield decode(row)
             if len(rows) < _ITER_CHUNK:
                 return
             after = rows[-1][0]
@@ -950,24 +958,8 @@ class PgLedger:
 
     def iter_notices(self) -> Iterator[Notice]:
         """Every notice in the outbox, in ``notice_id`` order."""
-        after = b""
-        while True:
-            rows = self._rows(f"SELECT {_NOTICE_COLUMNS} FROM outbox WHERE notice_id > %s "
-                              f"ORDER BY notice_id LIMIT {_ITER_CHUNK}", (after,))
-            for row in rows:
-                yield _notice(row)
-            if len(rows) < _ITER_CHUNK:
-                return
-            after = bytes(rows[-1][0])
+        return self._by_key("outbox", _NOTICE_COLUMNS, "notice_id", b"", _notice)
 
     def iter_challenges(self) -> Iterator[Challenge]:
         """Every challenge, in digest order."""
-        after = b""
-        while True:
-            rows = self._rows(f"SELECT {_CHALLENGE_COLUMNS} FROM challenges WHERE digest > %s "
-                              f"ORDER BY digest LIMIT {_ITER_CHUNK}", (after,))
-            for row in rows:
-                yield _challenge(row)
-            if len(rows) < _ITER_CHUNK:
-                return
-            after = bytes(rows[-1][0])
+        return self._by_key("challenges", _CHALLENGE_COLUMNS, "digest", b"", _challenge)

@@ -37,14 +37,13 @@ import datetime
 import hashlib
 import hmac
 import logging
-import os
-import stat
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from scep_fast.protocol import StorageUnavailable
 from scep_fast.runtime.ledger_json import epoch_to_iso
+from scep_fast.runtime.private_file import PrivateFileError, read_private_file
 from scep_fast.service.challenges import MintedChallenge, mint_challenge
 from scep_fast.service.ledger import Ledger, LedgerFull, LedgerUnavailable
 
@@ -85,25 +84,19 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
+# Far more than any list of MDM service accounts.
+MAX_CREDENTIALS_BYTES = 64 * 1024
+
+
 def load_credentials(path: Path) -> tuple[BasicCredential, ...]:
     """``USER:PASSWORD`` lines (``#`` comments and blank lines skipped) from a 0600 file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    if not path.exists():
         raise NdesCredentialsError(
-            f"{path} not found: write one USER:PASSWORD line to it, mode 0600") from None
-    except OSError as e:
-        raise NdesCredentialsError(f"{path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        # The mode of what was opened, not of whatever the name points at now.
-        mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise NdesCredentialsError(f"{path} is not a regular file")
-        if mode & 0o077:
-            raise NdesCredentialsError(
-                f"{path} has mode {stat.S_IMODE(mode):04o}: group or others may read it; "
-                f"`chmod 600 {path}`")
-        raw = f.read()
+            f"{path} not found: write one USER:PASSWORD line to it, mode 0600")
+    try:
+        raw = read_private_file(path, MAX_CREDENTIALS_BYTES)
+    except PrivateFileError as e:
+        raise NdesCredentialsError(str(e)) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

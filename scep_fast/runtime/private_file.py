@@ -12,12 +12,14 @@ class PrivateFileError(Exception):
 
 
 def read_private_file(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes, stripped of surrounding white space, refused unless it is a
-    regular file of mode 0600 (no group or other bits) holding 1 to ``max_bytes``."""
+    """The file's bytes, stripped of surrounding white space (perhaps none), refused
+    unless it is a regular file of mode 0600 (no group or other bits) holding at
+    most ``max_bytes``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise PrivateFileError(f"{path} not found (a file of mode 0600)") from None
+        raise PrivateFileError(f"cannot open {path}: no such file (one of mode 0600 "
+                               "is needed)") from None
     except OSError as e:
         raise PrivateFileError(f"cannot open {path}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
@@ -30,6 +32,6 @@ def read_private_file(path: Path, max_bytes: int) -> bytes:
                 f"{path} has mode {stat.S_IMODE(mode):04o}: group or others may read it; "
                 f"`chmod 600 {path}`")
         data = f.read(max_bytes + 1).strip()
-    if not data or len(data) > max_bytes:
-        raise PrivateFileError(f"{path} must hold 1 to {max_bytes} bytes")
+    if len(data) > max_bytes:
+        raise PrivateFileError(f"{path} holds more than {max_bytes} bytes")
     return data
