@@ -202,3 +202,19 @@ def test_two_nodes_on_postgresql_validate_and_notify_once_each(
     assert len(hook.validations()) == 4
     issued = [d for d in (r.document() for r in hook.delivered()) if d["event"] == "issued"]
     assert len(issued) == 4
+
+
+@pytest.mark.parametrize("mode", [0o644, None], ids=["readable-by-others", "missing"])
+def test_a_server_does_not_start_without_a_private_webhook_secret(
+        tmp_path: Path, hook: FakeWebhook, mode: int | None) -> None:
+    directory = init_dir(tmp_path / "scep")
+    configure_webhook(directory, hook)
+    secret = directory / "webhook-secret"
+    if mode is None:
+        secret.unlink()
+    else:
+        secret.chmod(mode)
+    with pytest.raises(RuntimeError) as refused:
+        start_server(directory)
+    assert "validation.webhook.secret_file" in str(refused.value)
+    assert SECRET.decode() not in str(refused.value)
