@@ -30,7 +30,7 @@ def read_private_file(path: Path, max_bytes: int) -> bytes:
         if mode & 0o077:
             raise PrivateFileError(
                 f"{path} has mode {stat.S_IMODE(mode):04o}: group or others may read it; "
-                f"`chmod 600 {path}`")
+                f"it must be 0600 (`chmod 600 {path}`)")
         data = f.read(max_bytes + 1).strip()
     if len(data) > max_bytes:
         raise PrivateFileError(f"{path} holds more than {max_bytes} bytes")
