@@ -41,8 +41,6 @@ import compare  # noqa: E402
 import loadgen  # noqa: E402
 
 SECRET = b"benchmark-webhook-secret-0123456789"
-RESULTS_JSON = compare.RESULTS_DIR / "webhook.json"
-RESULTS_MD = compare.RESULTS_DIR / "webhook.md"
 
 
 # ---------------------------------------------------------------- the receiver
@@ -218,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         compare.stop_process(receiver_proc, 15)
     compare.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
+    stem = compare.RESULTS_DIR / f"webhook-c{args.concurrency}"
+    stem.with_suffix(".json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
                                         "rounds": rounds}, indent=1, default=str))
     text = report(rounds, args)
     command = "python benchmarks/webhook.py " + " ".join(argv or sys.argv[1:])
-    RESULTS_MD.write_text(f"# Validation webhook\n\n`{command.strip()}`\n\n{text}")
+    stem.with_suffix(".md").write_text(f"# Validation webhook\n\n`{command.strip()}`\n\n{text}")
     print(text)
     return 0
 

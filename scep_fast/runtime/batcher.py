@@ -239,18 +239,28 @@ class Batcher(Generic[B, T]):
                 batch = [first]
                 if self._max_size > 1:
                     await self._collect(batch)
-                started = time.perf_counter()
-                batch = self._shed_stale(batch, started)
-                if not batch:
-                    continue
-                self._preparing_now += len(batch)
+                with trio.CancelScope(shield=True):
+                    await self._cpu.acquire(LATER)
                 try:
-                    authenticated, cpu_seconds = await self._cpu_stage(
-                        self._pipeline.authenticate, [p.message for p in batch], LATER)
-                except BaseException as e:  # noqa: BLE001 - handed to every waiter
-                    self._preparing_now -= len(batch)
-                    _fail(batch, e)
-                    continue
+                    # What arrived while an earlier batch had the CPU joins this
+                    # one: fewer, fuller batches, as when the stages were one call.
+                    self._drain(batch)
+                    started = time.perf_counter()
+                    batch = self._shed_stale(batch, started)
+                    if not batch:
+                        continue
+                    self._preparing_now += len(batch)
+                    try:
+                        with trio.CancelScope(shield=True):
+                            authenticated = await trio.to_thread.run_sync(
+                                self._pipeline.authenticate, [p.message for p in batch])
+                    except BaseException as e:  # noqa: BLE001 - handed to every waiter
+                        self._preparing_now -= len(batch)
+                        _fail(batch, e)
+                        continue
+                    cpu_seconds = time.perf_counter() - started
+                finally:
+                    self._cpu.release()
                 with trio.CancelScope(shield=True):
                     await self._in_flight.acquire()
                 in_flight.start_soon(self._rest, batch, authenticated, started, cpu_seconds)
@@ -379,20 +389,23 @@ class _CpuSlot:
     async def run(self, stage: Callable[[S], R], argument: S,
                   priority: int) -> tuple[R, float]:
         """The stage's result and the seconds it ran, once it had the slot."""
-        if self._busy:
-            # Woken with the slot handed over (see _release). Callers shield
-            # this wait, so it is never cancelled half-way.
-            await self._waiting[priority].park()
-        else:
-            self._busy = True
+        await self.acquire(priority)
         try:
             started = time.perf_counter()
             result = await trio.to_thread.run_sync(stage, argument)
             return result, time.perf_counter() - started
         finally:
-            self._release()
+            self.release()
 
-    def _release(self) -> None:
+    async def acquire(self, priority: int) -> None:
+        if self._busy:
+            # Woken with the slot handed over (see release). Callers shield
+            # this wait, so it is never cancelled half-way.
+            await self._waiting[priority].park()
+        else:
+            self._busy = True
+
+    def release(self) -> None:
         for waiting in self._waiting:
             if waiting:
                 waiting.unpark()
