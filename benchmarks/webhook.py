@@ -1,7 +1,7 @@
 """Throughput with a validation webhook against without, in one run.
 
     python benchmarks/webhook.py [--rounds 3] [--seconds 10] [--delay-ms 20] \\
-        [--concurrency 64] [--workers N]
+        [--concurrency 64] [--workers N] [--notify]
 
 Each round runs two fresh scep-fast servers one after the other, at the same
 concurrency, with the load generator of ``loadgen.py`` (every answer
@@ -116,6 +116,9 @@ def _server(scenario: compare.Scenario, args: argparse.Namespace, run_dir: Path,
         text = config.read_text().replace(
             '[validation.webhook]\nurl = ""',
             f'[validation.webhook]\nurl = "http://127.0.0.1:{webhook_port}/validate"')
+        if args.notify:
+            text = text.replace('notify_url = ""',
+                                f'notify_url = "http://127.0.0.1:{webhook_port}/notify"')
         config.write_text(text)
     return compare.ScepFastServer(scenario, args.workers, run_dir, directory=directory,
                                   log_name=f"webhook-{'on' if webhook_port else 'off'}")
@@ -160,7 +163,8 @@ def report(rounds: list[tuple[dict[str, Any], dict[str, Any]]],
             f"{off['failures']} / {on['failures']} |")
     lines.append("")
     lines.append(f"Median ratio: **{statistics.median(ratios):.2f}** "
-                 f"(webhook answering after {args.delay_ms:g} ms, c={args.concurrency}, "
+                 f"(webhook answering after {args.delay_ms:g} ms"
+                 f"{', notifications on' if args.notify else ''}, c={args.concurrency}, "
                  f"{args.seconds:g} s per run, {len(rounds)} rounds alternating).")
     return "\n".join(lines) + "\n"
 
@@ -189,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=compare.HEADLINE_CONCURRENCY)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--count", type=int, default=30_000)
+    parser.add_argument("--notify", action="store_true",
+                        help="also send the notifications (issued) to the receiver, through "
+                             "the outbox")
     args = parser.parse_args(argv)
     if args.command == "receiver":
         serve_receiver(args.port, args.delay_ms / 1000)
@@ -216,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         compare.stop_process(receiver_proc, 15)
     compare.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = compare.RESULTS_DIR / f"webhook-c{args.concurrency}"
+    stem = compare.RESULTS_DIR / (f"webhook-c{args.concurrency}"
+                                  + ("-notify" if args.notify else ""))
     stem.with_suffix(".json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
                                         "rounds": rounds}, indent=1, default=str))
     text = report(rounds, args)
