@@ -15,7 +15,8 @@ the same way. One task collects up to ``max_size`` messages (waiting at
 most ``window_seconds`` for more when others are queued) and sends the
 batch through the stages of a :class:`Pipeline`, in order: authenticate,
 validate, issue, sign, record, notify. The CPU stages run in one worker
-thread at a time (the GIL is released while C code works), the record stage
+thread at a time (the GIL is released while C code works), a batch past
+validation before a new one is authenticated, the record stage
 (the synced ledger commit, after which the answers may leave) in another,
 and validation in the trio loop, where a batch waiting for its validators
 holds no thread: while one batch waits for them or for the disk, the next is
@@ -119,7 +120,8 @@ class Batcher(Generic[B, T]):
         self._send, self._receive = trio.open_memory_channel[_Pending[T]](queue_size)
         # One thread for the CPU stages and one for the commits, per worker: the
         # native core already runs a batch flat out on one core, and a second
-        # thread would only contend for it. Both are FIFO: older batches first.
+        # thread would only contend for it. Commits run in the order they come;
+        # the CPU goes to a validated batch before a new one (see _CpuSlot).
         self._cpu = _CpuSlot()
         self._recording = trio.CapacityLimiter(1)
         self._in_flight = trio.Semaphore(MAX_BATCHES_IN_FLIGHT)

@@ -162,12 +162,18 @@ class _Item:
     # What the validation stage decided (an exception: it could not decide).
     verdict: Verdict | BaseException | None = None
 
-    def validation_request(self) -> ValidationRequest | None:
-        """What validators are asked, for a request about to get a new certificate."""
+    @property
+    def awaits_validation(self) -> bool:
+        """Granted a new certificate (or a pending request), not yet validated."""
+        return (self.grant is not None and self.request is not None
+                and self.unwrapped.csr is not None
+                and (self.issue is not None or self.pending is not None))
+
+    def validation_request(self) -> ValidationRequest:
+        """What validators are asked about this request (one that awaits validation)."""
         grant, request, csr = self.grant, self.request, self.unwrapped.csr
-        if grant is None or request is None or csr is None or (
-                self.issue is None and self.pending is None):
-            return None
+        if grant is None or request is None or csr is None:
+            raise InternalError("a request that was not granted reached validation")
         return ValidationRequest(
             transaction_id=request.transaction_id,
             message_type=_MESSAGE_TYPE_NAMES.get(request.message_type, request.message_type.name),
@@ -191,11 +197,11 @@ class PreparedBatch:
 
     def validation_requests(self) -> list[ValidationRequest]:
         """One per request about to get a new certificate, for set_verdicts."""
-        return [r for r in (i.validation_request() for i in self.items) if r is not None]
+        return [i.validation_request() for i in self.items if i.awaits_validation]
 
     def set_verdicts(self, verdicts: Sequence[Verdict | BaseException]) -> None:
         """The verdicts of validation_requests, in the same order."""
-        waiting = [i for i in self.items if i.validation_request() is not None]
+        waiting = [i for i in self.items if i.awaits_validation]
         for item, verdict in zip(waiting, verdicts, strict=True):
             item.verdict = verdict
 
@@ -347,7 +353,7 @@ class EnrollmentService:
         """
         with self._native:
             for item in batch.items:
-                if item.grant is not None and (item.issue is not None or item.pending is not None):
+                if item.awaits_validation:
                     with self._isolated(item, "validate"):
                         self._apply_verdict(item)
             for item in batch.items:
