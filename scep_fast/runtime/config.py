@@ -217,6 +217,11 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "max_retry_seconds": _Key(float, 600.0, _between(1, 86400), "1 to 86400"),
         # A notice not delivered within this is dropped (counted and logged).
         "max_age_hours": _Key(float, 72.0, _between(0.01, 8760), "0.01 to 8760"),
+        # While more notices than this wait (a sink down for long), refusals are
+        # no longer noticed: devices sending refused requests, hostile ones
+        # among them, cannot fill the ledger. Certificates and revocations are
+        # always noticed.
+        "max_notices": _Key(int, 100_000, _between(100, 100_000_000), "100 to 100000000"),
     },
     "batch": {
         "max_size": _Key(int, 32, _between(1, 1024), "1 to 1024"),

@@ -72,6 +72,8 @@ VALIDATIONS = Counter("scep_validations_total",
 NOTIFICATIONS = Counter("scep_notifications_total",
                         "Notice deliveries, by sink and result "
                         "(delivered, retry, rejected, expired)", ["sink", "result"])
+REFUSALS_UNNOTICED = Counter("scep_refusals_unnoticed_total",
+                             "Refusals not notified because the outbox held outbox.max_notices")
 OUTBOX_NOTICES = Gauge("scep_outbox_notices", "Notices waiting in the ledger's outbox",
                        multiprocess_mode="max")
 # Counted by the supervisor, in its own file of the multi-process directory:

@@ -62,6 +62,8 @@ class OutboxDelivery:
         self._on_result = on_result
         self._on_backlog = on_backlog
         self._wake = trio.Event()
+        # Notices waiting at the last look (every round, at least every poll).
+        self.backlog = 0
         # One ledger call at a time, off the trio thread (they sync to disk).
         self._ledger_thread = trio.CapacityLimiter(1)
         self._retry_line = CountedLine(log, "notice delivery failed; will retry")
@@ -80,7 +82,8 @@ class OutboxDelivery:
                 if claimed:
                     settled = await self._deliver_all(claimed)
                     await self._in_thread(self._settle, settled)
-                self._on_backlog(await self._in_thread(self._ledger.count_notices))
+                self.backlog = await self._in_thread(self._ledger.count_notices)
+                self._on_backlog(self.backlog)
             except Exception:  # noqa: BLE001 - the ledger may be away; try again later
                 log.exception("outbox delivery round failed")
                 claimed = []

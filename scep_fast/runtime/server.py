@@ -192,7 +192,8 @@ def _context(config: Config, material: Material) -> tuple[ScepContext, list[Nati
 
 def build_service(config: Config, material: Material, ledger: OpenLedger, *,
                   on_keys_lost: Callable[[], None] = lambda: None,
-                  open_keys_now: bool = True) -> EnrollmentService:
+                  open_keys_now: bool = True,
+                  outbox: OutboxDelivery | None = None) -> EnrollmentService:
     """The enrollment rules with this directory's keys, policy and profiles.
 
     File keys are loaded now, once. Token keys are opened now too when the
@@ -225,7 +226,9 @@ def build_service(config: Config, material: Material, ledger: OpenLedger, *,
                              [material.ca_cert, *[p.ca_cert for p in material.previous]],
                              crl_source=CrlStore(config.dir).by_issuer,
                              on_commit=_observe_commit,
-                             notice_sinks=notice_sinks(config))
+                             notice_sinks=notice_sinks(config),
+                             refusals_noticed=_room_for_refusals(config, outbox),
+                             on_refusal_unnoticed=metrics.REFUSALS_UNNOTICED.inc)
 
 
 def ndes_page(config: Config, ledger: OpenLedger,
@@ -247,13 +250,19 @@ def ndes_page(config: Config, ledger: OpenLedger,
         on_outcome=lambda outcome: metrics.NDES_PAGE_REQUESTS.labels(outcome).inc())
 
 
+def _room_for_refusals(config: Config,
+                       outbox: OutboxDelivery | None) -> Callable[[], bool]:
+    """Whether the outbox, as this worker's delivery last counted it, has room for
+    refusals' notices (see outbox.max_notices)."""
+    if outbox is None:
+        return lambda: True
+    limit = int(config.get("outbox", "max_notices"))
+    return lambda: outbox.backlog < limit
+
+
 def build_worker(config: Config) -> Worker:
     material = load_material(config)
     ledger = open_ledger(config)
-    # Keys lost from their token: this process drains and exits like on
-    # SIGTERM, and the supervisor starts a new one with a new session.
-    service = build_service(config, material, ledger,
-                            on_keys_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
     connected = (integrations.build(config)
                  if validation_configured(config)
                  or notice_sinks(config) else None)
@@ -266,6 +275,11 @@ def build_worker(config: Config) -> Worker:
         max_age_seconds=float(config.get("outbox", "max_age_hours")) * 3600,
         on_result=lambda sink, result: metrics.NOTIFICATIONS.labels(sink, result).inc(),
         on_backlog=metrics.OUTBOX_NOTICES.set)
+    # Keys lost from their token: this process drains and exits like on
+    # SIGTERM, and the supervisor starts a new one with a new session.
+    service = build_service(config, material, ledger,
+                            on_keys_lost=lambda: os.kill(os.getpid(), signal.SIGTERM),
+                            outbox=outbox)
     pipeline: Pipeline[PreparedBatch, Answer] = Pipeline(
         authenticate=service.authenticate_batch,
         issue=service.issue_batch,

@@ -279,9 +279,15 @@ class EnrollmentService:
         clock: Callable[[], float] = time.time,
         on_commit: Callable[[float, int], None] = lambda _seconds, _issued: None,
         notice_sinks: Mapping[str, frozenset[str]] | None = None,
+        refusals_noticed: Callable[[], bool] = lambda: True,
+        on_refusal_unnoticed: Callable[[int], None] = lambda _count: None,
     ) -> None:
         # Where notices go: each sink and the events it wants.
         self._sinks = dict(notice_sinks or {})
+        # Whether refusals get notices now (not while the outbox is too full),
+        # and what is told of those that did not.
+        self._refusals_noticed = refusals_noticed
+        self._on_refusal_unnoticed = on_refusal_unnoticed
         self._keys: KeySource = _FixedKeys(ctx) if isinstance(ctx, ScepContext) else ctx
         # The native context serves one call at a time: each CPU stage holds it
         # throughout, record_batch only to sign a reply again.
@@ -753,6 +759,8 @@ class EnrollmentService:
         if not self._sinks:
             return {}
         notices: dict[int, list[Notice]] = {}
+        refusals = self._refusals_noticed()
+        unnoticed = 0
         for item in items:
             request = item.request
             if request is None or request.message_type not in _ENROLLMENT_TYPES:
@@ -763,12 +771,19 @@ class EnrollmentService:
                                     csr_der=item.unwrapped.content, at=now)
                 notices[id(item)] = self._for_sinks("issued", body, now, item.record.serial)
             elif item.answer.status == "FAILURE":
-                notices[id(item)] = self._for_sinks("refused", self._refusal(item, now), now)
+                if refusals:
+                    notices[id(item)] = self._for_sinks("refused", self._refusal(item, now), now)
+                else:
+                    unnoticed += 1
+        if unnoticed:
+            self._on_refusal_unnoticed(unnoticed)
         return {k: v for k, v in notices.items() if v}
 
     def _notify_late_refusals(self, items: Sequence[_Item], now: float) -> None:
         """Refusals the commit decided (a conflict, a challenge spent meanwhile): their
         issued notices were not written, their refused notices are written now."""
+        if not items or not self._refusals_noticed():
+            return
         notices = [n for item in items
                    for n in self._for_sinks("refused", self._refusal(item, now), now)]
         if not notices:
