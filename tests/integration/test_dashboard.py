@@ -13,6 +13,7 @@ from pathlib import Path
 
 from scep_fast.client import build_pkcs_req, parse_ca_certs
 from tests.conftest import needs_peer
+from tests.fake_webhook import FakeWebhook
 from tests.integration.conftest import (
     CHALLENGE,
     Server,
@@ -22,6 +23,7 @@ from tests.integration.conftest import (
     start_server,
 )
 from tests.integration.load import fire, make_requests
+from tests.integration.test_webhook_server import SECRET, configure_webhook
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "grafana" / "scep-fast.json"
@@ -70,7 +72,15 @@ def has_numbers(result: list[dict[str, object]]) -> bool:
 
 @needs_peer(PROMETHEUS is not None, "Prometheus is not installed (Debian package `prometheus`)")
 def test_every_panel_query_returns_data(tmp_path: Path) -> None:
+    # With a validation webhook and its notifications, so that the integration
+    # panels have data too.
+    with FakeWebhook(SECRET) as hook:
+        _every_panel_query_returns_data(tmp_path, hook)
+
+
+def _every_panel_query_returns_data(tmp_path: Path, hook: FakeWebhook) -> None:
     directory = init_dir(tmp_path / "scep")
+    configure_webhook(directory, hook)
     set_config(directory, "server", "workers", "2")
     server: Server = start_server(directory)
     prom_port = free_port()
