@@ -116,6 +116,10 @@ _CONFLICT = "transactionID already used with another certification request"
 # The names RFC 8894 gives the enrollment messages, as validators see them.
 _MESSAGE_TYPE_NAMES = {MessageType.PKCS_REQ: "PKCSReq", MessageType.RENEWAL_REQ: "RenewalReq"}
 _ENROLLMENT_TYPES = frozenset(_MESSAGE_TYPE_NAMES)
+# failInfo as RFC 8894 section 3.2.1.4 names it, for the notices.
+_RFC_FAIL_INFO = {"BAD_ALG": "badAlg", "BAD_MESSAGE_CHECK": "badMessageCheck",
+                  "BAD_REQUEST": "badRequest", "BAD_TIME": "badTime",
+                  "BAD_CERT_ID": "badCertId"}
 # A validator's reason goes to the device in the failInfoText: kept short and printable.
 _MAX_VERDICT_REASON = 200
 
@@ -799,7 +803,8 @@ class EnrollmentService:
             transaction_id=request.transaction_id if request is not None else "",
             message_type=_MESSAGE_TYPE_NAMES.get(request.message_type, "")
             if request is not None else "",
-            csr_der=item.unwrapped.content, fail_info=item.answer.fail_info,
+            csr_der=item.unwrapped.content,
+            fail_info=_RFC_FAIL_INFO.get(item.answer.fail_info, item.answer.fail_info),
             reason=item.reply.fail_info_text if item.reply is not None else "",
             profile=item.grant.profile.name if item.grant is not None else "", at=now)
 

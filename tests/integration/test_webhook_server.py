@@ -105,7 +105,7 @@ def test_a_denied_enrollment_gets_a_signed_failure_and_a_refused_notice(
     (asked,) = hook.validations()
     refused = wait_notified(hook, "refused", str(asked.document()["transaction_id"]))
     assert refused["reason"] == result.fail_info_text
-    assert refused["fail_info"] == "BAD_REQUEST"
+    assert refused["fail_info"] == "badRequest"
 
 
 @pytest.mark.parametrize("answer", [

@@ -54,7 +54,7 @@ def test_a_refusal_is_noticed_with_the_text_the_device_saw(pki: Pki) -> None:
     assert {n.event for n in notices} == {"refused"} and len(notices) == 2
     document = notices[0].document()
     assert document["reason"] == "challenge password is wrong or missing"
-    assert document["fail_info"] == "BAD_REQUEST"
+    assert document["fail_info"] == "badRequest"
     assert ledger.count() == 0
 
 
