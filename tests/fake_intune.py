@@ -45,6 +45,7 @@ from cryptography.x509.oid import AttributeOID
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from scep_fast.runtime.app import answer_lifespan
 from scep_fast.runtime.intune import IntuneSettings
 
 TENANT = "contoso.onmicrosoft.com"
@@ -145,13 +146,8 @@ class FakeIntune:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         body = b""

@@ -38,6 +38,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from scep_fast.runtime.app import answer_lifespan
 from scep_fast.runtime.webhook import DELIVERY_HEADER, signed_headers, verify
 
 VALIDATE_PATH = "/validate"
@@ -231,7 +232,7 @@ class FakeWebhook:
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -342,16 +343,6 @@ async def _serve_app(app: FakeWebhook, config: HypercornConfig,
                      task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     await serve(app, config, shutdown_trigger=shutdown_trigger,  # type: ignore[arg-type]
                 task_status=task_status)
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 async def _read_body(receive: Receive) -> bytes | None:
