@@ -2,9 +2,9 @@
 
 Each enrollment may cost one call out, so the client's own CPU counts: on
 this path httpx (through anyio and httpcore) spent 1.2 to 3.5 ms of CPU per
-call, about what a whole enrollment costs, while h11 over a trio stream with
-a keep-alive pool spends about 0.2 ms (``benchmarks/webhook.py``, RESULTS).
-So this is h11 (already the server's parser) and trio, and nothing else:
+call, about what a whole enrollment costs, and h11 over a trio stream about
+0.27 ms (``benchmarks/http_client_cost.py``, RESULTS). So this is a trio
+stream, requests written in one piece and answers read by ``http_answer``:
 
 - one pool of keep-alive connections per origin (scheme, host, port), at
   most ``max_connections`` in use at once, idle ones reused last-in first-out
@@ -22,16 +22,24 @@ cancelled half-way closes its connection.
 
 from __future__ import annotations
 
+import re
 import ssl
 import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import h11
 import trio
 
 from scep_fast import __version__
+from scep_fast.runtime.http_answer import (
+    CHUNKED,
+    MAX_HEAD_BYTES,
+    Head,
+    Malformed,
+    chunked_body,
+    parse_head,
+)
 
 __all__ = ["AnswerTooLarge", "ConnectFailed", "HttpClient", "HttpError", "Response"]
 
@@ -61,8 +69,9 @@ class Response:
 @dataclass(slots=True)
 class _Connection:
     stream: trio.abc.Stream
-    protocol: h11.Connection
     idle_since: float = 0.0
+    # Whether the last answer leaves the connection fit for the next request.
+    reusable: bool = False
 
 
 class _Stale(Exception):
@@ -109,9 +118,7 @@ class HttpClient:
                 except BaseException:
                     await trio.aclose_forcefully(connection.stream)
                     raise
-                protocol = connection.protocol
-                if protocol.our_state is h11.DONE and protocol.their_state is h11.DONE:
-                    protocol.start_next_cycle()
+                if connection.reusable:
                     connection.idle_since = time.monotonic()
                     origin.idle.append(connection)
                 else:
@@ -159,66 +166,111 @@ class HttpClient:
         except OSError as e:
             raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port} "
                                 f"({e.strerror or type(e).__name__})") from None
-        return _Connection(stream, h11.Connection(h11.CLIENT))
+        return _Connection(stream)
 
     async def _exchange(self, connection: _Connection, origin: _Origin, method: str,
                         target: str, headers: Mapping[str, str], body: bytes,
                         max_answer_bytes: int, reused: bool) -> Response:
-        protocol = connection.protocol
         host = origin.host if origin.port in (80, 443) else f"{origin.host}:{origin.port}"
-        given = {name.lower() for name in headers}
-        # The framing is ours to say; the caller may name its own user agent.
-        head = [("Host", host), ("Content-Length", str(len(body))),
-                *((("User-Agent", USER_AGENT),) if "user-agent" not in given else ()),
-                *((name, value) for name, value in headers.items()
-                  if name.lower() not in ("host", "content-length", "transfer-encoding"))]
+        request = _request_bytes(method, target, host, headers, body)
         try:
-            data = protocol.send(h11.Request(method=method, target=target, headers=head))
-            data = (data or b"") + (protocol.send(h11.Data(data=body)) or b"") if body else data
-            data = (data or b"") + (protocol.send(h11.EndOfMessage()) or b"")
-        except h11.LocalProtocolError as e:
-            raise HttpError(f"the request cannot be sent: {e}") from None
-        try:
-            await connection.stream.send_all(data)
+            await connection.stream.send_all(request)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             if reused:
                 raise _Stale from None
             raise HttpError("the connection broke while sending") from None
-        return await self._answer(connection, max_answer_bytes, reused)
+        return await self._answer(connection, method, max_answer_bytes, reused)
 
-    async def _answer(self, connection: _Connection, max_answer_bytes: int,
+    async def _answer(self, connection: _Connection, method: str, max_answer_bytes: int,
                       reused: bool) -> Response:
-        protocol = connection.protocol
-        status, size, started = 0, 0, False
-        headers: dict[str, str] = {}
-        chunks: list[bytes] = []
-        while True:
-            try:
-                event = protocol.next_event()
-            except h11.RemoteProtocolError as e:
-                raise HttpError(f"malformed answer: {e}") from None
-            if event is h11.NEED_DATA:
-                try:
-                    received = await connection.stream.receive_some(READ_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    received = b""
-                if not received and reused and not started:
-                    raise _Stale
-                started = True
-                protocol.receive_data(bytes(received))
-                continue
-            if isinstance(event, h11.Response):
-                status = event.status_code
-                for name, value in event.headers:
-                    key = name.decode("latin-1")
-                    text = value.decode("latin-1")
-                    headers[key] = f"{headers[key]}, {text}" if key in headers else text
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > max_answer_bytes:
-                    raise AnswerTooLarge(f"answer over {max_answer_bytes} bytes")
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return Response(status, headers, b"".join(chunks))
-            elif isinstance(event, h11.ConnectionClosed):
+        buffer = bytearray()
+        try:
+            while True:  # interim (1xx) answers are skipped
+                while (end := buffer.find(b"\r\n\r\n")) < 0:
+                    if len(buffer) > MAX_HEAD_BYTES:
+                        raise HttpError("malformed answer: its head is too long")
+                    if not await _receive(connection.stream, buffer):
+                        if reused and not buffer:
+                            raise _Stale
+                        raise HttpError("the connection closed during the answer")
+                head = parse_head(bytes(buffer[:end]), request_method=method)
+                del buffer[:end + 4]
+                if head.status == 101:
+                    raise HttpError("malformed answer: a protocol switch")
+                if head.status >= 200:
+                    break
+            body = await _body(connection.stream, buffer, head, max_answer_bytes)
+        except Malformed as e:
+            raise HttpError(f"malformed answer: {e}") from None
+        # Bytes after the answer were never asked for: the connection is not trusted again.
+        connection.reusable = head.keep_alive and not buffer
+        return Response(head.status, head.headers, body)
+
+
+async def _receive(stream: trio.abc.Stream, buffer: bytearray) -> bool:
+    """Appends what arrives to ``buffer``; False when the peer has closed."""
+    try:
+        received = await stream.receive_some(READ_BYTES)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    buffer += received
+    return bool(received)
+
+
+async def _body(stream: trio.abc.Stream, buffer: bytearray, head: Head,
+                max_answer_bytes: int) -> bytes:
+    """The answer's body, read from ``buffer`` and the stream; what follows it stays in
+    ``buffer``."""
+    too_large = AnswerTooLarge(f"answer over {max_answer_bytes} bytes")
+    if head.framing >= 0:
+        if head.framing > max_answer_bytes:
+            raise too_large
+        while len(buffer) < head.framing:
+            if not await _receive(stream, buffer):
                 raise HttpError("the connection closed during the answer")
+        body = bytes(buffer[:head.framing])
+        del buffer[:head.framing]
+        return body
+    if head.framing == CHUNKED:
+        while (decoded := chunked_body(buffer)) is None:
+            # The chunks' framing is small beside their data, unless it is an attack.
+            if len(buffer) > 2 * max_answer_bytes + MAX_HEAD_BYTES:
+                raise too_large
+            if not await _receive(stream, buffer):
+                raise HttpError("the connection closed during the answer")
+        body, taken = decoded
+        del buffer[:taken]
+        if len(body) > max_answer_bytes:
+            raise too_large
+        return body
+    # UNTIL_CLOSE
+    while await _receive(stream, buffer):
+        if len(buffer) > max_answer_bytes:
+            raise too_large
+    body = bytes(buffer)
+    buffer.clear()
+    return body
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(r"/[\x21-\x7e]*")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
+# Ours to say: the framing, and the host we connect to.
+_OWN_FIELDS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+
+
+def _request_bytes(method: str, target: str, host: str, headers: Mapping[str, str],
+                   body: bytes) -> bytes:
+    """The request's bytes; a name or value that could break out of its line is refused."""
+    if _TOKEN.fullmatch(method) is None or _TARGET.fullmatch(target) is None:
+        raise HttpError("the request cannot be sent: a malformed method or target")
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    if not any(name.lower() == "user-agent" for name in headers):
+        lines.append(f"User-Agent: {USER_AGENT}")
+    for name, value in headers.items():
+        if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
+            raise HttpError("the request cannot be sent: a malformed header field")
+        if name.lower() not in _OWN_FIELDS:
+            lines.append(f"{name}: {value.strip()}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1") + body

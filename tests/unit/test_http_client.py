@@ -175,3 +175,84 @@ def test_only_http_urls() -> None:
             await client.request("GET", "ftp://127.0.0.1/x")
 
     run(lambda _r: ok(), test)
+
+
+def test_an_interim_answer_is_skipped_and_a_protocol_switch_refused() -> None:
+    answers = iter([b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"final"),
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"])
+
+    async def test(client: HttpClient, server: Scripted) -> None:
+        assert (await client.request("GET", url(server))).body == b"final"
+        with pytest.raises(HttpError, match="protocol switch"):
+            await client.request("GET", url(server))
+
+    run(lambda _r: next(answers), test)
+
+
+def test_bytes_after_an_answer_cost_the_connection_not_the_next_answer() -> None:
+    # A second, unasked-for answer behind the first must never be read as the next one's.
+    answers = iter([ok(b"first") + ok(b"smuggled"), ok(b"second")])
+
+    async def test(client: HttpClient, server: Scripted) -> None:
+        assert (await client.request("GET", url(server))).body == b"first"
+        assert (await client.request("GET", url(server))).body == b"second"
+
+    assert run(lambda _r: next(answers), test).connections == 2
+
+
+def test_an_answer_framed_by_the_close_of_its_connection_is_read_whole() -> None:
+    async def test(client: HttpClient, server: Scripted) -> None:
+        for _ in range(2):
+            assert (await client.request("GET", url(server))).body == b"until the end"
+
+    # The scripted server closes after each answer when the handler says None next.
+    answers = iter([b"HTTP/1.1 200 OK\r\n\r\nuntil the end", None,
+                    b"HTTP/1.0 200 OK\r\n\r\nuntil the end", None])
+
+    class ClosingAfterEach(Scripted):
+        async def _connection(self, stream: trio.SocketStream) -> None:
+            self.connections += 1
+            async with stream:
+                await stream.receive_some(65536)
+                await stream.send_all(next(answers) or b"")
+                next(answers)
+
+    server = ClosingAfterEach(lambda _r: None)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            client = HttpClient(max_connections=4)
+            with trio.fail_after(10):
+                await test(client, server)
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Test": "a\r\nX-Injected: yes"},
+    {"X-Test": "a\nb"},
+    {"X-Te st": "a"},
+    {"X-Test:": "a"},
+    {"X-Test": "nul\x00"},
+])
+def test_a_header_that_could_break_out_of_its_line_is_refused_before_sending(
+        headers: dict[str, str]) -> None:
+    async def test(client: HttpClient, server: Scripted) -> None:
+        with pytest.raises(HttpError, match="cannot be sent"):
+            await client.request("POST", url(server), headers=headers, body=b"{}")
+
+    assert run(lambda _r: ok(), test).requests == []
+
+
+def test_the_framing_and_host_are_the_clients_to_say() -> None:
+    async def test(client: HttpClient, server: Scripted) -> None:
+        await client.request("POST", url(server), body=b"abc", headers={
+            "Content-Length": "999", "Transfer-Encoding": "chunked", "Host": "evil"})
+
+    request = run(lambda _r: ok(), test).requests[0]
+    assert b"Content-Length: 3\r\n" in request and b"999" not in request
+    assert b"chunked" not in request and b"evil" not in request
