@@ -76,7 +76,8 @@ def build_requests(count: int) -> list[bytes]:
                 nonce=None, nonce_len=16, cn=f"micro-{i}", signer_cn=None,
                 challenge="secret-challenge", cipher="aes128", key_transport="pkcs1v15",
                 rid="issuer-serial", envelope="der", chunk=1000, digest="sha256",
-                sig_alg="rsaEncryption", outer="der", out=str(path)))
+                sig_alg="rsaEncryption", outer="der", signer_id="issuer-serial",
+                out=str(path)))
             out.append(path.read_bytes())
     return out
 

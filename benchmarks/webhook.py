@@ -120,7 +120,9 @@ def _server(scenario: compare.Scenario, args: argparse.Namespace, run_dir: Path,
             text = text.replace('notify_url = ""',
                                 f'notify_url = "http://127.0.0.1:{webhook_port}/notify"')
         config.write_text(text)
-    return compare.ScepFastServer(scenario, args.workers, run_dir, directory=directory,
+    workers = args.webhook_workers if webhook_port is not None and args.webhook_workers \
+        else args.workers
+    return compare.ScepFastServer(scenario, workers, run_dir, directory=directory,
                                   log_name=f"webhook-{'on' if webhook_port else 'off'}")
 
 
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=compare.HEADLINE_CONCURRENCY)
     parser.add_argument("--workers", type=int)
+    parser.add_argument("--webhook-workers", type=int,
+                        help="workers of the server with the webhook (default: --workers)")
     parser.add_argument("--count", type=int, default=30_000)
     parser.add_argument("--notify", action="store_true",
                         help="also send the notifications (issued) to the receiver, through "
