@@ -374,6 +374,7 @@ def parse(text: str, directory: Path) -> Config:
             values[section][key] = _check(section, key, value)
     _check_token_keys(values["pki"])
     _check_validation(values)
+    _check_outbox(values["outbox"])
     _check_ra_pair(values["pki"])
     values["profiles"].setdefault("default", default_profile())
     default = values["enrollment"]["default_profile"]
@@ -410,6 +411,15 @@ def _check_validation(values: dict[str, Any]) -> None:
             values["validation.webhook"]["url"] or values["validation.intune"]["enabled"]):
         raise ConfigError('validation.challenge = "validators" needs a validator: '
                           "validation.webhook.url or validation.intune.enabled")
+
+
+def _check_outbox(outbox: dict[str, Any]) -> None:
+    # A round delivers its notices (each within timeout_seconds) and then settles
+    # them; a lease that ran out before would let another worker deliver the same
+    # notice at the same time and both write its outcome.
+    if outbox["lease_seconds"] < 2 * outbox["timeout_seconds"]:
+        raise ConfigError("outbox.lease_seconds: must be at least twice "
+                          "outbox.timeout_seconds (a claim must outlast its delivery)")
 
 
 # Intune's API has a success and a failure notification, nothing for revocations.

@@ -47,6 +47,7 @@ def configure_webhook(directory: Path, hook: FakeWebhook, *, notify: bool = True
     set_config(directory, "server", "workers", "2")
     set_config(directory, "outbox", "poll_seconds", "0.2")
     set_config(directory, "outbox", "lease_seconds", "3.0")
+    set_config(directory, "outbox", "timeout_seconds", "1.5")
     set_config(directory, "outbox", "max_retry_seconds", "1.0")
 
 

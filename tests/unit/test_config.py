@@ -38,6 +38,8 @@ def test_rendered_defaults_parse_back_to_the_same_values() -> None:
     ("[profiles.\"a b\"]\nvalidity_days = 3\n", "profiles.a b"),
     ("[enrollment]\ndefault_profile = \"missing\"\n", "enrollment.default_profile"),
     ("[server\n", "scep-fast.toml"),
+    ("[outbox]\nlease_seconds = 15\ntimeout_seconds = 10\n", "outbox.lease_seconds"),
+    ("[outbox]\ntimeout_seconds = 40\n", "outbox.lease_seconds"),
 ])
 def test_mistakes_name_their_key(text: str, named: str) -> None:
     with pytest.raises(ConfigError) as raised:
