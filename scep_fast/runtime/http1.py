@@ -14,6 +14,11 @@ metrics ports (``StrictHttp1Handler``), after the request head has parsed:
   or the two framings let a request hide inside another one).
   Transfer-Encoding in an HTTP/1.0 request too: RFC 9112 section 6.1 calls
   its framing faulty.
+- A transfer coding other than ``chunked`` alone (``gzip``, ``chunked`` applied
+  twice, ...): 400 and close. RFC 9112 section 6.1 suggests 501, but no SCEP
+  client sends one, and a 5xx would page an operator for a client's request.
+  On the SCEP port h11 refuses it while parsing; hypercorn's answer to any
+  head h11 refuses is mapped to 4xx the same way (``http_server``).
 - ``Upgrade``: never switched. In an HTTP/1.0 request it is ignored (RFC 9110
   section 7.8 requires that). ``h2c`` alone is ignored, as RFC 7540 section
   3.2 tells a server without HTTP/2 to do (the client carries on in
@@ -35,6 +40,7 @@ from http.server import BaseHTTPRequestHandler
 VERSION_REFUSED = "HTTP/1.0 and HTTP/1.1 only"
 FRAMING_REFUSED = "Content-Length with Transfer-Encoding"
 HTTP10_CODING_REFUSED = "Transfer-Encoding in HTTP/1.0"
+CODING_REFUSED = "transfer coding not supported"
 UPGRADE_REFUSED = "protocol upgrade not supported"
 
 # Upgrade tokens that are ignored rather than refused.
@@ -59,20 +65,23 @@ def judge(http_version: str, headers: Iterable[tuple[bytes, bytes]]) -> Verdict:
     major, _, _minor = http_version.partition(".")
     if major != "1":
         return Verdict(VERSION_REFUSED)
-    has_length = has_coding = False
+    has_length = False
+    codings: list[str] = []
     upgrade: list[str] = []
     for name, value in headers:
         lowered = name.lower()
         if lowered == b"content-length":
             has_length = True
         elif lowered == b"transfer-encoding":
-            has_coding = True
+            codings += [t.strip().lower() for t in value.decode("latin-1").split(",")]
         elif lowered == b"upgrade":
             upgrade += [t.strip().lower() for t in value.decode("latin-1").split(",")]
-    if has_coding and has_length:
+    if codings and has_length:
         return Verdict(FRAMING_REFUSED)
-    if has_coding and http_version == "1.0":
+    if codings and http_version == "1.0":
         return Verdict(HTTP10_CODING_REFUSED)
+    if codings and codings != ["chunked"]:
+        return Verdict(CODING_REFUSED)
     if not upgrade:
         return SERVE
     if http_version == "1.0" or set(upgrade) - {""} <= _IGNORED_UPGRADES:

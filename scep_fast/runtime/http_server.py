@@ -170,7 +170,11 @@ class Http1Protocol(H11Protocol):
         await super()._create_stream(request)
 
     async def _send_error_response(self, status_code: int) -> None:
-        """h11's answer to a request it cannot parse (400, or 431 for a huge head)."""
+        """h11's answer to a request it cannot parse: 400, or 431 for a huge head. h11
+        hints 501 for a transfer coding it does not know; that is the client's request
+        too, and gets 400 as ``http1`` says."""
+        if status_code >= 500:
+            status_code = 400
         _note_protocol_refusal(status_code, "malformed request")
         await super()._send_error_response(status_code)
 

@@ -101,7 +101,11 @@ H2C_UPGRADE = (b"GET /scep?operation=GetCACaps HTTP/1.1\r\nHost: x\r\n"
 SMUGGLED = (b"POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
             b"GET /scep?operation=GetCACaps HTTP/1.1\r\nHost: x\r\n\r\n")
-REFUSED = (H2_PREFACE, WEBSOCKET, OTHER_UPGRADE, SMUGGLED)
+# RFC 9112 section 6.1 suggests 501 for an unknown coding; a client's request gets a 4xx here.
+GZIPPED = (b"POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: x\r\n"
+           b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
+           b"GET /scep?operation=GetCACaps HTTP/1.1\r\nHost: x\r\n\r\n")
+REFUSED = (H2_PREFACE, WEBSOCKET, OTHER_UPGRADE, SMUGGLED, GZIPPED)
 
 
 def exchange(port: int, raw: bytes, wait: float = 3.0) -> tuple[bytes, bool]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scep_fast.runtime.http1 import (
+    CODING_REFUSED,
     FRAMING_REFUSED,
     HTTP10_CODING_REFUSED,
     SERVE,
@@ -33,6 +34,12 @@ HOST = (b"Host", b"x")
     ("1.1", [HOST, (b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"0")],
      Verdict(FRAMING_REFUSED)),
     ("1.0", [(b"Transfer-Encoding", b"chunked")], Verdict(HTTP10_CODING_REFUSED)),
+    ("1.1", [HOST, (b"Transfer-Encoding", b" Chunked ")], SERVE),
+    ("1.1", [HOST, (b"Transfer-Encoding", b"gzip")], Verdict(CODING_REFUSED)),
+    ("1.1", [HOST, (b"Transfer-Encoding", b"gzip, chunked")], Verdict(CODING_REFUSED)),
+    ("1.1", [HOST, (b"Transfer-Encoding", b"chunked"), (b"Transfer-Encoding", b"chunked")],
+     Verdict(CODING_REFUSED)),
+    ("1.1", [HOST, (b"Transfer-Encoding", b"identity")], Verdict(CODING_REFUSED)),
     ("1.1", [HOST, (b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c"),
              (b"HTTP2-Settings", b"AAMAAABkAAQAAP__")], Verdict(ignore_upgrade=True)),
     ("1.1", [HOST, (b"Upgrade", b" H2C ")], Verdict(ignore_upgrade=True)),
