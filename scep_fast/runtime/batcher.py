@@ -192,6 +192,23 @@ class Batcher(Generic[B, T]):
                 return self._shed("expected_wait", expected)
         return None
 
+    def overloaded(self) -> bool:
+        """Whether the connection loop would refuse a PKIOperation now (see early_refusal)."""
+        return self._max_wait > 0 and self.expected_wait() > self._max_wait * EARLY_SHARE
+
+    def relieved(self) -> bool:
+        """Whether the queue has fallen to half of where refusing starts."""
+        return self.expected_wait() <= self._max_wait * EARLY_SHARE / 2
+
+    def retry_after_now(self) -> int:
+        return self.retry_after(self.expected_wait())
+
+    def note_refused(self, count: int) -> None:
+        """Requests refused outside the event loop (the refusal thread), counted as shed."""
+        for _ in range(count):
+            self._on_shed("expected_wait")
+            self._count(refused=True)
+
     def early_refusal(self) -> Overloaded | None:
         """``refusal`` for the connection loop, as a request's bytes arrive: a request
         it lets through counts as queued from now until it is submitted, so a

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from scep_fast.runtime import metrics
 from scep_fast.runtime.logs import CountedLine
@@ -38,37 +39,67 @@ def whole_pki_post(data: bytes, max_body: int) -> int:
 
     0 when ``data`` does not start with a whole, plain one (see the module docstring).
     """
+    total = pki_post_length(data, max_body)
+    return total if total and len(data) >= total else 0
+
+
+# pki_post_length: the head is not all there yet.
+INCOMPLETE = 0
+
+
+def pki_post_length(data: bytes, max_body: int) -> int | None:
+    """The whole length of the plain PKIOperation POST whose head ``data`` starts with;
+    INCOMPLETE while the head is not all there; None for anything else."""
     end = data.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
     if end < 0:
-        return 0
+        return INCOMPLETE if len(data) < MAX_HEAD_BYTES else None
     line, _, fields = data[:end].partition(b"\r\n")
     parts = line.split(b" ")
     if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
-        return 0
+        return None
     path, _, query = parts[1].partition(b"?")
     if not path.startswith(_PREFIXES) or b"operation=PKIOperation" not in query.split(b"&"):
-        return 0
+        return None
     length = -1
     for header in fields.split(b"\r\n"):
         name, _, value = header.partition(b":")
         name = name.strip().lower()
         if name in _UNUSUAL:
-            return 0
+            return None
         if name == b"content-length":
             value = value.strip()
             if length >= 0 or not value.isdigit() or len(value) > 9:
-                return 0
+                return None
             length = int(value)
     if length < 0 or length > max_body:
-        return 0
-    total = end + 4 + length
-    return total if len(data) >= total else 0
+        return None
+    return end + 4 + length
 
 
-def response(retry_after_seconds: int) -> bytes:
+def response(retry_after_seconds: int, *, close: bool = False) -> bytes:
     return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
-            b"content-length: %d\r\nretry-after: %d\r\n\r\n%s"
-            % (len(_BODY), retry_after_seconds, _BODY))
+            b"content-length: %d\r\nretry-after: %d\r\n%s\r\n%s"
+            % (len(_BODY), retry_after_seconds,
+               b"connection: close\r\n" if close else b"", _BODY))
+
+
+class LoadState(Protocol):
+    """The worker's load, as the refusal thread's watcher reads it (the batcher)."""
+
+    def overloaded(self) -> bool:
+        """New PKIOperations would be refused: new connections go to the refusal thread."""
+        ...
+
+    def relieved(self) -> bool:
+        """Load has fallen well below that: the event loop accepts again."""
+        ...
+
+    def retry_after_now(self) -> int:
+        ...
+
+    def note_refused(self, count: int) -> None:
+        """``count`` requests were refused outside the event loop."""
+        ...
 
 
 @dataclass
@@ -78,6 +109,8 @@ class FastRefusal:
     # The Retry-After of a refusal, or None to serve the request.
     refuse: Callable[[], int | None]
     max_body: int
+    # With it, new connections are refused by a thread while overloaded (refusal_thread).
+    load: LoadState | None = None
     _line: CountedLine = field(default_factory=lambda: CountedLine(
         log, "requests refused for load",
         {"operation": "PKIOperation", "status": 503, "outcome": "http_503"}))

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -62,8 +63,9 @@ from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr
 
 from scep_fast.runtime import fast_refusal, http1, metrics
-from scep_fast.runtime.fast_refusal import FastRefusal
+from scep_fast.runtime.fast_refusal import FastRefusal, LoadState
 from scep_fast.runtime.logs import CountedLine
+from scep_fast.runtime.refusal_thread import Gate, GatedListener, RefusalThread
 
 # h11 states in which no request is under way on a connection.
 _BETWEEN = (h11.IDLE, h11.DONE)
@@ -319,11 +321,14 @@ class FrontDoor:
         self._waiting: set[trio.CancelScope] = set()
         self._closing = False
 
-    async def __call__(self, stream: trio.SocketStream) -> None:
-        received = b""
+    async def __call__(self, stream: trio.SocketStream, received: bytes = b"") -> None:
+        """A new connection; ``received``: what the refusal thread read from it already."""
         if self._refusal is not None:
             try:
-                received = await self._refuse_while_overloaded(stream, self._refusal)
+                if received:
+                    received = await refuse_for_load(stream, received, self._refusal)
+                if not received:
+                    received = await self._refuse_while_overloaded(stream, self._refusal)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 received = b""
             if not received:
@@ -370,23 +375,49 @@ async def serve(app: Any, config: HypercornConfig, *,
     sockets = config.create_sockets()
     for sock in sockets.insecure_sockets:
         sock.listen(config.backlog)
-    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-                 for sock in sockets.insecure_sockets]
+    listeners: list[trio.abc.Listener[trio.SocketStream]] = [
+        trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        for sock in sockets.insecure_sockets]
 
     def make_connection(stream: Any, received: bytes) -> Connection:
         return Connection(wrapped, config, context, ConnectionState(state.copy()),
                           fast_refusal, stream, received)
 
     door = FrontDoor(make_connection, config, fast_refusal)
+    gate = Gate()
+    threads: list[RefusalThread] = []
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as connections:
+
+            def hand_over(sock: socket.socket, received: bytes) -> None:
+                # In the trio loop (the thread's token): serve it as if accepted here.
+                try:
+                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                    connections.start_soon(door, stream, received)
+                except (OSError, RuntimeError):
+                    sock.close()
+
+            if fast_refusal is not None and fast_refusal.load is not None:
+                token = trio.lowlevel.current_trio_token()
+                threads = [RefusalThread(sock, max_body=fast_refusal.max_body, token=token,
+                                         hand_over=hand_over)
+                           for sock in sockets.insecure_sockets]
+                listeners = [GatedListener(listener, gate) for listener in listeners]
             try:
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(partial(
                         trio.serve_listeners, door, listeners, handler_nursery=connections))
+                    if threads and fast_refusal is not None and fast_refusal.load is not None:
+                        for thread in threads:
+                            thread.start()
+                        accepting.start_soon(_watch_load, fast_refusal, fast_refusal.load,
+                                             gate, threads)
                     await shutdown_trigger()
+                    for thread in threads:
+                        thread.stop()
+                    gate.open()
                     accepting.cancel_scope.cancel()  # stop accepting, close the listeners
             finally:
                 door.close_idle()
@@ -394,3 +425,32 @@ async def serve(app: Any, config: HypercornConfig, *,
                 connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+# How often the worker's load is looked at to hand new connections to the refusal
+# thread or take them back.
+WATCH_SECONDS = 0.01
+
+
+async def _watch_load(refusal: FastRefusal, load: LoadState, gate: Gate,
+                      threads: list[RefusalThread]) -> None:
+    """Closes the gate (new connections to the threads) while the worker is overloaded,
+    opens it once relieved; folds the threads' refusals into the metrics."""
+    while True:
+        await trio.sleep(WATCH_SECONDS)
+        if not gate.closed and load.overloaded():
+            gate.close()
+        elif gate.closed and load.relieved():
+            gate.open()
+        retry_after = load.retry_after_now() if gate.closed else 1
+        for thread in threads:
+            thread.retry_after = retry_after
+            if gate.closed and not thread.active:
+                thread.refuse()
+            elif not gate.closed and thread.active:
+                thread.admit()
+        refused = sum(thread.take_refused() for thread in threads)
+        if refused:
+            load.note_refused(refused)
+            for _ in range(refused):
+                refusal.refused(0.0)

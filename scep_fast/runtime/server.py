@@ -375,7 +375,8 @@ async def serve_worker(worker: Worker, hc: HypercornConfig,
         await serve_http(worker.app, hc, shutdown_trigger=wait_for_shutdown,
                          fast_refusal=FastRefusal(
                              refuse=lambda: _retry_after(worker.batcher.early_refusal()),
-                             max_body=int(worker.config.get("server", "max_body_bytes"))))
+                             max_body=int(worker.config.get("server", "max_body_bytes")),
+                             load=worker.batcher))
         # hypercorn has answered every request it accepted; nothing new can queue.
         worker.batcher.close()
         nursery.cancel_scope.deadline = trio.current_time() + GRACEFUL_SECONDS

@@ -521,3 +521,80 @@ def test_the_next_request_on_a_kept_alive_connection_is_refused_cheaply_at_once(
     answers = trio.run(main)
     assert answers.count(b"HTTP/1.1 503") == 20
     assert len(seen) == 20  # every one by the connection loop, none through the app
+
+
+# ------------------------- the refusal thread: new connections while the worker is overloaded
+
+class FakeLoad:
+    """The batcher's load, as the refusal thread's watcher reads it, set by the test."""
+
+    def __init__(self) -> None:
+        self.over = True
+        self.noted = 0
+
+    def overloaded(self) -> bool:
+        return self.over
+
+    def relieved(self) -> bool:
+        return not self.over
+
+    def retry_after_now(self) -> int:
+        return 9
+
+    def note_refused(self, count: int) -> None:
+        self.noted += count
+
+
+def test_while_overloaded_new_connections_are_refused_by_the_thread_and_the_rest_served(
+        monkeypatch: Any) -> None:
+    load = FakeLoad()
+    refused: list[float] = []
+    refusal = FastRefusal(refuse=lambda: 9 if load.over else None, max_body=65536, load=load)
+    refusal.refused = refused.append  # type: ignore[method-assign]
+    built: list[object] = []
+    original = Connection.__init__
+
+    def counting(self: Connection, *args: Any, **kwargs: Any) -> None:
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "__init__", counting)
+
+    async def main() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with serving(fast_refusal=refusal) as server:
+            with trio.fail_after(10):
+                await trio.sleep(5 * http_server.WATCH_SECONDS)  # the watcher sees the load
+                # A client that connects and sends nothing holds up nobody.
+                silent = await server.connect()
+                seen["refused"] = [await exchange(server, PKI_POST) for _ in range(5)]
+                seen["built_by_refusals"] = len(built)
+                # Anything but a whole PKIOperation POST is served by the event loop.
+                seen["get"] = await exchange(server, b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+                split = await server.connect()
+                await split.send_all(PKI_POST[:40])
+                await trio.sleep(0.2)  # past the thread's read deadline: handed over
+                await split.send_all(PKI_POST[40:])
+                answer = b""
+                while not answer.endswith(b"ok"):
+                    answer += await split.receive_some(65536)
+                seen["split"] = answer
+                await trio.sleep(5 * http_server.WATCH_SECONDS)
+                seen["noted"] = load.noted
+                load.over = False
+                await trio.sleep(5 * http_server.WATCH_SECONDS)
+                seen["relieved"] = await exchange(server, PKI_POST)
+                await silent.aclose()
+        return seen
+
+    seen = trio.run(main)
+    for answer, closed in seen["refused"]:
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer[:80]
+        assert b"retry-after: 9\r\n" in answer and b"connection: close\r\n" in answer
+        assert closed
+    # Refused outside the event loop: no connection machinery was built for them.
+    assert seen["built_by_refusals"] == 0
+    assert len(refused) == 5 and seen["noted"] == 5
+    assert seen["get"][0].startswith(b"HTTP/1.1 200")
+    assert seen["split"].startswith(b"HTTP/1.1 200")
+    assert seen["relieved"][0].startswith(b"HTTP/1.1 200")
