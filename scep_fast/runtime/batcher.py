@@ -203,15 +203,6 @@ class Batcher(Generic[B, T]):
     def retry_after_now(self) -> int:
         return self.retry_after(self.expected_wait())
 
-    def room(self) -> int:
-        """About how many more PKIOperations early_refusal would let through now."""
-        cost = self._cost.get("prepare")
-        if self._max_wait <= 0 or not cost:
-            return self._max_size
-        ahead = self.queued() + self._still_incoming() + self._preparing_now
-        # At most a batch at a time: what is handed over is judged again on arrival.
-        return max(0, min(self._max_size, int(self._max_wait * EARLY_SHARE / cost) - ahead))
-
     def note_refused(self, count: int) -> None:
         """Requests refused outside the event loop (the refusal thread), counted as shed."""
         for _ in range(count):

@@ -97,10 +97,6 @@ class LoadState(Protocol):
     def retry_after_now(self) -> int:
         ...
 
-    def room(self) -> int:
-        """How many more PKIOperations would be admitted now."""
-        ...
-
     def note_refused(self, count: int) -> None:
         """``count`` requests were refused outside the event loop."""
         ...

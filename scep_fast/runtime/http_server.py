@@ -443,10 +443,8 @@ async def _watch_load(refusal: FastRefusal, load: LoadState, gate: Gate,
         elif gate.closed and load.relieved():
             gate.open()
         retry_after = load.retry_after_now() if gate.closed else 1
-        room = load.room() if gate.closed else 0
         for thread in threads:
             thread.retry_after = retry_after
-            thread.room = room // len(threads)
             if gate.closed and not thread.active:
                 thread.refuse()
             elif not gate.closed and thread.active:

@@ -9,8 +9,7 @@ socket calls. So while the batcher says it is overloaded, the worker's trio
 loop stops accepting (``GatedListener``) and this thread takes the listening
 socket's connections instead: a small poll loop of its own, which reads each
 request, answers a whole plain PKIOperation POST with the canned 503 (and
-``Connection: close``) unless the worker has room for it (``room``, which the
-watcher sets from the batcher each tick), and hands anything else (another operation, a
+``Connection: close``), and hands anything else (another operation, a
 request that is not all there within ``READ_SECONDS``, more connections than
 it keeps at once) to the trio loop with the bytes read so far, where it is
 served as if accepted there. The thread holds the GIL only between socket
@@ -102,8 +101,6 @@ class RefusalThread:
         self._active = threading.Event()
         self._stopping = False
         self.retry_after = 1
-        # PKIOperations to hand over for serving before refusing again (set by the watcher).
-        self.room = 0
         self._refused = 0
         self._taken = 0
         self._thread = threading.Thread(target=self._run, name="scep-fast refusals",
@@ -166,49 +163,38 @@ class RefusalThread:
                     time.sleep(0.01)  # the loop's accept has the same back-off
                 return
             sock.setblocking(False)
-            entry = _Pending(sock, b"", 0.0)
-            # A connection that waited in the backlog mostly has its request there already.
-            if self._receive(entry):
-                continue
+            entry = _Pending(sock, b"", time.monotonic() + READ_SECONDS)
             if len(pending) >= MAX_PENDING:
                 self._give(entry)
                 continue
-            entry.deadline = time.monotonic() + READ_SECONDS
             pending[sock.fileno()] = entry
             poller.register(sock, select.POLLIN)
 
     def _read(self, poller: select.poll, pending: dict[int, _Pending], fd: int) -> None:
-        if self._receive(pending[fd]):
-            poller.unregister(fd)
-            del pending[fd]
-
-    def _receive(self, entry: _Pending) -> bool:
-        """Reads what has arrived and acts on it; False while more is to come."""
+        entry = pending[fd]
         try:
             chunk = entry.sock.recv(MAX_RECV)
         except (BlockingIOError, InterruptedError):
-            return False
+            return
         except OSError:
             chunk = b""
         if not chunk:
-            entry.sock.close()
-            return True
+            poller.unregister(fd)
+            pending.pop(fd).sock.close()
+            return
         entry.data += chunk
         total = fast_refusal.pki_post_length(entry.data, self._max_body)
         if total == fast_refusal.INCOMPLETE or (total is not None and len(entry.data) < total):
-            return False
+            return
+        poller.unregister(fd)
+        del pending[fd]
         if total is None or len(entry.data) > total or not self._active.is_set():
             self._give(entry)  # something else, or more than one request: served
-        elif self.room > 0:
-            # The worker admits this many more now (the watcher says, each tick).
-            self.room -= 1
-            self._give(entry)
-        else:
-            with contextlib.suppress(OSError):
-                entry.sock.send(fast_refusal.response(self.retry_after, close=True))
-            entry.sock.close()
-            self._refused += 1
-        return True
+            return
+        with contextlib.suppress(OSError):
+            entry.sock.send(fast_refusal.response(self.retry_after, close=True))
+        entry.sock.close()
+        self._refused += 1
 
     def _give(self, entry: _Pending) -> None:
         try:
