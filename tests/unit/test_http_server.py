@@ -379,8 +379,8 @@ def test_when_the_worker_admits_the_request_reaches_the_app() -> None:
 
 # --------------------------------------------- the front door: refusals without a Connection
 
-def test_a_connection_whose_requests_are_all_refused_never_builds_a_connection(
-        monkeypatch: Any) -> None:
+def count_connections(monkeypatch: Any) -> list[object]:
+    """Every Connection built from now on (the full HTTP machinery), in a list."""
     built: list[object] = []
     original = Connection.__init__
 
@@ -389,6 +389,12 @@ def test_a_connection_whose_requests_are_all_refused_never_builds_a_connection(
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(Connection, "__init__", counting)
+    return built
+
+
+def test_a_connection_whose_requests_are_all_refused_never_builds_a_connection(
+        monkeypatch: Any) -> None:
+    built = count_connections(monkeypatch)
     refusing = True
     refusal = FastRefusal(refuse=lambda: 3 if refusing else None, max_body=65536)
     refusal.refused = lambda _elapsed: None  # type: ignore[method-assign]
@@ -551,14 +557,7 @@ def test_while_overloaded_new_connections_are_refused_by_the_thread_and_the_rest
     refused: list[float] = []
     refusal = FastRefusal(refuse=lambda: 9 if load.over else None, max_body=65536, load=load)
     refusal.refused = refused.append  # type: ignore[method-assign]
-    built: list[object] = []
-    original = Connection.__init__
-
-    def counting(self: Connection, *args: Any, **kwargs: Any) -> None:
-        built.append(self)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Connection, "__init__", counting)
+    built = count_connections(monkeypatch)
 
     async def main() -> dict[str, Any]:
         seen: dict[str, Any] = {}
