@@ -420,6 +420,8 @@ async def serve(app: Any, config: HypercornConfig, *,
                     gate.open()
                     accepting.cancel_scope.cancel()  # stop accepting, close the listeners
             finally:
+                for thread in threads:
+                    thread.stop()  # again, if the loop was cancelled before the trigger
                 door.close_idle()
                 await context.terminated.set()
                 connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout

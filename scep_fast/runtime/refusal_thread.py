@@ -141,8 +141,10 @@ class RefusalThread:
                 poller = select.poll()
                 poller.register(listening, select.POLLIN)
                 continue
-            for fd, _event in poller.poll(POLL_MS):
-                if fd == listening:
+            for fd, event in poller.poll(POLL_MS):
+                if fd == listening and event & (select.POLLNVAL | select.POLLERR):
+                    self._stopping = True  # the listener is closed: the worker is stopping
+                elif fd == listening:
                     self._accept(poller, pending)
                 elif fd in pending:
                     self._read(poller, pending, fd)
