@@ -399,7 +399,8 @@ async def serve(app: Any, config: HypercornConfig, *,
                 except (OSError, RuntimeError):
                     sock.close()
 
-            if fast_refusal is not None and fast_refusal.load is not None:
+            load = fast_refusal.load if fast_refusal is not None else None
+            if fast_refusal is not None and load is not None:
                 token = trio.lowlevel.current_trio_token()
                 threads = [RefusalThread(sock, max_body=fast_refusal.max_body, token=token,
                                          hand_over=hand_over)
@@ -409,11 +410,10 @@ async def serve(app: Any, config: HypercornConfig, *,
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(partial(
                         trio.serve_listeners, door, listeners, handler_nursery=connections))
-                    if threads and fast_refusal is not None and fast_refusal.load is not None:
+                    if fast_refusal is not None and load is not None:
                         for thread in threads:
                             thread.start()
-                        accepting.start_soon(_watch_load, fast_refusal, fast_refusal.load,
-                                             gate, threads)
+                        accepting.start_soon(_watch_load, fast_refusal, load, gate, threads)
                     await shutdown_trigger()
                     for thread in threads:
                         thread.stop()
@@ -440,17 +440,18 @@ async def _watch_load(refusal: FastRefusal, load: LoadState, gate: Gate,
     opens it once relieved; folds the threads' refusals into the metrics."""
     while True:
         await trio.sleep(WATCH_SECONDS)
-        if not gate.closed and load.overloaded():
-            gate.close()
-        elif gate.closed and load.relieved():
+        if gate.closed and load.relieved():
             gate.open()
-        retry_after = load.retry_after_now() if gate.closed else 1
-        for thread in threads:
-            thread.retry_after = retry_after
-            if gate.closed and not thread.active:
-                thread.refuse()
-            elif not gate.closed and thread.active:
+            for thread in threads:
                 thread.admit()
+        elif gate.closed or load.overloaded():
+            retry_after = load.retry_after_now()
+            for thread in threads:
+                thread.retry_after = retry_after
+            if not gate.closed:
+                gate.close()
+                for thread in threads:
+                    thread.refuse()
         refused = sum(thread.take_refused() for thread in threads)
         if refused:
             load.note_refused(refused)

@@ -109,10 +109,6 @@ class RefusalThread:
     def start(self) -> None:
         self._thread.start()
 
-    @property
-    def active(self) -> bool:
-        return self._active.is_set()
-
     def refuse(self) -> None:
         self._active.set()
 
