@@ -117,10 +117,19 @@ def _every_panel_query_returns_data(tmp_path: Path, hook: FakeWebhook) -> None:
                 break
             time.sleep(1)
         assert not missing, missing
-        issued = query(prom_port, "sum(scep_certificates_issued_total)")
-        assert float(issued[0]["value"][1]) == 120  # type: ignore[index]
-        fail = query(prom_port, 'sum(scep_failinfo_total{fail_info="BAD_REQUEST"})')
-        assert float(fail[0]["value"][1]) == 6  # type: ignore[index]
+        # Every panel may have data from a scrape taken before the last requests were
+        # counted: the totals are read once a scrape has them (or the deadline passed).
+        totals = {"sum(scep_certificates_issued_total)": 120.0,
+                  'sum(scep_failinfo_total{fail_info="BAD_REQUEST"})': 6.0}
+        seen: dict[str, float] = {}
+        until = time.monotonic() + 10
+        while True:
+            seen = {expr: float(query(prom_port, expr)[0]["value"][1])  # type: ignore[index]
+                    for expr in totals}
+            if seen == totals or time.monotonic() > until:
+                break
+            time.sleep(0.5)
+        assert seen == totals
     finally:
         prometheus.terminate()
         try:
