@@ -221,7 +221,11 @@ def test_bad_key_padding_and_bad_content_padding_are_refused_alike(token_ctx, ct
         assert key_refused.error.summary == content_refused.error.summary
     token_results = token_ctx.unwrap_batch(messages[1:])
     file_results = ctx.unwrap_batch(messages[1:])
-    assert [r.error.summary for r in token_results] == [r.error.summary for r in file_results]
+    # A wrong content key opens the content by chance about once in 256 tries (the
+    # token's stand-in key is random each time): the refusals are what is compared.
+    refusals = [(t.error, f.error) for t, f in zip(token_results, file_results, strict=True)
+                if t.error is not None and f.error is not None]
+    assert refusals and all(t.summary == f.summary for t, f in refusals)
 
 
 # OpenSC's PKCS#11 spy: a module that logs each call and passes it to PKCS11SPY.
