@@ -194,16 +194,22 @@ class Http1Protocol(H11Protocol):
         await self.send(Closed())
 
 
+# Hands a kept-alive connection just refused for load to the refusal thread
+# (refusal_thread); False when the thread does not take it.
+Park = Callable[[trio.SocketStream], bool]
+
+
 class Connection(TCPServer):
     """One accepted connection: hypercorn's, with the changes above."""
 
     def __init__(self, app: Any, config: HypercornConfig, context: WorkerContext,
                  state: LifespanState, fast_refusal: FastRefusal | None, stream: Any,
-                 received: bytes = b"") -> None:
+                 received: bytes = b"", park: Park | None = None) -> None:
         super().__init__(app, config, context, state, stream)
         self.idle_task = KeepAliveTimer(self)  # type: ignore[assignment]
         self._held_head: bytes | None = None
         self._fast_refusal = fast_refusal
+        self._park = park
         # What the front door read before handing the connection over.
         self._received = received
 
@@ -261,6 +267,8 @@ class Connection(TCPServer):
                 if data and self._fast_refusal is not None and self._between_requests():
                     data = await refuse_for_load(self.stream, data, self._fast_refusal)
                     if not data:
+                        if self._park_here():
+                            break  # the refusal thread has the socket now
                         continue  # all of it answered: not the end of the stream
                 await self.protocol.handle(RawData(data))
                 if data == b"":
@@ -269,6 +277,11 @@ class Connection(TCPServer):
         finally:
             # The peer is gone or the connection was closed: nothing left to time.
             self.idle_task.close()  # type: ignore[attr-defined]
+
+    def _park_here(self) -> bool:
+        """Hands the connection, just refused for load, to the refusal thread if it takes it."""
+        return (self._park is not None and isinstance(self.stream, trio.SocketStream)
+                and self._park(self.stream))
 
     def _between_requests(self) -> bool:
         """No request under way and nothing buffered: the next bytes start a request.
@@ -314,10 +327,12 @@ class FrontDoor:
     """
 
     def __init__(self, make_connection: Callable[[Any, bytes], Connection],
-                 config: HypercornConfig, refusal: FastRefusal | None) -> None:
+                 config: HypercornConfig, refusal: FastRefusal | None,
+                 park: Park | None = None) -> None:
         self._make_connection = make_connection
         self._keep_alive = config.keep_alive_timeout
         self._refusal = refusal
+        self._park = park
         self._waiting: set[trio.CancelScope] = set()
         self._closing = False
 
@@ -325,10 +340,7 @@ class FrontDoor:
         """A new connection; ``received``: what the refusal thread read from it already."""
         if self._refusal is not None:
             try:
-                if received:
-                    received = await refuse_for_load(stream, received, self._refusal)
-                if not received:
-                    received = await self._refuse_while_overloaded(stream, self._refusal)
+                received = await self._refuse_while_overloaded(stream, self._refusal, received)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 received = b""
             if not received:
@@ -337,20 +349,24 @@ class FrontDoor:
         await self._make_connection(stream, received).run()
 
     async def _refuse_while_overloaded(self, stream: trio.SocketStream,
-                                       refusal: FastRefusal) -> bytes:
-        """Refuses what arrives while the worker refuses; the bytes to serve, or b"" to close."""
+                                       refusal: FastRefusal, data: bytes) -> bytes:
+        """Refuses what arrives (``data`` first) while the worker refuses; the bytes to
+        serve, or b"" to close (or when the refusal thread has taken the connection)."""
         while not self._closing:
-            with trio.move_on_after(self._keep_alive) as waiting:
-                self._waiting.add(waiting)
-                try:
-                    data = bytes(await stream.receive_some(MAX_RECV))
-                finally:
-                    self._waiting.discard(waiting)
-            if waiting.cancelled_caught or not data:
-                return b""
+            if not data:
+                with trio.move_on_after(self._keep_alive) as waiting:
+                    self._waiting.add(waiting)
+                    try:
+                        data = bytes(await stream.receive_some(MAX_RECV))
+                    finally:
+                        self._waiting.discard(waiting)
+                if waiting.cancelled_caught or not data:
+                    return b""
             data = await refuse_for_load(stream, data, refusal)
             if data:
                 return data
+            if self._park is not None and self._park(stream):
+                return b""  # the refusal thread has the socket now
         return b""
 
     def close_idle(self) -> None:
@@ -379,13 +395,18 @@ async def serve(app: Any, config: HypercornConfig, *,
         trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         for sock in sockets.insecure_sockets]
 
+    threads: list[RefusalThread] = []
+
+    def park(stream: trio.SocketStream) -> bool:
+        return bool(threads) and threads[0].park(
+            lambda: socket.socket(fileno=stream.socket.detach()))
+
     def make_connection(stream: Any, received: bytes) -> Connection:
         return Connection(wrapped, config, context, ConnectionState(state.copy()),
-                          fast_refusal, stream, received)
+                          fast_refusal, stream, received, park)
 
-    door = FrontDoor(make_connection, config, fast_refusal)
+    door = FrontDoor(make_connection, config, fast_refusal, park)
     gate = Gate()
-    threads: list[RefusalThread] = []
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
@@ -402,9 +423,11 @@ async def serve(app: Any, config: HypercornConfig, *,
             load = fast_refusal.load if fast_refusal is not None else None
             if fast_refusal is not None and load is not None:
                 token = trio.lowlevel.current_trio_token()
-                threads = [RefusalThread(sock, max_body=fast_refusal.max_body, token=token,
-                                         hand_over=hand_over)
-                           for sock in sockets.insecure_sockets]
+                threads.extend(
+                    RefusalThread(sock, max_body=fast_refusal.max_body, token=token,
+                                  keep_alive_seconds=config.keep_alive_timeout,
+                                  hand_over=hand_over)
+                    for sock in sockets.insecure_sockets)
                 listeners = [GatedListener(listener, gate) for listener in listeners]
             try:
                 async with trio.open_nursery() as accepting:

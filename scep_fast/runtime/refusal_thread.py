@@ -1,25 +1,37 @@
-"""While a worker refuses for load, its new connections are refused outside the event loop.
+"""While a worker refuses for load, its connections are refused outside the event loop.
 
-At four times capacity every new device is a new connection to be answered
-503, thousands a second, and the CPU each one costs comes out of the
-enrollments still served. ``benchmarks/refusal_floor.py`` measured the server's
-CPU per refused new connection: about 150 us with a trio task per connection
-(the worker's connection loop: about 220 us), 35 us for a loop of plain
-socket calls. So while the batcher says it is overloaded, the worker's trio
-loop stops accepting (``GatedListener``) and this thread takes the listening
-socket's connections instead: a small poll loop of its own, which reads each
-request, answers a whole plain PKIOperation POST with the canned 503 (and
-``Connection: close``), and hands anything else (another operation, a
-request that is not all there within ``READ_SECONDS``, more connections than
-it keeps at once) to the trio loop with the bytes read so far, where it is
-served as if accepted there. The thread holds the GIL only between socket
-calls.
+At four times capacity most requests are answered 503, thousands a second,
+and the CPU each one costs comes out of the enrollments still served.
+``benchmarks/refusal_floor.py`` measured the server's CPU per refused new
+connection: about 150 us with a trio task per connection (the worker's
+connection loop: about 220 us), 35 us for a loop of plain socket calls; a
+profile at 4x with clients that retry whatever Retry-After says found two
+thirds of the worker's time in the trio loop refusing requests on kept-alive
+connections. So while the batcher says it is overloaded:
+
+- the worker's trio loop stops accepting (``GatedListener``) and this thread
+  takes the listening socket's new connections instead;
+- a kept-alive connection the trio loop has just answered 503 is handed to
+  the thread (``park``) rather than waited on by a trio task.
+
+The thread is a small epoll loop of its own. It reads each request and
+answers a whole plain PKIOperation POST with the canned 503 (the connection
+stays open, as HTTP/1.1 says, and waits here for its next request). Anything
+else (another operation, a request that is not all there within
+``READ_SECONDS``, every request once the worker serves again) goes to the
+trio loop with the bytes read so far, where it is served as if accepted
+there. So connections come back to the loop one at a time, when their next
+request arrives, not all at once when the load falls. A connection idle for
+the keep-alive timeout is closed, as the loop would close it. The thread
+holds the GIL only between socket calls.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
+import os
 import select
 import socket
 import threading
@@ -35,9 +47,12 @@ __all__ = ["Gate", "GatedListener", "RefusalThread"]
 
 # A request not all there by then is handed to the trio loop (slow clients are its job).
 READ_SECONDS = 0.05
-MAX_PENDING = 512
+# Connections the thread holds at once; past it new ones are refused and closed,
+# and kept-alive ones stay with the trio loop.
+MAX_CONNECTIONS = 8192
 MAX_RECV = 65536
-POLL_MS = 20
+POLL_SECONDS = 0.02
+MAX_EVENTS = 256
 
 
 class Gate:
@@ -77,32 +92,45 @@ class GatedListener(trio.abc.Listener[trio.SocketStream]):
 
 
 @dataclass
-class _Pending:
+class _Held:
+    """A connection in the thread: reading a request, or idle between two."""
+
     sock: socket.socket
     data: bytes
     deadline: float
+    idle: bool
 
 
 class RefusalThread:
-    """Refuses a listening socket's new connections while ``active``.
+    """Refuses a listening socket's new connections, and parked ones, while refusing.
 
-    ``hand_over(sock, data)`` is called in the trio loop (through its token) for
-    a connection to serve; ``refused`` counts the refusals, for the loop to
-    take with ``take_refused``.
+    ``hand_over(sock, data)`` is called in the trio loop (through its token)
+    for a connection to serve; ``refused`` counts the refusals, for the loop
+    to take with ``take_refused``.
     """
 
-    def __init__(self, listener: socket.socket, *, max_body: int,
+    def __init__(self, listener: socket.socket, *, max_body: int, keep_alive_seconds: float,
                  token: trio.lowlevel.TrioToken,
                  hand_over: Callable[[socket.socket, bytes], None]) -> None:
         self._listener = listener
         self._max_body = max_body
+        self._keep_alive = keep_alive_seconds
         self._token = token
         self._hand_over = hand_over
-        self._active = threading.Event()
-        self._stopping = False
         self.retry_after = 1
         self._refused = 0
         self._taken = 0
+        # Shared with the trio thread, under the lock: the flags, the parked
+        # sockets not taken in yet, and the wake-up descriptor (closed at the end).
+        self._lock = threading.Lock()
+        self._refusing = False
+        self._stopping = False
+        self._parked: collections.deque[socket.socket] = collections.deque()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # The thread's own.
+        self._held: dict[int, _Held] = {}
+        self._deadlines: dict[bool, collections.deque[tuple[float, int, _Held]]] = {
+            False: collections.deque(), True: collections.deque()}
         self._thread = threading.Thread(target=self._run, name="scep-fast refusals",
                                         daemon=True)
 
@@ -110,15 +138,31 @@ class RefusalThread:
         self._thread.start()
 
     def refuse(self) -> None:
-        self._active.set()
+        self._set(refusing=True)
 
     def admit(self) -> None:
-        self._active.clear()
+        self._set(refusing=False)
 
     def stop(self) -> None:
-        self._stopping = True
-        self._active.set()
-        self._thread.join(timeout=2)
+        self._set(stopping=True)
+        if self._thread.ident is None:  # never started: nothing else will close it
+            with self._lock:
+                if self._wake >= 0:
+                    os.close(self._wake)
+                    self._wake = -1
+        elif self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+    def park(self, detach: Callable[[], socket.socket]) -> bool:
+        """Takes a kept-alive connection the loop has just refused, while refusing:
+        ``detach`` gives up the loop's hold on the socket. False: the loop keeps it."""
+        with self._lock:
+            if (self._stopping or not self._refusing
+                    or len(self._parked) + len(self._held) >= MAX_CONNECTIONS):
+                return False
+            self._parked.append(detach())
+            os.eventfd_write(self._wake, 1)
+            return True
 
     def take_refused(self) -> int:
         """Refusals since the last call (the thread only adds; the loop only reads)."""
@@ -126,31 +170,71 @@ class RefusalThread:
         taken, self._taken = refused - self._taken, refused
         return taken
 
-    def _run(self) -> None:
-        listening = self._listener.fileno()
-        pending: dict[int, _Pending] = {}
-        poller = select.poll()
-        while not self._stopping:
-            if not self._active.is_set():
-                self._give_back(pending)
-                self._active.wait()
-                poller = select.poll()
-                poller.register(listening, select.POLLIN)
-                continue
-            for fd, event in poller.poll(POLL_MS):
-                if fd == listening and event & (select.POLLNVAL | select.POLLERR):
-                    self._stopping = True  # the listener is closed: the worker is stopping
-                elif fd == listening:
-                    self._accept(poller, pending)
-                elif fd in pending:
-                    self._read(poller, pending, fd)
-            now = time.monotonic()
-            for fd in [fd for fd, p in pending.items() if p.deadline < now]:
-                poller.unregister(fd)
-                self._give(pending.pop(fd))
-        self._give_back(pending)
+    def _set(self, *, refusing: bool | None = None, stopping: bool = False) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            if refusing is not None:
+                self._refusing = refusing
+            self._stopping = stopping
+            os.eventfd_write(self._wake, 1)
 
-    def _accept(self, poller: select.poll, pending: dict[int, _Pending]) -> None:
+    def _run(self) -> None:
+        poller = select.epoll()
+        poller.register(self._wake, select.EPOLLIN)
+        listening = False
+        try:
+            while not self._stopping:
+                if self._refusing != listening:
+                    listening = self._listen(poller, self._refusing)
+                timeout = POLL_SECONDS if listening or self._held else -1
+                for fd, _events in poller.poll(timeout, MAX_EVENTS):
+                    if fd == self._wake:
+                        self._take_parked(poller)
+                    elif listening and fd == self._listener.fileno():
+                        self._accept(poller)
+                    elif fd in self._held:
+                        self._read(poller, self._held[fd])
+                self._expire(poller, time.monotonic())
+        finally:
+            self._finish(poller)
+
+    def _listen(self, poller: select.epoll, refusing: bool) -> bool:
+        """Starts or stops taking new connections; True if it now takes them."""
+        if not refusing:
+            with contextlib.suppress(OSError, ValueError):
+                poller.unregister(self._listener)
+            for held in [held for held in self._held.values() if not held.idle]:
+                self._give(poller, held)  # mid-request: the loop serves it now
+            return False
+        try:
+            poller.register(self._listener, select.EPOLLIN)
+        except (OSError, ValueError):
+            return False  # the listener is closed: the worker is stopping
+        return True
+
+    def _hold(self, poller: select.epoll, sock: socket.socket, *, idle: bool) -> None:
+        held = _Held(sock, b"", 0.0, idle)
+        self._held[sock.fileno()] = held
+        poller.register(sock, select.EPOLLIN)
+        self._wait(held, idle=idle)
+
+    def _wait(self, held: _Held, *, idle: bool) -> None:
+        """Sets what the connection waits for: its next request (idle) or the rest of one."""
+        held.idle = idle
+        held.deadline = time.monotonic() + (self._keep_alive if idle else READ_SECONDS)
+        self._deadlines[idle].append((held.deadline, held.sock.fileno(), held))
+
+    def _take_parked(self, poller: select.epoll) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake)
+        with self._lock:
+            parked, self._parked = self._parked, collections.deque()
+        for sock in parked:
+            sock.setblocking(False)
+            self._hold(poller, sock, idle=True)
+
+    def _accept(self, poller: select.epoll) -> None:
         for _ in range(64):  # what is waiting now, then back to the others
             try:
                 sock, _address = self._listener.accept()
@@ -161,46 +245,84 @@ class RefusalThread:
                     time.sleep(0.01)  # the loop's accept has the same back-off
                 return
             sock.setblocking(False)
-            entry = _Pending(sock, b"", time.monotonic() + READ_SECONDS)
-            if len(pending) >= MAX_PENDING:
-                self._give(entry)
-                continue
-            pending[sock.fileno()] = entry
-            poller.register(sock, select.POLLIN)
+            self._hold(poller, sock, idle=False)
 
-    def _read(self, poller: select.poll, pending: dict[int, _Pending], fd: int) -> None:
-        entry = pending[fd]
+    def _read(self, poller: select.epoll, held: _Held) -> None:
         try:
-            chunk = entry.sock.recv(MAX_RECV)
+            chunk = held.sock.recv(MAX_RECV)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             chunk = b""
         if not chunk:
-            poller.unregister(fd)
-            pending.pop(fd).sock.close()
+            self._drop(poller, held)
             return
-        entry.data += chunk
-        total = fast_refusal.pki_post_length(entry.data, self._max_body)
-        if total == fast_refusal.INCOMPLETE or (total is not None and len(entry.data) < total):
+        held.data += chunk
+        if not self._refusing:
+            self._give(poller, held)
             return
-        poller.unregister(fd)
-        del pending[fd]
-        if total is None or len(entry.data) > total or not self._active.is_set():
-            self._give(entry)  # something else, or more than one request: served
+        total = fast_refusal.pki_post_length(held.data, self._max_body)
+        if total == fast_refusal.INCOMPLETE or (total is not None and len(held.data) < total):
+            if held.idle:
+                self._wait(held, idle=False)
             return
-        with contextlib.suppress(OSError):
-            entry.sock.send(fast_refusal.response(self.retry_after, close=True))
-        entry.sock.close()
-        self._refused += 1
-
-    def _give(self, entry: _Pending) -> None:
+        if total is None or len(held.data) > total:
+            self._give(poller, held)  # something else, or more than one request: served
+            return
+        close = len(self._held) > MAX_CONNECTIONS
+        answer = fast_refusal.response(self.retry_after, close=close)
         try:
-            self._token.run_sync_soon(self._hand_over, entry.sock, entry.data)
-        except trio.RunFinishedError:
-            entry.sock.close()
+            complete = held.sock.send(answer) == len(answer)
+        except OSError:
+            complete = False
+        self._refused += 1
+        if close or not complete:
+            self._drop(poller, held)  # a client that does not read its answers is let go
+            return
+        held.data = b""
+        self._wait(held, idle=True)
 
-    def _give_back(self, pending: dict[int, _Pending]) -> None:
-        for entry in pending.values():
-            self._give(entry)
-        pending.clear()
+    def _expire(self, poller: select.epoll, now: float) -> None:
+        """Idle past the keep-alive timeout: closed; a request not all there: served."""
+        for idle, deadlines in self._deadlines.items():
+            while deadlines and deadlines[0][0] <= now:
+                deadline, fd, held = deadlines.popleft()
+                if self._held.get(fd) is not held or held.deadline != deadline:
+                    continue  # it has moved on since
+                if idle:
+                    self._drop(poller, held)
+                else:
+                    self._give(poller, held)
+
+    def _release(self, poller: select.epoll, held: _Held) -> None:
+        fd = held.sock.fileno()
+        with contextlib.suppress(OSError, ValueError):
+            poller.unregister(fd)
+        self._held.pop(fd, None)
+
+    def _drop(self, poller: select.epoll, held: _Held) -> None:
+        self._release(poller, held)
+        held.sock.close()
+
+    def _give(self, poller: select.epoll, held: _Held) -> None:
+        self._release(poller, held)
+        try:
+            self._token.run_sync_soon(self._hand_over, held.sock, held.data)
+        except trio.RunFinishedError:
+            held.sock.close()
+
+    def _finish(self, poller: select.epoll) -> None:
+        """The worker stops: a request under way is served, an idle connection closed."""
+        with self._lock:
+            self._stopping = True
+            parked, self._parked = self._parked, collections.deque()
+            os.close(self._wake)
+            self._wake = -1
+        for sock in parked:
+            sock.close()
+        for held in list(self._held.values()):
+            if held.data:
+                self._give(poller, held)
+            else:
+                self._drop(poller, held)
+        poller.close()

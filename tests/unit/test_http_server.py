@@ -551,6 +551,21 @@ class FakeLoad:
         self.noted += count
 
 
+async def one_answer(stream: trio.SocketStream) -> bytes:
+    """One whole response (Content-Length framed) from ``stream``; b"" if it closed first."""
+    answer = b""
+    while True:
+        head_end = answer.find(b"\r\n\r\n")
+        if head_end >= 0:
+            length = int(answer.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+            if len(answer) >= head_end + 4 + length:
+                return answer
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return b""
+        answer += chunk
+
+
 def test_while_overloaded_new_connections_are_refused_by_the_thread_and_the_rest_served(
         monkeypatch: Any) -> None:
     load = FakeLoad()
@@ -566,34 +581,107 @@ def test_while_overloaded_new_connections_are_refused_by_the_thread_and_the_rest
                 await trio.sleep(5 * http_server.WATCH_SECONDS)  # the watcher sees the load
                 # A client that connects and sends nothing holds up nobody.
                 silent = await server.connect()
-                seen["refused"] = [await exchange(server, PKI_POST) for _ in range(5)]
+                kept = [await server.connect() for _ in range(5)]
+                seen["refused"] = []
+                for stream in kept:  # each refused twice, kept alive in between
+                    for _ in range(2):
+                        await stream.send_all(PKI_POST)
+                        seen["refused"].append(await one_answer(stream))
                 seen["built_by_refusals"] = len(built)
                 # Anything but a whole PKIOperation POST is served by the event loop.
                 seen["get"] = await exchange(server, b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+                await kept[0].send_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+                seen["get_kept"] = await one_answer(kept[0])
                 split = await server.connect()
                 await split.send_all(PKI_POST[:40])
                 await trio.sleep(0.2)  # past the thread's read deadline: handed over
                 await split.send_all(PKI_POST[40:])
-                answer = b""
-                while not answer.endswith(b"ok"):
-                    answer += await split.receive_some(65536)
-                seen["split"] = answer
+                seen["split"] = await one_answer(split)
                 await trio.sleep(5 * http_server.WATCH_SECONDS)
                 seen["noted"] = load.noted
                 load.over = False
                 await trio.sleep(5 * http_server.WATCH_SECONDS)
                 seen["relieved"] = await exchange(server, PKI_POST)
+                # A connection the thread kept goes back to the loop with its next request.
+                await kept[1].send_all(PKI_POST)
+                seen["relieved_kept"] = await one_answer(kept[1])
                 await silent.aclose()
         return seen
 
     seen = trio.run(main)
-    for answer, closed in seen["refused"]:
+    assert len(seen["refused"]) == 10
+    for answer in seen["refused"]:
         assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer[:80]
-        assert b"retry-after: 9\r\n" in answer and b"connection: close\r\n" in answer
-        assert closed
+        assert b"retry-after: 9\r\n" in answer and b"connection: close" not in answer
     # Refused outside the event loop: no connection machinery was built for them.
     assert seen["built_by_refusals"] == 0
-    assert len(refused) == 5 and seen["noted"] == 5
+    assert len(refused) == 10 and seen["noted"] == 10
     assert seen["get"][0].startswith(b"HTTP/1.1 200")
+    assert seen["get_kept"].startswith(b"HTTP/1.1 200")
     assert seen["split"].startswith(b"HTTP/1.1 200")
     assert seen["relieved"][0].startswith(b"HTTP/1.1 200")
+    assert seen["relieved_kept"].startswith(b"HTTP/1.1 200")
+
+
+def test_a_served_connection_refused_for_load_waits_in_the_thread_until_the_load_falls(
+        monkeypatch: Any) -> None:
+    """A kept-alive connection the event loop refuses is handed to the refusal thread,
+    which refuses its next requests, and gives it back when the worker serves again."""
+    load = FakeLoad()
+    load.over = False
+    refusal = FastRefusal(refuse=lambda: 9 if load.over else None, max_body=65536, load=load)
+    refusal.refused = lambda _elapsed: None  # type: ignore[method-assign]
+    built = count_connections(monkeypatch)
+
+    async def main() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with serving(fast_refusal=refusal) as server:
+            with trio.fail_after(10):
+                await trio.sleep(5 * http_server.WATCH_SECONDS)
+                stream = await server.connect()
+                await stream.send_all(PKI_POST)
+                seen["served"] = await one_answer(stream)
+                load.over = True
+                await trio.sleep(5 * http_server.WATCH_SECONDS)
+                seen["refused"] = []
+                for _ in range(4):
+                    await stream.send_all(PKI_POST)
+                    seen["refused"].append(await one_answer(stream))
+                await trio.sleep(5 * http_server.WATCH_SECONDS)
+                seen["noted"] = load.noted
+                load.over = False
+                await trio.sleep(5 * http_server.WATCH_SECONDS)
+                await stream.send_all(PKI_POST)
+                seen["served_again"] = await one_answer(stream)
+                seen["built"] = len(built)
+                await stream.aclose()
+        return seen
+
+    seen = trio.run(main)
+    assert seen["served"].startswith(b"HTTP/1.1 200")
+    assert all(a.startswith(b"HTTP/1.1 503 ") for a in seen["refused"]), seen["refused"]
+    # The first by the loop, which then parked the connection; the others by the thread.
+    assert seen["noted"] == 3
+    assert seen["served_again"].startswith(b"HTTP/1.1 200")
+    assert seen["built"] == 2  # served, then served again once back from the thread
+
+
+def test_a_connection_idle_in_the_refusal_thread_is_closed_after_the_keep_alive() -> None:
+    load = FakeLoad()
+    refusal = FastRefusal(refuse=lambda: 9, max_body=65536, load=load)
+    refusal.refused = lambda _elapsed: None  # type: ignore[method-assign]
+
+    async def main() -> tuple[bytes, float]:
+        async with serving(keep_alive=1.0, fast_refusal=refusal) as server:
+            with trio.fail_after(10):
+                await trio.sleep(5 * http_server.WATCH_SECONDS)
+                stream = await server.connect()
+                await stream.send_all(PKI_POST)
+                answer = await one_answer(stream)
+                started = trio.current_time()
+                assert await stream.receive_some(65536) == b""
+                return answer, trio.current_time() - started
+
+    answer, idle = trio.run(main)
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert 0.8 < idle < 3.0
