@@ -112,7 +112,7 @@ class Batcher(Generic[B, T]):
         queue_size: int,
         max_wait_seconds: float = 0.0,
         on_batch: Callable[[BatchStats], None] = lambda _s: None,
-        on_shed: Callable[[str], None] = lambda _reason: None,
+        on_shed: Callable[[str, int], None] = lambda _reason, _count: None,
     ) -> None:
         self._pipeline = pipeline
         self._max_size = max_size
@@ -160,13 +160,13 @@ class Batcher(Generic[B, T]):
         return max(ahead * self._cost.get("prepare", 0.0),
                    batches * self._cost.get("finish", 0.0))
 
-    def _count(self, refused: bool) -> None:
+    def _count(self, refused: bool, count: int = 1) -> None:
         now = time.monotonic()
         if now - self._window_start >= _DEMAND_WINDOW_SECONDS:
             self._last_counts = (self._counts[0], self._counts[1])
             self._counts = [0, 0]
             self._window_start = now
-        self._counts[0 if refused else 1] += 1
+        self._counts[0 if refused else 1] += count
 
     def retry_after(self, wait: float) -> int:
         """Seconds a refused client should stay away: the queue ahead of it, or
@@ -179,7 +179,7 @@ class Batcher(Generic[B, T]):
         return min(MAX_RETRY_AFTER_SECONDS, max(1, math.ceil(max(wait, backlog))))
 
     def _shed(self, reason: str, wait: float) -> Overloaded:
-        self._on_shed(reason)
+        self._on_shed(reason, 1)
         self._count(refused=True)
         return Overloaded(self.retry_after(wait))
 
@@ -205,9 +205,8 @@ class Batcher(Generic[B, T]):
 
     def note_refused(self, count: int) -> None:
         """Requests refused outside the event loop (the refusal thread), counted as shed."""
-        for _ in range(count):
-            self._on_shed("expected_wait")
-            self._count(refused=True)
+        self._on_shed("expected_wait", count)
+        self._count(refused=True, count=count)
 
     def early_refusal(self) -> Overloaded | None:
         """``refusal`` for the connection loop, as a request's bytes arrive: a request

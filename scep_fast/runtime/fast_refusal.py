@@ -119,3 +119,9 @@ class FastRefusal:
         metrics.REQUESTS.labels("PKIOperation", "-", "http_503").inc()
         metrics.REQUEST_DURATION.labels("PKIOperation").observe(elapsed)
         self._line.note()
+
+    def refused_elsewhere(self, count: int) -> None:
+        """``count`` refusals by the refusal thread: counted and logged, not timed
+        (the thread keeps no clock per request)."""
+        metrics.REQUESTS.labels("PKIOperation", "-", "http_503").inc(count)
+        self._line.note_many(count)

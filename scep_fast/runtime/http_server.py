@@ -478,5 +478,4 @@ async def _watch_load(refusal: FastRefusal, load: LoadState, gate: Gate,
         refused = sum(thread.take_refused() for thread in threads)
         if refused:
             load.note_refused(refused)
-            for _ in range(refused):
-                refusal.refused(0.0)
+            refusal.refused_elsewhere(refused)

@@ -53,7 +53,11 @@ class CountedLine:
 
     def note(self, **extra: object) -> None:
         """One more; ``extra`` goes on the line if this one writes it."""
-        self._count += 1
+        self.note_many(1, **extra)
+
+    def note_many(self, count: int, **extra: object) -> None:
+        """``count`` more, as ``note``."""
+        self._count += count
         now = time.monotonic()
         if now - self._since >= 1.0:
             self.logger.info(self.message, extra={"fields": {

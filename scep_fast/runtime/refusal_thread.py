@@ -160,8 +160,9 @@ class RefusalThread:
             if (self._stopping or not self._refusing
                     or len(self._parked) + len(self._held) >= MAX_CONNECTIONS):
                 return False
+            if not self._parked:  # otherwise a wake-up is on its way already
+                os.eventfd_write(self._wake, 1)
             self._parked.append(detach())
-            os.eventfd_write(self._wake, 1)
             return True
 
     def take_refused(self) -> int:

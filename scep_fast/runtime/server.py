@@ -301,7 +301,7 @@ def build_worker(config: Config) -> Worker:
         queue_size=int(config.get("batch", "queue_size")),
         max_wait_seconds=float(config.get("batch", "max_wait_seconds")),
         on_batch=_observe_batch,
-        on_shed=lambda reason: metrics.SHED.labels(reason).inc(),
+        on_shed=lambda reason, count: metrics.SHED.labels(reason).inc(count),
     )
     app = ScepApp(
         capabilities=capabilities(config, material),

@@ -187,7 +187,8 @@ def test_the_queue_is_bounded_by_waiting_time() -> None:
 
     async def main() -> tuple[list[float], list[int], float]:
         batcher = Batcher(Pipeline(prepare, _as_is), max_size=4, window_seconds=0, queue_size=1000,
-                          max_wait_seconds=target, on_shed=shed.append)
+                          max_wait_seconds=target,
+                          on_shed=lambda reason, _count: shed.append(reason))
         # Two requests first, so the batcher has measured the cost (the first
         # batch only warms up).
         async with trio.open_nursery() as nursery:

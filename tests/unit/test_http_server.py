@@ -572,6 +572,8 @@ def test_while_overloaded_new_connections_are_refused_by_the_thread_and_the_rest
     refused: list[float] = []
     refusal = FastRefusal(refuse=lambda: 9 if load.over else None, max_body=65536, load=load)
     refusal.refused = refused.append  # type: ignore[method-assign]
+    refusal.refused_elsewhere = (  # type: ignore[method-assign]
+        lambda count: refused.extend([0.0] * count))
     built = count_connections(monkeypatch)
 
     async def main() -> dict[str, Any]:
@@ -631,6 +633,7 @@ def test_a_served_connection_refused_for_load_waits_in_the_thread_until_the_load
     load.over = False
     refusal = FastRefusal(refuse=lambda: 9 if load.over else None, max_body=65536, load=load)
     refusal.refused = lambda _elapsed: None  # type: ignore[method-assign]
+    refusal.refused_elsewhere = lambda _count: None  # type: ignore[method-assign]
     built = count_connections(monkeypatch)
 
     async def main() -> dict[str, Any]:
@@ -670,6 +673,7 @@ def test_a_connection_idle_in_the_refusal_thread_is_closed_after_the_keep_alive(
     load = FakeLoad()
     refusal = FastRefusal(refuse=lambda: 9, max_body=65536, load=load)
     refusal.refused = lambda _elapsed: None  # type: ignore[method-assign]
+    refusal.refused_elsewhere = lambda _count: None  # type: ignore[method-assign]
 
     async def main() -> tuple[bytes, float]:
         async with serving(keep_alive=1.0, fast_refusal=refusal) as server:
