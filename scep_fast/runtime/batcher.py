@@ -89,8 +89,13 @@ MAX_RETRY_AFTER_SECONDS = 120
 # between, the requests ahead of it in the loop may have filled the queue
 # past the target, and a 503 given that late costs the whole HTTP path,
 # several times the early one, for nothing saved. So the early judgement
-# refuses at this share of the target, leaving room for those.
-EARLY_SHARE = 0.8
+# refuses at this share of the target, leaving room for those, and for the
+# estimate's error: under a crowd of refusals the batches slow down after
+# their requests were admitted. At 0.8, requests admitted just before such a
+# slowdown waited past the target and were shed when their batch formed
+# (hundreds a run at 4x with clients ignoring Retry-After); at 0.6, almost
+# none, and the queue still holds many batches (benchmarks/RESULTS.md).
+EARLY_SHARE = 0.6
 
 
 @dataclass(frozen=True, slots=True)

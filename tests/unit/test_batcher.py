@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from scep_fast.protocol import Overloaded
-from scep_fast.runtime.batcher import Batcher, BatchStats, Pipeline, _Pending
+from scep_fast.runtime.batcher import EARLY_SHARE, Batcher, BatchStats, Pipeline, _Pending
 
 
 def _as_is(answers: list[bytes]) -> list[bytes]:
@@ -275,8 +275,9 @@ def test_requests_the_connection_loop_let_through_count_before_they_are_submitte
                                                    max_wait_seconds=0.05)
     batcher._cost["prepare"] = 0.005
     verdicts = [batcher.early_refusal() for _ in range(30)]
-    assert verdicts[:8] == [None] * 8  # about the early bound's worth let through
-    assert all(v is not None for v in verdicts[10:])
+    early_bound = round(EARLY_SHARE * 0.05 / 0.005)  # requests' worth
+    assert verdicts[:early_bound] == [None] * early_bound  # about that many let through
+    assert all(v is not None for v in verdicts[early_bound + 2:])
     # Ones that never arrive (the client went away) stop counting after the target.
     time.sleep(0.06)
     assert batcher.early_refusal() is None
