@@ -398,6 +398,8 @@ async def serve(app: Any, config: HypercornConfig, *,
     threads: list[RefusalThread] = []
 
     def park(stream: trio.SocketStream) -> bool:
+        # Any thread can hold any connection; the first takes them all (a worker
+        # has one listening socket unless several binds are configured).
         return bool(threads) and threads[0].park(
             lambda: socket.socket(fileno=stream.socket.detach()))
 

@@ -129,6 +129,10 @@ class RefusalThread:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # The thread's own.
         self._held: dict[int, _Held] = {}
+        # When each held connection is due, one queue per kind (idle or reading):
+        # each kind waits a fixed time, so a queue stays in deadline order and
+        # expiry looks only at its head. An entry whose connection has moved on
+        # since is skipped (see _expire).
         self._deadlines: dict[bool, collections.deque[tuple[float, int, _Held]]] = {
             False: collections.deque(), True: collections.deque()}
         self._thread = threading.Thread(target=self._run, name="scep-fast refusals",
