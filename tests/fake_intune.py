@@ -103,6 +103,7 @@ class FakeIntune:
     notification_code: str = "Success"    # the code notifications get
     accept_tokens: bool = True            # False: every bearer token is refused (401)
     service_path: str = SERVICE_PATH
+    discovery_status: int | None = None   # answer discovery with this status instead
     base_url: str = ""                    # set once serving
     calls: list[Call] = field(default_factory=list)
     _challenges: dict[str, bool] = field(default_factory=dict)  # challenge -> expired
@@ -210,6 +211,8 @@ class FakeIntune:
     def _discovery(self, call: Call) -> tuple[int, bytes]:
         if not self._authorized(call, self.graph_scope):
             return _unauthorized()
+        if self.discovery_status is not None:
+            return _json(self.discovery_status, {"error": {"code": "ServiceUnavailable"}})
         with self._lock:
             service_path = self.service_path
         return _json(200, {

@@ -24,7 +24,9 @@ certification authority in Intune using SCEP" on learn.microsoft.com:
   ``Success`` means success.
 
 One :class:`IntuneClient` is shared by the validator and the notifier: it
-caches the tokens and the discovered URI for all the requests in flight.
+caches the tokens and the discovered URI for all the requests in flight
+(the URI is looked up again every ``discovery_max_age_seconds``, and at once
+when a call finds it gone).
 It never logs or puts in an exception the secret, a token, a challenge or a CSR.
 """
 
@@ -69,6 +71,8 @@ log = logging.getLogger("scep_fast.intune")
 BYTES = 1
 SECONDS = 1.0
 
+# After a failed periodic look-up of the service, the next one is this much later.
+DISCOVERY_RETRY_SECONDS = 60 * SECONDS
 # The Intune service principal's application id, the same in every tenant.
 INTUNE_APP_ID = "0000000a-0000-0000-c000-000000000000"
 VALIDATION_SERVICE_NAME = "ScepRequestValidationFEService"
@@ -142,6 +146,10 @@ class IntuneSettings:
     timeout_seconds: float = 10 * SECONDS
     # A token is replaced this long before it expires (at most half its life).
     token_refresh_margin_seconds: float = 300 * SECONDS
+    # The service's URI is looked up again after this long, besides whenever a
+    # call finds it gone: a long-running worker then follows a tenant moved to
+    # another front end before a call has to fail on the old one.
+    discovery_max_age_seconds: float = 3600 * SECONDS
     max_answer_bytes: int = 64 * 1024 * BYTES
     # Reported in successNotification; empty: the issuing CA's name.
     ca_configuration: str = ""
@@ -167,6 +175,8 @@ class IntuneSettings:
             raise ValueError("timeout_seconds must be in (0, 300]")
         if not (0 <= self.token_refresh_margin_seconds <= 3600):
             raise ValueError("token_refresh_margin_seconds must be in [0, 3600]")
+        if not (60 <= self.discovery_max_age_seconds <= 7 * 86400):
+            raise ValueError("discovery_max_age_seconds must be in [60, 604800]")
         if not (1024 <= self.max_answer_bytes <= 16 * 1024 * 1024):
             raise ValueError("max_answer_bytes must be between 1 KiB and 16 MiB")
 
@@ -268,6 +278,7 @@ class IntuneClient:
         self._tokens: dict[str, _Token] = {}
         self._token_locks: dict[str, trio.Lock] = {}
         self._service_url: str | None = None
+        self._discovered_at = 0.0
         self._discovery_lock = trio.Lock()
 
     async def __aenter__(self) -> IntuneClient:
@@ -454,12 +465,32 @@ class IntuneClient:
     # --- service discovery ---
 
     async def _service(self) -> str:
-        if self._service_url is not None:
+        if self._service_url is not None and not self._discovery_due():
             return self._service_url
         async with self._discovery_lock:
-            if self._service_url is None:
-                self._service_url = await self._discover()
+            if self._service_url is None or self._discovery_due():
+                self._service_url = await self._rediscover(self._service_url)
             return self._service_url
+
+    def _discovery_due(self) -> bool:
+        return self._clock() - self._discovered_at >= self.settings.discovery_max_age_seconds
+
+    async def _rediscover(self, known: str | None) -> str:
+        """The service's URI, looked up again. When the look-up fails and a URI is
+        known, that one is kept (it still answered: a call that finds it gone
+        forgets it) and the look-up is tried again in a minute."""
+        try:
+            url = await self._discover()
+        except IntuneError as e:
+            if known is None:
+                raise
+            log.warning("intune service discovery failed; the known service is kept",
+                        extra={"fields": {"error": str(e), "uri": known}})
+            self._discovered_at = (self._clock() - self.settings.discovery_max_age_seconds
+                                   + DISCOVERY_RETRY_SECONDS)
+            return known
+        self._discovered_at = self._clock()
+        return url
 
     def _forget_service(self, url: str) -> None:
         if self._service_url == url:

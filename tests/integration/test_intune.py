@@ -349,6 +349,56 @@ def test_the_service_is_discovered_again_when_it_cannot_be_reached(fake: FakeInt
     assert len(fake.calls_to("/ScepActions/validateRequest")) == 2
 
 
+def test_the_service_is_looked_up_again_after_its_max_age(fake: FakeIntune) -> None:
+    fake.register_challenge(CHALLENGE)
+    now = [1000.0]
+
+    async def body(client: IntuneClient) -> list[bool]:
+        validator = IntuneValidator(client)
+        first = await validator.validate(request("tx-1"))
+        fake.move_service("/moved/ScepRequestValidationFEService")
+        now[0] += 600 - 1            # not yet: the cached URI is used (and 404s)
+        second = await validator.validate(request("tx-2"))
+        now[0] += 600                # past the max age since that rediscovery
+        fake.move_service("/again/ScepRequestValidationFEService")
+        third = await validator.validate(request("tx-3"))
+        return [first.allow, second.allow, third.allow]
+
+    settings = settings_for(fake, discovery_max_age_seconds=600)
+    assert run(settings, body, clock=lambda: now[0]) == [True] * 3
+    assert len(fake.calls_to("/endpoints")) == 3
+    calls = fake.calls_to("/ScepActions/validateRequest")
+    # The third call went straight to the service's new home: looked up ahead
+    # of time, not after a 404.
+    homes = ["moved" if c.path.startswith("/moved/") else
+             "again" if c.path.startswith("/again/") else "first" for c in calls]
+    assert list(zip(homes, [c.status for c in calls], strict=True)) == [
+        ("first", 200), ("first", 404), ("moved", 200), ("again", 200)]
+
+
+def test_a_failed_periodic_look_up_keeps_the_known_service(fake: FakeIntune) -> None:
+    fake.register_challenge(CHALLENGE)
+    now = [1000.0]
+
+    async def body(client: IntuneClient) -> list[bool]:
+        validator = IntuneValidator(client)
+        first = await validator.validate(request("tx-1"))
+        fake.discovery_status = 503
+        now[0] += 600                # due, but Graph is down: the known URI serves
+        second = await validator.validate(request("tx-2"))
+        now[0] += 30                 # within the retry delay: no new look-up
+        third = await validator.validate(request("tx-3"))
+        fake.discovery_status = None
+        now[0] += 31                 # the retry delay is over
+        fourth = await validator.validate(request("tx-4"))
+        return [first.allow, second.allow, third.allow, fourth.allow]
+
+    settings = settings_for(fake, discovery_max_age_seconds=600)
+    assert run(settings, body, clock=lambda: now[0]) == [True] * 4
+    assert [c.status for c in fake.calls_to("/endpoints")] == [200, 503, 200]
+    assert [c.status for c in fake.calls_to("/ScepActions/validateRequest")] == [200] * 4
+
+
 # --- notifications ---
 
 CA_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -509,6 +559,8 @@ def test_settings_are_checked() -> None:
         IntuneSettings(tenant="t", application_id="a", secret="\n")
     with pytest.raises(ValueError, match="graph_url"):
         IntuneSettings(tenant="t", application_id="a", secret="s", graph_url="ftp://x")
+    with pytest.raises(ValueError, match="discovery_max_age"):
+        IntuneSettings(tenant="t", application_id="a", secret="s", discovery_max_age_seconds=1)
     with pytest.raises(ValueError, match="hresult"):
         IntuneNotifier(IntuneClient(IntuneSettings(tenant="t", application_id="a", secret="s")),
                        hresult=0x8000FFFF)  # unsigned: the signed value is E_UNEXPECTED
