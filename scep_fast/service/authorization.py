@@ -79,6 +79,7 @@ from scep_fast.service.profile import (
     ProfileViolation,
     common_name,
     general_names,
+    san_value,
 )
 
 
@@ -393,7 +394,11 @@ class Authorizer:
         if re.fullmatch(challenge.subject_pattern, subject.name.rfc4514_string()) is None:
             raise BadRequest("this challenge may not be used for this subject")
         for name in general_names(san_der):
-            if re.fullmatch(challenge.san_pattern, str(name.native)) is None:
+            try:
+                value = san_value(name)
+            except ValueError:
+                raise BadRequest("the subjectAltName is not valid") from None
+            if re.fullmatch(challenge.san_pattern, value) is None:
                 raise BadRequest("this challenge may not be used for these subjectAltNames")
 
 

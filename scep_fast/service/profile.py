@@ -47,6 +47,8 @@ _MAILBOX = re.compile(rf"[^@\s\x00-\x1f\x7f]+@{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 _ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s\x00-\x1f\x7f]+")
 _SAN_SYNTAX = {"dns_name": _DNS_NAME, "rfc822_name": _MAILBOX,
                "uniform_resource_identifier": _ABSOLUTE_URI}
+# The GeneralName choices that are IA5Strings (RFC 5280 section 4.2.1.6).
+_IA5_NAMES = frozenset(_SAN_SYNTAX)
 
 
 class ProfileViolation(ValueError):
@@ -176,19 +178,20 @@ class Profile:
             names = asn1_x509.GeneralNames.load(san_der)
             allowed = {SAN_TYPES[t] for t in self.san_types}
             kept = [n for n in names if n.name in allowed]
-            texts = tuple(f"{SAN_PREFIX[n.name]}:{n.native}" for n in kept)
+            values = [san_value(n) for n in kept]
         except (ValueError, TypeError, KeyError):
             raise ProfileViolation("subjectAltName does not parse") from None
-        for n in kept:
-            syntax, value = _SAN_SYNTAX.get(n.name), str(n.native)
+        texts = tuple(f"{SAN_PREFIX[n.name]}:{v}" for n, v in zip(kept, values, strict=True))
+        for n, value in zip(kept, values, strict=True):
+            syntax = _SAN_SYNTAX.get(n.name)
             too_long = n.name == "dns_name" and len(value) > 253
             if syntax is not None and (too_long or syntax.fullmatch(value) is None):
-                raise ProfileViolation(f"subjectAltName {n.native!r} is not a valid "
+                raise ProfileViolation(f"subjectAltName {value!r} is not a valid "
                                        f"{SAN_PREFIX[n.name]} name")
         if self.san_pattern:
-            for n in kept:
-                if re.fullmatch(self.san_pattern, str(n.native)) is None:
-                    raise ProfileViolation(f"subjectAltName {n.native!r} is not allowed")
+            for value in values:
+                if re.fullmatch(self.san_pattern, value) is None:
+                    raise ProfileViolation(f"subjectAltName {value!r} is not allowed")
         if len(kept) == len(names):
             return san_der, texts
         if not kept:
@@ -234,6 +237,21 @@ def common_name(subject_der: bytes) -> str:
     """The last common name of a DER Name, or ""."""
     cns = common_names(subject_der)
     return cns[-1] if cns else ""
+
+
+def san_value(name: asn1_x509.GeneralName) -> str:
+    """A subjectAltName's value as the certificate carries it, for rules and records.
+
+    A DNS name, a mailbox and a URI are their IA5String's own characters, not
+    asn1crypto's reading of them, which percent-decodes URIs and turns IDNA
+    labels into Unicode: a pattern checked on that reading would pass
+    ``https://good.example%2f@evil.example/`` as ``https://good.example/...``
+    while every relying party reads the host ``evil.example`` from the
+    certificate. ValueError if such a value is not ASCII.
+    """
+    if name.name in _IA5_NAMES:
+        return bytes(name.chosen.contents).decode("ascii")
+    return str(name.native)
 
 
 def general_names(san_der: bytes) -> list[asn1_x509.GeneralName]:

@@ -33,6 +33,8 @@ PROFILES = {
     "multi-cn": Profile(name="multi-cn", allow_multiple_cn=True),
     "may-drop": Profile(name="may-drop", renewal_may_drop_sans=True),
     "approval": Profile(name="approval", require_approval=True),
+    "good-uris": Profile(name="good-uris", san_types=("uri",),
+                         san_pattern=r"https://good\.example/.*"),
 }
 
 

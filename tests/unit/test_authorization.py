@@ -273,6 +273,38 @@ def test_a_bound_challenge_checks_every_san(service: Service) -> None:
     assert _sans(service.issued(good)) == [x509.DNSName("device-42.corp.example")]
 
 
+# The host of this URI is evil.example (RFC 3986 section 3.2: "good.example%2f" is
+# user information); percent-decoded, it reads as a path under good.example.
+SMUGGLED_URI = "https://good.example%2f@evil.example/"
+
+
+def test_a_bound_challenge_reads_a_uri_as_the_certificate_carries_it(service: Service) -> None:
+    secret = service.challenge(uses=2, subject_pattern=r"CN=device-42",
+                               san_pattern=r"https://good\.example/.*")
+    smuggled, _ = _enroll_with(service, _cn("device-42"),
+                               [x509.UniformResourceIdentifier(SMUGGLED_URI)], secret)
+    assert "subjectAltNames" in service.refused(smuggled)
+    good, _ = _enroll_with(service, _cn("device-42"),
+                           [x509.UniformResourceIdentifier("https://good.example/d/42")], secret)
+    assert _sans(service.issued(good)) == [
+        x509.UniformResourceIdentifier("https://good.example/d/42")]
+
+
+def test_a_profile_pattern_reads_a_uri_as_the_certificate_carries_it(service: Service) -> None:
+    secret = service.challenge(uses=2, profile="good-uris")
+    smuggled, _ = _enroll_with(service, _cn("device-42"),
+                               [x509.UniformResourceIdentifier(SMUGGLED_URI)], secret)
+    assert "not allowed" in service.refused(smuggled)
+    escaped = "https://good.example/a%20b"
+    good, _ = _enroll_with(service, _cn("device-42"),
+                           [x509.UniformResourceIdentifier(escaped)], secret)
+    cert = service.issued(good)
+    assert _sans(cert) == [x509.UniformResourceIdentifier(escaped)]
+    # The ledger records the name as issued, not a decoded reading of it.
+    record = service.ledger.get(cert.serial_number)
+    assert record is not None and record.sans == (f"URI:{escaped}",)
+
+
 def test_a_renewal_of_a_bound_certificate_stays_bound(service: Service) -> None:
     secret = service.challenge(subject_pattern=r"CN=kiosk-[0-9]+", san_pattern=r"kiosk-1\..*")
     request, key = _enroll_with(service, _cn("kiosk-1"), [x509.DNSName("kiosk-1.corp.example")],

@@ -62,6 +62,18 @@ def test_san_types_outside_the_profile_are_dropped_and_patterns_refuse() -> None
         Profile().filter_san(b"\x30\x05garbage")
 
 
+def test_san_rules_and_texts_use_the_names_as_encoded() -> None:
+    # asn1crypto would read these as "https://good.example/@evil.example/" and
+    # "bücher.example"; the certificate carries them as below.
+    value = san_der(x509.UniformResourceIdentifier("https://good.example%2f@evil.example/"),
+                    x509.DNSName("xn--bcher-kva.example"))
+    kept, texts = Profile().filter_san(value)
+    assert kept == value
+    assert texts == ("URI:https://good.example%2f@evil.example/", "DNS:xn--bcher-kva.example")
+    with pytest.raises(ProfileViolation, match="not allowed"):
+        Profile(san_types=("uri",), san_pattern=r"https://good\.example/.*").filter_san(value)
+
+
 def test_subject_template_escapes_the_common_name() -> None:
     name = Profile(subject_template="CN={cn},O=Devices").render_subject("a,b+c")
     assert name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "a,b+c"
