@@ -163,7 +163,10 @@ class _Item:
     known_pending: PendingRequest | None = None
     # Issued, answered SUCCESS, and to be committed by record_batch.
     record: CertRecord | None = None
-    # What the validation stage decided (an exception: it could not decide).
+    # What the validators are asked, built while authenticating (where a
+    # failure refuses this message only), and what they decided (an
+    # exception: they could not decide).
+    validation: ValidationRequest | None = None
     verdict: Verdict | BaseException | None = None
 
     @property
@@ -201,13 +204,15 @@ class PreparedBatch:
 
     def validation_requests(self) -> list[ValidationRequest]:
         """One per request about to get a new certificate, for set_verdicts."""
-        return [i.validation_request() for i in self.items if i.awaits_validation]
+        return [i.validation for i in self._waiting() if i.validation is not None]
 
     def set_verdicts(self, verdicts: Sequence[Verdict | BaseException]) -> None:
         """The verdicts of validation_requests, in the same order."""
-        waiting = [i for i in self.items if i.awaits_validation]
-        for item, verdict in zip(waiting, verdicts, strict=True):
+        for item, verdict in zip(self._waiting(), verdicts, strict=True):
             item.verdict = verdict
+
+    def _waiting(self) -> list[_Item]:
+        return [i for i in self.items if i.awaits_validation and i.validation is not None]
 
 
 def _unavailable(detail: str) -> Answer:
@@ -350,6 +355,11 @@ class EnrollmentService:
             for item in readable:
                 with self._isolated(item, "decide"):
                     self._decide(item)
+            if self._policy.external_validation:
+                for item in readable:
+                    if item.awaits_validation:
+                        with self._isolated(item, "validation request"):
+                            item.validation = item.validation_request()
             self._unless_keys_lost(items)
         return PreparedBatch(items, answers, self._clock())
 
@@ -639,7 +649,9 @@ class EnrollmentService:
         """Refuses the request unless every validator allowed it (fail closed).
 
         A validator may choose the profile of a first enrollment: the grant is
-        then made again under that profile, by the same rules.
+        then made again under that profile, by the same rules, and may keep or
+        drop names but not give any the validators were not shown (another
+        subject, another subjectAltName): what they allowed is what is issued.
         """
         if not self._policy.external_validation:
             return
@@ -655,6 +667,12 @@ class EnrollmentService:
         if verdict.profile and grant is not None and request is not None \
                 and verdict.profile != grant.profile.name:
             self._grant(item, request, verdict.profile)
+            shown, regranted = item.validation, item.grant
+            if shown is None or regranted is None \
+                    or regranted.subject_text != shown.subject \
+                    or not set(regranted.sans) <= set(shown.sans):
+                raise BadRequest("the profile the validator chose gives other names than "
+                                 "it was shown")
 
     # ---- step 3: pending requests, issue ---------------------------------------
 

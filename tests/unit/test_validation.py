@@ -12,17 +12,26 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
+from asn1crypto import core
+from asn1crypto import csr as asn1_csr
+from asn1crypto import keys as asn1_keys
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from scep_fast.client.messages import (
     PkiRequest,
     build_pkcs_req,
+    build_pki_message,
     build_renewal_req,
+    build_signer_certificate,
     generate_key,
     parse_cert_rep,
+    transaction_id_for,
 )
-from scep_fast.protocol import FailInfo, PKIStatus
+from scep_fast.protocol import FailInfo, MessageType, PKIStatus
+from scep_fast.service.challenges import mint_challenge
 from scep_fast.service.enrollment import Answer, EnrollmentService, Policy
 from scep_fast.service.ledger import Ledger
 from scep_fast.service.validation import ValidationFailed, ValidationRequest, Verdict
@@ -36,7 +45,7 @@ class Validated:
 
     def __init__(self, pki: Pki, ledger: Ledger, clock: Clock, *,
                  challenge_by_validators: bool = False) -> None:
-        self.pki, self.ledger = pki, ledger
+        self.pki, self.ledger, self.clock = pki, ledger, clock
         self.enrollment = EnrollmentService(
             pki.context(pki.ca_pair), ledger,
             Policy(static_challenge=STATIC.encode(), external_validation=True,
@@ -141,6 +150,60 @@ def test_the_validator_may_choose_the_profile_and_its_rules_then_apply(
     assert rep.status is PKIStatus.SUCCESS
     (record,) = list(validated.ledger.iter_records())
     assert record.profile == "dns-only"
+
+
+def test_a_chosen_profile_may_not_give_names_the_validator_was_not_shown(
+        validated: Validated) -> None:
+    # The challenge grants dns-only, so the validator is shown the DNS name
+    # alone; choosing the default profile would add the URI and the mailbox.
+    secret = mint_challenge(validated.ledger, now=validated.clock(), ttl_seconds=3600, uses=1,
+                            profile="dns-only", profiles=PROFILES).secret
+    request = build_pkcs_req(validated.pki.ra, cn="device-5", challenge=secret,
+                             sans=("device-5.example", "uri:https://admin.example/",
+                                   "email:ceo@example.com"))
+    rep = validated.reply(lambda _r: Verdict(allow=True, profile="default"), request)
+    assert [a.sans for a in validated.asked] == [("DNS:device-5.example",)]
+    assert rep.status is PKIStatus.FAILURE and rep.fail_info is FailInfo.BAD_REQUEST
+    assert "other names" in (rep.fail_info_text or "")
+    assert validated.ledger.count() == 0
+
+
+def _csr_with_raw_common_name(key: rsa.RSAPrivateKey, value_tlv: bytes) -> bytes:
+    """A CSR whose CN is ``value_tlv`` as given (OpenSSL reads it, cryptography may not)."""
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    def tlv(tag: int, content: bytes) -> bytes:  # short lengths only
+        return bytes([tag, len(content)]) + content
+
+    cn = asn1_x509.Name.load(tlv(0x30, tlv(0x31, tlv(0x30, b"\x06\x03\x55\x04\x03"
+                                                     + value_tlv))))
+    info = asn1_csr.CertificationRequestInfo({
+        "version": "v1", "subject": cn, "subject_pk_info": asn1_keys.PublicKeyInfo.load(spki),
+        "attributes": [asn1_csr.CRIAttribute({"type": "challenge_password",
+                                              "values": [core.PrintableString(STATIC)]})]})
+    signature = key.sign(info.dump(), padding.PKCS1v15(), hashes.SHA256())
+    return asn1_csr.CertificationRequest({
+        "certification_request_info": info, "signature_algorithm": {"algorithm": "sha256_rsa"},
+        "signature": signature}).dump()
+
+
+def test_a_subject_that_cannot_be_read_fails_alone(validated: Validated) -> None:
+    # A PrintableString may not hold "_" or "@" (X.680): OpenSSL reads it,
+    # cryptography refuses it, and the subject is read as text first for the
+    # validators' request.
+    key = cast(rsa.RSAPrivateKey, generate_key())
+    csr = _csr_with_raw_common_name(key, b"\x13\x05a_b@c")
+    odd = build_pki_message(MessageType.PKCS_REQ, csr, recipient=validated.pki.ra,
+                            signer_key=key, signer_cert=build_signer_certificate(key, "odd"),
+                            transaction_id=transaction_id_for(key.public_key()), csr=csr)
+    good = [build_pkcs_req(validated.pki.ra, cn=f"good-{i}", challenge=STATIC)
+            for i in range(2)]
+    answers = validated.send(allow, good[0], odd, good[1])
+    assert [a.status for a in answers] == ["SUCCESS", "FAILURE", "SUCCESS"]
+    assert [r.subject for r in validated.asked] == ["CN=good-0", "CN=good-1"]
+    rep = parse_cert_rep(answers[1].body, odd, ra_certs=[validated.pki.ra])
+    assert rep.fail_info is FailInfo.BAD_REQUEST
+    assert validated.ledger.count() == 2
 
 
 def test_a_profile_that_does_not_exist_refuses(validated: Validated) -> None:
