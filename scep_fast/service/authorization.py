@@ -32,12 +32,17 @@ secret and nothing the requester did not send).
    SAN the old certificate lacks; it may ask for fewer SANs only when the
    profile sets ``renewal_may_drop_sans``. It keeps the old certificate's
    profile (refused if that profile no longer exists) and needs no approval.
+   The old certificate is looked up again just before issuing, so one
+   revoked while its renewal waited (for validators) renews nothing; with
+   ``revoke_on_replace`` a batch renews one certificate once
+   (``enrollment.py`` applies both).
 6. **Names a one-time challenge binds** (``subject_pattern``,
    ``san_pattern``; when either is set both apply): the whole subject the
    certificate will carry, as an RFC 4514 string with the most specific RDN
    first (``CN=device-42,O=Example``), must match ``subject_pattern`` in
    full, and every SAN value must match ``san_pattern`` in full. An empty
-   pattern then allows no subject, or no SAN.
+   pattern then allows no subject, or no SAN. A SAN value is read as the
+   certificate carries it (a URI's own characters, not percent-decoded).
 7. **A certificate names someone**: an empty subject needs a SAN.
 8. **Approval**: a first enrollment under a profile with
    ``require_approval`` is recorded as pending instead of issued.
@@ -46,7 +51,8 @@ secret and nothing the requester did not send).
    the request, or it is refused (fail closed; ``enrollment.py`` applies
    the verdicts). A validator may name the profile of a first enrollment:
    the grant is then made again under it by these same rules
-   (``profile_name``); a renewal keeps its certificate's profile. With
+   (``profile_name``) and may not give a name the validators were not
+   shown; a renewal keeps its certificate's profile. With
    ``challenge_by_validators`` the validators check a first enrollment's
    challenge instead of rule 3: the default profile applies and nothing
    is spent here.

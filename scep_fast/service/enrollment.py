@@ -355,6 +355,8 @@ class EnrollmentService:
             for item in readable:
                 with self._isolated(item, "decide"):
                     self._decide(item)
+            if self._policy.revoke_on_replace:
+                self._one_renewal_each(readable)
             if self._policy.external_validation:
                 for item in readable:
                     if item.awaits_validation:
@@ -381,6 +383,8 @@ class EnrollmentService:
                     with self._isolated(item, "pending store"):
                         self._record_pending(item)
             batch.issued_at = self._clock()
+            self._renewed_still_good([i for i in batch.items if i.issue is not None],
+                                     batch.issued_at)
             self._issue([i for i in batch.items if i.issue is not None], batch.issued_at)
             self._unless_keys_lost(batch.items)
 
@@ -675,6 +679,41 @@ class EnrollmentService:
                                  "it was shown")
 
     # ---- step 3: pending requests, issue ---------------------------------------
+
+    # ---- renewals: the certificate renewed, once more ----------------------------
+
+    def _one_renewal_each(self, items: list[_Item]) -> None:
+        """When a renewal replaces its certificate, a batch renews each one once.
+
+        Two renewals of one certificate (new keys, so other transactions) would
+        both be granted, since neither has replaced it yet: the device would
+        hold two certificates where the operator asked for one. The first
+        stands; a resend of its transaction is left to the ledger, which
+        answers it with the same certificate.
+        """
+        first: dict[int, bytes] = {}
+        for item in items:
+            renews = item.grant.renews if item.grant is not None else None
+            if renews is None or item.issue is None or item.request is None:
+                continue
+            transaction = item.request.transaction_id.encode() + b"\0" + item.requester
+            if first.setdefault(renews.serial, transaction) != transaction:
+                self._fail(item, BadRequest("another request of this batch renews the same "
+                                            "certificate"))
+
+    def _renewed_still_good(self, items: list[_Item], now: float) -> None:
+        """Refuses a renewal whose certificate was revoked (or expired) since it was
+        authenticated: the validators may have taken seconds, and an operator
+        may have revoked it meanwhile."""
+        for item in items:
+            renews = item.grant.renews if item.grant is not None else None
+            if renews is None:
+                continue
+            with self._isolated(item, "renewal check"):
+                current = self._ledger.get(renews.serial)
+                if current is None or not good_at(current, now):
+                    raise BadRequest("the certificate this request renews is revoked or "
+                                     "expired")
 
     def _record_pending(self, item: _Item) -> None:
         if item.pending is None or item.grant is None:

@@ -93,12 +93,13 @@ class Service:
 
     def __init__(self, pki: Pki, ledger: Ledger, clock: Clock,
                  issuer: tuple[bytes, bytes] | None = None,
-                 retired: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+                 retired: tuple[tuple[bytes, bytes], ...] = (),
+                 policy: Policy | None = None) -> None:
         issuer = issuer or pki.ca_pair
         self.pki, self.ledger, self.clock = pki, ledger, clock
         self.enrollment = EnrollmentService(
-            pki.context(issuer), ledger, Policy(static_challenge=STATIC.encode()), PROFILES,
-            [issuer[0], *[pair[0] for pair in retired]], clock=clock)
+            pki.context(issuer), ledger, policy or Policy(static_challenge=STATIC.encode()),
+            PROFILES, [issuer[0], *[pair[0] for pair in retired]], clock=clock)
 
     def send(self, *requests: PkiRequest) -> list[Answer]:
         return self.enrollment.handle_batch([r.message for r in requests])

@@ -33,6 +33,7 @@ from scep_fast.client.messages import (
     transaction_id_for,
 )
 from scep_fast.protocol import FailInfo, MessageType, PKIStatus
+from scep_fast.service.enrollment import Policy
 from scep_fast.service.ledger import Ledger
 from scep_fast.service.ledger_memory import MemoryLedger
 from tests.unit.harness import STATIC, Clock, Pki, Service
@@ -176,6 +177,45 @@ def test_a_revoked_or_expired_certificate_cannot_renew(service: Service, clock: 
     late = build_renewal_req(service.pki.ra, old_cert=expiring, old_key=expiring_key,
                              cn="deviceB")
     assert "not valid" in service.refused(late)
+
+
+def test_a_batch_renews_a_certificate_once_when_renewal_replaces_it(
+        pki: Pki, ledger: Ledger, clock: Clock) -> None:
+    service = Service(pki, ledger, clock, policy=Policy(static_challenge=STATIC.encode(),
+                                                        revoke_on_replace=True))
+    old, old_key = _enrolled(service, "deviceA")
+    # Two new keys, so two transactions, both signed by the one certificate.
+    forks = [build_renewal_req(pki.ra, old_cert=old, old_key=old_key, cn="deviceA")
+             for _ in range(2)]
+    answers = service.send(*forks)
+    assert [a.status for a in answers] == ["SUCCESS", "FAILURE"]
+    assert "renews the same certificate" in answers[1].reason
+    records = list(ledger.iter_records())
+    assert len(records) == 2
+    replaced = ledger.get(old.serial_number)
+    assert replaced is not None and replaced.status == "revoked"
+    # A resend of the renewal that stood gets its certificate again, in a batch
+    # with another fork.
+    again = service.send(forks[0], build_renewal_req(pki.ra, old_cert=old, old_key=old_key,
+                                                     cn="deviceA"))
+    assert again[0].status == "SUCCESS" and again[0].serial == answers[0].serial
+    assert again[1].status == "FAILURE"
+    assert len(list(ledger.iter_records())) == 2
+
+
+def test_a_certificate_revoked_while_its_renewal_waited_does_not_renew(
+        service: Service, clock: Clock) -> None:
+    old, old_key = _enrolled(service, "deviceA")
+    renewal = build_renewal_req(service.pki.ra, old_cert=old, old_key=old_key, cn="deviceA")
+    enrollment = service.enrollment
+    batch = enrollment.authenticate_batch([renewal.message])
+    # The operator revokes it while the batch waits (for validators, say).
+    service.ledger.revoke(old.serial_number, 1, clock())
+    enrollment.issue_batch(batch)
+    enrollment.sign_batch(batch)
+    (answer,) = enrollment.record_batch(batch)
+    assert answer.status == "FAILURE" and "revoked" in answer.reason
+    assert service.ledger.count() == 1
 
 
 def test_a_certificate_of_the_retired_ca_renews_into_the_same_identity(
