@@ -121,6 +121,7 @@ from scep_fast.service.ledger import (
     NoticeRetry,
     PendingRequest,
     Recorded,
+    Renewal,
     UnsupportedSchema,
     check_claim,
     check_notices,
@@ -128,9 +129,11 @@ from scep_fast.service.ledger import (
     check_retries,
     check_revocation_reason,
     commit_challenges,
+    commit_renewals,
     decide,
     notices_to_write,
     refusal_of,
+    replaced,
     spent,
     usable,
 )
@@ -389,6 +392,10 @@ class LmdbLedger:
                 return
             after = chunk[-1][0]
 
+    def _record_or_none(self, txn: lmdb.Transaction[bytes], key: bytes) -> CertRecord | None:
+        value = txn.get(key, db=self._certs)
+        return None if value is None else decode_record(key, value)
+
     def _record_at(self, txn: lmdb.Transaction[bytes], key: bytes) -> CertRecord:
         value = txn.get(key, db=self._certs)
         if value is None:
@@ -421,9 +428,10 @@ class LmdbLedger:
 
     def commit(
         self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = (),
-        notices: Sequence[Notice] = (),
+        notices: Sequence[Notice] = (), renewals: Sequence[Renewal | None] = (),
     ) -> list[CommitOutcome]:
         presented = commit_challenges(records, challenges)
+        renewing = commit_renewals(records, renewals)
         check_notices(notices)
         self._env_checked()
         if not records and not notices:
@@ -436,8 +444,9 @@ class LmdbLedger:
                 transaction_key(record.transaction_id, record.requester_key_sha256),
                 encode_record(record),
                 digest,
+                renewal,
             )
-            for record, digest in zip(records, presented, strict=True)
+            for record, digest, renewal in zip(records, presented, renewing, strict=True)
         ]
         encoded = {notice.notice_id: encode_notice(notice) for notice in notices}
         outcomes: list[CommitOutcome] = []
@@ -446,11 +455,13 @@ class LmdbLedger:
             def serial_in_use(serial: int) -> bool:
                 return txn.get(serial_key(serial), db=certs) is not None
 
-            for record, skey, tkey, value, digest in prepared:
+            for record, skey, tkey, value, digest, renewal in prepared:
                 existing_key = txn.get(tkey, db=txids)
                 holder = None if existing_key is None else self._record_at(txn, existing_key)
+                renewed = None if renewal is None else self._record_or_none(
+                    txn, serial_key(renewal.serial))
                 refused = refusal_of(record, digest, holder, serial_in_use,
-                                     partial(self._spend_challenge, txn))
+                                     partial(self._spend_challenge, txn), renewal, renewed)
                 if refused is not None:
                     outcomes.append(refused)
                 else:
@@ -458,6 +469,11 @@ class LmdbLedger:
                     txn.put(tkey, skey, db=txids)
                     if record.status == "revoked":
                         txn.put(skey, b"", db=self._revoked)
+                    revoked = replaced(record, renewal, renewed)
+                    if revoked is not None:
+                        rkey = serial_key(revoked.serial)
+                        txn.put(rkey, encode_record(revoked), db=certs)
+                        txn.put(rkey, b"", db=self._revoked)
                     outcomes.append(Recorded(record))
             for notice in notices_to_write(notices, outcomes):
                 self._put_notice(txn, notice, encoded[notice.notice_id])

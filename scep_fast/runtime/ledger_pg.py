@@ -92,6 +92,7 @@ from scep_fast.service.ledger import (
     NoticeRetry,
     PendingRequest,
     Recorded,
+    Renewal,
     UnsupportedSchema,
     check_claim,
     check_decision,
@@ -100,10 +101,12 @@ from scep_fast.service.ledger import (
     check_retries,
     check_revocation_reason,
     commit_challenges,
+    commit_renewals,
     decide,
     is_time,
     notices_to_write,
     refusal_of,
+    replaced,
     usable,
 )
 from scep_fast.service.notices import Notice
@@ -252,6 +255,13 @@ JOIN txids t ON t.requester_key_sha256 = k.requester AND t.transaction_id = k.ti
 JOIN certs c ON c.serial = t.serial
 """
 _READ_SERIALS: Final = "SELECT serial FROM certs WHERE serial = ANY(%s::numeric[])"
+_READ_CERTS: Final = f"SELECT {_CERT_COLUMNS} FROM certs WHERE serial = ANY(%s::numeric[])"
+# A renewal's revocation of the certificate it replaces: only if it is still
+# issued, so that another node's renewal of it (or an operator's revocation)
+# since this batch read it makes the batch decide again.
+_REVOKE_RENEWED: Final = ("UPDATE certs SET status = 'revoked', revoked_at = %s, "
+                          "revocation_reason = %s WHERE serial = %s::numeric "
+                          "AND status = 'issued' RETURNING serial")
 _READ_CHALLENGES: Final = f"SELECT {_CHALLENGE_COLUMNS} FROM challenges WHERE digest = ANY(%s)"
 _INSERT_CERT: Final = (f"INSERT INTO certs ({_CERT_COLUMNS}) VALUES "
                        "(%s::numeric, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
@@ -595,9 +605,10 @@ class PgLedger:
 
     def commit(
         self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = (),
-        notices: Sequence[Notice] = (),
+        notices: Sequence[Notice] = (), renewals: Sequence[Renewal | None] = (),
     ) -> list[CommitOutcome]:
         presented = commit_challenges(records, challenges)
+        renewing = commit_renewals(records, renewals)
         check_notices(notices)
         if self._closed:
             raise LedgerError("ledger is closed")
@@ -608,23 +619,26 @@ class PgLedger:
         for _attempt in range(COMMIT_ATTEMPTS):
             try:
                 with self._connection("commit") as conn:
-                    return self._commit_once(conn, records, presented, notices)
+                    return self._commit_once(conn, records, presented, renewing, notices)
             except (_Lost, psycopg.errors.UniqueViolation, *_RETRYABLE):
                 continue
         raise LedgerError(f"ledger {self._where}: a batch lost {COMMIT_ATTEMPTS} races with "
                           "concurrent batches in a row; nothing of it was recorded")
 
     def _commit_once(self, conn: psycopg.Connection[Any], records: Sequence[CertRecord],
-                     presented: Sequence[bytes | None],
+                     presented: Sequence[bytes | None], renewing: Sequence[Renewal | None],
                      notices: Sequence[Notice]) -> list[CommitOutcome]:
         keys = sorted({(r.requester_key_sha256, r.transaction_id) for r in records})
         digests = sorted({d for d in presented if d is not None})
+        renewed_serials = sorted({r.serial for r in renewing if r is not None})
         with conn.pipeline(), conn.transaction():
             # Round trip 1: what the rules of this batch depend on.
             holders = conn.execute(_READ_TXIDS.encode(), ([k for k, _ in keys],
                                                           [t for _, t in keys]))
             taken = conn.execute(_READ_SERIALS.encode(), ([r.serial for r in records],))
             kept = conn.execute(_READ_CHALLENGES.encode(), (digests,))
+            renewed_rows = conn.execute(_READ_CERTS.encode(), (renewed_serials,)) \
+                if renewed_serials else None
             held: dict[tuple[bytes, str], CertRecord] = {}
             for row in holders.fetchall():
                 record = _cert(row)
@@ -634,6 +648,10 @@ class PgLedger:
             for row in kept.fetchall():
                 stored = _challenge(row)
                 uses[stored.digest] = stored
+            current: dict[int, CertRecord] = {}
+            for row in renewed_rows.fetchall() if renewed_rows is not None else ():
+                renewed_record = _cert(row)
+                current[renewed_record.serial] = renewed_record
 
             # The rules, record by record, as MemoryLedger applies them.
             before = dict(held)
@@ -650,16 +668,24 @@ class PgLedger:
                 spent[digest] = (count + 1, max(latest, issued_at))
                 return True
 
-            for record, digest in zip(records, presented, strict=True):
+            revocations: list[tuple[Any, ...]] = []
+            for record, digest, renewal in zip(records, presented, renewing, strict=True):
                 key = (record.requester_key_sha256, record.transaction_id)
                 holder = held.get(key)
-                refused = refusal_of(record, digest, holder, serials.__contains__, take_use)
+                renewed = None if renewal is None else current.get(renewal.serial)
+                refused = refusal_of(record, digest, holder, serials.__contains__, take_use,
+                                     renewal, renewed)
                 if refused is not None:
                     outcomes.append(refused)
                 else:
                     serials.add(record.serial)
                     held[key] = record
                     written.append(record)
+                    revoked = replaced(record, renewal, renewed)
+                    if revoked is not None:
+                        current[revoked.serial] = revoked
+                        revocations.append((revoked.revoked_at, revoked.revocation_reason,
+                                            revoked.serial))
                     outcomes.append(Recorded(record))
             # The outcomes are known before anything is written; a write
             # that finds the database changed meanwhile rolls everything
@@ -685,7 +711,8 @@ class PgLedger:
             checks: list[tuple[psycopg.Cursor[Any], int]] = []
             for query, rows in ((_TAKE_TXID, taking), (_TAKE_OVER_TXID, taking_over),
                                 (_SPEND, [(count, digest, count, latest)
-                                          for digest, (count, latest) in sorted(spent.items())])):
+                                          for digest, (count, latest) in sorted(spent.items())]),
+                                (_REVOKE_RENEWED, revocations)):
                 if rows:
                     checked = conn.cursor()
                     checked.executemany(query.encode(), rows, returning=True)

@@ -32,10 +32,11 @@ secret and nothing the requester did not send).
    SAN the old certificate lacks; it may ask for fewer SANs only when the
    profile sets ``renewal_may_drop_sans``. It keeps the old certificate's
    profile (refused if that profile no longer exists) and needs no approval.
-   The old certificate is looked up again just before issuing, so one
-   revoked while its renewal waited (for validators) renews nothing; with
-   ``revoke_on_replace`` a batch renews one certificate once
-   (``enrollment.py`` applies both).
+   The ledger's commit checks again that the old certificate is good, so
+   one revoked while its renewal waited (for validators) renews nothing;
+   with ``revoke_on_replace`` the commit revokes it with the new record, so
+   a certificate renews once, whatever the batches and nodes
+   (``ledger.py``, rules 2 and 5).
 6. **Names a one-time challenge binds** (``subject_pattern``,
    ``san_pattern``; when either is set both apply): the whole subject the
    certificate will carry, as an RFC 4514 string with the most specific RDN

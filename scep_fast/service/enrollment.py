@@ -87,6 +87,8 @@ from scep_fast.service.ledger import (
     LedgerUnavailable,
     PendingRequest,
     Recorded,
+    Renewal,
+    RenewedGone,
     SerialCollision,
     TransactionConflict,
     good_at,
@@ -355,8 +357,6 @@ class EnrollmentService:
             for item in readable:
                 with self._isolated(item, "decide"):
                     self._decide(item)
-            if self._policy.revoke_on_replace:
-                self._one_renewal_each(readable)
             if self._policy.external_validation:
                 for item in readable:
                     if item.awaits_validation:
@@ -383,8 +383,6 @@ class EnrollmentService:
                     with self._isolated(item, "pending store"):
                         self._record_pending(item)
             batch.issued_at = self._clock()
-            self._renewed_still_good([i for i in batch.items if i.issue is not None],
-                                     batch.issued_at)
             self._issue([i for i in batch.items if i.issue is not None], batch.issued_at)
             self._unless_keys_lost(batch.items)
 
@@ -680,41 +678,6 @@ class EnrollmentService:
 
     # ---- step 3: pending requests, issue ---------------------------------------
 
-    # ---- renewals: the certificate renewed, once more ----------------------------
-
-    def _one_renewal_each(self, items: list[_Item]) -> None:
-        """When a renewal replaces its certificate, a batch renews each one once.
-
-        Two renewals of one certificate (new keys, so other transactions) would
-        both be granted, since neither has replaced it yet: the device would
-        hold two certificates where the operator asked for one. The first
-        stands; a resend of its transaction is left to the ledger, which
-        answers it with the same certificate.
-        """
-        first: dict[int, bytes] = {}
-        for item in items:
-            renews = item.grant.renews if item.grant is not None else None
-            if renews is None or item.issue is None or item.request is None:
-                continue
-            transaction = item.request.transaction_id.encode() + b"\0" + item.requester
-            if first.setdefault(renews.serial, transaction) != transaction:
-                self._fail(item, BadRequest("another request of this batch renews the same "
-                                            "certificate"))
-
-    def _renewed_still_good(self, items: list[_Item], now: float) -> None:
-        """Refuses a renewal whose certificate was revoked (or expired) since it was
-        authenticated: the validators may have taken seconds, and an operator
-        may have revoked it meanwhile."""
-        for item in items:
-            renews = item.grant.renews if item.grant is not None else None
-            if renews is None:
-                continue
-            with self._isolated(item, "renewal check"):
-                current = self._ledger.get(renews.serial)
-                if current is None or not good_at(current, now):
-                    raise BadRequest("the certificate this request renews is revoked or "
-                                     "expired")
-
     def _record_pending(self, item: _Item) -> None:
         if item.pending is None or item.grant is None:
             return
@@ -769,10 +732,11 @@ class EnrollmentService:
         committed = [i for i in items if i.record is not None]
         records = [i.record for i in committed if i.record is not None]
         challenges = [i.grant.challenge if i.grant is not None else None for i in committed]
+        renewals = [self._renewal(i) for i in committed]
         started = time.perf_counter()
         try:
             outcomes = self._ledger.commit(records, challenges,
-                                           [n for ns in notices.values() for n in ns])
+                                           [n for ns in notices.values() for n in ns], renewals)
         except LedgerFull as e:
             # Nothing was recorded, so nothing may leave; the client may come back (503).
             for item in items:
@@ -793,8 +757,8 @@ class EnrollmentService:
         sign_again: list[_Item] = []
         for item, outcome in zip(committed, outcomes, strict=True):
             if isinstance(outcome, Recorded):
-                self._replace(item, now)
-            elif isinstance(outcome, AlreadyIssued):
+                continue
+            if isinstance(outcome, AlreadyIssued):
                 # A resend recorded by another batch since this one looked.
                 record = outcome.record
                 self._succeed(item, record.der, record.serial, record.profile)
@@ -805,12 +769,27 @@ class EnrollmentService:
             elif isinstance(outcome, ChallengeRefused):
                 self._fail(item, BadRequest(_USED_UP))
                 sign_again.append(item)
+            elif isinstance(outcome, RenewedGone):
+                # Revoked while the request waited, or renewed (and replaced)
+                # by another request first.
+                self._fail(item, BadRequest("the certificate this request renews is revoked "
+                                            "or expired"))
+                sign_again.append(item)
             elif isinstance(outcome, SerialCollision):
                 self._internal(item, f"serial {outcome.serial:x} collided")
         self._notify_late_refusals([i for i in committed if i.answer.status == "FAILURE"], now)
         if sign_again:
             with self._native:
                 self._wrap(sign_again)
+
+    def _renewal(self, item: _Item) -> Renewal | None:
+        """What the item's certificate renews, for the commit: the old certificate must
+        still be good then, and is revoked (superseded) with it when renewals
+        replace what they renew."""
+        renews = item.grant.renews if item.grant is not None else None
+        if renews is None:
+            return None
+        return Renewal(renews.serial, SUPERSEDED if self._policy.revoke_on_replace else None)
 
     # ---- notices ----------------------------------------------------------------
 
@@ -831,6 +810,12 @@ class EnrollmentService:
                 body = issued_event(item.record, message_type=message_type,
                                     csr_der=item.unwrapped.content, at=now)
                 notices[id(item)] = self._for_sinks("issued", body, now, item.record.serial)
+                renews = item.grant.renews if item.grant is not None else None
+                if renews is not None and self._policy.revoke_on_replace:
+                    # Written only with the new record, as the revocation is.
+                    notices[id(item)] += self._for_sinks(
+                        "revoked", revoked_event(renews, reason=SUPERSEDED, at=now), now,
+                        item.record.serial)
             elif item.answer.status == "FAILURE":
                 if refusals:
                     notices[id(item)] = self._for_sinks("refused", self._refusal(item, now), now)
@@ -869,16 +854,6 @@ class EnrollmentService:
                    serial: int | None = None) -> list[Notice]:
         return notices_for(event, body, [s for s, events in self._sinks.items()
                                          if event in events], now, serial=serial)
-
-    def _replace(self, item: _Item, now: float) -> None:
-        renews = item.grant.renews if item.grant is not None else None
-        if renews is None or not self._policy.revoke_on_replace:
-            return
-        try:
-            self._ledger.revoke(renews.serial, SUPERSEDED, now, self._for_sinks(
-                "revoked", revoked_event(renews, reason=SUPERSEDED, at=now), now))
-        except Exception as e:  # noqa: BLE001 - the new certificate stands regardless
-            item.answer.reason = f"revoke-on-replace of {renews.serial:x} failed: {e}"
 
     # ---- step 5: sign the replies -------------------------------------------
 

@@ -24,14 +24,22 @@ write transaction for the whole batch:
    :class:`TransactionConflict`. A key whose certificate was revoked or has
    expired is free again: the new record takes it over (devices that derive
    the transactionID from a key they keep must be able to enroll again).
-2. The serial number is already in use: :class:`SerialCollision`; the caller
+2. The record renews a certificate (``renewals``, one entry per record,
+   ``None`` for a first enrollment) that is no longer good at ``issued_at``
+   (revoked, expired, or not on record): :class:`RenewedGone`. A renewal
+   recorded while its request waited (for validators, say) and the
+   operator revoked the old certificate meanwhile renews nothing.
+3. The serial number is already in use: :class:`SerialCollision`; the caller
    refuses (or reissues with a fresh serial) rather than overwrite.
-3. The record's request presented a one-time challenge (``challenges``, one
+4. The record's request presented a one-time challenge (``challenges``, one
    entry per record, ``None`` for none) that is no longer usable at
    ``issued_at``: :class:`ChallengeRefused`. Otherwise the challenge loses
    one use in the same transaction as the record is written, so a challenge
    is spent exactly when a certificate is recorded for it.
-4. Otherwise the record is written: :class:`Recorded`.
+5. Otherwise the record is written: :class:`Recorded`. A renewal that
+   replaces its certificate (:attr:`Renewal.revoke_reason` set) revokes it
+   in the same transaction, so two renewals of one certificate, in one
+   batch or on two nodes at once, cannot both be recorded.
 
 A batch is all or nothing: when anything raises in the middle, nothing of
 the batch is written. When ``commit`` returns, the batch is on disk.
@@ -445,10 +453,34 @@ class ChallengeRefused:
     digest: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class RenewedGone:
+    """The certificate the record renews was revoked (or expired) before the
+    renewal was recorded; nothing was written."""
+
+    serial: int
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What a record renews: the certificate's serial, and the CRLReason to revoke
+    that certificate with when the record is written (None: it stays valid)."""
+
+    serial: int
+    revoke_reason: int | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.serial) is not int or not 1 <= self.serial <= MAX_SERIAL:
+            raise ValueError("a renewal names a positive serial of at most 20 octets")
+        if self.revoke_reason is not None:
+            check_revocation_reason(self.revoke_reason)
+
+
 # A failed delivery's new state: (notice_id, attempts, next_attempt_at).
 NoticeRetry = tuple[bytes, int, float]
 
-CommitOutcome = Recorded | AlreadyIssued | TransactionConflict | SerialCollision | ChallengeRefused
+CommitOutcome = (Recorded | AlreadyIssued | TransactionConflict | RenewedGone | SerialCollision
+                 | ChallengeRefused)
 
 
 class Ledger(Protocol):
@@ -472,15 +504,16 @@ class Ledger(Protocol):
 
     def commit(
         self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = (),
-        notices: Sequence[Notice] = (),
+        notices: Sequence[Notice] = (), renewals: Sequence[Renewal | None] = (),
     ) -> list[CommitOutcome]:
         """Record a batch in one durable transaction; one outcome per record.
 
         ``challenges`` is empty or has one entry per record: the digest of
-        the one-time challenge its request presented, or None. ``notices``
-        go to the outbox in the same transaction: one whose ``serial`` is set
-        only if that serial's record is :class:`Recorded` by this commit,
-        the others always.
+        the one-time challenge its request presented, or None. ``renewals``
+        likewise: what the record renews, or None. ``notices`` go to the
+        outbox in the same transaction: one whose ``serial`` is set only if
+        that serial's record is :class:`Recorded` by this commit, the others
+        always.
         """
         ...
 
@@ -623,25 +656,53 @@ def good_at(record: CertRecord, now: float) -> bool:
 
 def refusal_of(record: CertRecord, digest: bytes | None, holder: CertRecord | None,
                serial_in_use: Callable[[int], bool],
-               take_use: Callable[[bytes, float], bool]) -> CommitOutcome | None:
-    """Rules 1 to 3 of :meth:`Ledger.commit` for one record, in order (see the module
-    docstring); None means rule 4: write it.
+               take_use: Callable[[bytes, float], bool], renewal: Renewal | None = None,
+               renewed: CertRecord | None = None) -> CommitOutcome | None:
+    """Rules 1 to 4 of :meth:`Ledger.commit` for one record, in order (see the module
+    docstring); None means rule 5: write it.
 
     ``holder`` is the record that holds the record's (transaction_id,
-    requester_key_sha256) now, if any; ``take_use(digest, issued_at)`` takes
-    one use of the challenge if it is usable then, and says whether it could
-    (it is called last, and only when the record is to be written). Every
-    ledger decides with this one function.
+    requester_key_sha256) now, if any; ``renewed`` the record of the
+    certificate ``renewal`` names, as it stands now (None if not on record);
+    ``take_use(digest, issued_at)`` takes one use of the challenge if it is
+    usable then, and says whether it could (it is called last, and only when
+    the record is to be written). Every ledger decides with this one
+    function, and revokes what :func:`replaced` says when it writes.
     """
     if holder is not None and good_at(holder, record.issued_at):
         if holder.csr_sha256 == record.csr_sha256:
             return AlreadyIssued(holder)
         return TransactionConflict(holder)
+    if renewal is not None and (renewed is None or not good_at(renewed, record.issued_at)):
+        return RenewedGone(renewal.serial)
     if serial_in_use(record.serial):
         return SerialCollision(record.serial)
     if digest is not None and not take_use(digest, record.issued_at):
         return ChallengeRefused(digest)
     return None
+
+
+def replaced(record: CertRecord, renewal: Renewal | None,
+             renewed: CertRecord | None) -> CertRecord | None:
+    """The renewed certificate as revoked by the record's renewal, when the record is
+    written and its renewal replaces it; None when nothing is revoked."""
+    if renewal is None or renewal.revoke_reason is None or renewed is None:
+        return None
+    return dataclasses.replace(renewed, status="revoked", revoked_at=record.issued_at,
+                               revocation_reason=renewal.revoke_reason)
+
+
+def commit_renewals(records: Sequence[CertRecord],
+                    renewals: Sequence[Renewal | None]) -> Sequence[Renewal | None]:
+    """The renewal per record (None for none); raises for arguments of the wrong shape."""
+    if not renewals:
+        return [None] * len(records)
+    if len(renewals) != len(records):
+        raise ValueError("renewals must be empty or have one entry per record")
+    for renewal in renewals:
+        if renewal is not None and not isinstance(renewal, Renewal):
+            raise TypeError("renewals takes Renewal values or None")
+    return renewals
 
 
 def _check_digest(digest: object) -> None:

@@ -21,6 +21,7 @@ from scep_fast.service.ledger import (
     NoticeRetry,
     PendingRequest,
     Recorded,
+    Renewal,
     check_claim,
     check_decision,
     check_notices,
@@ -28,11 +29,13 @@ from scep_fast.service.ledger import (
     check_retries,
     check_revocation_reason,
     commit_challenges,
+    commit_renewals,
     decide,
     due_order,
     is_time,
     notices_to_write,
     refusal_of,
+    replaced,
     spent,
     usable,
 )
@@ -88,9 +91,10 @@ class MemoryLedger:
 
     def commit(
         self, records: Sequence[CertRecord], challenges: Sequence[bytes | None] = (),
-        notices: Sequence[Notice] = (),
+        notices: Sequence[Notice] = (), renewals: Sequence[Renewal | None] = (),
     ) -> list[CommitOutcome]:
         presented = commit_challenges(records, challenges)
+        renewing = commit_renewals(records, renewals)
         check_notices(notices)
         with self._lock:
             self._check_open()
@@ -107,16 +111,21 @@ class MemoryLedger:
                 kept[digest] = spent(challenge)
                 return True
 
-            for record, digest in zip(records, presented, strict=True):
+            for record, digest, renewal in zip(records, presented, renewing, strict=True):
                 key = (record.transaction_id, record.requester_key_sha256)
                 serial = txids.get(key)
                 holder = None if serial is None else certs[serial]
-                refused = refusal_of(record, digest, holder, certs.__contains__, take_use)
+                renewed = None if renewal is None else certs.get(renewal.serial)
+                refused = refusal_of(record, digest, holder, certs.__contains__, take_use,
+                                     renewal, renewed)
                 if refused is not None:
                     outcomes.append(refused)
                 else:
                     certs[record.serial] = record
                     txids[key] = record.serial
+                    revoked = replaced(record, renewal, renewed)
+                    if revoked is not None:
+                        certs[revoked.serial] = revoked
                     outcomes.append(Recorded(record))
             outbox = self._with_notices(notices_to_write(notices, outcomes))
             self._certs, self._txids, self._challenges = certs, txids, kept

@@ -9,6 +9,7 @@ its file locking, its byte formats) is tested beside that adapter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import multiprocessing
@@ -33,6 +34,8 @@ from scep_fast.service.ledger import (
     LedgerError,
     NotFound,
     Recorded,
+    Renewal,
+    RenewedGone,
     SerialCollision,
     TransactionConflict,
 )
@@ -397,6 +400,96 @@ def test_a_revoked_or_expired_transaction_is_free_again(ledger: Ledger) -> None:
     # While a certificate is good, the transaction stays its own.
     fourth = make_record(14, "tx-again", csr="fourth", issued_at=NOW + 3)
     assert ledger.commit([fourth]) == [TransactionConflict(third)]
+
+
+def test_a_renewal_is_recorded_only_while_its_certificate_is_good(ledger: Ledger) -> None:
+    old = make_record(21, "tx-old", issued_at=NOW)
+    ledger.commit([old])
+    # Renewals that keep the old certificate: each recorded, the old one untouched.
+    kept_a = make_record(22, "tx-a", issued_at=NOW + 1)
+    kept_b = make_record(23, "tx-b", issued_at=NOW + 1)
+    assert ledger.commit([kept_a, kept_b], renewals=[Renewal(21), Renewal(21)]) == [
+        Recorded(kept_a), Recorded(kept_b)]
+    assert ledger.get(21) == old
+    # Revoked since the request was authenticated: nothing is written.
+    ledger.revoke(21, 1, NOW + 2)
+    late = make_record(24, "tx-late", issued_at=NOW + 3)
+    stray = make_record(25, "tx-stray", issued_at=NOW + 3)
+    assert ledger.commit([late, stray], renewals=[Renewal(21), Renewal(999)]) == [
+        RenewedGone(21), RenewedGone(999)]
+    assert ledger.get(24) is None and ledger.get(25) is None
+    # Expired at the renewal's time: the same.
+    expired = make_record(26, "tx-exp", issued_at=NOW)
+    ledger.commit([expired])
+    after = make_record(27, "tx-after", issued_at=expired.not_after + 1)
+    assert ledger.commit([after], renewals=[Renewal(26)]) == [RenewedGone(26)]
+
+
+def test_a_renewal_that_replaces_revokes_in_its_commit_and_wins_once(ledger: Ledger) -> None:
+    old = make_record(31, "tx-old", issued_at=NOW)
+    ledger.commit([old])
+    first = make_record(32, "tx-first", issued_at=NOW + 1)
+    fork = make_record(33, "tx-fork", issued_at=NOW + 1)
+    revoked_notice = make_notice(41, serial=32, event="revoked")
+    outcomes = ledger.commit([first, fork], notices=[revoked_notice, make_notice(42, serial=33)],
+                             renewals=[Renewal(31, 4), Renewal(31, 4)])
+    assert outcomes == [Recorded(first), RenewedGone(31)]
+    replaced = ledger.get(31)
+    assert replaced == dataclasses.replace(old, status="revoked", revoked_at=first.issued_at,
+                                           revocation_reason=4)
+    assert [r.serial for r in ledger.iter_revoked()] == [31] and ledger.count_revoked() == 1
+    assert ledger.get(33) is None
+    assert sorted(outbox(ledger)) == [revoked_notice.notice_id]
+    # A later batch renews it no more.
+    later = make_record(34, "tx-later", issued_at=NOW + 2)
+    assert ledger.commit([later], renewals=[Renewal(31, 4)]) == [RenewedGone(31)]
+    # And a resend of the renewal that won is still answered with its certificate.
+    assert ledger.commit([make_record(35, "tx-first", issued_at=NOW + 2)],
+                         renewals=[Renewal(31, 4)]) == [AlreadyIssued(first)]
+
+
+def test_renewals_are_checked_for_shape(ledger: Ledger) -> None:
+    record = make_record(51, "tx-shape", issued_at=NOW)
+    with pytest.raises(ValueError):
+        ledger.commit([record], renewals=[Renewal(1), Renewal(2)])
+    with pytest.raises(TypeError):
+        ledger.commit([record], renewals=[51])  # type: ignore[list-item]
+    with pytest.raises(ValueError):
+        Renewal(0)
+    with pytest.raises(ValueError):
+        Renewal(1, revoke_reason=7)  # 7 is not a CRLReason
+    assert ledger.count() == 0
+
+
+def test_commits_renewing_one_certificate_at_once_record_one(durable: Storage) -> None:
+    # Two threads commit at once: through one handle on LMDB (one per process;
+    # its writers queue on the file's lock), through a handle each on
+    # PostgreSQL (as two nodes would, racing on the same rows).
+    shared = durable.target.startswith("lmdb")
+    with closing(durable.open()) as ledger:
+        for round_ in range(6):
+            serial = 100 + 10 * round_  # a fresh certificate each round
+            ledger.commit([make_record(serial, f"tx-old-{round_}", issued_at=NOW)])
+            barrier = threading.Barrier(2)
+            outcomes: list[object] = []
+
+            def renew(n: int, serial: int = serial, round_: int = round_,
+                      barrier: threading.Barrier = barrier,
+                      outcomes: list[object] = outcomes) -> None:
+                record = make_record(serial + 1 + n, f"tx-{round_}-{n}", issued_at=NOW + 1)
+                with contextlib.ExitStack() as stack:
+                    handle = ledger if shared else stack.enter_context(closing(durable.open()))
+                    barrier.wait(timeout=30)
+                    outcomes.extend(handle.commit([record], renewals=[Renewal(serial, 4)]))
+
+            threads = [threading.Thread(target=renew, args=(n,)) for n in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert sorted(type(o).__name__ for o in outcomes) == ["Recorded", "RenewedGone"]
+            renewed = ledger.get(serial)
+            assert renewed is not None and renewed.status == "revoked"
 
 
 def test_pending_spends_its_challenge_once(ledger: Ledger) -> None:

@@ -6,7 +6,7 @@ import base64
 
 from cryptography import x509
 
-from scep_fast.client.messages import build_pkcs_req
+from scep_fast.client.messages import build_pkcs_req, build_renewal_req
 from scep_fast.service.enrollment import EnrollmentService, Policy
 from scep_fast.service.ledger_memory import MemoryLedger
 from tests.unit.harness import PROFILES, STATIC, Clock, Pki
@@ -15,9 +15,11 @@ ALL = frozenset({"issued", "refused", "revoked"})
 
 
 def service(pki: Pki, ledger: MemoryLedger, *, room: bool = True,
-            unnoticed: list[int] | None = None) -> EnrollmentService:
+            unnoticed: list[int] | None = None,
+            revoke_on_replace: bool = False) -> EnrollmentService:
     return EnrollmentService(
-        pki.context(pki.ca_pair), ledger, Policy(static_challenge=STATIC.encode()), PROFILES,
+        pki.context(pki.ca_pair), ledger,
+        Policy(static_challenge=STATIC.encode(), revoke_on_replace=revoke_on_replace), PROFILES,
         [pki.ca_pair[0]], clock=Clock(),
         notice_sinks={"webhook": ALL, "intune": frozenset({"issued", "refused"})},
         refusals_noticed=lambda: room,
@@ -42,6 +44,28 @@ def test_an_issued_certificate_is_noticed_once_per_sink_and_a_resend_not_again(p
     (again,) = enrollment.handle_batch([request.message])
     assert again.serial == answer.serial
     assert ledger.count_notices() == 2
+
+
+def test_a_renewal_that_replaces_notices_the_revocation_with_its_certificate(
+        pki: Pki) -> None:
+    ledger = MemoryLedger()
+    enrollment = service(pki, ledger, revoke_on_replace=True)
+    first = build_pkcs_req(pki.ra, cn="renewing", challenge=STATIC)
+    (answer,) = enrollment.handle_batch([first.message])
+    assert answer.serial is not None
+    old = ledger.get(answer.serial)
+    assert old is not None
+    renewal = build_renewal_req(pki.ra, old_cert=x509.load_der_x509_certificate(old.der),
+                                old_key=first.signer_key, cn="renewing")
+    (renewed,) = enrollment.handle_batch([renewal.message])
+    assert renewed.status == "SUCCESS"
+    replaced = ledger.get(old.serial)
+    assert replaced is not None and replaced.status == "revoked"
+    revoked = [n for n in ledger.iter_notices() if n.event == "revoked"]
+    # The webhook takes revocations, Intune does not; written with the new record.
+    assert [(n.sink, n.serial) for n in revoked] == [("webhook", renewed.serial)]
+    document = revoked[0].document()
+    assert document["serial"] == f"{old.serial:x}" and document["revocation_reason"] == 4
 
 
 def test_a_refusal_is_noticed_with_the_text_the_device_saw(pki: Pki) -> None:
