@@ -206,15 +206,16 @@ class PreparedBatch:
 
     def validation_requests(self) -> list[ValidationRequest]:
         """One per request about to get a new certificate, for set_verdicts."""
-        return [i.validation for i in self._waiting() if i.validation is not None]
+        return [request for _, request in self._waiting()]
 
     def set_verdicts(self, verdicts: Sequence[Verdict | BaseException]) -> None:
         """The verdicts of validation_requests, in the same order."""
-        for item, verdict in zip(self._waiting(), verdicts, strict=True):
+        for (item, _), verdict in zip(self._waiting(), verdicts, strict=True):
             item.verdict = verdict
 
-    def _waiting(self) -> list[_Item]:
-        return [i for i in self.items if i.awaits_validation and i.validation is not None]
+    def _waiting(self) -> list[tuple[_Item, ValidationRequest]]:
+        return [(i, i.validation) for i in self.items
+                if i.awaits_validation and i.validation is not None]
 
 
 def _unavailable(detail: str) -> Answer:
