@@ -81,6 +81,10 @@ def test_every_panel_query_returns_data(tmp_path: Path) -> None:
 def _every_panel_query_returns_data(tmp_path: Path, hook: FakeWebhook) -> None:
     directory = init_dir(tmp_path / "scep")
     configure_webhook(directory, hook)
+    # The webhook tests' short timeout is for their slow receiver; here the
+    # receiver shares two cores with Prometheus, two workers and the load,
+    # and an answer a second late would refuse an enrollment this test counts.
+    set_config(directory, "validation", "timeout_seconds", "15")
     set_config(directory, "server", "workers", "2")
     server: Server = start_server(directory)
     prom_port = free_port()
@@ -129,7 +133,9 @@ def _every_panel_query_returns_data(tmp_path: Path, hook: FakeWebhook) -> None:
             if seen == totals or time.monotonic() > until:
                 break
             time.sleep(0.5)
-        assert seen == totals
+        validations = {str(r["metric"]): r["value"][1]  # type: ignore[index]
+                       for r in query(prom_port, "sum by (result) (scep_validations_total)")}
+        assert seen == totals, validations
     finally:
         prometheus.terminate()
         try:
