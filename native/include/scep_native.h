@@ -16,7 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SCEP_NATIVE_ABI 2
+#define SCEP_NATIVE_ABI 3
 
 /* Result status codes, shared by every entry point. */
 #define SCEP_OK 0
@@ -202,5 +202,61 @@ void scep_wrap_result_free(scep_wrap_result *r);
    given, as a certs-only SignedData ContentInfo. Returns 1 on success. */
 int scep_certs_only(scep_buf certs, scep_buf crls, scep_bytes *out, char *err, size_t err_len);
 void scep_bytes_free(scep_bytes *b);
+
+/* ---- refusing for load (http_head.c, refusal.c) ----------------------- */
+
+/* scep_pki_post_length: the head is not all there yet, or not a plain
+   PKIOperation POST. A head longer than SCEP_HTTP_MAX_HEAD is never one. */
+#define SCEP_HTTP_MAX_HEAD 8192
+#define SCEP_HTTP_INCOMPLETE 0
+#define SCEP_HTTP_OTHER -1
+
+/* The whole length (head and body) of the plain PKIOperation POST that data
+   starts with: one HTTP/1.1 POST to /scep... or /cgi-bin/pkiclient.exe... with
+   operation=PKIOperation in its query, one Content-Length of at most max_body,
+   and no Transfer-Encoding, Connection, Expect or Upgrade header. Else
+   SCEP_HTTP_INCOMPLETE or SCEP_HTTP_OTHER. */
+long scep_pki_post_length(const unsigned char *data, size_t len, size_t max_body);
+
+/* A loop that answers plain PKIOperation POSTs 503 on the connections it
+   holds while the worker refuses for load, and hands every other request
+   back. One thread calls it; others wake it through wake_fd (an eventfd the
+   caller owns and closes after scep_refusal_free). */
+typedef struct scep_refusal scep_refusal;
+
+/* A connection handed back: the descriptor is the caller's from now on; the
+   bytes read from it so far stay valid until the next call on the loop. fd
+   is -1 if the connection had to be closed instead. */
+typedef struct {
+    int fd;
+    const unsigned char *data;
+    size_t len;
+} scep_handback;
+
+typedef struct {
+    size_t handed_back;   /* entries written to out */
+    size_t refused;       /* requests answered 503 in this round */
+    int woken;            /* wake_fd was written to */
+    int more;             /* more to hand back: call again at once */
+} scep_refusal_round;
+
+scep_refusal *scep_refusal_new(int wake_fd, size_t max_body, double keep_alive_seconds,
+                               double read_seconds, size_t max_connections);
+/* Closes every connection the loop still holds. */
+void scep_refusal_free(scep_refusal *r);
+/* Takes a kept-alive connection, idle between requests; 0 if it cannot (the
+   descriptor is then still the caller's). */
+int scep_refusal_hold(scep_refusal *r, int fd);
+size_t scep_refusal_held(const scep_refusal *r);
+/* One round: takes listen_fd's new connections while refusing (listen_fd -1:
+   none), waits at most timeout_ms for events, answers what it can with answer
+   (answer_close past max_connections held), and hands back the rest. Returns
+   0 if epoll failed (errno says why). */
+int scep_refusal_poll(scep_refusal *r, int listen_fd, int refusing, int timeout_ms,
+                      scep_buf answer, scep_buf answer_close, scep_handback *out,
+                      size_t max_out, scep_refusal_round *round);
+/* The worker stops: requests under way are handed back, idle connections
+   closed. Call until it returns 0. */
+size_t scep_refusal_finish(scep_refusal *r, scep_handback *out, size_t max_out);
 
 #endif

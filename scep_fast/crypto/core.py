@@ -22,7 +22,7 @@ from scep_fast.crypto.errors import (
     error_for,
 )
 
-NATIVE_ABI = 2
+NATIVE_ABI = 3
 
 # Named as scep_fast.protocol.KeyTransport values.
 KEY_TRANSPORT_NAMES = {1: "rsa-pkcs1-v1_5", 2: "rsa-oaep"}

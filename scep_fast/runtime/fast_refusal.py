@@ -21,59 +21,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from scep_fast._native import lib
 from scep_fast.runtime import metrics
 from scep_fast.runtime.logs import CountedLine
 
 log = logging.getLogger("scep_fast.request")
 
-MAX_HEAD_BYTES = 8192
-_PREFIXES = (b"/scep", b"/cgi-bin/pkiclient.exe")
-# Headers that change how the request is read or the connection is kept:
-# with any of them the request takes the ordinary path.
-_UNUSUAL = frozenset({b"transfer-encoding", b"connection", b"expect", b"upgrade"})
 _BODY = b"server busy, retry later\n"
 
 
 def whole_pki_post(data: bytes, max_body: int) -> int:
     """The length of the PKIOperation POST that ``data`` starts with, if it holds all of it.
 
-    0 when ``data`` does not start with a whole, plain one (see the module docstring).
+    0 when ``data`` does not start with a whole, plain one (see the module
+    docstring). The test is in C (``native/src/http_head.c``), shared with
+    the refusal thread's loop, which runs it without the GIL.
     """
-    total = pki_post_length(data, max_body)
-    return total if total and len(data) >= total else 0
-
-
-# pki_post_length: the head is not all there yet.
-INCOMPLETE = 0
-
-
-def pki_post_length(data: bytes, max_body: int) -> int | None:
-    """The whole length of the plain PKIOperation POST whose head ``data`` starts with;
-    INCOMPLETE while the head is not all there; None for anything else."""
-    end = data.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
-    if end < 0:
-        return INCOMPLETE if len(data) < MAX_HEAD_BYTES else None
-    line, _, fields = data[:end].partition(b"\r\n")
-    parts = line.split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
-        return None
-    path, _, query = parts[1].partition(b"?")
-    if not path.startswith(_PREFIXES) or b"operation=PKIOperation" not in query.split(b"&"):
-        return None
-    length = -1
-    for header in fields.split(b"\r\n"):
-        name, _, value = header.partition(b":")
-        name = name.strip().lower()
-        if name in _UNUSUAL:
-            return None
-        if name == b"content-length":
-            value = value.strip()
-            if length >= 0 or not value.isdigit() or len(value) > 9:
-                return None
-            length = int(value)
-    if length < 0 or length > max_body:
-        return None
-    return end + 4 + length
+    total = int(lib.scep_pki_post_length(data, len(data), max_body))
+    return total if total > 0 and len(data) >= total else 0
 
 
 def response(retry_after_seconds: int, *, close: bool = False) -> bytes:

@@ -14,33 +14,32 @@ connections. So while the batcher says it is overloaded:
 - a kept-alive connection the trio loop has just answered 503 is handed to
   the thread (``park``) rather than waited on by a trio task.
 
-The thread is a small epoll loop of its own. It reads each request and
-answers a whole plain PKIOperation POST with the canned 503 (the connection
-stays open, as HTTP/1.1 says, and waits here for its next request). Anything
-else (another operation, a request that is not all there within
-``READ_SECONDS``, every request once the worker serves again) goes to the
-trio loop with the bytes read so far, where it is served as if accepted
-there. So connections come back to the loop one at a time, when their next
-request arrives, not all at once when the load falls. A connection idle for
-the keep-alive timeout is closed, as the loop would close it. The thread
-holds the GIL only between socket calls.
+The thread runs a small epoll loop in C (``native/src/refusal.c``), with the
+GIL released. It reads each request and answers a whole plain PKIOperation
+POST with the canned 503 (the connection stays open, as HTTP/1.1 says, and
+waits there for its next request). Anything else (another operation, a
+request that is not all there within ``READ_SECONDS``, every request once
+the worker serves again) comes back to this thread with the bytes read so
+far and goes to the trio loop, where it is served as if accepted there. So
+connections come back to the loop one at a time, when their next request
+arrives, not all at once when the load falls. A connection idle for the
+keep-alive timeout is closed, as the loop would close it. In a storm of
+retries the refusals are most of what a worker does; in C they cost the
+interpreter nothing, so the batch threads are not kept waiting for the GIL.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import errno
 import os
-import select
 import socket
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import trio
 
+from scep_fast._native import ffi, lib
 from scep_fast.runtime import fast_refusal
 
 __all__ = ["Gate", "GatedListener", "RefusalThread"]
@@ -50,9 +49,9 @@ READ_SECONDS = 0.05
 # Connections the thread holds at once; past it new ones are refused and closed,
 # and kept-alive ones stay with the trio loop.
 MAX_CONNECTIONS = 8192
-MAX_RECV = 65536
-POLL_SECONDS = 0.02
-MAX_EVENTS = 256
+POLL_MILLISECONDS = 20
+# Connections handed back per round of the loop (more wait for the next round).
+MAX_HANDBACKS = 256
 
 
 class Gate:
@@ -61,11 +60,16 @@ class Gate:
     def __init__(self) -> None:
         self.closed = False
         self._opened = trio.Event()
+        # The accepts waiting now: closing cancels them, or each would still take
+        # the next connection, and refuse it the dear way.
+        self._accepting: set[trio.CancelScope] = set()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self._opened = trio.Event()
+            for scope in self._accepting:
+                scope.cancel()
 
     def open(self) -> None:
         self.closed = False
@@ -73,6 +77,18 @@ class Gate:
 
     async def wait_open(self) -> None:
         await self._opened.wait()
+
+    async def accept(self, inner: trio.abc.Listener[trio.SocketStream]) -> trio.SocketStream:
+        """``inner``'s next connection, taken while the gate is open."""
+        while True:
+            while self.closed:
+                await self.wait_open()
+            with trio.CancelScope() as scope:
+                self._accepting.add(scope)
+                try:
+                    return await inner.accept()  # cancelled before it takes one, or not at all
+                finally:
+                    self._accepting.discard(scope)
 
 
 class GatedListener(trio.abc.Listener[trio.SocketStream]):
@@ -83,22 +99,10 @@ class GatedListener(trio.abc.Listener[trio.SocketStream]):
         self._gate = gate
 
     async def accept(self) -> trio.SocketStream:
-        while self._gate.closed:
-            await self._gate.wait_open()
-        return await self._inner.accept()
+        return await self._gate.accept(self._inner)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
-
-
-@dataclass
-class _Held:
-    """A connection in the thread: reading a request, or idle between two."""
-
-    sock: socket.socket
-    data: bytes
-    deadline: float
-    idle: bool
 
 
 class RefusalThread:
@@ -120,6 +124,8 @@ class RefusalThread:
         self.retry_after = 1
         self._refused = 0
         self._taken = 0
+        # Connections in the C loop after its last round (read by park).
+        self._held = 0
         # Shared with the trio thread, under the lock: the flags, the parked
         # sockets not taken in yet, and the wake-up descriptor (closed at the end).
         self._lock = threading.Lock()
@@ -127,14 +133,6 @@ class RefusalThread:
         self._stopping = False
         self._parked: collections.deque[socket.socket] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        # The thread's own.
-        self._held: dict[int, _Held] = {}
-        # When each held connection is due, one queue per kind (idle or reading):
-        # each kind waits a fixed time, so a queue stays in deadline order and
-        # expiry looks only at its head. An entry whose connection has moved on
-        # since is skipped (see _expire).
-        self._deadlines: dict[bool, collections.deque[tuple[float, int, _Held]]] = {
-            False: collections.deque(), True: collections.deque()}
         self._thread = threading.Thread(target=self._run, name="scep-fast refusals",
                                         daemon=True)
 
@@ -162,7 +160,7 @@ class RefusalThread:
         ``detach`` gives up the loop's hold on the socket. False: the loop keeps it."""
         with self._lock:
             if (self._stopping or not self._refusing
-                    or len(self._parked) + len(self._held) >= MAX_CONNECTIONS):
+                    or len(self._parked) + self._held >= MAX_CONNECTIONS):
                 return False
             if not self._parked:  # otherwise a wake-up is on its way already
                 os.eventfd_write(self._wake, 1)
@@ -185,149 +183,83 @@ class RefusalThread:
             os.eventfd_write(self._wake, 1)
 
     def _run(self) -> None:
-        poller = select.epoll()
-        poller.register(self._wake, select.EPOLLIN)
-        listening = False
+        loop = lib.scep_refusal_new(self._wake, self._max_body, self._keep_alive,
+                                    READ_SECONDS, MAX_CONNECTIONS)
+        if loop == ffi.NULL:
+            raise MemoryError("the refusal loop cannot start")
+        out = ffi.new("scep_handback[]", MAX_HANDBACKS)
+        round_ = ffi.new("scep_refusal_round *")
+        answers = _Answers()
         try:
             while not self._stopping:
-                if self._refusing != listening:
-                    listening = self._listen(poller, self._refusing)
-                timeout = POLL_SECONDS if listening or self._held else -1
-                for fd, _events in poller.poll(timeout, MAX_EVENTS):
-                    if fd == self._wake:
-                        self._take_parked(poller)
-                    elif listening and fd == self._listener.fileno():
-                        self._accept(poller)
-                    elif fd in self._held:
-                        self._read(poller, self._held[fd])
-                self._expire(poller, time.monotonic())
+                refusing = self._refusing
+                listener = self._listener.fileno() if refusing else -1
+                timeout = POLL_MILLISECONDS if refusing or self._held else -1
+                keep, close = answers.get(self.retry_after)
+                if not lib.scep_refusal_poll(loop, listener, refusing, timeout, keep, close,
+                                             out, MAX_HANDBACKS, round_):
+                    errno = ffi.errno
+                    raise OSError(errno, os.strerror(errno))
+                self._refused += round_.refused
+                self._give(out, round_.handed_back)
+                if round_.woken:
+                    self._take_parked(loop)
+                self._held = lib.scep_refusal_held(loop)
         finally:
-            self._finish(poller)
+            self._finish(loop, out)
 
-    def _listen(self, poller: select.epoll, refusing: bool) -> bool:
-        """Starts or stops taking new connections; True if it now takes them."""
-        if not refusing:
-            with contextlib.suppress(OSError, ValueError):
-                poller.unregister(self._listener)
-            for held in [held for held in self._held.values() if not held.idle]:
-                self._give(poller, held)  # mid-request: the loop serves it now
-            return False
-        try:
-            poller.register(self._listener, select.EPOLLIN)
-        except (OSError, ValueError):
-            return False  # the listener is closed: the worker is stopping
-        return True
-
-    def _hold(self, poller: select.epoll, sock: socket.socket, *, idle: bool) -> None:
-        held = _Held(sock, b"", 0.0, idle)
-        self._held[sock.fileno()] = held
-        poller.register(sock, select.EPOLLIN)
-        self._wait(held, idle=idle)
-
-    def _wait(self, held: _Held, *, idle: bool) -> None:
-        """Sets what the connection waits for: its next request (idle) or the rest of one."""
-        held.idle = idle
-        held.deadline = time.monotonic() + (self._keep_alive if idle else READ_SECONDS)
-        self._deadlines[idle].append((held.deadline, held.sock.fileno(), held))
-
-    def _take_parked(self, poller: select.epoll) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._wake)
+    def _take_parked(self, loop: Any) -> None:
         with self._lock:
             parked, self._parked = self._parked, collections.deque()
         for sock in parked:
             sock.setblocking(False)
-            self._hold(poller, sock, idle=True)
+            fd = sock.detach()
+            if not lib.scep_refusal_hold(loop, fd):
+                os.close(fd)
 
-    def _accept(self, poller: select.epoll) -> None:
-        for _ in range(64):  # what is waiting now, then back to the others
+    def _give(self, out: Any, count: int) -> None:
+        """To the trio loop, with the bytes read (copied: the loop's own live only
+        until its next round)."""
+        for i in range(count):
+            handback = out[i]
+            if handback.fd < 0:
+                continue
+            sock = socket.socket(fileno=handback.fd)
+            data = ffi.buffer(handback.data, handback.len)[:] if handback.len else b""
             try:
-                sock, _address = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    time.sleep(0.01)  # the loop's accept has the same back-off
-                return
-            sock.setblocking(False)
-            self._hold(poller, sock, idle=False)
+                self._token.run_sync_soon(self._hand_over, sock, data)
+            except trio.RunFinishedError:
+                sock.close()
 
-    def _read(self, poller: select.epoll, held: _Held) -> None:
-        try:
-            chunk = held.sock.recv(MAX_RECV)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self._drop(poller, held)
-            return
-        held.data += chunk
-        if not self._refusing:
-            self._give(poller, held)
-            return
-        total = fast_refusal.pki_post_length(held.data, self._max_body)
-        if total == fast_refusal.INCOMPLETE or (total is not None and len(held.data) < total):
-            if held.idle:
-                self._wait(held, idle=False)
-            return
-        if total is None or len(held.data) > total:
-            self._give(poller, held)  # something else, or more than one request: served
-            return
-        close = len(self._held) > MAX_CONNECTIONS
-        answer = fast_refusal.response(self.retry_after, close=close)
-        try:
-            complete = held.sock.send(answer) == len(answer)
-        except OSError:
-            complete = False
-        self._refused += 1
-        if close or not complete:
-            self._drop(poller, held)  # a client that does not read its answers is let go
-            return
-        held.data = b""
-        self._wait(held, idle=True)
-
-    def _expire(self, poller: select.epoll, now: float) -> None:
-        """Idle past the keep-alive timeout: closed; a request not all there: served."""
-        for idle, deadlines in self._deadlines.items():
-            while deadlines and deadlines[0][0] <= now:
-                deadline, fd, held = deadlines.popleft()
-                if self._held.get(fd) is not held or held.deadline != deadline:
-                    continue  # it has moved on since
-                if idle:
-                    self._drop(poller, held)
-                else:
-                    self._give(poller, held)
-
-    def _release(self, poller: select.epoll, held: _Held) -> None:
-        fd = held.sock.fileno()
-        with contextlib.suppress(OSError, ValueError):
-            poller.unregister(fd)
-        self._held.pop(fd, None)
-
-    def _drop(self, poller: select.epoll, held: _Held) -> None:
-        self._release(poller, held)
-        held.sock.close()
-
-    def _give(self, poller: select.epoll, held: _Held) -> None:
-        self._release(poller, held)
-        try:
-            self._token.run_sync_soon(self._hand_over, held.sock, held.data)
-        except trio.RunFinishedError:
-            held.sock.close()
-
-    def _finish(self, poller: select.epoll) -> None:
+    def _finish(self, loop: Any, out: Any) -> None:
         """The worker stops: a request under way is served, an idle connection closed."""
         with self._lock:
             self._stopping = True
             parked, self._parked = self._parked, collections.deque()
+        while given := lib.scep_refusal_finish(loop, out, MAX_HANDBACKS):
+            self._give(out, given)
+        lib.scep_refusal_free(loop)
+        with self._lock:
             os.close(self._wake)
             self._wake = -1
         for sock in parked:
             sock.close()
-        for held in list(self._held.values()):
-            if held.data:
-                self._give(poller, held)
-            else:
-                self._drop(poller, held)
-        poller.close()
+
+
+class _Answers:
+    """The canned 503s (kept alive, and closing) as C buffers, rebuilt when
+    Retry-After changes."""
+
+    def __init__(self) -> None:
+        self._retry_after = -1
+        self._keep: list[Any] = []    # the bytes the buffers point into
+        self._buffers: list[Any] = []
+
+    def get(self, retry_after: int) -> tuple[Any, Any]:
+        if retry_after != self._retry_after:
+            self._retry_after = retry_after
+            self._keep = [ffi.from_buffer(fast_refusal.response(retry_after, close=close))
+                          for close in (False, True)]
+            self._buffers = [ffi.new("scep_buf *", {"data": data, "len": len(data)})
+                             for data in self._keep]
+        return self._buffers[0][0], self._buffers[1][0]

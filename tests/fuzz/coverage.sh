@@ -16,7 +16,7 @@ corpus=$(cd "${1:?usage: coverage.sh CORPUS [HARNESS...]}" && pwd)
 shift
 harnesses=("$@")
 if [[ ${#harnesses[@]} -eq 0 ]]; then
-    harnesses=(fuzz_unwrap fuzz_issue fuzz_wrap fuzz_certs_only)
+    harnesses=(fuzz_unwrap fuzz_issue fuzz_wrap fuzz_certs_only fuzz_http_head)
 fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/scep-fast-fuzz-cov.XXXXXX")
 trap 'rm -rf "$work"' EXIT

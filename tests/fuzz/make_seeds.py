@@ -251,6 +251,24 @@ def protocol_seeds() -> list[bytes]:
     ]
 
 
+def http_head_seeds() -> list[bytes]:
+    # max_body (two octets), then the bytes as they arrived (fuzz_http_head.c)
+    body = (VECTORS / "scepclient-pkcsreq.der").read_bytes()[:64]
+    post = (b"POST /scep/pkiclient.exe?operation=PKIOperation HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/x-pki-message\r\nContent-Length: %d\r\n\r\n"
+            % len(body)) + body
+    return [
+        struct.pack(">H", 4096) + post,
+        struct.pack(">H", 4096) + post[:40],
+        struct.pack(">H", 16) + post,
+        struct.pack(">H", 4096) + post + post,
+        struct.pack(">H", 4096) + post.replace(b"Host: t", b"Transfer-Encoding: chunked"),
+        struct.pack(">H", 4096) + b"GET /scep?operation=GetCACaps HTTP/1.1\r\n\r\n",
+        # a head longer than the limit (and so a longer -max_len for the fuzzer)
+        struct.pack(">H", 4096) + post.replace(b"Host: t", b"Host: " + b"t" * 9000),
+    ]
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
@@ -262,6 +280,7 @@ def main(argv: list[str]) -> int:
         "fuzz_wrap": wrap_seeds(),
         "fuzz_certs_only": certs_only_seeds(),
         "fuzz_protocol": protocol_seeds(),
+        "fuzz_http_head": http_head_seeds(),
     }
     for harness, seeds in corpora.items():
         directory = out / harness

@@ -3,8 +3,8 @@
 #
 #     bash tests/fuzz/run.sh SECONDS [HARNESS...]
 #
-# HARNESS: fuzz_unwrap, fuzz_issue, fuzz_wrap, fuzz_certs_only (libFuzzer,
-# tests/fuzz/fuzz_*.c) and fuzz_protocol (atheris); default: all five, one
+# HARNESS: fuzz_unwrap, fuzz_issue, fuzz_wrap, fuzz_certs_only, fuzz_http_head (libFuzzer,
+# tests/fuzz/fuzz_*.c) and fuzz_protocol (atheris); default: all six, one
 # after the other. Every run is bounded by -max_total_time=SECONDS and
 # -rss_limit_mb, keeps libFuzzer's leak detection on, and starts from the
 # seeds that make_seeds.py writes. The exit status is non-zero if any harness
@@ -25,7 +25,7 @@ seconds=${1:?usage: run.sh SECONDS [HARNESS...]}
 shift
 harnesses=("$@")
 if [[ ${#harnesses[@]} -eq 0 ]]; then
-    harnesses=(fuzz_unwrap fuzz_issue fuzz_wrap fuzz_certs_only fuzz_protocol)
+    harnesses=(fuzz_unwrap fuzz_issue fuzz_wrap fuzz_certs_only fuzz_http_head fuzz_protocol)
 fi
 python=${PYTHON:-python3}
 rss_mb=${FUZZ_RSS_MB:-2048}
@@ -47,7 +47,7 @@ failed=()
 for h in "${harnesses[@]}"; do
     case "$h" in
         fuzz_protocol) cmd=("$python" "$root/tests/fuzz/fuzz_protocol.py") ;;
-        fuzz_unwrap | fuzz_issue | fuzz_wrap | fuzz_certs_only) cmd=("$work/bin/$h") ;;
+        fuzz_unwrap | fuzz_issue | fuzz_wrap | fuzz_certs_only | fuzz_http_head) cmd=("$work/bin/$h") ;;
         *) echo "fuzz: unknown harness $h" >&2; exit 2 ;;
     esac
     mkdir -p "$corpus/$h"

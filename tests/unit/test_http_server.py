@@ -20,6 +20,7 @@ from scep_fast.runtime import http_server
 from scep_fast.runtime.app import answer_lifespan
 from scep_fast.runtime.fast_refusal import FastRefusal, whole_pki_post
 from scep_fast.runtime.http_server import Connection, serve
+from scep_fast.runtime.refusal_thread import Gate, GatedListener
 
 HEAD = b"HTTP/1.1 200 \r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\n"
 
@@ -623,6 +624,45 @@ def test_while_overloaded_new_connections_are_refused_by_the_thread_and_the_rest
     assert seen["split"].startswith(b"HTTP/1.1 200")
     assert seen["relieved"][0].startswith(b"HTTP/1.1 200")
     assert seen["relieved_kept"].startswith(b"HTTP/1.1 200")
+
+
+def test_closing_the_gate_stops_an_accept_already_waiting() -> None:
+    """Otherwise the event loop would still take the next connection after the
+    gate closed, one that the refusal thread should have had."""
+
+    async def main() -> tuple[bool, bytes]:
+        sock = trio.socket.socket()
+        await sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        gate = Gate()
+        gated = GatedListener(trio.SocketListener(sock), gate)
+        accepted: list[trio.SocketStream] = []
+        done = trio.Event()
+
+        async def accept() -> None:
+            accepted.append(await gated.accept())
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept)
+            await trio.sleep(0.05)  # waiting in the inner accept
+            gate.close()
+            client = await trio.open_tcp_stream(*sock.getsockname())
+            await trio.sleep(0.2)
+            taken_while_closed = bool(accepted)
+            gate.open()
+            with trio.fail_after(5):
+                await done.wait()
+            await client.send_all(b"x")
+            received = await accepted[0].receive_some(1)
+            await client.aclose()
+            await accepted[0].aclose()
+        await gated.aclose()
+        return taken_while_closed, received
+
+    taken_while_closed, received = trio.run(main)
+    assert not taken_while_closed
+    assert received == b"x"  # the same connection, taken once the gate opened
 
 
 def test_a_served_connection_refused_for_load_waits_in_the_thread_until_the_load_falls(
