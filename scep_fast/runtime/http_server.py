@@ -396,19 +396,25 @@ async def serve(app: Any, config: HypercornConfig, *,
         for sock in sockets.insecure_sockets]
 
     threads: list[RefusalThread] = []
+    gate = Gate()
 
     def park(stream: trio.SocketStream) -> bool:
+        if not threads:
+            return False
+        # The loop has just refused a request for load: from now on new
+        # connections go to the threads, without waiting for the watcher's
+        # next look (in a storm of retries the loop would refuse hundreds
+        # more meanwhile, each several times dearer than a thread's refusal).
+        refuse_elsewhere(gate, threads)
         # Any thread can hold any connection; the first takes them all (a worker
         # has one listening socket unless several binds are configured).
-        return bool(threads) and threads[0].park(
-            lambda: socket.socket(fileno=stream.socket.detach()))
+        return threads[0].park(lambda: socket.socket(fileno=stream.socket.detach()))
 
     def make_connection(stream: Any, received: bytes) -> Connection:
         return Connection(wrapped, config, context, ConnectionState(state.copy()),
                           fast_refusal, stream, received, park)
 
     door = FrontDoor(make_connection, config, fast_refusal, park)
-    gate = Gate()
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
@@ -459,6 +465,14 @@ async def serve(app: Any, config: HypercornConfig, *,
 WATCH_SECONDS = 0.01
 
 
+def refuse_elsewhere(gate: Gate, threads: list[RefusalThread]) -> None:
+    """New connections go to the refusal threads, which refuse while the gate is closed."""
+    if not gate.closed:
+        gate.close()
+        for thread in threads:
+            thread.refuse()
+
+
 async def _watch_load(refusal: FastRefusal, load: LoadState, gate: Gate,
                       threads: list[RefusalThread]) -> None:
     """Closes the gate (new connections to the threads) while the worker is overloaded,
@@ -473,10 +487,7 @@ async def _watch_load(refusal: FastRefusal, load: LoadState, gate: Gate,
             retry_after = load.retry_after_now()
             for thread in threads:
                 thread.retry_after = retry_after
-            if not gate.closed:
-                gate.close()
-                for thread in threads:
-                    thread.refuse()
+            refuse_elsewhere(gate, threads)
         refused = sum(thread.take_refused() for thread in threads)
         if refused:
             load.note_refused(refused)
