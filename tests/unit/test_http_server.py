@@ -626,6 +626,32 @@ def test_while_overloaded_new_connections_are_refused_by_the_thread_and_the_rest
     assert seen["relieved_kept"].startswith(b"HTTP/1.1 200")
 
 
+def test_the_loops_first_refusal_for_load_sends_new_connections_to_the_thread(
+        monkeypatch: Any) -> None:
+    """Without waiting for the watcher: in a storm the loop would refuse many
+    more requests meanwhile, each dearer than the thread's refusal."""
+    monkeypatch.setattr(http_server, "WATCH_SECONDS", 60.0)  # the watcher never looks
+    load = FakeLoad()
+    in_loop: list[float] = []
+    refusal = FastRefusal(refuse=lambda: 9, max_body=65536, load=load)
+    refusal.refused = in_loop.append  # type: ignore[method-assign]
+
+    async def main() -> list[bytes]:
+        answers = []
+        async with serving(fast_refusal=refusal) as server:
+            with trio.fail_after(10):
+                for _ in range(3):
+                    stream = await server.connect()
+                    await stream.send_all(PKI_POST)
+                    answers.append(await one_answer(stream))
+                    await stream.aclose()
+        return answers
+
+    answers = trio.run(main)
+    assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers), answers
+    assert len(in_loop) == 1  # the first; the others by the thread
+
+
 def test_closing_the_gate_stops_an_accept_already_waiting() -> None:
     """Otherwise the event loop would still take the next connection after the
     gate closed, one that the refusal thread should have had."""
