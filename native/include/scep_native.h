@@ -212,10 +212,12 @@ void scep_bytes_free(scep_bytes *b);
 #define SCEP_HTTP_OTHER -1
 
 /* The whole length (head and body) of the plain PKIOperation POST that data
-   starts with: one HTTP/1.1 POST to /scep... or /cgi-bin/pkiclient.exe... with
-   operation=PKIOperation in its query, one Content-Length of at most max_body,
-   and no Transfer-Encoding, Connection, Expect or Upgrade header. Else
-   SCEP_HTTP_INCOMPLETE or SCEP_HTTP_OTHER. */
+   starts with: one HTTP/1.1 POST to /scep... or /cgi-bin/pkiclient.exe... whose
+   query names one operation, PKIOperation, with one Host, one Content-Length
+   of 1 to max_body, no Transfer-Encoding, Connection, Expect or Upgrade
+   header, and a plain head (CRLF line ends only, no folded line, no space
+   before a colon, no control character but tab). Else SCEP_HTTP_INCOMPLETE
+   or SCEP_HTTP_OTHER. */
 long scep_pki_post_length(const unsigned char *data, size_t len, size_t max_body);
 
 /* A loop that answers plain PKIOperation POSTs 503 on the connections it

@@ -31,6 +31,9 @@
 #define MAX_RECV 65536
 #define ACCEPTS_PER_ROUND 64            /* what is waiting now, then back to the others */
 #define RESOURCE_BACKOFF_NS 10000000L   /* out of descriptors: as the event loop's accept */
+/* An idle connection keeps no larger buffer than this (a client that sent one
+   big request must not hold that memory for as long as it stays connected). */
+#define IDLE_BUFFER_MAX 16384
 
 typedef struct {
     int fd;
@@ -348,6 +351,11 @@ static void read_request(scep_refusal *r, held_conn *c, scep_buf answer, scep_bu
         return;
     }
     c->len = 0;
+    if (c->cap > IDLE_BUFFER_MAX) {
+        free(c->data);
+        c->data = NULL;
+        c->cap = 0;
+    }
     if (!wait_for(r, c, 1, now_seconds()))
         drop(r, c);
 }

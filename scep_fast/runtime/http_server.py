@@ -466,8 +466,9 @@ WATCH_SECONDS = 0.01
 
 
 def refuse_elsewhere(gate: Gate, threads: list[RefusalThread]) -> None:
-    """New connections go to the refusal threads, which refuse while the gate is closed."""
-    if not gate.closed:
+    """New connections go to the refusal threads, which refuse while the gate is closed
+    (unless a thread is not running: then the loop keeps accepting and refusing)."""
+    if not gate.closed and all(thread.running for thread in threads):
         gate.close()
         for thread in threads:
             thread.refuse()

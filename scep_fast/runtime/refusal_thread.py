@@ -31,6 +31,7 @@ interpreter nothing, so the batch threads are not kept waiting for the GIL.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import socket
 import threading
@@ -44,9 +45,11 @@ from scep_fast.runtime import fast_refusal
 
 __all__ = ["Gate", "GatedListener", "RefusalThread"]
 
+log = logging.getLogger("scep_fast.worker")
+
 # A request not all there by then is handed to the trio loop (slow clients are its job).
 READ_SECONDS = 0.05
-# Connections the thread holds at once; past it new ones are refused and closed,
+# Connections the thread holds at once; past it a refusal closes its connection,
 # and kept-alive ones stay with the trio loop.
 MAX_CONNECTIONS = 8192
 POLL_MILLISECONDS = 20
@@ -182,11 +185,20 @@ class RefusalThread:
             self._stopping = stopping
             os.eventfd_write(self._wake, 1)
 
+    @property
+    def running(self) -> bool:
+        """Whether the thread takes connections (the trio loop must not leave them to it
+        otherwise)."""
+        return self._thread.is_alive() and not self._stopping
+
     def _run(self) -> None:
         loop = lib.scep_refusal_new(self._wake, self._max_body, self._keep_alive,
                                     READ_SECONDS, MAX_CONNECTIONS)
         if loop == ffi.NULL:
-            raise MemoryError("the refusal loop cannot start")
+            with self._lock:
+                self._stopping = True  # parks nothing; the trio loop keeps accepting
+            log.error("the refusal thread cannot start: %s", os.strerror(ffi.errno))
+            return
         out = ffi.new("scep_handback[]", MAX_HANDBACKS)
         round_ = ffi.new("scep_refusal_round *")
         answers = _Answers()
@@ -224,7 +236,11 @@ class RefusalThread:
             handback = out[i]
             if handback.fd < 0:
                 continue
-            sock = socket.socket(fileno=handback.fd)
+            try:
+                sock = socket.socket(fileno=handback.fd)
+            except OSError:
+                os.close(handback.fd)
+                continue
             data = ffi.buffer(handback.data, handback.len)[:] if handback.len else b""
             try:
                 self._token.run_sync_soon(self._hand_over, sock, data)

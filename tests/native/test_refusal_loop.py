@@ -45,7 +45,7 @@ def test_a_whole_plain_pkioperation_post_is_measured_from_its_head() -> None:
                  PKI_POST.replace(b"2002\r\n", b"2002  \r\n"),
                  PKI_POST.replace(b"?operation=PKIOperation", b"?message=x&operation=PKIOperation"),
                  PKI_POST.replace(b"/scep/pkiclient.exe", b"/cgi-bin/pkiclient.exe"),
-                 PKI_POST.replace(b"host: t", b"x-no-colon")):
+                 PKI_POST.replace(b"host: t", b"Host:t")):
         assert length(same) == len(same), same[:160]
 
 
@@ -72,6 +72,19 @@ NOT_ONE = [
     (b"content-length: 2002", b"content-length:"),
     (b"content-length: 2002", b"content-length"),
     (b"content-length: 2002", b"x-length: 2002"),             # none at all
+    (b"content-length: 2002", b"content-length: 0"),
+    (b"content-length: 2002", b"content-length : 2002"),      # space before the colon
+    (b"host: t", b"x-no-colon"),
+    (b"host: t", b"x-other: t"),                              # no Host
+    (b"host: t", b"host: t\r\nhost: u"),                      # two
+    (b"host: t", b"host: t\r\n x-folded: 1"),                 # a folded line
+    (b"host: t\r\n", b"host: t\n"),                          # a bare LF ends a line
+    (b"host: t", b"host: t\rx: y"),                           # a bare CR
+    (b"host: t", b"host: t\x00"),                             # a control character
+    (b"host: t", b"host: t\r\nx(y): 1"),                      # a name that is not a token
+    (b"?operation=PKIOperation", b"?operation=GetCACert&operation=PKIOperation"),
+    (b"?operation=PKIOperation", b"?operation=PKIOperation#x"),
+    (b"/scep/pkiclient.exe", b"/scep/pkiclient\t.exe"),         # a tab in the target
 ]
 
 
@@ -341,3 +354,40 @@ def test_many_connections_over_many_rounds_leave_nothing_behind() -> None:
         assert loop.held() == 0
         for client in clients[1::2]:
             client.close()
+
+
+def test_what_it_takes_for_a_whole_post_h11_frames_the_same() -> None:
+    """h11 is the server's HTTP/1.1 parser: whatever the test measures as one whole
+    PKIOperation POST, h11 reads as one POST with a body of that length, so the
+    bytes after it start the next request for both (no desync to smuggle in)."""
+    import random
+
+    import h11
+
+    rng = random.Random(8894)
+    noise = [b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b"\x00", b"\x7f", b"\x80", b"#", b"&", b"a"]
+    head_end = PKI_POST.index(b"\r\n\r\n") + 4
+    measured = 0
+    for _ in range(3000):
+        data = bytearray(PKI_POST[:head_end] + b"xy")  # a short body is enough for framing
+        data[:head_end] = data[:head_end].replace(b"content-length: 2002", b"content-length: 2")
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data) - 2)
+            if rng.random() < 0.3:
+                del data[at]
+            else:
+                data[at:at] = rng.choice(noise)
+        total = length(bytes(data))
+        if total <= 0:
+            continue
+        measured += 1
+        connection = h11.Connection(h11.SERVER)
+        connection.receive_data(bytes(data[:total]) + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        request = connection.next_event()
+        assert isinstance(request, h11.Request) and request.method == b"POST", bytes(data)
+        body = b""
+        while isinstance(event := connection.next_event(), h11.Data):
+            body += event.data
+        assert isinstance(event, h11.EndOfMessage), bytes(data)
+        assert len(body) == total - (bytes(data).index(b"\r\n\r\n") + 4), bytes(data)
+    assert measured > 100  # the mutations left enough whole POSTs to compare
