@@ -5,8 +5,9 @@ the whole HTTP stack (h11, hypercorn's streams, the ASGI app, a log line)
 costs about a third of an enrollment: at four times the capacity, the
 refusals alone would eat the CPU the enrollments need. So the connection
 loop looks at the bytes of each new request first: when they hold one whole,
-plain PKIOperation POST (HTTP/1.1, a Content-Length body, none of the
-headers that change how a connection behaves) and the worker would refuse
+plain PKIOperation POST (HTTP/1.1, a head every HTTP/1.1 parser frames
+alike, a Content-Length body, none of the headers that change how a
+connection behaves: ``native/src/http_head.c``) and the worker would refuse
 it anyway, it writes a canned 503 with Retry-After itself and drops the
 request's bytes. Anything else, or anything it is not sure of, takes the
 ordinary path, which refuses the same way (just dearer). The refusal is
