@@ -9,12 +9,15 @@ under the sanitizers too.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import h11
 
 from scep_fast._native import ffi, lib
 
@@ -360,10 +363,6 @@ def test_what_it_takes_for_a_whole_post_h11_frames_the_same() -> None:
     """h11 is the server's HTTP/1.1 parser: whatever the test measures as one whole
     PKIOperation POST, h11 reads as one POST with a body of that length, so the
     bytes after it start the next request for both (no desync to smuggle in)."""
-    import random
-
-    import h11
-
     rng = random.Random(8894)
     noise = [b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b"\x00", b"\x7f", b"\x80", b"#", b"&", b"a"]
     head_end = PKI_POST.index(b"\r\n\r\n") + 4
